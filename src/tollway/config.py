@@ -1,0 +1,179 @@
+"""Settings: one frozen record, loaded from a mapping, validated at startup.
+
+The composition roots (the CLI and the ASGI app factory) build the mapping from environment
+variables ``TOLLWAY_<NAME>`` and an optional TOML file; tests pass a dict. Values from the
+environment arrive as strings and are converted by each field's type. An unknown name or an
+invalid value is a :class:`~tollway.core.errors.ConfigError` — never a silent default.
+
+Every limit the engine enforces is a named setting here, with its default and its bound.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from tollway.core.commands import (
+    MAX_PENDING_RECONCILIATION,
+    MAX_PENDING_RISK_LIMIT_CU,
+    MAX_STORED_RESPONSE_BYTES,
+    RESERVE_TTL_SECONDS,
+    OverrunPolicy,
+    Policy,
+)
+from tollway.core.errors import ConfigError
+from tollway.core.money import DEFAULT_CREDIT_UNITS_PER_USD, INT64_MAX, MAX_REQUEST_COST_MICRO, PPM
+from tollway.wal.log import DEFAULT_SEGMENT_BYTES, MAX_WAL_FILE_BYTES
+
+ENV_PREFIX: Final = "TOLLWAY_"
+
+
+class Durability(enum.Enum):
+    """How the WAL reaches disk before a command is answered."""
+
+    FSYNC = "fsync"  # fdatasync every group-commit batch: the only production setting
+    NONE = "none"  # no sync at all: tests and benchmarks only, logged loudly
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything configurable. Field names are the setting names (lower case)."""
+
+    data_dir: Path = Path("tollway-data")
+    durability: Durability = Durability.FSYNC
+    segment_bytes: int = DEFAULT_SEGMENT_BYTES  # WAL segment rotation size, ≤ 1 GiB
+    snapshot_every_events: int = 100_000  # write a snapshot after this many new events
+    snapshots_kept: int = 2
+    batch_records_max: int = 8192  # records in one group-commit batch; callers wait beyond
+    batch_bytes_max: int = 8 << 20
+    sweep_interval_ms: int = 1000  # how often the expiry sweeper runs
+    sweep_batch_max: int = 1000  # holds expired per sweeper tick, at most
+    settlement_url: str | None = None  # None: standalone mode (tollway is the final ledger)
+    overrun_policy: OverrunPolicy = OverrunPolicy.DEBIT_AVAILABLE
+    max_request_cost_micro: int = MAX_REQUEST_COST_MICRO
+    reserve_ttl_s: int = RESERVE_TTL_SECONDS
+    reserve_ttl_s_max: int = 3600
+    credit_units_per_usd: int = DEFAULT_CREDIT_UNITS_PER_USD
+    usd_usdc_rate_ppm: int = PPM
+    max_pending_risk_cu: int = MAX_PENDING_RISK_LIMIT_CU
+    max_pending_reconciliation: int = MAX_PENDING_RECONCILIATION
+    max_response_bytes: int = MAX_STORED_RESPONSE_BYTES
+
+    def __post_init__(self) -> None:
+        _check_range("segment_bytes", self.segment_bytes, 4096, MAX_WAL_FILE_BYTES)
+        _check_range("snapshot_every_events", self.snapshot_every_events, 1, INT64_MAX)
+        _check_range("snapshots_kept", self.snapshots_kept, 1, 100)
+        _check_range("batch_records_max", self.batch_records_max, 1, 1_000_000)
+        _check_range("batch_bytes_max", self.batch_bytes_max, 1 << 20, MAX_WAL_FILE_BYTES)
+        _check_range("sweep_interval_ms", self.sweep_interval_ms, 1, 3_600_000)
+        _check_range("sweep_batch_max", self.sweep_batch_max, 1, 1_000_000)
+        _check_range("max_request_cost_micro", self.max_request_cost_micro, 1, INT64_MAX)
+        _check_range("reserve_ttl_s_max", self.reserve_ttl_s_max, 1, 7 * 86_400)
+        _check_range("reserve_ttl_s", self.reserve_ttl_s, 1, self.reserve_ttl_s_max)
+        _check_range("credit_units_per_usd", self.credit_units_per_usd, 1, 1_000_000_000)
+        _check_range("usd_usdc_rate_ppm", self.usd_usdc_rate_ppm, 1, 1_000_000_000)
+        _check_range("max_pending_risk_cu", self.max_pending_risk_cu, 0, INT64_MAX)
+        _check_range("max_pending_reconciliation", self.max_pending_reconciliation, 1, 1_000_000)
+        _check_range("max_response_bytes", self.max_response_bytes, 0, 1 << 20)
+
+    @property
+    def wal_dir(self) -> Path:
+        """Where the WAL segments live."""
+        return self.data_dir / "wal"
+
+    @property
+    def snapshot_dir(self) -> Path:
+        """Where the snapshots live."""
+        return self.data_dir / "snapshots"
+
+    def policy(self, *, holds_allowed: bool = True) -> Policy:
+        """The decision policy these settings describe."""
+        return Policy(
+            finalize=self.settlement_url is not None,
+            overrun_policy=self.overrun_policy,
+            max_request_cost_micro=self.max_request_cost_micro,
+            reserve_ttl_s=self.reserve_ttl_s,
+            reserve_ttl_s_max=self.reserve_ttl_s_max,
+            credit_units_per_usd=self.credit_units_per_usd,
+            usd_usdc_rate_ppm=self.usd_usdc_rate_ppm,
+            max_pending_risk_cu=self.max_pending_risk_cu,
+            max_pending_reconciliation=self.max_pending_reconciliation,
+            max_response_bytes=self.max_response_bytes,
+            holds_allowed=holds_allowed,
+        )
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with ``changes``, validated like any other."""
+        return load_settings({**_as_mapping(self), **changes})
+
+
+def _check_range(name: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+
+
+def _as_mapping(settings: Settings) -> dict[str, Any]:
+    return {field.name: getattr(settings, field.name) for field in dataclasses.fields(settings)}
+
+
+_HINTS: Final = typing.get_type_hints(Settings)
+
+
+def _convert(name: str, raw: object) -> object:
+    hint = _HINTS[name]
+    optional = isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
+    if optional:
+        if raw is None or raw == "":
+            return None
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    if hint is int and (isinstance(raw, bool) or not isinstance(raw, int | str)):
+        raise ConfigError(f"invalid value for {name}: {raw!r} (expected an integer)")
+    if hint is str and not isinstance(raw, str):
+        raise ConfigError(f"invalid value for {name}: {raw!r} (expected a string)")
+    try:
+        if hint is int:
+            return int(raw)  # type: ignore[call-overload]
+        if hint is Path:
+            return Path(str(raw))
+        if isinstance(hint, type) and issubclass(hint, enum.Enum):
+            return raw if isinstance(raw, hint) else hint(raw)
+    except ValueError as exc:
+        raise ConfigError(f"invalid value for {name}: {raw!r} ({exc})") from exc
+    if hint is str:
+        return raw
+    raise ConfigError(f"setting {name} has an unsupported type")  # a bug in this module
+
+
+def load_settings(mapping: Mapping[str, object]) -> Settings:
+    """Build :class:`Settings` from ``mapping``; unknown names and bad values raise ConfigError."""
+    unknown = sorted(set(mapping) - set(_HINTS))
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+    return Settings(**{name: _convert(name, value) for name, value in mapping.items()})  # type: ignore[arg-type]
+
+
+def settings_from_environment(
+    environ: Mapping[str, str] | None = None, toml_path: Path | None = None, **overrides: object
+) -> Settings:
+    """Settings from a TOML file, then ``TOLLWAY_*`` variables, then explicit overrides."""
+    mapping: dict[str, object] = {}
+    if toml_path is not None:
+        try:
+            mapping.update(tomllib.loads(toml_path.read_text()))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read configuration file {toml_path}: {exc}") from exc
+    env = os.environ if environ is None else environ
+    ignored = {"TOLLWAY_CONFIG", "TOLLWAY_GUARD_BYPASS"}
+    for key, value in env.items():
+        if key.startswith(ENV_PREFIX) and key not in ignored:
+            mapping[key[len(ENV_PREFIX) :].lower()] = value
+    mapping.update({key: value for key, value in overrides.items() if value is not None})
+    return load_settings(mapping)

@@ -1,0 +1,396 @@
+"""``decide``: (state, command, now) → write, replay or refusal. Pure.
+
+Every command is judged here against the current state, before anything is written. The
+answer is one of:
+
+- :class:`Write` — the events to append (the engine sequences, applies and syncs them);
+- :class:`Replay` — an idempotent repeat, answered from state once the original is durable;
+- :class:`~tollway.core.commands.Refusal` — a typed business outcome; nothing is written.
+
+The checks run in a fixed order: idempotency first (a retry must get its original answer even
+when the account has since run dry), then form and limits, then the gates (guard, risk caps),
+then funds. ``decide`` reads the state but never changes it, and takes the clock reading and
+the id factory as arguments, so the same inputs give the same answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tollway.core import commands as cmd
+from tollway.core import events as ev
+from tollway.core.commands import Policy, Refusal, RefusalCode
+from tollway.core.lifecycle import EntryState, can_transition
+from tollway.core.money import INT64_MAX, MICRO_PER_USD, Rounding, micro_to_cu
+from tollway.core.state import Entry, State, credit_fingerprint, request_key
+
+S = EntryState
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """Append ``payloads`` for ``billing_entry_id``; the result is read from state after."""
+
+    billing_entry_id: str
+    payloads: tuple[ev.Payload, ...]
+    correlation_id: str
+    created: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """Answer with ``outcome``, once the event at ``wal_sequence`` is durable."""
+
+    outcome: cmd.EntryResult | cmd.CreditResult
+    wal_sequence: int
+
+
+Decision = Write | Replay | Refusal
+NewId = Callable[[], str]
+
+
+def decide(state: State, command: cmd.Command, now_ms: int, policy: Policy, new_id: NewId) -> Decision:
+    """Judge ``command`` against ``state`` at ``now_ms``."""
+    match command:
+        case cmd.Reserve():
+            return _reserve(state, command, now_ms, policy, new_id)
+        case cmd.Commit():
+            return _commit(state, command, now_ms, policy)
+        case cmd.Release():
+            return _release(state, command, now_ms)
+        case cmd.Extend():
+            return _extend(state, command, now_ms, policy)
+        case cmd.Expire():
+            return _expire(state, command, now_ms)
+        case cmd.Charge():
+            return _charge(state, command, now_ms, policy, new_id)
+        case cmd.Void() | cmd.FinalizeAck() | cmd.FinalizeFail():
+            return _settle(state, command)
+        case cmd.Credit():
+            return _credit(state, command, policy, new_id)
+        case cmd.Note():
+            return Write(new_id(), (command.payload,), command.correlation_id)
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def _refuse(code: RefusalCode, message: str, **details: object) -> Refusal:
+    return Refusal(code, message, details)
+
+
+def _invalid(message: str, field: str) -> Refusal:
+    return _refuse(RefusalCode.INVALID_REQUEST, message, field=field)
+
+
+def _transition_refusal(entry: Entry, attempted: str) -> Refusal:
+    return _refuse(
+        RefusalCode.INVALID_TRANSITION,
+        f"cannot {attempted} an entry in state {entry.state.value}",
+        current_state=entry.state.value,
+        attempted=attempted,
+    )
+
+
+def _replay(entry: Entry, state: State) -> Replay:
+    response = state.responses.get(entry.billing_entry_id)
+    return Replay(cmd.EntryResult(entry, replayed=True, response_json=response), entry.wal_sequence)
+
+
+def _insufficient(available_micro: int, requested_micro: int, rate: int) -> Refusal:
+    deficit = requested_micro - available_micro
+    return _refuse(
+        RefusalCode.INSUFFICIENT_FUNDS,
+        f"available {available_micro} micro-USD is less than the {requested_micro} requested",
+        available_micro=available_micro,
+        requested_micro=requested_micro,
+        deficit_micro=deficit,
+        available_cu=micro_to_cu(available_micro, rate, Rounding.DOWN),
+        requested_cu=micro_to_cu(requested_micro, rate, Rounding.UP),
+        deficit_cu=micro_to_cu(deficit, rate, Rounding.UP),
+    )
+
+
+def _lookup(state: State, entry_id: str) -> Entry | Refusal:
+    entry = state.entries.get(entry_id)
+    if entry is None:
+        return _refuse(RefusalCode.NOT_FOUND, f"no billing entry {entry_id}", billing_entry_id=entry_id)
+    return entry
+
+
+def _expired_refusal(entry: Entry) -> Refusal:
+    return _refuse(
+        RefusalCode.RESERVATION_EXPIRED,
+        f"the hold expired at {entry.expires_at_ms} ms",
+        expires_at_ms=entry.expires_at_ms,
+        current_state=entry.state.value,
+    )
+
+
+def _is_expired(entry: Entry, now_ms: int) -> bool:
+    return entry.expires_at_ms is not None and now_ms >= entry.expires_at_ms
+
+
+def _gates(state: State, account_id: str, policy: Policy) -> Refusal | None:
+    """The checks every new hold passes: guard, reconciliation cap, per-account risk cap."""
+    if not policy.holds_allowed:
+        return _refuse(RefusalCode.GUARD_UNAVAILABLE, "the conservation guard is not ready", retry_after_seconds=30)
+    if state.finalize_failed_count >= policy.max_pending_reconciliation:
+        return _refuse(
+            RefusalCode.BILLING_SERVICE_UNAVAILABLE,
+            f"{state.finalize_failed_count} charges await reconciliation",
+            retry_after_seconds=30,
+        )
+    unsettled = state.account(account_id).unsettled_micro
+    if unsettled * policy.credit_units_per_usd > policy.max_pending_risk_cu * MICRO_PER_USD:
+        return _refuse(
+            RefusalCode.PENDING_SETTLEMENT_LIMIT,
+            f"unsettled charges exceed {policy.max_pending_risk_cu} CU",
+            unsettled_micro=unsettled,
+            limit_cu=policy.max_pending_risk_cu,
+        )
+    return None
+
+
+def _amount_limit(amount_micro: int, policy: Policy, field: str) -> Refusal | None:
+    if amount_micro > policy.max_request_cost_micro:
+        return _invalid(f"{field} exceeds the limit of {policy.max_request_cost_micro} micro-USD", field)
+    return None
+
+
+def _ttl(ttl_s: int | None, policy: Policy) -> int | Refusal:
+    ttl = policy.reserve_ttl_s if ttl_s is None else ttl_s
+    if not 0 < ttl <= policy.reserve_ttl_s_max:
+        return _invalid(f"ttl_s must be between 1 and {policy.reserve_ttl_s_max}", "ttl_s")
+    return ttl
+
+
+# -- reserve, commit, release, extend, expire ----------------------------------------------
+
+
+def reserve_fingerprint(command: cmd.Reserve) -> str:
+    """What makes two reserves with one ``request_id`` the same request."""
+    return f"reserve:{command.estimated_cost_micro}:{command.basis}"
+
+
+def _reserve(state: State, c: cmd.Reserve, now_ms: int, policy: Policy, new_id: NewId) -> Decision:
+    fingerprint = reserve_fingerprint(c)
+    existing = state.requests.get(request_key(c.account_id, c.request_id))
+    if existing is not None:
+        entry = state.entries[existing]
+        if entry.fingerprint != fingerprint:
+            return _refuse(
+                RefusalCode.IDEMPOTENCY_KEY_REUSED,
+                "request_id was used before with different parameters",
+                billing_entry_id=existing,
+            )
+        if entry.state is S.RESERVE_HELD:
+            return _refuse(RefusalCode.REQUEST_IN_PROGRESS, "this request is still held", billing_entry_id=existing)
+        return _replay(entry, state)
+    refusal = _amount_limit(c.estimated_cost_micro, policy, "estimated_cost_micro")
+    ttl = _ttl(c.ttl_s, policy)
+    if isinstance(ttl, Refusal):
+        return ttl
+    refusal = refusal or _gates(state, c.account_id, policy)
+    if refusal is not None:
+        return refusal
+    available = state.account(c.account_id).available_micro
+    if available < c.estimated_cost_micro:
+        return _insufficient(available, c.estimated_cost_micro, policy.credit_units_per_usd)
+    payload = ev.BillingReserve(
+        c.account_id, c.request_id, c.estimated_cost_micro, now_ms + ttl * 1000, policy.rate(now_ms), fingerprint
+    )
+    return Write(new_id(), (payload,), c.correlation_id, created=True)
+
+
+def _charged(entry: Entry, actual_micro: int, available_micro: int, policy: Policy) -> int:
+    """How much of ``actual_micro`` a commit takes, under the overrun policy."""
+    estimate = entry.estimated_cost_micro
+    if actual_micro <= estimate:
+        return actual_micro
+    if policy.overrun_policy is cmd.OverrunPolicy.CAP:
+        return estimate
+    return estimate + min(actual_micro - estimate, available_micro)
+
+
+def _commit(state: State, c: cmd.Commit, now_ms: int, policy: Policy) -> Decision:
+    entry = _lookup(state, c.billing_entry_id)
+    if isinstance(entry, Refusal):
+        return entry
+    if entry.kind == "reserve" and entry.actual_cost_micro is not None:
+        if entry.actual_cost_micro == c.actual_cost_micro:
+            return _replay(entry, state)
+        return _transition_refusal(entry, "commit")
+    if entry.state is S.RELEASED and entry.reason == "expired":
+        return _expired_refusal(entry)
+    if entry.state is not S.RESERVE_HELD:
+        return _transition_refusal(entry, "commit")
+    if _is_expired(entry, now_ms):
+        return _expired_refusal(entry)
+    refusal = _amount_limit(c.actual_cost_micro, policy, "actual_cost_micro")
+    if refusal is not None:
+        return refusal
+    if c.response_json is not None and len(c.response_json.encode()) > policy.max_response_bytes:
+        return _invalid(f"response is larger than {policy.max_response_bytes} bytes", "response")
+    charged = _charged(entry, c.actual_cost_micro, state.account(entry.account_id).available_micro, policy)
+    payloads: tuple[ev.Payload, ...] = (
+        ev.BillingCommit(
+            entry.account_id,
+            entry.estimated_cost_micro,
+            c.actual_cost_micro,
+            charged,
+            c.actual_cost_micro - charged,
+            policy.overrun_policy.value,
+            policy.finalize,
+            entry.rate,
+        ),
+    )
+    if c.response_json is not None:
+        payloads += (ev.RequestComplete(entry.account_id, entry.request_id, c.response_json),)
+    return Write(entry.billing_entry_id, payloads, entry.correlation_id)
+
+
+def _release(state: State, c: cmd.Release, now_ms: int) -> Decision:
+    if c.reason not in cmd.RELEASE_REASONS:
+        return _invalid(f"reason must be one of {sorted(cmd.RELEASE_REASONS)}", "reason")
+    entry = _lookup(state, c.billing_entry_id)
+    if isinstance(entry, Refusal):
+        return entry
+    if entry.state is S.RELEASED:
+        return _expired_refusal(entry) if entry.reason == "expired" else _replay(entry, state)
+    if entry.state is not S.RESERVE_HELD:
+        return _transition_refusal(entry, "release")
+    if _is_expired(entry, now_ms):
+        return _expired_refusal(entry)
+    payload = ev.BillingRelease(entry.account_id, entry.estimated_cost_micro, c.reason)
+    return Write(entry.billing_entry_id, (payload,), entry.correlation_id)
+
+
+def _extend(state: State, c: cmd.Extend, now_ms: int, policy: Policy) -> Decision:
+    entry = _lookup(state, c.billing_entry_id)
+    if isinstance(entry, Refusal):
+        return entry
+    if entry.state is S.RELEASED and entry.reason == "expired":
+        return _expired_refusal(entry)
+    if entry.state is not S.RESERVE_HELD:
+        return _transition_refusal(entry, "extend")
+    if _is_expired(entry, now_ms):
+        return _expired_refusal(entry)
+    ttl = _ttl(c.ttl_s, policy)
+    if isinstance(ttl, Refusal):
+        return ttl
+    expires_at_ms = now_ms + ttl * 1000
+    assert entry.expires_at_ms is not None  # every hold has one
+    if expires_at_ms <= entry.expires_at_ms:  # never shortens a hold; nothing to write
+        return Replay(cmd.EntryResult(entry), entry.wal_sequence)
+    payload = ev.BillingReserveExtended(entry.account_id, expires_at_ms, entry.expires_at_ms)
+    return Write(entry.billing_entry_id, (payload,), entry.correlation_id)
+
+
+def _expire(state: State, c: cmd.Expire, now_ms: int) -> Decision:
+    entry = _lookup(state, c.billing_entry_id)
+    if isinstance(entry, Refusal):
+        return entry
+    if entry.state is not S.RESERVE_HELD or not _is_expired(entry, now_ms):
+        return _transition_refusal(entry, "expire")
+    assert entry.expires_at_ms is not None
+    payload = ev.BillingReserveExpired(entry.account_id, entry.estimated_cost_micro, entry.expires_at_ms)
+    return Write(entry.billing_entry_id, (payload,), entry.correlation_id)
+
+
+# -- direct charge, admin and settlement outcomes, credits ---------------------------------
+
+
+def _charge(state: State, c: cmd.Charge, now_ms: int, policy: Policy, new_id: NewId) -> Decision:
+    fingerprint = f"charge:{c.amount_micro}:{c.allow_partial}"
+    existing = state.requests.get(request_key(c.account_id, c.request_id))
+    if existing is not None:
+        entry = state.entries[existing]
+        if entry.fingerprint != fingerprint:
+            return _refuse(
+                RefusalCode.IDEMPOTENCY_KEY_REUSED,
+                "request_id was used before with different parameters",
+                billing_entry_id=existing,
+            )
+        return _replay(entry, state)
+    refusal = _amount_limit(c.amount_micro, policy, "amount_micro")
+    if refusal is None and not policy.holds_allowed:
+        refusal = _refuse(RefusalCode.GUARD_UNAVAILABLE, "the conservation guard is not ready", retry_after_seconds=30)
+    if refusal is not None:
+        return refusal
+    available = state.account(c.account_id).available_micro
+    charged = min(available, c.amount_micro) if c.allow_partial else c.amount_micro
+    if charged > available or (charged == 0 and c.amount_micro > 0):
+        return _insufficient(available, c.amount_micro, policy.credit_units_per_usd)
+    payload = ev.BillingCharge(
+        c.account_id,
+        c.request_id,
+        c.amount_micro,
+        charged,
+        c.allow_partial,
+        policy.finalize,
+        policy.rate(now_ms),
+        fingerprint,
+    )
+    return Write(new_id(), (payload,), c.correlation_id, created=True)
+
+
+_SETTLE_TARGET = {cmd.Void: S.VOIDED, cmd.FinalizeAck: S.FINALIZE_ACKED, cmd.FinalizeFail: S.FINALIZE_FAILED}
+_SETTLE_VERB = {cmd.Void: "void", cmd.FinalizeAck: "finalize", cmd.FinalizeFail: "fail"}
+
+
+def _settle(state: State, c: cmd.Void | cmd.FinalizeAck | cmd.FinalizeFail) -> Decision:
+    entry = _lookup(state, c.billing_entry_id)
+    if isinstance(entry, Refusal):
+        return entry
+    target = _SETTLE_TARGET[type(c)]
+    if entry.state is target:
+        return _replay(entry, state)
+    if not can_transition(entry.state, target):
+        return _transition_refusal(entry, _SETTLE_VERB[type(c)])
+    payload: ev.Payload
+    if isinstance(c, cmd.Void):
+        if not c.reason or not c.admin_id:
+            return _invalid("a void needs a reason and an admin_id", "reason")
+        payload = ev.BillingVoid(entry.account_id, entry.charged_micro, c.reason, c.admin_id)
+    elif isinstance(c, cmd.FinalizeAck):
+        payload = ev.BillingFinalizeAck(entry.account_id, entry.charged_micro, c.source, c.attempt)
+    else:
+        payload = ev.BillingFinalizeFail(entry.account_id, entry.charged_micro, c.reason, c.attempts)
+    return Write(entry.billing_entry_id, (payload,), entry.correlation_id)
+
+
+_CREDIT_EVENT = {
+    cmd.CreditKind.MINT: ev.CreditMint.EVENT_TYPE,
+    cmd.CreditKind.DEDUCT: ev.CreditDeduct.EVENT_TYPE,
+    cmd.CreditKind.CREDIT_NOTE: ev.X402CreditNote.EVENT_TYPE,
+}
+
+
+def _credit(state: State, c: cmd.Credit, policy: Policy, new_id: NewId) -> Decision:
+    event_type = _CREDIT_EVENT[c.kind]
+    record = state.credits.get(request_key(c.account_id, c.credit_id))
+    if record is not None:
+        if record.fingerprint != credit_fingerprint(event_type, c.amount_micro):
+            return _refuse(RefusalCode.IDEMPOTENCY_KEY_REUSED, "credit_id was used before with different parameters")
+        result = cmd.CreditResult(
+            c.account_id, c.credit_id, c.kind, c.amount_micro, record.wal_sequence, state.account(c.account_id), True
+        )
+        return Replay(result, record.wal_sequence)
+    if c.amount_micro <= 0:
+        return _invalid("amount_micro must be positive", "amount_micro")
+    account = state.account(c.account_id)
+    if c.kind is cmd.CreditKind.DEDUCT:
+        if account.available_micro < c.amount_micro:
+            return _insufficient(account.available_micro, c.amount_micro, policy.credit_units_per_usd)
+        payload: ev.Payload = ev.CreditDeduct(c.account_id, c.credit_id, c.amount_micro, c.reason)
+        return Write(new_id(), (payload,), c.correlation_id, created=True)
+    total_out = -(state.funding_micro + state.credit_notes_micro)
+    if account.available_micro + c.amount_micro > INT64_MAX or total_out + c.amount_micro > INT64_MAX:
+        return _invalid("the credit would overflow a 64-bit balance", "amount_micro")
+    if c.kind is cmd.CreditKind.MINT:
+        payload = ev.CreditMint(c.account_id, c.credit_id, c.amount_micro, c.paid_micro_usdc, policy.usd_usdc_rate_ppm)
+    else:
+        payload = ev.X402CreditNote(c.account_id, c.credit_id, c.amount_micro, c.reason)
+    return Write(new_id(), (payload,), c.correlation_id, created=True)

@@ -1,0 +1,88 @@
+"""The one exception tree of tollway, and ``ensure``.
+
+Exceptions mean "this could not be done at all". Business outcomes that a caller is expected
+to handle (insufficient funds, an expired hold, a reused idempotency key) are *values*
+(:class:`tollway.core.commands.Refusal`), never exceptions.
+
+::
+
+    TollwayError
+    ├── InvalidInput            bad input; nothing was changed
+    │   └── InvalidAmount       a MicroUSD string or int that breaks the strict rules
+    ├── InvariantViolation      the engine's state broke a rule; the engine stops
+    ├── ConfigError             unknown or invalid setting; a startup error
+    ├── WalError                the write-ahead log
+    │   ├── WalLocked           another writer holds the WAL directory
+    │   ├── WalCorrupt          a bad record followed by valid ones (fail closed)
+    │   ├── WalUnsupported      a record from a newer schema than this reader knows
+    │   └── WalIOFailure        an fsync or write failed; the engine has stopped (fail-stop)
+    └── EngineStopped           the engine is closed or failed; no command is accepted
+
+Adapters translate foreign exceptions into this tree with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+
+class TollwayError(Exception):
+    """Root of every exception tollway raises on purpose."""
+
+
+class InvalidInput(TollwayError, ValueError):
+    """Input that breaks a documented rule; nothing was changed."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class InvalidAmount(InvalidInput):
+    """A MicroUSD amount that is malformed, negative or out of bounds."""
+
+
+class InvariantViolation(TollwayError):
+    """A rule that must always hold did not; continuing would risk money."""
+
+
+class ConfigError(TollwayError):
+    """An unknown or invalid configuration setting."""
+
+
+class WalError(TollwayError):
+    """A problem with the write-ahead log."""
+
+
+class WalLocked(WalError):
+    """Another process holds the single-writer lock on the WAL directory."""
+
+
+class WalCorrupt(WalError):
+    """A record that fails its checksum or framing and is not the torn tail."""
+
+    def __init__(self, message: str, *, segment: str, offset: int) -> None:
+        super().__init__(f"{message} (segment {segment}, byte offset {offset})")
+        self.segment = segment
+        self.offset = offset
+
+
+class WalUnsupported(WalError):
+    """A record whose ``schema_version`` is newer than this reader understands."""
+
+
+class WalIOFailure(WalError):
+    """Writing or syncing the WAL failed; the engine stopped to avoid acknowledging a lie."""
+
+
+class EngineStopped(TollwayError):
+    """The engine is closed, or stopped after a fatal error; restart to recover from disk."""
+
+
+def ensure(condition: bool, message: str, *args: object) -> None:
+    """Raise :class:`InvariantViolation` unless ``condition`` holds.
+
+    Unlike ``assert`` this survives ``python -O``: a broken invariant must stop the engine
+    rather than let it continue wrong. ``message % args`` is only formatted on failure, so a
+    check on the hot path costs a call and a comparison.
+    """
+    if not condition:
+        raise InvariantViolation(message % args if args else message)

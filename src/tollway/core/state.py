@@ -1,0 +1,459 @@
+"""The engine's state and ``apply``: the one fold used live and on replay.
+
+:func:`apply` is a deterministic function of (state, event): it reads nothing else — no
+clock, no configuration — so replaying the log rebuilds exactly the state the engine had.
+For speed it mutates ``state`` in place instead of returning a copy; the engine is its only
+owner. Entries are frozen records replaced on change, so a result handed to a caller never
+changes underneath it.
+
+What the state knows: per-account balances, every entry and its lifecycle state, the
+idempotency records (request keys, credit keys, stored responses), the three system ledger
+accounts and a few counters the decisions need in O(1). The expiry index (a heap) is derived
+from the entries and is not part of a snapshot.
+
+What it deliberately does not know: configuration (the commit event says whether it
+finalizes), and anything about Redis or HTTP.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Iterator
+from typing import Final
+
+import msgspec
+
+from tollway.core import events as ev
+from tollway.core.errors import InvariantViolation, ensure
+from tollway.core.lifecycle import UNSETTLED, EntryState, can_transition
+
+S = EntryState
+
+
+class Account(msgspec.Struct):
+    """Balances of one account, in MicroUSD. Mutable: owned by the state alone."""
+
+    available_micro: int = 0
+    held_micro: int = 0
+    charged_micro: int = 0  # net revenue taken from this account (charges − voids)
+    unsettled_micro: int = 0  # charged but not yet confirmed by settlement
+
+
+class Entry(msgspec.Struct, frozen=True):
+    """One billing entry (a hold and what became of it, or a direct charge)."""
+
+    billing_entry_id: str
+    account_id: str
+    request_id: str
+    kind: str  # "reserve" or "charge"
+    state: EntryState
+    estimated_cost_micro: int
+    actual_cost_micro: int | None
+    charged_micro: int
+    uncollected_micro: int
+    expires_at_ms: int | None
+    rate: ev.RateSnapshot
+    correlation_id: str
+    created_at_ms: int
+    updated_at_ms: int
+    wal_sequence: int  # the last event that changed this entry
+    fingerprint: str
+    reason: str | None = None  # release or void reason; finalize failure reason
+    failed_at_ms: int | None = None  # when it entered FINALIZE_FAILED
+
+
+class CreditRecord(msgspec.Struct, frozen=True):
+    """An idempotency record of a mint, deduct or credit note."""
+
+    credit_event_id: str
+    account_id: str
+    kind: str
+    amount_micro: int
+    fingerprint: str
+    wal_sequence: int
+    timestamp_ms: int
+
+
+class Snapshot(msgspec.Struct, frozen=True):
+    """Everything :class:`State` holds except derived indexes; what a snapshot file stores."""
+
+    last_sequence: int
+    accounts: dict[str, Account]
+    entries: dict[str, Entry]
+    requests: dict[str, str]
+    credits: dict[str, CreditRecord]
+    responses: dict[str, str]
+    revenue_micro: int
+    funding_micro: int
+    credit_notes_micro: int
+
+
+class Transition(msgspec.Struct, frozen=True):
+    """What an event did to an entry, for observers."""
+
+    entry: Entry
+    from_state: EntryState
+    to_state: EntryState
+
+
+def request_key(account_id: str, request_id: str) -> str:
+    """The idempotency key of a request; neither part may contain a space."""
+    return f"{account_id} {request_id}"
+
+
+class State:
+    """The authoritative state: a fold of the WAL."""
+
+    __slots__ = (
+        "_expiry_heap",
+        "accounts",
+        "credit_notes_micro",
+        "credits",
+        "entries",
+        "finalize_failed_count",
+        "finalize_pending_count",
+        "funding_micro",
+        "held_count",
+        "last_sequence",
+        "requests",
+        "responses",
+        "revenue_micro",
+    )
+
+    def __init__(self) -> None:
+        self.last_sequence = 0
+        self.accounts: dict[str, Account] = {}
+        self.entries: dict[str, Entry] = {}
+        self.requests: dict[str, str] = {}
+        self.credits: dict[str, CreditRecord] = {}
+        self.responses: dict[str, str] = {}
+        self.revenue_micro = 0
+        self.funding_micro = 0
+        self.credit_notes_micro = 0
+        self.finalize_failed_count = 0
+        self.finalize_pending_count = 0
+        self.held_count = 0
+        self._expiry_heap: list[tuple[int, str]] = []
+
+    # -- snapshots -------------------------------------------------------------------------
+
+    def to_snapshot(self) -> Snapshot:
+        """The state as a record (shares the dicts: encode it before applying more events)."""
+        return Snapshot(
+            self.last_sequence,
+            self.accounts,
+            self.entries,
+            self.requests,
+            self.credits,
+            self.responses,
+            self.revenue_micro,
+            self.funding_micro,
+            self.credit_notes_micro,
+        )
+
+    @classmethod
+    def from_snapshot(cls, snap: Snapshot) -> State:
+        """Rebuild a state, its counters and its expiry index from a snapshot."""
+        state = cls()
+        state.last_sequence = snap.last_sequence
+        state.accounts = dict(snap.accounts)
+        state.entries = dict(snap.entries)
+        state.requests = dict(snap.requests)
+        state.credits = dict(snap.credits)
+        state.responses = dict(snap.responses)
+        state.revenue_micro = snap.revenue_micro
+        state.funding_micro = snap.funding_micro
+        state.credit_notes_micro = snap.credit_notes_micro
+        for entry in state.entries.values():
+            state._count(entry.state, +1)
+            if entry.state is S.RESERVE_HELD and entry.expires_at_ms is not None:
+                state._expiry_heap.append((entry.expires_at_ms, entry.billing_entry_id))
+        heapq.heapify(state._expiry_heap)
+        return state
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def account(self, account_id: str) -> Account:
+        """The account's balances; an unknown account has all zeros (and is not created)."""
+        return self.accounts.get(account_id) or Account()
+
+    def due_holds(self, now_ms: int, limit: int) -> list[str]:
+        """Entry ids of held entries due to expire, in (expires_at, entry id) order."""
+        heap, due = self._expiry_heap, list[str]()
+        while heap and len(due) < limit:
+            expires_at_ms, entry_id = heap[0]
+            entry = self.entries.get(entry_id)
+            if entry is None or entry.state is not S.RESERVE_HELD or entry.expires_at_ms != expires_at_ms:
+                heapq.heappop(heap)  # stale: committed, released or extended since
+                continue
+            if expires_at_ms > now_ms:
+                break
+            heapq.heappop(heap)
+            due.append(entry_id)
+        return due
+
+    def iter_entries(self, account_id: str | None = None) -> Iterator[Entry]:
+        """Entries in id (creation) order, optionally of one account."""
+        for entry_id in sorted(self.entries):
+            entry = self.entries[entry_id]
+            if account_id is None or entry.account_id == account_id:
+                yield entry
+
+    # -- the fold --------------------------------------------------------------------------
+
+    def apply(self, event: ev.Event) -> Transition | None:
+        """Apply one event. The only way the state changes."""
+        ensure(
+            event.wal_sequence == self.last_sequence + 1,
+            "sequence gap: %s then %s",
+            self.last_sequence,
+            event.wal_sequence,
+        )
+        self.last_sequence = event.wal_sequence
+        handler = _HANDLERS.get(type(event.payload))
+        return None if handler is None else handler(self, event)
+
+    def _count(self, state: EntryState, delta: int) -> None:
+        if state is S.RESERVE_HELD:
+            self.held_count += delta
+        elif state is S.FINALIZE_PENDING:
+            self.finalize_pending_count += delta
+        elif state is S.FINALIZE_FAILED:
+            self.finalize_failed_count += delta
+
+    def _move(self, new: Entry, old_state: EntryState) -> Transition:
+        """Store ``new`` and keep the counters; the caller checked the move with ``_legal``."""
+        self.entries[new.billing_entry_id] = new
+        if old_state is not S.IDLE:
+            self._count(old_state, -1)
+        self._count(new.state, +1)
+        return Transition(new, old_state, new.state)
+
+    def _acct(self, account_id: str) -> Account:
+        account = self.accounts.get(account_id)
+        if account is None:
+            account = self.accounts[account_id] = Account()
+        return account
+
+    def _existing(self, event: ev.Event, target: EntryState | None) -> Entry:
+        """The entry ``event`` moves to ``target`` (None: stays put), checked before any change."""
+        entry = self.entries.get(event.billing_entry_id)
+        if entry is None:
+            raise InvariantViolation(f"{event.event_type} for unknown entry {event.billing_entry_id}")
+        if target is not None:
+            ensure(can_transition(entry.state, target), "illegal transition %s -> %s", entry.state, target)
+        return entry
+
+
+def _reserve(state: State, event: ev.Event) -> Transition:
+    p: ev.BillingReserve = event.payload  # type: ignore[assignment]
+    ensure(event.billing_entry_id not in state.entries, "duplicate entry %s", event.billing_entry_id)
+    account = state._acct(p.account_id)
+    ensure(account.available_micro >= p.estimated_cost_micro, "reserve overdraws %s", p.account_id)
+    account.available_micro -= p.estimated_cost_micro
+    account.held_micro += p.estimated_cost_micro
+    state.requests[request_key(p.account_id, p.request_id)] = event.billing_entry_id
+    heapq.heappush(state._expiry_heap, (p.expires_at_ms, event.billing_entry_id))
+    entry = Entry(
+        event.billing_entry_id,
+        p.account_id,
+        p.request_id,
+        "reserve",
+        S.RESERVE_HELD,
+        p.estimated_cost_micro,
+        None,
+        0,
+        0,
+        p.expires_at_ms,
+        p.rate,
+        event.correlation_id,
+        event.timestamp_ms,
+        event.timestamp_ms,
+        event.wal_sequence,
+        p.fingerprint,
+    )
+    return state._move(entry, S.IDLE)
+
+
+def _commit(state: State, event: ev.Event) -> Transition:
+    p: ev.BillingCommit = event.payload  # type: ignore[assignment]
+    target = S.FINALIZE_PENDING if p.finalize else S.COMMITTED
+    entry = state._existing(event, target)
+    account = state._acct(p.account_id)
+    refund = p.estimated_cost_micro - p.charged_micro  # negative when an overrun is debited
+    ensure(account.held_micro >= p.estimated_cost_micro, "commit releases more than %s holds", p.account_id)
+    ensure(account.available_micro + refund >= 0, "commit overdraws %s", p.account_id)
+    account.held_micro -= p.estimated_cost_micro
+    account.available_micro += refund
+    account.charged_micro += p.charged_micro
+    state.revenue_micro += p.charged_micro
+    if p.finalize:
+        account.unsettled_micro += p.charged_micro
+    new = msgspec.structs.replace(
+        entry,
+        state=target,
+        actual_cost_micro=p.actual_cost_micro,
+        charged_micro=p.charged_micro,
+        uncollected_micro=p.uncollected_micro,
+        updated_at_ms=event.timestamp_ms,
+        wal_sequence=event.wal_sequence,
+    )
+    return state._move(new, entry.state)
+
+
+def _return_hold(state: State, event: ev.Event, estimate_micro: int, reason: str) -> Transition:
+    entry = state._existing(event, S.RELEASED)
+    account = state._acct(entry.account_id)
+    ensure(account.held_micro >= estimate_micro, "release returns more than %s holds", entry.account_id)
+    account.held_micro -= estimate_micro
+    account.available_micro += estimate_micro
+    new = msgspec.structs.replace(
+        entry, state=S.RELEASED, reason=reason, updated_at_ms=event.timestamp_ms, wal_sequence=event.wal_sequence
+    )
+    return state._move(new, entry.state)
+
+
+def _release(state: State, event: ev.Event) -> Transition:
+    p: ev.BillingRelease = event.payload  # type: ignore[assignment]
+    return _return_hold(state, event, p.estimated_cost_micro, p.reason)
+
+
+def _expire(state: State, event: ev.Event) -> Transition:
+    p: ev.BillingReserveExpired = event.payload  # type: ignore[assignment]
+    return _return_hold(state, event, p.estimated_cost_micro, "expired")
+
+
+def _extend(state: State, event: ev.Event) -> Transition:
+    p: ev.BillingReserveExtended = event.payload  # type: ignore[assignment]
+    entry = state._existing(event, None)
+    ensure(entry.state is S.RESERVE_HELD, "extend of %s entry", entry.state)
+    new = msgspec.structs.replace(
+        entry, expires_at_ms=p.expires_at_ms, updated_at_ms=event.timestamp_ms, wal_sequence=event.wal_sequence
+    )
+    state.entries[new.billing_entry_id] = new
+    heapq.heappush(state._expiry_heap, (p.expires_at_ms, new.billing_entry_id))
+    return Transition(new, entry.state, entry.state)
+
+
+def _charge(state: State, event: ev.Event) -> Transition:
+    p: ev.BillingCharge = event.payload  # type: ignore[assignment]
+    ensure(event.billing_entry_id not in state.entries, "duplicate entry %s", event.billing_entry_id)
+    target = S.FINALIZE_PENDING if p.finalize else S.COMMITTED
+    account = state._acct(p.account_id)
+    ensure(account.available_micro >= p.charged_micro, "charge overdraws %s", p.account_id)
+    account.available_micro -= p.charged_micro
+    account.charged_micro += p.charged_micro
+    state.revenue_micro += p.charged_micro
+    if p.finalize:
+        account.unsettled_micro += p.charged_micro
+    state.requests[request_key(p.account_id, p.request_id)] = event.billing_entry_id
+    entry = Entry(
+        event.billing_entry_id,
+        p.account_id,
+        p.request_id,
+        "charge",
+        target,
+        0,
+        p.requested_micro,
+        p.charged_micro,
+        p.requested_micro - p.charged_micro,
+        None,
+        p.rate,
+        event.correlation_id,
+        event.timestamp_ms,
+        event.timestamp_ms,
+        event.wal_sequence,
+        p.fingerprint,
+    )
+    return state._move(entry, S.IDLE)
+
+
+def _void(state: State, event: ev.Event) -> Transition:
+    p: ev.BillingVoid = event.payload  # type: ignore[assignment]
+    entry = state._existing(event, S.VOIDED)
+    account = state._acct(p.account_id)
+    account.available_micro += p.charged_micro
+    account.charged_micro -= p.charged_micro
+    state.revenue_micro -= p.charged_micro
+    if entry.state in UNSETTLED:
+        account.unsettled_micro -= p.charged_micro
+    new = msgspec.structs.replace(
+        entry, state=S.VOIDED, reason=p.reason, updated_at_ms=event.timestamp_ms, wal_sequence=event.wal_sequence
+    )
+    return state._move(new, entry.state)
+
+
+def _finalize_ack(state: State, event: ev.Event) -> Transition:
+    entry = state._existing(event, S.FINALIZE_ACKED)
+    state._acct(entry.account_id).unsettled_micro -= entry.charged_micro
+    new = msgspec.structs.replace(
+        entry, state=S.FINALIZE_ACKED, updated_at_ms=event.timestamp_ms, wal_sequence=event.wal_sequence
+    )
+    return state._move(new, entry.state)
+
+
+def _finalize_fail(state: State, event: ev.Event) -> Transition:
+    p: ev.BillingFinalizeFail = event.payload  # type: ignore[assignment]
+    entry = state._existing(event, S.FINALIZE_FAILED)
+    new = msgspec.structs.replace(
+        entry,
+        state=S.FINALIZE_FAILED,
+        reason=p.reason,
+        failed_at_ms=event.timestamp_ms,
+        updated_at_ms=event.timestamp_ms,
+        wal_sequence=event.wal_sequence,
+    )
+    return state._move(new, entry.state)
+
+
+def _credit(state: State, event: ev.Event) -> None:
+    p: ev.CreditMint | ev.CreditDeduct | ev.X402CreditNote = event.payload  # type: ignore[assignment]
+    account = state._acct(p.account_id)
+    if isinstance(p, ev.CreditDeduct):
+        ensure(account.available_micro >= p.amount_micro, "deduct overdraws %s", p.account_id)
+        account.available_micro -= p.amount_micro
+        state.funding_micro += p.amount_micro
+    else:
+        account.available_micro += p.amount_micro
+        if isinstance(p, ev.CreditMint):
+            state.funding_micro -= p.amount_micro
+        else:
+            state.credit_notes_micro -= p.amount_micro
+    state.credits[request_key(p.account_id, p.credit_id)] = CreditRecord(
+        event.billing_entry_id,
+        p.account_id,
+        p.EVENT_TYPE,
+        p.amount_micro,
+        credit_fingerprint(p.EVENT_TYPE, p.amount_micro),
+        event.wal_sequence,
+        event.timestamp_ms,
+    )
+
+
+def credit_fingerprint(event_type: str, amount_micro: int) -> str:
+    """What makes two credit requests with one ``credit_id`` the same operation."""
+    return f"{event_type}:{amount_micro}"
+
+
+def _request_complete(state: State, event: ev.Event) -> None:
+    p: ev.RequestComplete = event.payload  # type: ignore[assignment]
+    state.responses[event.billing_entry_id] = p.response_json
+
+
+_Handler = Callable[[State, ev.Event], Transition | None]
+_HANDLERS: Final[dict[type[ev.Payload], _Handler]] = {
+    ev.BillingReserve: _reserve,
+    ev.BillingCommit: _commit,
+    ev.BillingRelease: _release,
+    ev.BillingReserveExpired: _expire,
+    ev.BillingReserveExtended: _extend,
+    ev.BillingCharge: _charge,
+    ev.BillingVoid: _void,
+    ev.BillingFinalizeAck: _finalize_ack,
+    ev.BillingFinalizeFail: _finalize_fail,
+    ev.CreditMint: _credit,
+    ev.CreditDeduct: _credit,
+    ev.X402CreditNote: _credit,
+    ev.RequestComplete: _request_complete,
+}
+"""Event types not listed (request_start, reconciliation, audit) change nothing but the sequence."""

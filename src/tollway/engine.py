@@ -1,0 +1,409 @@
+"""The engine: the single writer. decide → sequence → apply → batch → sync → answer.
+
+Every command runs the same path on the event loop, with no ``await`` between deciding and
+applying, so each command sees every earlier one::
+
+    decision = decide(state, command, now)        # pure; a refusal writes nothing
+    event    = Event(next sequence, now, ...)     # for each payload of a Write
+    state.apply(event)                            # the same fold replay uses
+    batch.append(encode(event))                   # joins the current group-commit batch
+    await batch.durable                           # answered only after fdatasync
+
+Group commit: while one batch is being written and synced by the I/O thread, new records
+collect in the next one; when the sync returns, every caller of the batch is answered at once
+and the next batch starts. An idempotent replay is answered once the event it repeats is
+durable. A WAL write or sync error is fatal (fail-stop): waiting callers get
+:class:`~tollway.core.errors.WalIOFailure`, the engine accepts nothing more, and a restart
+recovers from disk.
+
+The engine holds no global state: several engines (shards) can live in one process, each
+with its own data directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from tollway.config import Durability, Settings
+from tollway.core import commands as cmd
+from tollway.core.commands import Refusal
+from tollway.core.decide import Replay, Write, decide
+from tollway.core.errors import EngineStopped, TollwayError, WalIOFailure
+from tollway.core.events import Event
+from tollway.core.ids import UlidGenerator
+from tollway.core.observer import NoopObserver, Observer
+from tollway.core.state import Account, Entry, State, Transition
+from tollway.core.validate import validate
+from tollway.wal import codec
+from tollway.wal.log import DirectoryLock, WalWriter, recover
+from tollway.wal.snapshot import encode_snapshot, load_newest, write_snapshot
+
+log = logging.getLogger("tollway.engine")
+
+Clock = Callable[[], int]
+Listener = Callable[[list[Event]], None]
+T = TypeVar("T")
+
+
+def system_clock_ms() -> int:
+    """Wall-clock milliseconds since the epoch."""
+    return time.time_ns() // 1_000_000
+
+
+def _random80() -> int:
+    return int.from_bytes(os.urandom(10), "big")
+
+
+class _Batch:
+    """Records waiting for one write + sync, and the future their callers wait on."""
+
+    __slots__ = ("chunks", "durable", "events", "first_seq", "last_seq", "size", "transitions")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.first_seq = 0
+        self.last_seq = 0
+        self.events: list[Event] = []
+        self.transitions: list[tuple[Event, Transition]] = []
+        self.durable: asyncio.Future[None] = loop.create_future()
+
+
+class Engine:
+    """The single writer of one data directory. Create it with :meth:`open`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        state: State,
+        writer: WalWriter,
+        lock: DirectoryLock,
+        *,
+        clock: Clock,
+        observer: Observer,
+        random80: Callable[[], int],
+    ) -> None:
+        self.settings = settings
+        self.state = state
+        self.policy = settings.policy()
+        self.observer = observer
+        self._clock = clock
+        self._ids = UlidGenerator(clock, random80)
+        self._writer = writer
+        self._lock = lock
+        self._loop = asyncio.get_running_loop()
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tollway-wal")
+        self._snap_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tollway-snapshot")
+        self._pending = _Batch(self._loop)
+        self._inflight: _Batch | None = None
+        self._durable_seq = state.last_sequence
+        self._snapshot_seq = state.last_sequence
+        self._snapshot_task: asyncio.Task[None] | None = None
+        self._failure: TollwayError | None = None
+        self._closed = False
+        self._listeners: list[Listener] = []
+        self.on_fatal: Callable[[BaseException], None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls,
+        data_dir: Path | str | None = None,
+        settings: Settings | None = None,
+        *,
+        clock: Clock = system_clock_ms,
+        observer: Observer | None = None,
+        random80: Callable[[], int] = _random80,
+    ) -> AsyncIterator[Engine]:
+        """Lock the data directory, recover state from disk, and yield a running engine."""
+        settings = settings or Settings()
+        if data_dir is not None:
+            settings = settings.replace(data_dir=Path(data_dir))
+        engine = await cls.start(settings, clock=clock, observer=observer, random80=random80)
+        try:
+            yield engine
+        finally:
+            await engine.close()
+
+    @classmethod
+    async def start(
+        cls,
+        settings: Settings,
+        *,
+        clock: Clock = system_clock_ms,
+        observer: Observer | None = None,
+        random80: Callable[[], int] = _random80,
+    ) -> Engine:
+        """Open without a context manager; the caller must ``await engine.close()``."""
+        observer = observer or NoopObserver()
+        for directory in (settings.data_dir, settings.wal_dir, settings.snapshot_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        lock = DirectoryLock(settings.wal_dir / "LOCK")
+        lock.acquire()
+        try:
+            state, writer = await asyncio.to_thread(_recover, settings, observer)
+        except BaseException:
+            lock.release()
+            raise
+        if settings.durability is Durability.NONE:
+            log.warning("durability=none: the WAL is NOT synced; acknowledged commands can be lost (tests only)")
+        return cls(settings, state, writer, lock, clock=clock, observer=observer, random80=random80)
+
+    async def close(self) -> None:
+        """Finish pending writes, take a final snapshot, release the lock."""
+        if self._closed:
+            return
+        try:
+            if self._failure is None:
+                await self._wait_durable(self.state.last_sequence)
+                if self._snapshot_task is not None:
+                    await self._snapshot_task
+                if self.state.last_sequence > self._snapshot_seq:
+                    await self._snapshot()
+        finally:
+            self._closed = True
+            await asyncio.to_thread(self._writer.close)
+            self._io.shutdown(wait=True)
+            self._snap_io.shutdown(wait=True)
+            self._lock.release()
+
+    @property
+    def durable_sequence(self) -> int:
+        """The highest sequence known to be on disk."""
+        return self._durable_seq
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call ``listener(events)`` with each batch once it is durable (on the event loop)."""
+        self._listeners.append(listener)
+
+    # -- the command path ------------------------------------------------------------------
+
+    async def execute(self, command: cmd.Command) -> cmd.Outcome:
+        """Validate, decide, write and answer one command. Raises on bad input or failure."""
+        self._check_running()
+        validate(command)
+        started = time.perf_counter()
+        while (
+            self._pending.size >= self.settings.batch_bytes_max
+            or len(self._pending.chunks) >= self.settings.batch_records_max
+        ):
+            await asyncio.shield(self._pending.durable)  # backpressure: the batch is full
+            self._check_running()
+        now_ms = self._clock()
+        decision = decide(self.state, command, now_ms, self.policy, self._ids.new)
+        name = type(command).__name__
+        if isinstance(decision, Refusal):
+            self.observer.refused(name, decision.code.value)
+            return decision
+        if isinstance(decision, Replay):
+            await self._wait_durable(decision.wal_sequence)
+            return decision.outcome
+        batch, outcome = self._write(decision, command, now_ms)
+        await asyncio.shield(batch.durable)
+        self.observer.command_done(name, time.perf_counter() - started)
+        return outcome
+
+    def _write(self, decision: Write, command: cmd.Command, now_ms: int) -> tuple[_Batch, cmd.Outcome]:
+        """Sequence, apply and enqueue the events of ``decision``. Never awaits."""
+        batch = self._pending
+        try:
+            for payload in decision.payloads:
+                event = Event(
+                    self.state.last_sequence + 1, now_ms, decision.billing_entry_id, decision.correlation_id, payload
+                )
+                change = self.state.apply(event)
+                record = codec.encode(event)
+                if not batch.chunks:
+                    batch.first_seq = event.wal_sequence
+                    self._loop.call_soon(self._kick)
+                batch.chunks.append(record)
+                batch.size += len(record)
+                batch.last_seq = event.wal_sequence
+                batch.events.append(event)
+                if change is not None:
+                    batch.transitions.append((event, change))
+        except TollwayError as exc:  # an invariant broke inside apply: state is suspect
+            self._fail(exc)
+            raise
+        return batch, self._outcome(decision, command, batch.last_seq)
+
+    def _outcome(self, decision: Write, command: cmd.Command, seq: int) -> cmd.Outcome:
+        if isinstance(command, cmd.Credit):
+            return cmd.CreditResult(
+                command.account_id,
+                command.credit_id,
+                command.kind,
+                command.amount_micro,
+                seq,
+                self.balance(command.account_id),
+            )
+        if isinstance(command, cmd.Note):
+            return cmd.NoteResult(seq)
+        entry = self.state.entries[decision.billing_entry_id]
+        return cmd.EntryResult(
+            entry, created=decision.created, response_json=self.state.responses.get(entry.billing_entry_id)
+        )
+
+    # -- group commit ----------------------------------------------------------------------
+
+    def _kick(self) -> None:
+        """Start writing the pending batch unless a write is already in flight."""
+        if self._inflight is not None or not self._pending.chunks or self._failure is not None:
+            return
+        batch = self._inflight = self._pending
+        self._pending = _Batch(self._loop)
+        data = b"".join(batch.chunks)
+        started = time.perf_counter()
+        future = self._loop.run_in_executor(self._io, self._writer.write_batch, data, batch.first_seq)
+        future.add_done_callback(lambda f: self._written(batch, f, len(data), started))
+
+    def _written(self, batch: _Batch, future: asyncio.Future[None], size: int, started: float) -> None:
+        self._inflight = None
+        if self._failure is not None:  # stopped meanwhile; the waiters already have the error
+            return
+        exc = future.exception()
+        if exc is not None:
+            self._fail(exc if isinstance(exc, TollwayError) else WalIOFailure(str(exc)))
+            return
+        self._durable_seq = batch.last_seq
+        batch.durable.set_result(None)
+        self.observer.wal_batch(len(batch.chunks), size, time.perf_counter() - started)
+        for event, change in batch.transitions:
+            self.observer.transition(event, change)
+        for listener in self._listeners:
+            listener(batch.events)
+        if self._pending.chunks:
+            self._kick()
+        self._maybe_snapshot()
+
+    async def _wait_durable(self, seq: int) -> None:
+        """Return once ``seq`` is on disk."""
+        while seq > self._durable_seq:
+            self._check_running()
+            batch = self._inflight if self._inflight is not None and seq <= self._inflight.last_seq else self._pending
+            await asyncio.shield(batch.durable)
+
+    def _fail(self, exc: BaseException) -> None:
+        """Fail-stop: refuse everything from now on and wake every waiter with the error."""
+        if self._failure is not None:
+            return
+        log.critical("engine stopped: %s", exc)
+        self._failure = exc if isinstance(exc, TollwayError) else WalIOFailure(str(exc))
+        for batch in (self._inflight, self._pending):
+            if batch is not None and not batch.durable.done():
+                batch.durable.set_exception(self._failure)
+                batch.durable.exception()  # mark retrieved: not every batch has a waiter
+        if self.on_fatal is not None:
+            self.on_fatal(self._failure)
+
+    def _check_running(self) -> None:
+        if self._failure is not None:
+            raise EngineStopped(f"the engine stopped after a fatal error: {self._failure}") from self._failure
+        if self._closed:
+            raise EngineStopped("the engine is closed")
+
+    # -- snapshots -------------------------------------------------------------------------
+
+    def _maybe_snapshot(self) -> None:
+        due = self._durable_seq - self._snapshot_seq >= self.settings.snapshot_every_events
+        if due and (self._snapshot_task is None or self._snapshot_task.done()):
+            self._snapshot_task = self._loop.create_task(self._snapshot())
+
+    async def _snapshot(self) -> None:
+        """Encode the state now; write it once everything it includes is durable."""
+        seq = self.state.last_sequence
+        data = encode_snapshot(self.state)  # on the loop: the state must not change meanwhile
+        await self._wait_durable(seq)
+        durable = self.settings.durability is Durability.FSYNC
+        await self._loop.run_in_executor(
+            self._snap_io,
+            lambda: write_snapshot(
+                self.settings.snapshot_dir, seq, data, keep=self.settings.snapshots_kept, durable=durable
+            ),
+        )
+        self._snapshot_seq = max(self._snapshot_seq, seq)
+
+    async def snapshot_now(self) -> int:
+        """Write a snapshot of the current state; returns its sequence."""
+        self._check_running()
+        await self._snapshot()
+        return self._snapshot_seq
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def balance(self, account_id: str) -> Account:
+        """A copy of the account's balances (zeros for an unknown account)."""
+        account = self.state.account(account_id)
+        return Account(account.available_micro, account.held_micro, account.charged_micro, account.unsettled_micro)
+
+    async def read_balance(self, account_id: str) -> Account:
+        """The account's balances, once everything they reflect is durable."""
+        await self._wait_durable(self.state.last_sequence)
+        return self.balance(account_id)
+
+    async def get_entry(self, billing_entry_id: str) -> Entry | None:
+        """An entry, once the state it reflects is durable."""
+        entry = self.state.entries.get(billing_entry_id)
+        if entry is not None:
+            await self._wait_durable(entry.wal_sequence)
+        return entry
+
+    # -- the expiry sweeper ----------------------------------------------------------------
+
+    async def sweep_once(self) -> int:
+        """Expire due holds, at most ``sweep_batch_max``; returns how many were expired."""
+        self._check_running()
+        due = self.state.due_holds(self._clock(), self.settings.sweep_batch_max)
+        if not due:
+            return 0
+        results = await asyncio.gather(*(self.execute(cmd.Expire(entry_id)) for entry_id in due))
+        return sum(1 for result in results if isinstance(result, cmd.EntryResult))
+
+    async def run_sweeper(self) -> None:
+        """Sweep forever, every ``sweep_interval_ms``; cancel the task to stop it."""
+        while True:
+            expired = await self.sweep_once()
+            # A full tick means a backlog: go again at once (callers still get in between).
+            pause_s = 0 if expired >= self.settings.sweep_batch_max else self.settings.sweep_interval_ms / 1000
+            await asyncio.sleep(pause_s)
+
+
+def _recover(settings: Settings, observer: Observer) -> tuple[State, WalWriter]:
+    """Newest sound snapshot + the WAL after it; runs in a thread at startup.
+
+    Recovery creates millions of long-lived, acyclic objects; the cyclic garbage collector
+    would rescan them over and over for nothing, halving replay speed. It is paused while
+    recovering, and what was built is moved out of its sight with ``gc.freeze()``.
+    """
+    started = time.perf_counter()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        loaded = load_newest(settings.snapshot_dir)
+        state = loaded.state
+        recovery = recover(settings.wal_dir, loaded.sequence, state.apply)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    gc.freeze()
+    for reason in loaded.skipped:
+        log.warning("skipped snapshot %s", reason)
+    if recovery.torn_tail:
+        log.warning("WAL recovery: %s", recovery.torn_tail)
+    observer.recovered(recovery.replayed, time.perf_counter() - started, loaded.sequence)
+    writer = WalWriter(
+        settings.wal_dir, segment_bytes=settings.segment_bytes, durable=settings.durability is Durability.FSYNC
+    )
+    writer.resume(recovery.segment, recovery.end_offset)
+    return state, writer

@@ -1,0 +1,1 @@
+"""The write-ahead log: record codec, segment reading, the writer, snapshots."""

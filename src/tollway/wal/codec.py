@@ -1,0 +1,214 @@
+"""WAL record framing and checksums. Pure: bytes in, bytes or events out, no files.
+
+A record is::
+
+    offset 0   u32 little-endian   CRC-32 (zlib) of every byte from offset 4 to the end
+    offset 4   u32 little-endian   body length N (1 ≤ N ≤ MAX_RECORD_BYTES)
+    offset 8   N bytes             body: one JSON object, the envelope with its payload
+
+so the checksum covers every byte of the record except itself: the length, the envelope and
+the payload, in one contiguous run. The body is ``{"schema_version", "event_type", "wal_sequence", "timestamp_ms",
+"billing_entry_id", "correlation_id", "payload"}``; amounts named in a payload's
+``MONEY_FIELDS`` are canonical decimal strings. See ``docs/wal-format.md``.
+
+:func:`scan` walks a buffer record by record and says precisely where and why it stopped, so
+the log layer can tell a torn tail (cut it off) from corruption (refuse to start).
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import typing
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgspec
+
+from tollway.core import events as ev
+from tollway.core.errors import WalUnsupported
+
+HEADER: Final = struct.Struct("<II")
+HEADER_BYTES: Final = HEADER.size
+MAX_RECORD_BYTES: Final = 1 << 20
+"""Largest body accepted; a stored response is at most 64 KiB, so this is generous."""
+
+SEGMENT_MAGIC: Final = b"TOLLWAY-WAL\x00\x00\x00\x00\x01"
+"""First 16 bytes of every segment file: a name and the format version (1)."""
+
+
+class _Envelope(msgspec.Struct, frozen=True):
+    schema_version: int
+    event_type: str
+    wal_sequence: int
+    timestamp_ms: int
+    billing_entry_id: str
+    correlation_id: str
+    payload: msgspec.Raw
+
+
+def _record_type(cls: type[ev.Payload]) -> type[msgspec.Struct]:
+    """A struct for the whole body of one event type, so one native call decodes a record."""
+    return msgspec.defstruct(
+        f"Record_{cls.EVENT_TYPE}",
+        [
+            ("schema_version", int),
+            ("wal_sequence", int),
+            ("timestamp_ms", int),
+            ("billing_entry_id", str),
+            ("correlation_id", str),
+            ("payload", cls),
+        ],
+        tag_field="event_type",
+        tag=cls.EVENT_TYPE,
+        frozen=True,
+    )
+
+
+_ENVELOPE_DECODER: Final = msgspec.json.Decoder(_Envelope)
+# strict=False turns the canonical decimal strings of money fields back into ints.
+_PAYLOAD_DECODERS: Final[dict[str, msgspec.json.Decoder[Any]]] = {
+    name: msgspec.json.Decoder(cls, strict=False) for name, cls in ev.PAYLOAD_BY_TYPE.items()
+}
+_RECORD_DECODER: Final[msgspec.json.Decoder[Any]] = msgspec.json.Decoder(
+    typing.Union[tuple(_record_type(cls) for cls in ev.PAYLOAD_TYPES)],  # noqa: UP007
+    strict=False,
+)
+_ENCODER: Final = msgspec.json.Encoder()
+
+
+def _wire_maker(cls: type[ev.Payload]) -> Callable[[ev.Payload], dict[str, Any]]:
+    names = cls.__struct_fields__
+    money = frozenset(cls.MONEY_FIELDS)
+    astuple = msgspec.structs.astuple
+
+    def to_wire(payload: ev.Payload) -> dict[str, Any]:
+        return {
+            name: (str(value) if name in money and value is not None else value)
+            for name, value in zip(names, astuple(payload), strict=True)
+        }
+
+    return to_wire
+
+
+_TO_WIRE: Final = {cls: _wire_maker(cls) for cls in ev.PAYLOAD_TYPES}
+
+
+def encode_body(event: ev.Event) -> bytes:
+    """The JSON body of ``event``."""
+    payload = event.payload
+    return _ENCODER.encode(
+        {
+            "schema_version": ev.BILLING_WAL_SCHEMA_VERSION,
+            "event_type": payload.EVENT_TYPE,
+            "wal_sequence": event.wal_sequence,
+            "timestamp_ms": event.timestamp_ms,
+            "billing_entry_id": event.billing_entry_id,
+            "correlation_id": event.correlation_id,
+            "payload": _TO_WIRE[type(payload)](payload),
+        }
+    )
+
+
+def frame(body: bytes) -> bytes:
+    """Frame a body: CRC-32 over length and body, length, body."""
+    length = len(body).to_bytes(4, "little")
+    return zlib.crc32(body, zlib.crc32(length)).to_bytes(4, "little") + length + body
+
+
+def encode(event: ev.Event) -> bytes:
+    """The complete framed record of ``event``."""
+    return frame(encode_body(event))
+
+
+def decode_body(body: bytes | memoryview) -> ev.Event:
+    """Decode a checksum-verified body. Unknown event types decode to :class:`ev.Unknown`."""
+    try:
+        rec = _RECORD_DECODER.decode(body)
+    except msgspec.ValidationError:
+        return _decode_slowly(body)  # an unknown type or a newer schema: find out which
+    if rec.schema_version > ev.BILLING_WAL_SCHEMA_VERSION:
+        return _decode_slowly(body)
+    return ev.Event(rec.wal_sequence, rec.timestamp_ms, rec.billing_entry_id, rec.correlation_id, rec.payload)
+
+
+def _decode_slowly(body: bytes | memoryview) -> ev.Event:
+    env = _ENVELOPE_DECODER.decode(body)
+    if env.schema_version > ev.BILLING_WAL_SCHEMA_VERSION:
+        raise WalUnsupported(
+            f"record {env.wal_sequence} has schema_version {env.schema_version}; "
+            f"this reader knows up to {ev.BILLING_WAL_SCHEMA_VERSION}"
+        )
+    decoder = _PAYLOAD_DECODERS.get(env.event_type)
+    payload = ev.Unknown(env.event_type) if decoder is None else decoder.decode(env.payload)
+    return ev.Event(env.wal_sequence, env.timestamp_ms, env.billing_entry_id, env.correlation_id, payload)
+
+
+def payload_json(body: bytes | memoryview) -> dict[str, Any]:
+    """The body as plain JSON data, for inspection tools."""
+    result: dict[str, Any] = msgspec.json.decode(body)
+    return result
+
+
+class Stop(enum.Enum):
+    """Why :func:`scan` stopped before the end of the buffer."""
+
+    SHORT_HEADER = "incomplete record header"
+    SHORT_BODY = "record body runs past the end of the segment"
+    BAD_LENGTH = "record length out of range"
+    BAD_CHECKSUM = "checksum mismatch"
+    BAD_BODY = "record body does not decode"
+    BAD_SEQUENCE = "sequence is not the previous one plus one"
+
+
+@dataclass(frozen=True, slots=True)
+class ScanEnd:
+    """Where a scan ended: ``stop`` is None when it consumed the whole buffer."""
+
+    offset: int
+    stop: Stop | None
+    detail: str = ""
+
+
+def scan(
+    buf: bytes | memoryview, start: int, expected_seq: int | None, end_box: list[ScanEnd]
+) -> Iterator[tuple[int, ev.Event]]:
+    """Yield ``(offset, event)`` for each valid record from ``start``.
+
+    When it stops it appends one :class:`ScanEnd` to ``end_box``, saying where the last valid
+    record ended and, if it stopped early, why. ``expected_seq`` (when given) is the sequence
+    the first record must carry; each next one must be one more.
+    """
+    view = memoryview(buf)
+    size = len(view)
+    offset = start
+    crc32 = zlib.crc32
+    while offset < size:
+        if size - offset < HEADER_BYTES:
+            end_box.append(ScanEnd(offset, Stop.SHORT_HEADER))
+            return
+        crc, length = HEADER.unpack_from(view, offset)
+        if length == 0 or length > MAX_RECORD_BYTES:
+            end_box.append(ScanEnd(offset, Stop.BAD_LENGTH, f"length {length}"))
+            return
+        body_start = offset + HEADER_BYTES
+        if body_start + length > size:
+            end_box.append(ScanEnd(offset, Stop.SHORT_BODY, f"needs {length} bytes, {size - body_start} left"))
+            return
+        if crc32(view[offset + 4 : body_start + length]) != crc:
+            end_box.append(ScanEnd(offset, Stop.BAD_CHECKSUM))
+            return
+        try:
+            event = decode_body(view[body_start : body_start + length])
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            end_box.append(ScanEnd(offset, Stop.BAD_BODY, str(exc)))
+            return
+        if expected_seq is not None and event.wal_sequence != expected_seq:
+            end_box.append(ScanEnd(offset, Stop.BAD_SEQUENCE, f"expected {expected_seq}, found {event.wal_sequence}"))
+            return
+        yield offset, event
+        expected_seq = event.wal_sequence + 1
+        offset = body_start + length
+    end_box.append(ScanEnd(offset, None))

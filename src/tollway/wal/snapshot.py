@@ -1,0 +1,130 @@
+"""Atomic, checksummed snapshots of the engine state.
+
+A snapshot file ``snapshot-<sequence, 20 digits>.snap`` in ``<data_dir>/snapshots/`` is::
+
+    offset 0    16 bytes            SNAPSHOT_MAGIC (name and format version)
+    offset 16   u64 little-endian   the WAL sequence the state includes
+    offset 24   u64 little-endian   body length N
+    offset 32   u32 little-endian   CRC-32 of bytes 0..31 followed by the body
+    offset 36   N bytes             msgpack of :class:`tollway.core.state.Snapshot`
+
+It is written to a temporary name, fsynced, renamed into place and the directory fsynced,
+so a reader sees a whole snapshot or none. Recovery takes the newest snapshot whose checksum
+holds and replays the WAL after it; a damaged snapshot is skipped, never trusted. Snapshots
+are a cache of the WAL, so old ones are deleted; WAL segments never are.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import msgspec
+
+from tollway.core.state import Snapshot, State
+
+SNAPSHOT_MAGIC: Final = b"TOLLWAY-SNAP\x00\x00\x00\x01"
+_HEADER: Final = struct.Struct("<16sQQ")
+_NAME_RE: Final = re.compile(r"snapshot-(\d{20})\.snap")
+_ENCODER: Final = msgspec.msgpack.Encoder()
+_DECODER: Final = msgspec.msgpack.Decoder(Snapshot)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedSnapshot:
+    """A snapshot that passed its checks, and the files that did not."""
+
+    state: State
+    sequence: int
+    path: Path | None
+    skipped: tuple[str, ...]
+
+
+def snapshot_name(sequence: int) -> str:
+    """File name of the snapshot at ``sequence``."""
+    return f"snapshot-{sequence:020d}.snap"
+
+
+def encode_snapshot(state: State) -> bytes:
+    """The complete snapshot file contents for ``state`` at its current sequence."""
+    body = _ENCODER.encode(state.to_snapshot())
+    header = _HEADER.pack(SNAPSHOT_MAGIC, state.last_sequence, len(body))
+    crc = zlib.crc32(body, zlib.crc32(header))
+    return header + crc.to_bytes(4, "little") + body
+
+
+def decode_snapshot(data: bytes) -> tuple[int, Snapshot]:
+    """Check and decode a snapshot file; raises ``ValueError`` when it is not sound."""
+    if len(data) < _HEADER.size + 4:
+        raise ValueError("shorter than its header")
+    magic, sequence, length = _HEADER.unpack_from(data)
+    if magic != SNAPSHOT_MAGIC:
+        raise ValueError("not a tollway snapshot")
+    body = memoryview(data)[_HEADER.size + 4 :]
+    if len(body) != length:
+        raise ValueError(f"body is {len(body)} bytes, header says {length}")
+    crc = int.from_bytes(data[_HEADER.size : _HEADER.size + 4], "little")
+    if zlib.crc32(body, zlib.crc32(data[: _HEADER.size])) != crc:
+        raise ValueError("checksum mismatch")
+    snap = _DECODER.decode(body)
+    if snap.last_sequence != sequence:
+        raise ValueError("sequence in body differs from header")
+    return sequence, snap
+
+
+def fsync_dir(path: Path) -> None:
+    """Fsync a directory so a create, rename or delete in it is durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_snapshot(snap_dir: Path, sequence: int, data: bytes, *, keep: int, durable: bool = True) -> Path:
+    """Write ``data`` atomically as the snapshot at ``sequence``; keep the newest ``keep``."""
+    final = snap_dir / snapshot_name(sequence)
+    tmp = snap_dir / f".{final.name}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    tmp.replace(final)
+    for old in list_snapshots(snap_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    if durable:
+        fsync_dir(snap_dir)
+    return final
+
+
+def list_snapshots(snap_dir: Path) -> list[Path]:
+    """Snapshot files, oldest first."""
+    if not snap_dir.is_dir():
+        return []
+    return sorted(path for path in snap_dir.iterdir() if _NAME_RE.fullmatch(path.name))
+
+
+def load_newest(snap_dir: Path, *, max_sequence: int | None = None) -> LoadedSnapshot:
+    """The newest sound snapshot (at most ``max_sequence``), or an empty state."""
+    skipped: list[str] = []
+    for path in reversed(list_snapshots(snap_dir)):
+        try:
+            sequence, snap = decode_snapshot(path.read_bytes())
+        except (ValueError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            skipped.append(f"{path.name}: {exc}")
+            continue
+        if max_sequence is not None and sequence > max_sequence:
+            skipped.append(f"{path.name}: sequence {sequence} is beyond the end of the WAL ({max_sequence})")
+            continue
+        return LoadedSnapshot(State.from_snapshot(snap), sequence, path, tuple(skipped))
+    return LoadedSnapshot(State(), 0, None, tuple(skipped))

@@ -1,0 +1,36 @@
+"""Shared fixtures: a fake clock and an engine on a real data directory (real files, real fsync)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tollway import Engine, Settings
+from tollway.testing import FakeClock, RecordingObserver
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A clock that only moves when a test moves it."""
+    return FakeClock()
+
+
+@pytest.fixture
+def observer() -> RecordingObserver:
+    """An observer that remembers what the engine reported."""
+    return RecordingObserver()
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Default settings on a fresh data directory, durability on."""
+    return Settings(data_dir=tmp_path / "data")
+
+
+@pytest.fixture
+async def engine(settings: Settings, clock: FakeClock, observer: RecordingObserver) -> AsyncIterator[Engine]:
+    """A running engine over ``settings``; closed after the test."""
+    async with Engine.open(settings=settings, clock=clock, observer=observer) as running:
+        yield running
