@@ -36,7 +36,7 @@ from typing import TypeVar
 from tollway.config import Durability, Settings
 from tollway.core import commands as cmd
 from tollway.core.commands import Refusal
-from tollway.core.decide import Replay, Write, decide
+from tollway.core.decide import Replay, Write, decide, outcome
 from tollway.core.errors import EngineStopped, TollwayError, WalIOFailure
 from tollway.core.events import Event
 from tollway.core.ids import UlidGenerator
@@ -178,6 +178,24 @@ class Engine:
             self._snap_io.shutdown(wait=True)
             self._lock.release()
 
+    async def abort(self) -> None:
+        """Stop at once, as a crash would: no final snapshot, nothing pending is written.
+
+        Everything already acknowledged is on disk, so reopening recovers it; callers still
+        waiting get :class:`EngineStopped`. Used after a fatal error and by crash tests.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        stopped = EngineStopped("the engine was aborted")
+        if not self._pending.durable.done():
+            self._pending.durable.set_exception(stopped)
+            self._pending.durable.exception()
+        self._io.shutdown(wait=True)  # an in-flight write finishes or fails; no new one starts
+        self._snap_io.shutdown(wait=True)
+        await asyncio.to_thread(self._writer.close)
+        self._lock.release()
+
     @property
     def durable_sequence(self) -> int:
         """The highest sequence known to be on disk."""
@@ -236,30 +254,13 @@ class Engine:
         except TollwayError as exc:  # an invariant broke inside apply: state is suspect
             self._fail(exc)
             raise
-        return batch, self._outcome(decision, command, batch.last_seq)
-
-    def _outcome(self, decision: Write, command: cmd.Command, seq: int) -> cmd.Outcome:
-        if isinstance(command, cmd.Credit):
-            return cmd.CreditResult(
-                command.account_id,
-                command.credit_id,
-                command.kind,
-                command.amount_micro,
-                seq,
-                self.balance(command.account_id),
-            )
-        if isinstance(command, cmd.Note):
-            return cmd.NoteResult(seq)
-        entry = self.state.entries[decision.billing_entry_id]
-        return cmd.EntryResult(
-            entry, created=decision.created, response_json=self.state.responses.get(entry.billing_entry_id)
-        )
+        return batch, outcome(self.state, decision, command)
 
     # -- group commit ----------------------------------------------------------------------
 
     def _kick(self) -> None:
         """Start writing the pending batch unless a write is already in flight."""
-        if self._inflight is not None or not self._pending.chunks or self._failure is not None:
+        if self._inflight is not None or not self._pending.chunks or self._failure is not None or self._closed:
             return
         batch = self._inflight = self._pending
         self._pending = _Batch(self._loop)

@@ -1,7 +1,7 @@
 """Fakes shipped with tollway for tests (yours and ours).
 
-A clock, an observer that records, and an in-memory log that folds events exactly like the
-engine does.
+A clock, an observer that records, and :class:`MemoryEngine`: the engine's decide → apply
+path with the log kept in a list instead of on disk, for fast tests of billing logic.
 
 They replace only what is pure or observational. Nothing here imitates the WAL's files or
 Redis: tests of those use the real things.
@@ -12,9 +12,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from tollway.core import commands as cmd
+from tollway.core.decide import Replay, decide, outcome
 from tollway.core.events import Event
+from tollway.core.ids import UlidGenerator
 from tollway.core.ledger import Ledger
 from tollway.core.state import State, Transition
+from tollway.core.validate import validate
 
 
 class FakeClock:
@@ -66,23 +70,45 @@ class RecordingObserver:
         self.recoveries.append((events, from_snapshot))
 
 
-@dataclass
-class MemoryLog:
-    """Events kept in a list, folded into a :class:`State` and a :class:`Ledger`."""
+class MemoryEngine:
+    """The engine's decision path, synchronous, with the log in memory. Nothing is durable."""
 
-    events: list[Event] = field(default_factory=list)
+    def __init__(self, policy: cmd.Policy | None = None, clock: FakeClock | None = None, seed: int = 0) -> None:
+        self.policy = policy or cmd.Policy()
+        self.clock = clock or FakeClock()
+        self.state = State()
+        self.events: list[Event] = []
+        self._ids = UlidGenerator(self.clock, lambda: seed)
 
-    def extend(self, events: Iterable[Event]) -> None:
-        """Append events (as an engine listener would receive them)."""
-        self.events.extend(events)
+    def execute(self, command: cmd.Command) -> cmd.Outcome:
+        """Validate, decide and apply ``command``; the same answers the real engine gives."""
+        validate(command)
+        now_ms = self.clock()
+        decision = decide(self.state, command, now_ms, self.policy, self._ids.new)
+        if isinstance(decision, cmd.Refusal):
+            return decision
+        if isinstance(decision, Replay):
+            return decision.outcome
+        for payload in decision.payloads:
+            event = Event(
+                self.state.last_sequence + 1, now_ms, decision.billing_entry_id, decision.correlation_id, payload
+            )
+            self.state.apply(event)
+            self.events.append(event)
+        return outcome(self.state, decision, command)
 
     def fold(self) -> State:
-        """The state these events produce."""
-        state = State()
-        for event in self.events:
-            state.apply(event)
-        return state
+        """A fresh fold of the log: what a replay after a crash would rebuild."""
+        return fold(self.events)
 
     def ledger(self) -> Ledger:
-        """The ledger these events produce."""
+        """The ledger the log produces."""
         return Ledger().post_all(self.events)
+
+
+def fold(events: Iterable[Event]) -> State:
+    """The state a sequence of events produces."""
+    state = State()
+    for event in events:
+        state.apply(event)
+    return state

@@ -23,7 +23,7 @@ from tollway.core import events as ev
 from tollway.core.commands import Policy, Refusal, RefusalCode
 from tollway.core.lifecycle import EntryState, can_transition
 from tollway.core.money import INT64_MAX, MICRO_PER_USD, Rounding, micro_to_cu
-from tollway.core.state import Entry, State, credit_fingerprint, request_key
+from tollway.core.state import Account, Entry, State, credit_fingerprint, request_key
 
 S = EntryState
 
@@ -71,6 +71,20 @@ def decide(state: State, command: cmd.Command, now_ms: int, policy: Policy, new_
             return _credit(state, command, policy, new_id)
         case cmd.Note():
             return Write(new_id(), (command.payload,), command.correlation_id)
+
+
+def outcome(state: State, write: Write, command: cmd.Command) -> cmd.Outcome:
+    """The answer to ``command`` once its ``write`` has been applied to ``state``."""
+    if isinstance(command, cmd.Credit):
+        account = state.account(command.account_id)
+        balance = Account(account.available_micro, account.held_micro, account.charged_micro, account.unsettled_micro)
+        return cmd.CreditResult(
+            command.account_id, command.credit_id, command.kind, command.amount_micro, state.last_sequence, balance
+        )
+    if isinstance(command, cmd.Note):
+        return cmd.NoteResult(state.last_sequence)
+    entry = state.entries[write.billing_entry_id]
+    return cmd.EntryResult(entry, created=write.created, response_json=state.responses.get(entry.billing_entry_id))
 
 
 # -- helpers -------------------------------------------------------------------------------

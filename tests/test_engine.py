@@ -1,0 +1,220 @@
+"""The engine's concurrency, group commit, durability ordering, sweeper and restarts (SPEC §2, §4–6)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tollway import (
+    Commit,
+    Credit,
+    CreditKind,
+    Engine,
+    EngineStopped,
+    EntryResult,
+    EntryState,
+    Refusal,
+    RefusalCode,
+    Reserve,
+    Settings,
+)
+from tollway.config import Durability
+from tollway.core.commands import Release
+from tollway.core.ledger import Ledger, check_invariants
+from tollway.testing import FakeClock, RecordingObserver
+from tollway.wal.segments import iter_events
+
+
+async def mint(engine: Engine, account: str, amount: int, credit_id: str = "mint-1") -> None:
+    result = await engine.execute(Credit(account, credit_id, CreditKind.MINT, amount))
+    assert not isinstance(result, Refusal)
+
+
+def ledger_problems(engine: Engine) -> list[str]:
+    return check_invariants(engine.state, Ledger().post_all(iter_events(engine.settings.wal_dir)))
+
+
+async def test_thousand_concurrent_reserves_exactly_hundred_succeed(engine: Engine) -> None:
+    """1,000 concurrent reserves against funds for exactly 100: 100 holds, available 0, never negative."""
+    await mint(engine, "acct", 100 * 7_000)
+    results = await asyncio.gather(*(engine.execute(Reserve("acct", f"r{i}", 7_000)) for i in range(1_000)))
+    granted = [r for r in results if isinstance(r, EntryResult)]
+    refused = {r.code for r in results if isinstance(r, Refusal)}
+    assert 100 == len(granted)
+    assert {RefusalCode.INSUFFICIENT_FUNDS} == refused
+    balance = engine.balance("acct")
+    assert (0, 700_000) == (balance.available_micro, balance.held_micro)
+    assert [] == ledger_problems(engine)  # the ledger fold checks non-negativity at every sequence
+
+
+async def test_concurrent_records_share_a_sync(engine: Engine, observer: RecordingObserver) -> None:
+    """Records pending at the same time are written and synced as one batch."""
+    await mint(engine, "acct", 10**9)
+    observer.batches.clear()
+    await asyncio.gather(*(engine.execute(Reserve("acct", f"r{i}", 10)) for i in range(200)))
+    assert 200 == sum(records for records, _ in observer.batches)
+    assert len(observer.batches) < 20
+
+
+class GatedWrites:
+    """Holds every WAL write until released, to observe what waits for durability."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.gate = threading.Event()
+        original: Callable[[bytes, int], None] = engine._writer.write_batch
+
+        def gated(data: bytes, first_seq: int) -> None:
+            self.gate.wait(timeout=30)
+            original(data, first_seq)
+
+        engine._writer.write_batch = gated  # type: ignore[method-assign]
+
+
+async def settle_loop() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def test_answer_only_after_sync(engine: Engine) -> None:
+    """A command is not answered while its record is not yet on disk, and is once it is."""
+    await mint(engine, "acct", 1_000)
+    gate = GatedWrites(engine)
+    task = asyncio.create_task(engine.execute(Reserve("acct", "r1", 10)))
+    await settle_loop()
+    assert not task.done()
+    assert engine.durable_sequence < engine.state.last_sequence
+    gate.gate.set()
+    result = await task
+    assert isinstance(result, EntryResult)
+    assert engine.state.last_sequence == engine.durable_sequence
+
+
+async def test_replay_waits_for_the_original_to_be_durable(engine: Engine) -> None:
+    """An idempotent repeat is not answered before the event it repeats is durable."""
+    await mint(engine, "acct", 1_000)
+    held = await engine.execute(Reserve("acct", "r1", 10))
+    assert isinstance(held, EntryResult)
+    gate = GatedWrites(engine)
+    first = asyncio.create_task(engine.execute(Commit(held.entry.billing_entry_id, 5)))
+    await settle_loop()
+    repeat = asyncio.create_task(engine.execute(Commit(held.entry.billing_entry_id, 5)))
+    await settle_loop()
+    assert (False, False) == (first.done(), repeat.done())
+    gate.gate.set()
+    original, again = await first, await repeat
+    assert isinstance(original, EntryResult)
+    assert isinstance(again, EntryResult)
+    assert (False, True) == (original.replayed, again.replayed)
+
+
+async def test_reads_wait_for_durability(engine: Engine) -> None:
+    """A balance read never shows money movements that are not yet durable."""
+    await mint(engine, "acct", 1_000)
+    gate = GatedWrites(engine)
+    task = asyncio.create_task(engine.execute(Reserve("acct", "r1", 10)))
+    await settle_loop()
+    read = asyncio.create_task(engine.read_balance("acct"))
+    await settle_loop()
+    assert not read.done()
+    gate.gate.set()
+    await task
+    assert 990 == (await read).available_micro
+
+
+async def test_backpressure_when_batch_is_full(settings: Settings, clock: FakeClock) -> None:
+    """With a tiny batch limit every command still completes, in batches no larger than the limit."""
+    observer = RecordingObserver()
+    async with Engine.open(settings=settings.replace(batch_records_max=3), clock=clock, observer=observer) as engine:
+        await mint(engine, "acct", 10**6)
+        results = await asyncio.gather(*(engine.execute(Reserve("acct", f"r{i}", 1)) for i in range(50)))
+        assert all(isinstance(r, EntryResult) for r in results)
+        assert max(records for records, _ in observer.batches) <= 3
+
+
+async def test_sweeper_expires_in_order_with_a_bounded_batch(settings: Settings, clock: FakeClock) -> None:
+    """Due holds expire in (expires_at, id) order, at most sweep_batch_max per tick, funds returned."""
+    async with Engine.open(settings=settings.replace(sweep_batch_max=3), clock=clock) as engine:
+        await mint(engine, "acct", 1_000)
+        ids = []
+        for i, ttl in enumerate([5, 1, 3, 2, 4, 60]):
+            held = await engine.execute(Reserve("acct", f"r{i}", 10, ttl_s=ttl))
+            assert isinstance(held, EntryResult)
+            ids.append(held.entry.billing_entry_id)
+        clock.advance(5_000)
+        assert 3 == await engine.sweep_once()
+        assert 2 == await engine.sweep_once()
+        assert 0 == await engine.sweep_once()
+        expired = [
+            e.billing_entry_id for e in iter_events(settings.wal_dir) if e.event_type == "billing_reserve_expired"
+        ]
+        assert [ids[1], ids[3], ids[2], ids[4], ids[0]] == expired
+        assert (990, 10) == (engine.balance("acct").available_micro, engine.balance("acct").held_micro)
+
+
+async def test_sweeper_task_runs_on_its_interval(settings: Settings, clock: FakeClock) -> None:
+    """The background sweeper expires due holds by itself."""
+    async with Engine.open(settings=settings.replace(sweep_interval_ms=1), clock=clock) as engine:
+        await mint(engine, "acct", 100)
+        held = await engine.execute(Reserve("acct", "r", 100, ttl_s=1))
+        assert isinstance(held, EntryResult)
+        clock.advance(1_000)
+        sweeper = asyncio.create_task(engine.run_sweeper())
+        try:
+            for _ in range(500):
+                if engine.state.entries[held.entry.billing_entry_id].state is EntryState.RELEASED:
+                    break
+                await asyncio.sleep(0.001)
+        finally:
+            sweeper.cancel()
+        assert EntryState.RELEASED == engine.state.entries[held.entry.billing_entry_id].state
+
+
+async def test_idempotency_survives_restart(settings: Settings, clock: FakeClock) -> None:
+    """After a restart a duplicate request gets the stored entry and response, not a second hold."""
+    async with Engine.open(settings=settings, clock=clock) as engine:
+        await mint(engine, "acct", 1_000)
+        held = await engine.execute(Reserve("acct", "r1", 100))
+        assert isinstance(held, EntryResult)
+        await engine.execute(Commit(held.entry.billing_entry_id, 60, response_json='{"answer": 42}'))
+    clock.advance(23 * 3_600_000)
+    async with Engine.open(settings=settings, clock=clock) as engine:
+        again = await engine.execute(Reserve("acct", "r1", 100))
+        assert isinstance(again, EntryResult)
+        assert (True, '{"answer": 42}', held.entry.billing_entry_id) == (
+            again.replayed,
+            again.response_json,
+            again.entry.billing_entry_id,
+        )
+        assert 940 == engine.balance("acct").available_micro
+
+
+async def test_durability_none_is_logged_loudly(settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    """Running without fsync says so at warning level."""
+    with caplog.at_level(logging.WARNING, logger="tollway.engine"):
+        async with Engine.open(settings=settings.replace(durability=Durability.NONE)):
+            pass
+    assert any("durability=none" in record.message for record in caplog.records)
+
+
+async def test_closed_engine_refuses_commands(settings: Settings) -> None:
+    """After close, commands raise EngineStopped instead of silently doing nothing."""
+    async with Engine.open(settings=settings) as engine:
+        pass
+    with pytest.raises(EngineStopped):
+        await engine.execute(Release("01ARZ3NDEKTSV4RRFFQ69G5FAV", "user_cancel"))
+
+
+async def test_two_engines_share_a_process(tmp_path: Path, clock: FakeClock) -> None:
+    """No global state: two engines (shards) on two data directories run side by side."""
+    async with (
+        Engine.open(tmp_path / "shard-a", clock=clock) as shard_a,
+        Engine.open(tmp_path / "shard-b", clock=clock) as shard_b,
+    ):
+        await mint(shard_a, "acct", 10)
+        await mint(shard_b, "acct", 20)
+        assert (10, 20) == (shard_a.balance("acct").available_micro, shard_b.balance("acct").available_micro)

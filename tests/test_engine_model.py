@@ -1,0 +1,293 @@
+"""The engine against a small reference model, with crash-and-replay steps (Hypothesis stateful).
+
+Each step drives the real engine (real WAL files, real fsync, tiny segments and frequent
+snapshots so rotation and snapshot recovery happen often) and the model side by side, then
+checks every ledger invariant and that the engine agrees with the model. Crash steps abandon
+the engine without a clean close and reopen the data directory from disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from collections import defaultdict
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    initialize,
+    invariant,
+    multiple,
+    precondition,
+    rule,
+)
+
+from tollway import Engine, Settings
+from tollway.config import Durability
+from tollway.core import commands as cmd
+from tollway.core.commands import CreditKind, EntryResult, Refusal, RefusalCode
+from tollway.core.ledger import Ledger, check_invariants
+from tollway.core.lifecycle import EntryState
+from tollway.testing import FakeClock
+from tollway.wal.segments import iter_events
+
+S = EntryState
+T = TypeVar("T")
+ACCOUNTS = st.sampled_from(["alice", "bob"])
+
+
+@dataclass
+class ModelEntry:
+    account: str
+    request_id: str
+    estimate: int
+    expires_at: int
+    state: EntryState = S.RESERVE_HELD
+    actual: int | None = None
+    charged: int = 0
+
+
+class EngineModel(RuleBasedStateMachine):
+    """Standalone mode: commits land in COMMITTED and may be voided."""
+
+    SETTLEMENT = False
+    entries = Bundle("entries")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.dir = Path(tempfile.mkdtemp(prefix="tollway-model-"))
+        self.clock = FakeClock()
+        self.settings = Settings(
+            data_dir=self.dir,
+            durability=Durability.FSYNC,
+            segment_bytes=4096,
+            snapshot_every_events=7,
+            settlement_url="http://settlement.invalid" if self.SETTLEMENT else None,
+        )
+        self.engine = self.run(Engine.start(self.settings, clock=self.clock))
+        self.available: dict[str, int] = defaultdict(int)
+        self.model: dict[str, ModelEntry] = {}
+        self.keys: dict[tuple[str, str], str] = {}
+        self.credit_seq = 0
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self.loop.run_until_complete(coro)
+
+    def teardown(self) -> None:
+        self.run(self.engine.close())
+        self.loop.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def execute(self, command: cmd.Command) -> cmd.Outcome:
+        return self.run(self.engine.execute(command))
+
+    def held_total(self, account: str) -> int:
+        return sum(e.estimate for e in self.model.values() if e.account == account and e.state is S.RESERVE_HELD)
+
+    # -- rules -----------------------------------------------------------------------------
+
+    @initialize(amount=st.integers(0, 40_000))
+    def fund_both(self, amount: int) -> None:
+        for account in ("alice", "bob"):
+            self.execute(cmd.Credit(account, "initial", CreditKind.MINT, amount + 1))
+            self.available[account] += amount + 1
+
+    @rule(account=ACCOUNTS, amount=st.integers(1, 20_000), repeat=st.booleans())
+    def mint(self, account: str, amount: int, repeat: bool) -> None:
+        if not repeat or self.credit_seq == 0:
+            self.credit_seq += 1
+        credit_id = f"mint-{account}-{self.credit_seq}"
+        result = self.execute(cmd.Credit(account, credit_id, CreditKind.MINT, amount))
+        if isinstance(result, Refusal):  # a repeat with another amount reuses the key
+            assert RefusalCode.IDEMPOTENCY_KEY_REUSED == result.code
+            return
+        assert isinstance(result, cmd.CreditResult)
+        if not result.replayed:
+            self.available[account] += amount
+
+    @rule(
+        target=entries,
+        account=ACCOUNTS,
+        key=st.integers(0, 12),
+        estimate=st.integers(0, 6_000),
+        ttl_s=st.integers(1, 30),
+    )
+    def reserve(self, account: str, key: int, estimate: int, ttl_s: int) -> object:
+        request_id = f"req-{key}"
+        result = self.execute(cmd.Reserve(account, request_id, estimate, ttl_s=ttl_s))
+        existing = self.keys.get((account, request_id))
+        if existing is not None:
+            entry = self.model[existing]
+            if entry.estimate != estimate:
+                assert isinstance(result, Refusal)
+                assert RefusalCode.IDEMPOTENCY_KEY_REUSED == result.code
+            elif entry.state is S.RESERVE_HELD:
+                assert isinstance(result, Refusal)
+                assert RefusalCode.REQUEST_IN_PROGRESS == result.code
+            else:
+                assert isinstance(result, EntryResult)
+                assert (True, existing) == (result.replayed, result.entry.billing_entry_id)
+            return multiple()
+        if estimate > self.available[account]:
+            assert isinstance(result, Refusal)
+            assert RefusalCode.INSUFFICIENT_FUNDS == result.code
+            return multiple()
+        assert isinstance(result, EntryResult)
+        entry_id = result.entry.billing_entry_id
+        self.model[entry_id] = ModelEntry(account, request_id, estimate, self.clock.now + ttl_s * 1000)
+        self.keys[(account, request_id)] = entry_id
+        self.available[account] -= estimate
+        return entry_id
+
+    @rule(entry_id=entries, actual=st.integers(0, 10_000))
+    def commit(self, entry_id: str, actual: int) -> None:
+        entry = self.model[entry_id]
+        result = self.execute(cmd.Commit(entry_id, actual))
+        if entry.state is S.RESERVE_HELD and self.clock.now < entry.expires_at:
+            assert isinstance(result, EntryResult)
+            excess = max(0, actual - entry.estimate)
+            charged = min(actual, entry.estimate) + min(excess, self.available[entry.account])
+            self.available[entry.account] += entry.estimate - charged
+            entry.state = S.FINALIZE_PENDING if self.SETTLEMENT else S.COMMITTED
+            entry.actual, entry.charged = actual, charged
+            assert (entry.state, charged, actual - charged) == (
+                result.entry.state,
+                result.entry.charged_micro,
+                result.entry.uncollected_micro,
+            )
+        elif entry.actual == actual:
+            assert isinstance(result, EntryResult)
+            assert result.replayed
+        else:
+            assert isinstance(result, Refusal)
+            expired = entry.state is S.RESERVE_HELD or (entry.state is S.RELEASED and entry.actual == -1)
+            expected = RefusalCode.RESERVATION_EXPIRED if expired else RefusalCode.INVALID_TRANSITION
+            assert expected == result.code
+
+    @rule(entry_id=entries)
+    def release(self, entry_id: str) -> None:
+        entry = self.model[entry_id]
+        result = self.execute(cmd.Release(entry_id, "pre_stream_failure"))
+        if entry.state is S.RESERVE_HELD and self.clock.now < entry.expires_at:
+            assert isinstance(result, EntryResult)
+            entry.state = S.RELEASED
+            self.available[entry.account] += entry.estimate
+        elif entry.state is S.RELEASED and entry.actual is None:
+            assert isinstance(result, EntryResult)
+            assert result.replayed
+        else:
+            assert isinstance(result, Refusal)
+
+    @rule(ms=st.integers(0, 40_000))
+    def time_passes_and_sweeper_runs(self, ms: int) -> None:
+        self.clock.advance(ms)
+        due = [e for e in self.model.values() if e.state is S.RESERVE_HELD and e.expires_at <= self.clock.now]
+        swept = 0
+        while batch := self.run(self.engine.sweep_once()):
+            swept += batch
+        assert len(due) == swept
+        for entry in due:
+            entry.state, entry.actual = S.RELEASED, -1  # -1 marks "released by expiry"
+            self.available[entry.account] += entry.estimate
+
+    @precondition(lambda self: not self.SETTLEMENT)
+    @rule(entry_id=entries)
+    def void(self, entry_id: str) -> None:
+        entry = self.model[entry_id]
+        result = self.execute(cmd.Void(entry_id, "refund", "admin-1"))
+        if entry.state in (S.COMMITTED, S.FINALIZE_FAILED):
+            assert isinstance(result, EntryResult)
+            entry.state = S.VOIDED
+            self.available[entry.account] += entry.charged
+        elif entry.state is S.VOIDED:
+            assert isinstance(result, EntryResult)
+            assert result.replayed
+        else:
+            assert isinstance(result, Refusal)
+            assert RefusalCode.INVALID_TRANSITION == result.code
+
+    @precondition(lambda self: self.SETTLEMENT)
+    @rule(entry_id=entries, ack=st.booleans())
+    def settlement_outcome(self, entry_id: str, ack: bool) -> None:
+        entry = self.model[entry_id]
+        command: cmd.Command = cmd.FinalizeAck(entry_id) if ack else cmd.FinalizeFail(entry_id, "gave up", 5)
+        result = self.execute(command)
+        target = S.FINALIZE_ACKED if ack else S.FINALIZE_FAILED
+        legal = {S.FINALIZE_PENDING} | ({S.FINALIZE_FAILED} if ack else set())
+        if entry.state in legal:
+            assert isinstance(result, EntryResult)
+            entry.state = target
+        elif entry.state is target:
+            assert isinstance(result, EntryResult)
+            assert result.replayed
+        else:
+            assert isinstance(result, Refusal)
+
+    @precondition(lambda self: self.SETTLEMENT)
+    @rule(entry_id=consumes(entries))
+    def admin_voids_failed(self, entry_id: str) -> None:
+        entry = self.model[entry_id]
+        result = self.execute(cmd.Void(entry_id, "written off", "admin-2"))
+        if entry.state is S.FINALIZE_FAILED:
+            assert isinstance(result, EntryResult)
+            entry.state = S.VOIDED
+            self.available[entry.account] += entry.charged
+        else:
+            assert isinstance(result, Refusal) or (isinstance(result, EntryResult) and result.replayed)
+
+    @rule()
+    def crash_and_replay(self) -> None:
+        before = msgspec.msgpack.encode(self.engine.state.to_snapshot())
+        self.run(self.engine.abort())
+        self.engine = self.run(Engine.start(self.settings, clock=self.clock))
+        assert before == msgspec.msgpack.encode(self.engine.state.to_snapshot())
+
+    @rule()
+    def clean_restart(self) -> None:
+        sequence = self.engine.state.last_sequence
+        self.run(self.engine.close())
+        self.engine = self.run(Engine.start(self.settings, clock=self.clock))
+        assert sequence == self.engine.state.last_sequence
+
+    # -- invariants ------------------------------------------------------------------------
+
+    @invariant()
+    def ledger_invariants_hold(self) -> None:
+        ledger = Ledger().post_all(iter_events(self.settings.wal_dir))
+        assert [] == check_invariants(self.engine.state, ledger)
+        assert 0 == ledger.total()
+
+    @invariant()
+    def engine_agrees_with_model(self) -> None:
+        for account in ("alice", "bob"):
+            balance = self.engine.balance(account)
+            assert (self.available[account], self.held_total(account)) == (
+                balance.available_micro,
+                balance.held_micro,
+            )
+            assert balance.available_micro >= 0
+        for entry_id, entry in self.model.items():
+            assert entry.state == self.engine.state.entries[entry_id].state
+
+
+class SettlementEngineModel(EngineModel):
+    """Settlement mode: commits land in FINALIZE_PENDING; acks, failures and admin voids follow."""
+
+    SETTLEMENT = True
+
+
+STATEFUL = settings(max_examples=40, stateful_step_count=40, deadline=None)
+TestEngineModel = EngineModel.TestCase
+TestEngineModel.settings = STATEFUL
+TestSettlementEngineModel = SettlementEngineModel.TestCase
+TestSettlementEngineModel.settings = STATEFUL
