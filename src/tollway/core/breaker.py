@@ -1,0 +1,124 @@
+"""The circuit breaker on settlement calls: pure decisions from ``(breaker, now_ms)``.
+
+::
+
+    CLOSED ──(failure_threshold failures within window_ms)──▶ OPEN
+    OPEN ──(cooldown_ms elapsed)──▶ HALF_OPEN
+    HALF_OPEN ──(the one probe succeeds)──▶ CLOSED
+    HALF_OPEN ──(the probe fails, or has no outcome within probe_timeout_ms)──▶ OPEN (new cooldown)
+
+The breaker is a frozen record; every function returns a new one. The worker asks
+:func:`acquire` before calling settlement, acts, then reports with :func:`record_success` or
+:func:`record_failure`. While OPEN nothing is allowed, so no call is made and no attempt is
+spent. In HALF_OPEN exactly one caller gets the probe; everyone else waits for its outcome.
+The breaker reads no clock: ``now_ms`` is always passed in.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+from typing import Final
+
+FAILURE_THRESHOLD: Final = 5
+FAILURE_WINDOW_MS: Final = 60_000
+COOLDOWN_MS: Final = 30_000
+PROBE_TIMEOUT_MS: Final = 5_000
+
+
+class BreakerState(enum.Enum):
+    """Whether settlement may be called. Values are the metric's numbers."""
+
+    CLOSED = 0  # calls flow; failures are counted
+    OPEN = 1  # no calls until the cooldown ends
+    HALF_OPEN = 2  # one probe call decides
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    """The breaker's limits (SPEC §8 defaults)."""
+
+    failure_threshold: int = FAILURE_THRESHOLD
+    window_ms: int = FAILURE_WINDOW_MS
+    cooldown_ms: int = COOLDOWN_MS
+    probe_timeout_ms: int = PROBE_TIMEOUT_MS
+
+
+@dataclass(frozen=True, slots=True)
+class Breaker:
+    """The breaker at one moment."""
+
+    state: BreakerState = BreakerState.CLOSED
+    failures_ms: tuple[int, ...] = ()  # times of recent failures while CLOSED, oldest first
+    opened_at_ms: int | None = None
+    probe_started_ms: int | None = None  # set while the HALF_OPEN probe is out
+    config: BreakerConfig = BreakerConfig()
+
+
+def observe(breaker: Breaker, now_ms: int) -> Breaker:
+    """The breaker as time has moved it: cooldowns end, overdue probes count as failures."""
+    cfg = breaker.config
+    opened, probe = breaker.opened_at_ms, breaker.probe_started_ms
+    if breaker.state is BreakerState.OPEN and opened is not None and now_ms - opened >= cfg.cooldown_ms:
+        return replace(breaker, state=BreakerState.HALF_OPEN, probe_started_ms=None)
+    if breaker.state is BreakerState.HALF_OPEN and probe is not None and now_ms - probe >= cfg.probe_timeout_ms:
+        return _open(breaker, now_ms)
+    return breaker
+
+
+@dataclass(frozen=True, slots=True)
+class Permit:
+    """The answer to "may I call settlement now?"."""
+
+    allowed: bool
+    probe: bool  # this call is the HALF_OPEN probe
+    breaker: Breaker  # the breaker to keep
+    retry_in_ms: int  # when not allowed: how long until asking again makes sense
+
+
+def acquire(breaker: Breaker, now_ms: int) -> Permit:
+    """Ask to make one settlement call at ``now_ms``."""
+    current = observe(breaker, now_ms)
+    cfg = current.config
+    if current.state is BreakerState.CLOSED:
+        return Permit(True, False, current, 0)
+    if current.state is BreakerState.HALF_OPEN and current.probe_started_ms is None:
+        return Permit(True, True, replace(current, probe_started_ms=now_ms), 0)
+    if current.state is BreakerState.HALF_OPEN:
+        assert current.probe_started_ms is not None
+        wait_ms = cfg.probe_timeout_ms - (now_ms - current.probe_started_ms)
+    else:
+        assert current.opened_at_ms is not None
+        wait_ms = cfg.cooldown_ms - (now_ms - current.opened_at_ms)
+    return Permit(False, False, current, max(1, wait_ms))
+
+
+def record_success(breaker: Breaker, now_ms: int) -> Breaker:
+    """A call succeeded: a probe closes the breaker; in CLOSED nothing changes."""
+    current = observe(breaker, now_ms)
+    if current.state is BreakerState.HALF_OPEN and current.probe_started_ms is not None:
+        return Breaker(config=current.config)
+    return current
+
+
+def record_failure(breaker: Breaker, now_ms: int) -> Breaker:
+    """A call failed (transiently): count it, or re-open after a failed probe."""
+    current = observe(breaker, now_ms)
+    cfg = current.config
+    if current.state is BreakerState.HALF_OPEN and current.probe_started_ms is not None:
+        return _open(current, now_ms)
+    if current.state is not BreakerState.CLOSED:
+        return current  # a late outcome of a call made before the breaker opened
+    recent = (*(t for t in current.failures_ms if now_ms - t < cfg.window_ms), now_ms)
+    if len(recent) >= cfg.failure_threshold:
+        return _open(current, now_ms)
+    return replace(current, failures_ms=recent)
+
+
+def reset(breaker: Breaker) -> Breaker:
+    """Admin reset: CLOSED with no failures counted."""
+    return Breaker(config=breaker.config)
+
+
+def _open(breaker: Breaker, now_ms: int) -> Breaker:
+    return Breaker(BreakerState.OPEN, (), now_ms, None, breaker.config)
