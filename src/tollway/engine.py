@@ -271,11 +271,11 @@ class Engine:
 
     def _written(self, batch: _Batch, future: asyncio.Future[None], size: int, started: float) -> None:
         self._inflight = None
-        if self._failure is not None:  # stopped meanwhile; the waiters already have the error
-            return
         exc = future.exception()
         if exc is not None:
-            self._fail(exc if isinstance(exc, TollwayError) else WalIOFailure(str(exc)))
+            self._fail(exc, batch)
+            return
+        if self._failure is not None:  # stopped meanwhile; this batch's waiters already have the error
             return
         self._durable_seq = batch.last_seq
         batch.durable.set_result(None)
@@ -286,7 +286,8 @@ class Engine:
             listener(batch.events)
         if self._pending.chunks:
             self._kick()
-        self._maybe_snapshot()
+        if not self._closed:
+            self._maybe_snapshot()
 
     async def _wait_durable(self, seq: int) -> None:
         """Return once ``seq`` is on disk."""
@@ -295,13 +296,13 @@ class Engine:
             batch = self._inflight if self._inflight is not None and seq <= self._inflight.last_seq else self._pending
             await asyncio.shield(batch.durable)
 
-    def _fail(self, exc: BaseException) -> None:
+    def _fail(self, exc: BaseException, failed: _Batch | None = None) -> None:
         """Fail-stop: refuse everything from now on and wake every waiter with the error."""
         if self._failure is not None:
             return
         log.critical("engine stopped: %s", exc)
         self._failure = exc if isinstance(exc, TollwayError) else WalIOFailure(str(exc))
-        for batch in (self._inflight, self._pending):
+        for batch in (failed, self._inflight, self._pending):
             if batch is not None and not batch.durable.done():
                 batch.durable.set_exception(self._failure)
                 batch.durable.exception()  # mark retrieved: not every batch has a waiter

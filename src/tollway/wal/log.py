@@ -101,9 +101,14 @@ def recover(wal_dir: Path, after_seq: int, apply: Callable[[Event], object], *, 
         check_start(segment, last_seq + 1)
         _, tail = scan_segment(segment, is_last=index == len(segments) - 1, sink=sink)
         last_seq = tail.last_seq
-        if tail.stop.stop is not None and truncate:
+        if not truncate:
+            continue
+        if tail.stop.stop is not None:
             _cut(segment, tail.valid_end)
             torn = f"cut torn tail of {segment.name} at byte offset {tail.valid_end} ({tail.stop.stop.value})"
+        elif tail.size < len(codec.SEGMENT_MAGIC):  # created by a rotation that crashed mid-header
+            _cut(segment, 0)
+            torn = f"restored the header of {segment.name}, cut short at {tail.size} bytes"
     if last_seq < after_seq:
         raise WalCorrupt(
             f"the log ends at {last_seq}, before the snapshot at {after_seq}", segment=segments[-1].name, offset=0

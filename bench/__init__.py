@@ -1,0 +1,1 @@
+"""Benchmarks of tollway (run them as scripts: ``python bench/engine.py --json``)."""

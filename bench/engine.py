@@ -1,0 +1,695 @@
+"""End-to-end benchmark of the tollway engine, measured against the disk it runs on.
+
+``python bench/engine.py --json`` prints one JSON object; without ``--json`` a table. It measures:
+
+- **load**: ``--concurrency`` asyncio callers doing reserve → commit pairs through
+  :meth:`Engine.execute` against a funded set of accounts, ``durability=fsync``, default
+  settings (so periodic snapshots happen during the load, as in production). Throughput counts
+  the records of the group-commit batches that reached disk inside the measuring window (an
+  observer counts ``wal_batch`` calls); latency is the reserve call as seen by its caller.
+- **recovery**: a data directory holding ``--events-1m`` events (reserve/commit pairs plus the
+  mints that fund them) is built quickly with ``durability=none`` — only the reopen is
+  measured — with the default ``snapshot_every_events``. It is reopened three times: as the
+  engine left it (clean shutdown: a snapshot at the last sequence), as after a crash (the
+  snapshot taken at close removed, so the newest periodic snapshot plus the WAL after it is
+  replayed: this is ``recovery_s_1m``), and with no snapshot at all (``replay_events_per_s``:
+  the whole log replayed by ``Engine.open``).
+- **ceiling**: on the same filesystem, in the same run: small ``os.write`` + ``fdatasync`` in a
+  loop, and plain framed group-commit batches of 128 records without the engine.
+
+Each engine phase runs in a fresh child process (this file with ``--phase``), so one phase's
+heap and garbage-collector state never bleed into another's numbers. The page cache is warm
+for the reopen phases (the files were just written). Nothing here is a hard-coded figure:
+every number is measured by the run that prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import logging
+import math
+import os
+import platform
+import random
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+
+import tollway
+from tollway import Commit, Credit, CreditKind, Durability, Engine, EntryResult, Reserve, Settings
+from tollway.core import events as ev
+from tollway.core.ids import UlidGenerator
+from tollway.core.observer import NoopObserver
+from tollway.wal import codec
+from tollway.wal.snapshot import list_snapshots
+
+TARGETS: Final[dict[str, float]] = {
+    "events_per_s": 50_000,
+    "reserve_p99_ms": 5,
+    "replay_events_per_s": 250_000,
+    "recovery_s_1m": 5,
+}
+PHASES: Final = ("ceiling", "load", "recovery")
+FUNDING_MICRO: Final = 10**12  # per account: far more than any run can spend
+ESTIMATE_MICRO: Final = 20_000
+BUILD_CONCURRENCY: Final = 512
+GROUP_COMMIT_RECORDS: Final = 128
+
+
+class BenchError(RuntimeError):
+    """The benchmark itself went wrong (a refusal, a child that failed): its numbers are void."""
+
+
+# -- the observer ----------------------------------------------------------------------------
+
+
+class CountingObserver(NoopObserver):
+    """Counts group-commit batches, refusals and what recovery reported."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.records = 0
+        self.bytes = 0
+        self.sync_seconds = 0.0
+        self.refusals: dict[str, int] = {}
+        self.recovered_events = 0
+        self.recovery_seconds = 0.0
+        self.from_snapshot = 0
+
+    def refused(self, command: str, code: str) -> None:
+        """Count a refusal; the load must have none."""
+        key = f"{command}:{code}"
+        self.refusals[key] = self.refusals.get(key, 0) + 1
+
+    def wal_batch(self, records: int, size_bytes: int, sync_seconds: float) -> None:
+        """Count one group-commit batch."""
+        self.batches += 1
+        self.records += records
+        self.bytes += size_bytes
+        self.sync_seconds += sync_seconds
+
+    def recovered(self, events: int, seconds: float, from_snapshot: int) -> None:
+        """Remember what startup replayed."""
+        self.recovered_events = events
+        self.recovery_seconds = seconds
+        self.from_snapshot = from_snapshot
+
+    def counters(self) -> tuple[int, int, int, float]:
+        """(batches, records, bytes, sync seconds) so far."""
+        return self.batches, self.records, self.bytes, self.sync_seconds
+
+
+# -- small helpers ---------------------------------------------------------------------------
+
+
+def percentile_us(samples_ns: list[int], pct: float) -> float | None:
+    """Nearest-rank percentile of nanosecond samples, in microseconds."""
+    if not samples_ns:
+        return None
+    ordered = sorted(samples_ns)
+    rank = max(1, math.ceil(pct / 100 * len(ordered)))
+    return round(ordered[rank - 1] / 1000, 1)
+
+
+def account_names(count: int) -> list[str]:
+    return [f"acct-{index:06d}" for index in range(count)]
+
+
+async def fund(engine: Engine, accounts: list[str]) -> None:
+    """Mint ``FUNDING_MICRO`` into every account (setup; not measured)."""
+    results = await asyncio.gather(
+        *(engine.execute(Credit(name, f"fund-{name}", CreditKind.MINT, FUNDING_MICRO)) for name in accounts)
+    )
+    refused = [result for result in results if isinstance(result, tollway.Refusal)]
+    if refused:
+        raise BenchError(f"funding refused: {refused[0]}")
+
+
+async def reserve_commit(engine: Engine, account: str, request_id: str, actual_micro: int) -> int:
+    """One pair; returns the reserve latency in ns. Any refusal voids the run."""
+    started = time.perf_counter_ns()
+    held = await engine.execute(Reserve(account, request_id, ESTIMATE_MICRO))
+    reserve_ns = time.perf_counter_ns() - started
+    if not isinstance(held, EntryResult):
+        raise BenchError(f"reserve refused: {held}")
+    done = await engine.execute(Commit(held.entry.billing_entry_id, actual_micro))
+    if not isinstance(done, EntryResult):
+        raise BenchError(f"commit refused: {done}")
+    return reserve_ns
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+# -- ceiling: what the disk allows, without the engine ---------------------------------------
+
+
+def sample_event() -> ev.Event:
+    """A realistic reserve event, as the load writes them."""
+    now_ms = time.time_ns() // 1_000_000
+    entry_id = UlidGenerator(lambda: now_ms, lambda: random.getrandbits(80)).new()
+    payload = ev.BillingReserve(
+        "acct-000123",
+        "w17-000042",
+        ESTIMATE_MICRO,
+        now_ms + 300_000,
+        ev.RateSnapshot(100, 1_000_000, now_ms),
+        f"reserve:{ESTIMATE_MICRO}:",
+    )
+    return ev.Event(123_456, now_ms, entry_id, "untraced", payload)
+
+
+def fsync_ceiling(directory: Path, seconds: float) -> float:
+    """Appends of one small record, each followed by ``fdatasync``, per second."""
+    fd = os.open(directory / "fsync-probe", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+    record = b"x" * 64
+    count = 0
+    try:
+        started = time.perf_counter()
+        deadline = started + seconds
+        while (now := time.perf_counter()) < deadline or count == 0:
+            write_all(fd, record)
+            os.fdatasync(fd)
+            count += 1
+    finally:
+        os.close(fd)
+    return count / (now - started)
+
+
+def group_commit_ceiling(directory: Path, seconds: float, body: bytes) -> float:
+    """Framed records per second: batches of 128 framed, joined, written and fdatasync'd."""
+    fd = os.open(directory / "group-probe", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+    count = 0
+    try:
+        started = time.perf_counter()
+        deadline = started + seconds
+        while (now := time.perf_counter()) < deadline or count == 0:
+            write_all(fd, b"".join([codec.frame(body) for _ in range(GROUP_COMMIT_RECORDS)]))
+            os.fdatasync(fd)
+            count += GROUP_COMMIT_RECORDS
+    finally:
+        os.close(fd)
+    return count / (now - started)
+
+
+def run_ceiling(directory: Path, seconds: float) -> dict[str, Any]:
+    directory.mkdir(parents=True, exist_ok=True)
+    body = codec.encode_body(sample_event())
+    return {
+        "fsync_per_s": round(fsync_ceiling(directory, seconds)),
+        "group_commit_records_per_s": round(group_commit_ceiling(directory, seconds, body)),
+        "group_commit_batch": GROUP_COMMIT_RECORDS,
+        "record_bytes": len(codec.frame(body)),
+        "seconds_each": seconds,
+    }
+
+
+# -- load: concurrent reserve → commit pairs, durability fsync -------------------------------
+
+
+@dataclass
+class LoadWindow:
+    """What the callers saw while the measuring window was open."""
+
+    measuring: bool = False
+    stop: bool = False
+    pairs: int = 0
+    reserve_ns: list[int] = field(default_factory=list)
+    pair_ns: list[int] = field(default_factory=list)
+
+
+async def load_worker(engine: Engine, worker: int, accounts: list[str], window: LoadWindow) -> None:
+    rng = random.Random(worker)
+    index = 0
+    while not window.stop:
+        measured = window.measuring
+        started = time.perf_counter_ns()
+        reserve_ns = await reserve_commit(
+            engine, rng.choice(accounts), f"w{worker}-{index}", rng.randrange(1_000, ESTIMATE_MICRO + 1)
+        )
+        index += 1
+        if measured:
+            window.reserve_ns.append(reserve_ns)
+        if window.measuring:
+            window.pairs += 1
+            window.pair_ns.append(time.perf_counter_ns() - started)
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """How the load phase runs."""
+
+    seconds: float
+    warmup_s: float
+    concurrency: int
+    accounts: int
+    durability: Durability
+
+
+async def run_load(data_dir: Path, plan: LoadPlan) -> dict[str, Any]:
+    observer = CountingObserver()
+    settings = Settings(data_dir=data_dir, durability=plan.durability)
+    names = account_names(plan.accounts)
+    seconds, warmup_s, concurrency = plan.seconds, plan.warmup_s, plan.concurrency
+    window = LoadWindow()
+    async with Engine.open(settings=settings, observer=observer) as engine:
+        await fund(engine, names)
+        workers = [asyncio.create_task(load_worker(engine, w, names, window)) for w in range(concurrency)]
+        await asyncio.sleep(warmup_s)
+        before, gc_before, t0 = observer.counters(), gc_counts(), time.perf_counter()
+        cpu0, loop_cpu0 = time.process_time(), time.thread_time()
+        window.measuring = True
+        await asyncio.sleep(seconds)
+        window.measuring = False
+        after, gc_after, t1 = observer.counters(), gc_counts(), time.perf_counter()
+        cpu1, loop_cpu1 = time.process_time(), time.thread_time()
+        window.stop = True
+        await asyncio.gather(*workers)
+    if observer.refusals:
+        raise BenchError(f"refusals during the load: {observer.refusals}")
+    elapsed = t1 - t0
+    batches, records = after[0] - before[0], after[1] - before[1]
+    return {
+        "events_per_s": round(records / elapsed),
+        "pairs_per_s": round(window.pairs / elapsed),
+        "reserve_p50_us": percentile_us(window.reserve_ns, 50),
+        "reserve_p99_us": percentile_us(window.reserve_ns, 99),
+        "reserve_max_us": percentile_us(window.reserve_ns, 100),
+        "pair_p50_us": percentile_us(window.pair_ns, 50),
+        "pair_p99_us": percentile_us(window.pair_ns, 99),
+        "batch_avg": round(records / batches, 1) if batches else None,
+        "batches": batches,
+        "batch_sync_ms_avg": round((after[3] - before[3]) / batches * 1000, 3) if batches else None,
+        "loop_cpu_us_per_event": round((loop_cpu1 - loop_cpu0) / records * 1e6, 2) if records else None,
+        "process_cpu_us_per_event": round((cpu1 - cpu0) / records * 1e6, 2) if records else None,
+        "loop_busy": round((loop_cpu1 - loop_cpu0) / elapsed, 3),
+        "wal_bytes_per_event": round((after[2] - before[2]) / records, 1) if records else None,
+        "events": records,
+        "pairs": window.pairs,
+        "window_s": round(elapsed, 3),
+        "warmup_s": warmup_s,
+        "concurrency": concurrency,
+        "accounts": plan.accounts,
+        "durability": plan.durability.value,
+        "gc_collections": [b - a for a, b in zip(gc_before, gc_after, strict=True)],
+    }
+
+
+def gc_counts() -> list[int]:
+    return [generation["collections"] for generation in gc.get_stats()]
+
+
+# -- recovery: build a big data dir fast, then time reopening it -----------------------------
+
+
+def build_plan(events: int, accounts: int) -> tuple[int, int]:
+    """(accounts, pairs) so that mints + 2 × pairs is exactly ``events``."""
+    if events < 10:
+        raise BenchError("--events-1m must be at least 10")
+    funded = max(2, min(accounts, events // 4))
+    if (events - funded) % 2:
+        funded -= 1
+    return funded, (events - funded) // 2
+
+
+async def run_build(data_dir: Path, events: int, accounts: int) -> dict[str, Any]:
+    """Write ``events`` events through the engine with ``durability=none`` and default snapshots."""
+    funded, pairs = build_plan(events, accounts)
+    names = account_names(funded)
+    settings = Settings(data_dir=data_dir, durability=Durability.NONE)
+    started = time.perf_counter()
+    async with Engine.open(settings=settings) as engine:
+        await fund(engine, names)
+        taken = iter(range(pairs))
+
+        async def worker(number: int) -> None:
+            rng = random.Random(number)
+            for index in taken:
+                await reserve_commit(engine, names[index % funded], f"b-{index}", rng.randrange(1_000, ESTIMATE_MICRO))
+
+        await asyncio.gather(*(worker(number) for number in range(BUILD_CONCURRENCY)))
+        written = engine.state.last_sequence
+    if written != events:
+        raise BenchError(f"built {written} events, wanted {events}")
+    return {
+        "events": written,
+        "build_s": round(time.perf_counter() - started, 2),
+        "snapshots": [snapshot_sequence(path) for path in list_snapshots(settings.snapshot_dir)],
+    }
+
+
+def snapshot_sequence(path: Path) -> int:
+    return int(path.name.removeprefix("snapshot-").removesuffix(".snap"))
+
+
+async def run_open(data_dir: Path) -> dict[str, Any]:
+    """Time ``Engine.open`` on ``data_dir`` with production settings (durability fsync)."""
+    observer = CountingObserver()
+    settings = Settings(data_dir=data_dir)
+    started = time.perf_counter()
+    async with Engine.open(settings=settings, observer=observer) as engine:
+        opened = time.perf_counter() - started
+        last = engine.state.last_sequence
+    return {
+        "open_s": round(opened, 3),
+        "recover_s": round(observer.recovery_seconds, 3),
+        "replayed_events": observer.recovered_events,
+        "from_snapshot": observer.from_snapshot,
+        "last_sequence": last,
+    }
+
+
+def drop_close_snapshot(snapshot_dir: Path, last_sequence: int) -> None:
+    """Remove the snapshot ``close()`` wrote at the last sequence, as if the process had crashed."""
+    snapshots = list_snapshots(snapshot_dir)
+    if len(snapshots) > 1 and snapshot_sequence(snapshots[-1]) == last_sequence:
+        snapshots[-1].unlink()
+
+
+def drop_all_snapshots(snapshot_dir: Path) -> None:
+    for path in snapshot_dir.iterdir():
+        path.unlink()
+
+
+# -- child processes -------------------------------------------------------------------------
+
+
+def run_phase(args: argparse.Namespace) -> dict[str, Any]:
+    """Body of a child process: one engine phase."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    data_dir = Path(args.phase_dir)
+    if args.phase == "load":
+        plan = LoadPlan(args.seconds, args.warmup, args.concurrency, args.accounts, Durability(args.durability))
+        return asyncio.run(run_load(data_dir, plan))
+    if args.phase == "build":
+        return asyncio.run(run_build(data_dir, args.events_1m, args.accounts))
+    if args.phase == "open":
+        return asyncio.run(run_open(data_dir))
+    raise BenchError(f"unknown phase {args.phase}")
+
+
+def child(phase: str, data_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Run one phase in a fresh interpreter and return its JSON result."""
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--phase",
+        phase,
+        "--phase-dir",
+        str(data_dir),
+        "--seconds",
+        str(args.seconds),
+        "--warmup",
+        str(args.warmup),
+        "--concurrency",
+        str(args.concurrency),
+        "--accounts",
+        str(args.accounts),
+        "--events-1m",
+        str(args.events_1m),
+        "--durability",
+        args.durability,
+    ]
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
+    if done.returncode != 0:
+        raise BenchError(f"phase {phase} failed with exit status {done.returncode}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+def measure_recovery(root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    data_dir = root / "recovery"
+    built = child("build", data_dir, args)
+    clean = child("open", data_dir, args)
+    drop_close_snapshot(Settings(data_dir=data_dir).snapshot_dir, built["events"])
+    crash = child("open", data_dir, args)
+    drop_all_snapshots(Settings(data_dir=data_dir).snapshot_dir)
+    replay = child("open", data_dir, args)
+    if not args.keep:
+        shutil.rmtree(data_dir)
+    return {
+        "events": built["events"],
+        "built_with": "durability=none (only the reopen is measured)",
+        "build_s": built["build_s"],
+        "snapshot_every_events": Settings().snapshot_every_events,
+        "snapshots_after_build": built["snapshots"],
+        "clean_shutdown": clean,
+        "after_crash": crash,
+        "no_snapshot": replay,
+        "replay_events_per_s": round(replay["replayed_events"] / replay["open_s"]) if replay["open_s"] else None,
+    }
+
+
+def run_all(root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    if "ceiling" in args.only:
+        result["ceiling"] = run_ceiling(root / "ceiling", args.ceiling_seconds)
+        if not args.keep:
+            shutil.rmtree(root / "ceiling")
+    if "load" in args.only:
+        result["load"] = child("load", root / "load", args)
+        if not args.keep:
+            shutil.rmtree(root / "load")
+    if "recovery" in args.only:
+        result["recovery"] = measure_recovery(root, args)
+    return result
+
+
+def summary(args: argparse.Namespace, measured: dict[str, Any], data_dir: Path) -> dict[str, Any]:
+    load = measured.get("load", {})
+    recovery = measured.get("recovery", {})
+    out: dict[str, Any] = {
+        "events_per_s": load.get("events_per_s"),
+        "pairs_per_s": load.get("pairs_per_s"),
+        "reserve_p50_us": load.get("reserve_p50_us"),
+        "reserve_p99_us": load.get("reserve_p99_us"),
+        "batch_avg": load.get("batch_avg"),
+        "durability": args.durability,
+        "replay_events_per_s": recovery.get("replay_events_per_s"),
+        "recovery_s_1m": recovery.get("after_crash", {}).get("open_s"),
+        "recovery_s_1m_clean_shutdown": recovery.get("clean_shutdown", {}).get("open_s"),
+        "recovery_events": recovery.get("events"),
+        "ceiling": measured.get("ceiling"),
+        "targets": TARGETS,
+        "meets_targets": meets_targets(load if args.durability == "fsync" else {}, recovery),
+        "load": load or None,
+        "recovery": recovery or None,
+        "machine": machine(data_dir),
+        "command": shlex.join(sys.orig_argv),
+        "options": {
+            "seconds": args.seconds,
+            "warmup": args.warmup,
+            "concurrency": args.concurrency,
+            "accounts": args.accounts,
+            "events_1m": args.events_1m,
+            "quick": args.quick,
+            "only": sorted(args.only),
+        },
+        "notes": NOTES,
+    }
+    return out
+
+
+NOTES: Final = [
+    "recovery_s_1m: Engine.open of a directory built with durability=none (only the reopen is measured), "
+    "after removing the snapshot close() wrote, so the newest periodic snapshot plus the WAL after it is replayed",
+    "replay_events_per_s: the same directory with every snapshot removed; events from the observer's recovered()",
+    "reopen phases run with a warm page cache; each engine phase runs in a fresh child process",
+    "events_per_s counts records of group-commit batches that reached disk inside the measuring window",
+]
+
+
+def meets_targets(load: dict[str, Any], recovery: dict[str, Any]) -> dict[str, bool | None]:
+    def check(value: float | None, ok: bool) -> bool | None:
+        return None if value is None else ok
+
+    events = load.get("events_per_s")
+    p99 = load.get("reserve_p99_us")
+    replay = recovery.get("replay_events_per_s")
+    crash = recovery.get("after_crash", {}).get("open_s")
+    return {
+        "events_per_s": check(events, events is not None and events >= TARGETS["events_per_s"]),
+        "reserve_p99_ms": check(p99, p99 is not None and p99 / 1000 <= TARGETS["reserve_p99_ms"]),
+        "replay_events_per_s": check(replay, replay is not None and replay >= TARGETS["replay_events_per_s"]),
+        "recovery_s_1m": check(crash, crash is not None and crash <= TARGETS["recovery_s_1m"]),
+    }
+
+
+def machine(data_dir: Path) -> dict[str, Any]:
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_model": cpu_model(),
+        "python": platform.python_version(),
+        "python_implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "filesystem": filesystem_type(data_dir),
+        "msgspec": msgspec.__version__,
+        "tollway": tollway_version(),
+    }
+
+
+def tollway_version() -> str | None:
+    with contextlib.suppress(Exception):
+        from importlib.metadata import version  # noqa: PLC0415 - only the report needs it
+
+        return version("tollway")
+    return None
+
+
+def cpu_model() -> str | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or None
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The type of the filesystem holding ``path`` (Linux), from the longest matching mount."""
+    best: tuple[int, str] | None = None
+    resolved = str(path.resolve())
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/mounts").read_text().splitlines():
+            parts = line.split()
+            mount, kind = parts[1], parts[2]
+            inside = resolved == mount or resolved.startswith(mount.rstrip("/") + "/")
+            if inside and (best is None or len(mount) > best[0]):
+                best = (len(mount), kind)
+    return None if best is None else best[1]
+
+
+# -- output ----------------------------------------------------------------------------------
+
+
+def table_rows(out: dict[str, Any]) -> Iterator[tuple[str, str, str, str]]:
+    met = out["meets_targets"]
+    p99 = out["reserve_p99_us"]
+    yield (f"events_per_s ({out['durability']})", fmt(out["events_per_s"]), ">= 50000", verdict(met["events_per_s"]))
+    yield ("pairs_per_s", fmt(out["pairs_per_s"]), "", "")
+    yield (
+        "reserve p50 / p99 (ms)",
+        f"{fmt_ms(out['reserve_p50_us'])} / {fmt_ms(p99)}",
+        "p99 <= 5",
+        verdict(met["reserve_p99_ms"]),
+    )
+    yield ("batch_avg (records)", fmt(out["batch_avg"]), "", "")
+    yield ("replay_events_per_s", fmt(out["replay_events_per_s"]), ">= 250000", verdict(met["replay_events_per_s"]))
+    events = fmt(out["recovery_events"])
+    yield (f"recovery_s ({events} events)", fmt(out["recovery_s_1m"]), "<= 5", verdict(met["recovery_s_1m"]))
+    yield ("  after clean shutdown (s)", fmt(out["recovery_s_1m_clean_shutdown"]), "", "")
+    ceiling = out["ceiling"] or {}
+    yield ("ceiling: fsync_per_s", fmt(ceiling.get("fsync_per_s")), "", "")
+    yield ("ceiling: group_commit_records_per_s", fmt(ceiling.get("group_commit_records_per_s")), "", "")
+
+
+def fmt(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.3f}" if value < 100 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def fmt_ms(value_us: float | None) -> str:
+    return "-" if value_us is None else f"{value_us / 1000:.2f}"
+
+
+def verdict(ok: bool | None) -> str:
+    return "-" if ok is None else ("ok" if ok else "MISS")
+
+
+def print_table(out: dict[str, Any]) -> None:
+    rows = list(table_rows(out))
+    width = max(len(row[0]) for row in rows)
+    print(f"{'measure':<{width}}  {'value':>14}  {'target':>10}  met")
+    for name, value, target, ok in rows:
+        print(f"{name:<{width}}  {value:>14}  {target:>10}  {ok}")
+    facts = out["machine"]
+    print(f"\n{facts['cpu_count']} CPUs ({facts['cpu_model']}), Python {facts['python']}, {facts['filesystem']}")
+    print(f"command: {out['command']}")
+    for note in out["notes"]:
+        print(f"note: {note}")
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Benchmark the tollway engine end to end.")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--seconds", type=float, default=None, help="load duration (default 10; quick 1)")
+    parser.add_argument("--warmup", type=float, default=None, help="load warm-up before measuring (default 2)")
+    parser.add_argument("--concurrency", type=int, default=128, help="concurrent callers (default 128)")
+    parser.add_argument("--accounts", type=int, default=None, help="funded accounts (default 1000; quick 100)")
+    parser.add_argument("--events-1m", type=int, default=None, help="events in the recovery dir (default 1000000)")
+    parser.add_argument("--ceiling-seconds", type=float, default=None, help="each ceiling loop (default 2)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    parser.add_argument(
+        "--durability",
+        choices=[mode.value for mode in Durability],
+        default=Durability.FSYNC.value,
+        help="of the load phase (default fsync; none shows the engine's CPU-only limit)",
+    )
+    parser.add_argument("--data-dir", type=Path, default=None, help="parent of the scratch dirs (default: cwd)")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch data directories")
+    parser.add_argument("--only", action="append", choices=PHASES, help="run only these phases (repeatable)")
+    parser.add_argument("--phase", choices=("load", "build", "open"), help=argparse.SUPPRESS)
+    parser.add_argument("--phase-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.seconds = args.seconds if args.seconds is not None else (1.0 if quick else 10.0)
+    args.warmup = args.warmup if args.warmup is not None else (0.2 if quick else 2.0)
+    args.accounts = args.accounts if args.accounts is not None else (100 if quick else 1000)
+    args.events_1m = args.events_1m if args.events_1m is not None else (20_000 if quick else 1_000_000)
+    args.ceiling_seconds = args.ceiling_seconds if args.ceiling_seconds is not None else (0.25 if quick else 2.0)
+    args.only = set(args.only or PHASES)
+    if args.concurrency < 1 or args.accounts < 1:
+        parser.error("--concurrency and --accounts must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.phase is not None:
+        print(json.dumps(run_phase(args)))
+        return 0
+    parent = args.data_dir if args.data_dir is not None else Path.cwd()
+    parent.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix=".tollway-bench-", dir=parent))
+    try:
+        measured = run_all(root, args)
+        out = summary(args, measured, root)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print_table(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

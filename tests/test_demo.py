@@ -1,0 +1,55 @@
+"""``tollway demo``: a small run ends clean, and its own tally agrees with the audit of the files."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from rich.console import Console
+from typer.testing import CliRunner
+
+from tollway import EntryState, Settings
+from tollway.cli import app
+from tollway.core.ledger import FUNDING
+from tollway.demo import DemoOptions, run_demo
+
+S = EntryState
+
+
+async def test_small_demo_is_clean_and_consistent(tmp_path: Path) -> None:
+    """What the gateways counted (commits, releases, expiries, voids, mints) is what the audit finds on disk."""
+    options = DemoOptions(accounts=4, operations=300, seed=7, gateways=8)
+    console = Console(file=io.StringIO(), width=120)
+    result = await run_demo(Settings(data_dir=tmp_path / "demo"), options, console)
+    tally, states = result.tally, result.audit.entries_by_state
+    assert [] == result.audit.problems
+    assert result.ok
+    assert 300 == tally.operations
+    assert 0 == states[S.RESERVE_HELD]
+    assert tally.committed + tally.charged - tally.voided == states[S.COMMITTED]
+    assert tally.released + result.expired == states[S.RELEASED]
+    assert tally.abandoned == result.expired
+    assert tally.voided == states[S.VOIDED]
+    assert tally.holds + tally.charged == sum(states.values())
+    assert -tally.minted_micro == result.audit.balances_micro[FUNDING]
+    assert ["mint", "traffic", "drain"] == [phase.name for phase in result.phases]
+    assert result.audit.last_sequence == sum(phase.events for phase in result.phases)
+
+
+def test_demo_command_small_run_exits_zero(tmp_path: Path) -> None:
+    """The CLI demo on a new directory prints the report and exits 0 on a clean verdict."""
+    data_dir = tmp_path / "demo"
+    args = ["demo", "--data-dir", str(data_dir), "--accounts", "3", "--operations", "120", "--gateways", "4"]
+    result = CliRunner().invoke(app, args, terminal_width=160)
+    assert 0 == result.exit_code
+    assert "Verdict: CLEAN" in result.output
+    assert "Throughput (measured" in result.output
+    assert (data_dir / "wal").is_dir()
+
+
+def test_demo_refuses_a_directory_with_data(tmp_path: Path) -> None:
+    """The demo never writes into a directory that already holds something: exit 2, one line."""
+    (tmp_path / "precious.txt").write_text("keep me")
+    result = CliRunner().invoke(app, ["demo", "--data-dir", str(tmp_path), "--operations", "10"])
+    assert 2 == result.exit_code
+    assert f"tollway: error: the demo needs an empty data directory; {tmp_path} is not empty\n" == result.stderr
