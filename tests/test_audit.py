@@ -17,7 +17,8 @@ from tollway import (
     Settings,
     Void,
 )
-from tollway.audit import Section, audit, format_usd
+from tollway.audit import Section, audit
+from tollway.core.money import format_usd
 from tollway.core import events as ev
 from tollway.core.ledger import FUNDING, REVENUE, available, held
 from tollway.testing import FakeClock

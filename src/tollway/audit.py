@@ -23,11 +23,8 @@ about Redis, HTTP or the engine.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,12 +33,14 @@ from rich.table import Table
 from rich.text import Text
 
 from tollway.config import Settings
-from tollway.core.errors import InvariantViolation, WalError
+from tollway.core.errors import InvariantViolation
+from tollway.core.events import Event
 from tollway.core.ledger import CREDIT_NOTES, FUNDING, REVENUE, Ledger, check_invariants
 from tollway.core.lifecycle import EntryState
-from tollway.core.money import MICRO_PER_USD
+from tollway.core.money import format_usd
 from tollway.core.state import Snapshot, State
-from tollway.wal.segments import VerifyReport, iter_events, list_segments, verify
+from tollway.wal.replay import gc_paused
+from tollway.wal.segments import VerifyReport, verify
 from tollway.wal.snapshot import LoadedSnapshot, load_newest
 
 SYSTEM_ACCOUNTS = (FUNDING, CREDIT_NOTES, REVENUE)
@@ -49,13 +48,6 @@ USERS_AVAILABLE = "user:*:available"
 USERS_HELD = "user:*:held"
 PROBLEMS_KEPT_MAX = 100
 _DIFF_KEYS_SHOWN = 3
-
-
-def format_usd(amount_micro: int) -> str:
-    """``-$1,234.000500`` from MicroUSD, with integer arithmetic only."""
-    sign = "-" if amount_micro < 0 else ""
-    whole, fraction = divmod(abs(amount_micro), MICRO_PER_USD)
-    return f"{sign}${whole:,}.{fraction:06d}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,33 +112,45 @@ class AuditReport:
         return totals
 
 
-@dataclass
 class _Fold:
-    """The two independent folds of one WAL prefix, and why they stopped early, if they did."""
+    """The two independent folds of the log (ledger and state), fed one event at a time.
 
-    state: State = field(default_factory=State)
-    ledger: Ledger = field(default_factory=Ledger)
-    apply_failure: str | None = None  # the state refused an event: later events were not folded
-    read_failure: str | None = None  # the log could not be read past some point
-    snapshot_problems: list[str] | None = None  # None: the snapshot's sequence was never reached
+    The snapshot, when there is one, is compared with the state at its sequence on the way.
+    """
+
+    def __init__(self, snapshot: LoadedSnapshot | None) -> None:
+        self.state = State()
+        self.ledger = Ledger()
+        self.apply_failure: str | None = None  # the state refused an event: it folded no further
+        self.snapshot_problems: list[str] | None = None  # None: the snapshot's sequence was never reached
+        self._snapshot = snapshot
+        if snapshot is not None and snapshot.sequence == 0:  # a snapshot of the empty state
+            self.snapshot_problems = _snapshot_differences(self.state, snapshot.state.to_snapshot())
+
+    def post(self, event: Event) -> None:
+        """Fold one event into both."""
+        self.ledger.post(event)
+        if self.apply_failure is not None:
+            return
+        try:
+            self.state.apply(event)
+        except InvariantViolation as exc:
+            self.apply_failure = f"seq {event.wal_sequence} ({event.event_type}): {exc}"
+            return
+        snapshot = self._snapshot
+        if snapshot is not None and event.wal_sequence == snapshot.sequence:
+            self.snapshot_problems = _snapshot_differences(self.state, snapshot.state.to_snapshot())
 
 
 def audit(data_dir: Path | str) -> AuditReport:
     """Audit the data directory ``data_dir`` without changing anything in it."""
     layout = Settings(data_dir=Path(data_dir))
-    with _gc_paused():
+    with gc_paused():
         # The snapshot is read before the log, so a live engine cannot make it look newer than the log.
         snapshot = load_newest(layout.snapshot_dir)
-        try:
-            verified = verify(layout.wal_dir)
-        except WalError as exc:  # e.g. a record from a newer schema: nothing past it can be judged
-            verified = VerifyReport(len(list_segments(layout.wal_dir)), 0, 0, None, None)
-            wal = Section("wal", problems=(str(exc),))
-        else:
-            wal = _wal_section(verified)
-        fold = _fold(layout.wal_dir, verified.last_seq, snapshot if snapshot.path is not None else None)
-    if fold.read_failure is not None and wal.ok:
-        wal = Section("wal", (f"the log could not be read to its end: {fold.read_failure}",), wal.notes)
+        fold = _Fold(snapshot if snapshot.path is not None else None)
+        verified = verify(layout.wal_dir, sink=fold.post)  # one pass: check, post and apply
+    wal = _wal_section(verified)
     state = fold.state
     return AuditReport(
         data_dir=Path(data_dir),
@@ -161,46 +165,6 @@ def audit(data_dir: Path | str) -> AuditReport:
         sections=(wal, _conservation_section(fold), _snapshot_section(snapshot, fold, verified.last_seq, wal.ok)),
         state=state,
     )
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector while folding, as engine recovery does.
-
-    A fold builds hundreds of thousands of long-lived, acyclic objects; the collector would
-    rescan them again and again for nothing (measured: 300,000 events audit in 8.2 s with it,
-    3.7 s without).
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-def _fold(wal_dir: Path, last_seq: int, snapshot: LoadedSnapshot | None) -> _Fold:
-    """Fold events 1..``last_seq`` into a ledger and a state; compare with the snapshot on the way."""
-    fold = _Fold()
-    compare_at = -1 if snapshot is None else snapshot.sequence
-    if compare_at == 0 and snapshot is not None:  # a snapshot of the empty state
-        fold.snapshot_problems = _snapshot_differences(fold.state, snapshot.state.to_snapshot())
-    try:
-        for event in iter_events(wal_dir):
-            if event.wal_sequence > last_seq:
-                break  # written after the audit started: not part of what was verified
-            fold.ledger.post(event)
-            try:
-                fold.state.apply(event)
-            except InvariantViolation as exc:
-                fold.apply_failure = f"seq {event.wal_sequence} ({event.event_type}): {exc}"
-                break
-            if event.wal_sequence == compare_at and snapshot is not None:
-                fold.snapshot_problems = _snapshot_differences(fold.state, snapshot.state.to_snapshot())
-    except WalError as exc:
-        fold.read_failure = str(exc)
-    return fold
 
 
 def _wal_section(verified: VerifyReport) -> Section:

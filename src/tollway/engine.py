@@ -45,6 +45,7 @@ from tollway.core.state import Account, Entry, State, Transition
 from tollway.core.validate import validate
 from tollway.wal import codec
 from tollway.wal.log import DirectoryLock, WalWriter, recover
+from tollway.wal.replay import gc_paused
 from tollway.wal.snapshot import encode_snapshot, load_newest, write_snapshot
 
 log = logging.getLogger("tollway.engine")
@@ -389,15 +390,10 @@ def _recover(settings: Settings, observer: Observer) -> tuple[State, WalWriter]:
     recovering, and what was built is moved out of its sight with ``gc.freeze()``.
     """
     started = time.perf_counter()
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with gc_paused():
         loaded = load_newest(settings.snapshot_dir)
         state = loaded.state
         recovery = recover(settings.wal_dir, loaded.sequence, state.apply)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
     gc.freeze()
     for reason in loaded.skipped:
         log.warning("skipped snapshot %s", reason)

@@ -13,8 +13,9 @@ to handle (insufficient funds, an expired hold, a reused idempotency key) are *v
     ├── ConfigError             unknown or invalid setting; a startup error
     ├── WalError                the write-ahead log
     │   ├── WalLocked           another writer holds the WAL directory
-    │   ├── WalCorrupt          a bad record followed by valid ones (fail closed)
-    │   ├── WalUnsupported      a record from a newer schema than this reader knows
+    │   ├── WalRecordProblem    a record that cannot be used, at a segment and byte offset
+    │   │   ├── WalCorrupt      a bad record followed by valid ones (fail closed)
+    │   │   └── WalUnsupported  a record from a newer schema than this reader knows
     │   └── WalIOFailure        an fsync or write failed; the engine has stopped (fail-stop)
     └── EngineStopped           the engine is closed or failed; no command is accepted
 
@@ -56,16 +57,22 @@ class WalLocked(WalError):
     """Another process holds the single-writer lock on the WAL directory."""
 
 
-class WalCorrupt(WalError):
-    """A record that fails its checksum or framing and is not the torn tail."""
+class WalRecordProblem(WalError):
+    """A record that cannot be used; names where it is so an operator can find it."""
 
-    def __init__(self, message: str, *, segment: str, offset: int) -> None:
-        super().__init__(f"{message} (segment {segment}, byte offset {offset})")
+    def __init__(self, message: str, *, segment: str = "?", offset: int = -1) -> None:
+        where = f" (segment {segment}, byte offset {offset})" if offset >= 0 else ""
+        super().__init__(f"{message}{where}")
+        self.reason = message
         self.segment = segment
         self.offset = offset
 
 
-class WalUnsupported(WalError):
+class WalCorrupt(WalRecordProblem):
+    """A record that fails its checksum or framing and is not the torn tail."""
+
+
+class WalUnsupported(WalRecordProblem):
     """A record whose ``schema_version`` is newer than this reader understands."""
 
 

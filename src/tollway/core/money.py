@@ -85,6 +85,13 @@ def format_micro(value: int) -> str:
     return str(check_micro(value))
 
 
+def format_usd(amount_micro: int) -> str:
+    """``-$1,234.000500`` from MicroUSD (any sign), with integer arithmetic only."""
+    sign = "-" if amount_micro < 0 else ""
+    whole, fraction = divmod(abs(amount_micro), MICRO_PER_USD)
+    return f"{sign}${whole:,}.{fraction:06d}"
+
+
 def micro_to_cu(micro: int, credit_units_per_usd: int, rounding: Rounding) -> int:
     """Convert MicroUSD to credit units with an explicit rounding."""
     return div_round(micro * credit_units_per_usd, MICRO_PER_USD, rounding)

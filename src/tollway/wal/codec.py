@@ -161,6 +161,7 @@ class Stop(enum.Enum):
     BAD_CHECKSUM = "checksum mismatch"
     BAD_BODY = "record body does not decode"
     BAD_SEQUENCE = "sequence is not the previous one plus one"
+    UNSUPPORTED = "record from a newer schema version"
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +205,9 @@ def scan(
             event = decode_body(view[body_start : body_start + length])
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             end_box.append(ScanEnd(offset, Stop.BAD_BODY, str(exc)))
+            return
+        except WalUnsupported as exc:
+            end_box.append(ScanEnd(offset, Stop.UNSUPPORTED, exc.reason))
             return
         if expected_seq is not None and event.wal_sequence != expected_seq:
             end_box.append(ScanEnd(offset, Stop.BAD_SEQUENCE, f"expected {expected_seq}, found {event.wal_sequence}"))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from tollway.core.errors import WalCorrupt
+from tollway.core.errors import WalCorrupt, WalRecordProblem, WalUnsupported
 from tollway.core.events import Event
 from tollway.wal import codec
 
@@ -123,6 +123,8 @@ def scan_segment(
         last_seq = event.wal_sequence
     end = box[0]
     tail = Tail(end.offset, last_seq, len(data), end)
+    if end.stop is codec.Stop.UNSUPPORTED:
+        raise WalUnsupported(end.detail, segment=segment.name, offset=end.offset)
     if end.stop is not None:
         corrupt = not is_last or end.stop is codec.Stop.BAD_SEQUENCE or next_valid_record(data, end.offset) is not None
         if corrupt:
@@ -161,7 +163,7 @@ class VerifyReport:
     records: int
     last_seq: int
     torn_tail: str | None  # "segment at offset" of a torn tail that recovery would cut
-    problem: WalCorrupt | None
+    problem: WalRecordProblem | None
 
     @property
     def ok(self) -> bool:
@@ -169,8 +171,12 @@ class VerifyReport:
         return self.problem is None
 
 
-def verify(wal_dir: Path) -> VerifyReport:
-    """Read every segment and check every record, without changing anything."""
+def verify(wal_dir: Path, sink: Callable[[Event], object] | None = None) -> VerifyReport:
+    """Read every segment and check every record, without changing anything.
+
+    With ``sink`` every valid event is also handed to it in order, so a caller that needs to
+    fold the log (the audit) reads it once.
+    """
     segments = list_segments(wal_dir)
     records = 0
     last_seq = 0
@@ -178,14 +184,18 @@ def verify(wal_dir: Path) -> VerifyReport:
     for index, segment in enumerate(segments):
         try:
             check_start(segment, last_seq + 1)
-            found, tail = scan_segment(segment, is_last=index == len(segments) - 1)
-        except WalCorrupt as exc:
+            _, tail = scan_segment(segment, is_last=index == len(segments) - 1, sink=sink or _count)
+        except WalRecordProblem as exc:
             return VerifyReport(len(segments), records, last_seq, torn, exc)
-        records += len(found)
+        records += tail.last_seq - last_seq
         last_seq = tail.last_seq
         if tail.stop.stop is not None:
             torn = f"{segment.name} at byte offset {tail.valid_end} ({tail.stop.stop.value})"
     return VerifyReport(len(segments), records, last_seq, torn, None)
+
+
+def _count(event: Event) -> None:
+    """A sink that keeps nothing: verify only counts."""
 
 
 def check_start(segment: SegmentFile, expected: int) -> None:

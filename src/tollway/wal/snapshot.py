@@ -89,6 +89,8 @@ def fsync_dir(path: Path) -> None:
 def write_snapshot(snap_dir: Path, sequence: int, data: bytes, *, keep: int, durable: bool = True) -> Path:
     """Write ``data`` atomically as the snapshot at ``sequence``; keep the newest ``keep``."""
     final = snap_dir / snapshot_name(sequence)
+    for stale in snap_dir.glob(".snapshot-*.snap.tmp"):  # left by a crash mid-write; never valid
+        stale.unlink(missing_ok=True)
     tmp = snap_dir / f".{final.name}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -120,6 +122,8 @@ def load_newest(snap_dir: Path, *, max_sequence: int | None = None) -> LoadedSna
     for path in reversed(list_snapshots(snap_dir)):
         try:
             sequence, snap = decode_snapshot(path.read_bytes())
+        except FileNotFoundError:  # deleted by the engine's rotation since it was listed
+            continue
         except (ValueError, msgspec.DecodeError, msgspec.ValidationError) as exc:
             skipped.append(f"{path.name}: {exc}")
             continue
