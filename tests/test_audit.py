@@ -18,9 +18,9 @@ from tollway import (
     Void,
 )
 from tollway.audit import Section, audit
-from tollway.core.money import format_usd
 from tollway.core import events as ev
 from tollway.core.ledger import FUNDING, REVENUE, available, held
+from tollway.core.money import format_usd
 from tollway.testing import FakeClock
 from tollway.wal import codec
 from tollway.wal.log import WalWriter
@@ -111,7 +111,7 @@ async def test_void_refunding_more_than_charged_is_named(tmp_path: Path) -> None
     records = [
         *mint_and_hold("acct-1", 1_000, 300),
         (ENTRY_1, ev.BillingCommit("acct-1", 300, 100, 100, 0, "debit_available", False, RATE)),
-        (ENTRY_1, ev.BillingVoid("acct-1", 500, "refund", "admin-1")),
+        (ENTRY_1, ev.BillingVoid("acct-1", 500, "refund", "admin-1", "COMMITTED")),
     ]
     write_log(tmp_path / "wal", records)
     report = audit(tmp_path)

@@ -29,7 +29,7 @@ def test_posting_table_examples() -> None:
     commit = ev.BillingCommit("a", 1_000, 1_300, 1_200, 100, "debit_available", False, rate)
     assert ((held("a"), -1_000), (REVENUE, 1_200), (available("a"), -200)) == postings(commit)
     assert ((FUNDING, -5), (available("a"), 5)) == postings(ev.CreditMint("a", "m", 5))
-    assert () == postings(ev.BillingFinalizeAck("a", 5, "worker", 1))
+    assert () == postings(ev.BillingFinalizeAck("a", 5, "worker", 1, "FINALIZE_PENDING"))
 
 
 def _random_commands(draw: st.DrawFn, engine: MemoryEngine, steps: int) -> None:

@@ -367,9 +367,9 @@ def _settle(state: State, c: cmd.Void | cmd.FinalizeAck | cmd.FinalizeFail) -> D
     if isinstance(c, cmd.Void):
         if not c.reason or not c.admin_id:
             return _invalid("a void needs a reason and an admin_id", "reason")
-        payload = ev.BillingVoid(entry.account_id, entry.charged_micro, c.reason, c.admin_id)
+        payload = ev.BillingVoid(entry.account_id, entry.charged_micro, c.reason, c.admin_id, entry.state.value)
     elif isinstance(c, cmd.FinalizeAck):
-        payload = ev.BillingFinalizeAck(entry.account_id, entry.charged_micro, c.source, c.attempt)
+        payload = ev.BillingFinalizeAck(entry.account_id, entry.charged_micro, c.source, c.attempt, entry.state.value)
     else:
         payload = ev.BillingFinalizeFail(entry.account_id, entry.charged_micro, c.reason, c.attempts)
     return Write(entry.billing_entry_id, (payload,), entry.correlation_id)

@@ -128,6 +128,7 @@ class BillingVoid(Payload, frozen=True):
     charged_micro: int
     reason: str
     admin_id: str
+    from_state: str  # COMMITTED or FINALIZE_FAILED: whether the refund also ends an unsettled charge
 
 
 class BillingFinalizeAck(Payload, frozen=True):
@@ -140,6 +141,7 @@ class BillingFinalizeAck(Payload, frozen=True):
     charged_micro: int
     source: str  # "worker", "admin" or "replay"
     attempt: int
+    from_state: str  # FINALIZE_PENDING or FINALIZE_FAILED (an admin replay of a dead letter)
 
 
 class BillingFinalizeFail(Payload, frozen=True):

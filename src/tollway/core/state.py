@@ -371,6 +371,7 @@ def _charge(state: State, event: ev.Event) -> Transition:
 def _void(state: State, event: ev.Event) -> Transition:
     p: ev.BillingVoid = event.payload  # type: ignore[assignment]
     entry = state._existing(event, S.VOIDED)
+    ensure(entry.state.value == p.from_state, "void from %s recorded as from %s", entry.state, p.from_state)
     account = state._acct(p.account_id)
     account.available_micro += p.charged_micro
     account.charged_micro -= p.charged_micro
@@ -384,7 +385,9 @@ def _void(state: State, event: ev.Event) -> Transition:
 
 
 def _finalize_ack(state: State, event: ev.Event) -> Transition:
+    p: ev.BillingFinalizeAck = event.payload  # type: ignore[assignment]
     entry = state._existing(event, S.FINALIZE_ACKED)
+    ensure(entry.state.value == p.from_state, "ack from %s recorded as from %s", entry.state, p.from_state)
     state._acct(entry.account_id).unsettled_micro -= entry.charged_micro
     new = msgspec.structs.replace(
         entry, state=S.FINALIZE_ACKED, updated_at_ms=event.timestamp_ms, wal_sequence=event.wal_sequence
