@@ -34,3 +34,8 @@ async def engine(settings: Settings, clock: FakeClock, observer: RecordingObserv
     """A running engine over ``settings``; closed after the test."""
     async with Engine.open(settings=settings, clock=clock, observer=observer) as running:
         yield running
+
+
+from tests.redis_fixtures import redis_client, redis_server, redis_url  # noqa: E402
+
+__all__ = ["redis_client", "redis_server", "redis_url"]

@@ -46,7 +46,7 @@ from tollway.core.validate import validate
 from tollway.wal import codec
 from tollway.wal.log import DirectoryLock, WalWriter, recover
 from tollway.wal.replay import gc_paused
-from tollway.wal.snapshot import encode_snapshot, load_newest, write_snapshot
+from tollway.wal.snapshot import decode_snapshot, encode_snapshot, load_newest, write_snapshot
 
 log = logging.getLogger("tollway.engine")
 
@@ -197,6 +197,10 @@ class Engine:
         await asyncio.to_thread(self._writer.close)
         self._lock.release()
 
+    def now_ms(self) -> int:
+        """The engine's clock, for components that must agree with it (lag, rebuild times)."""
+        return self._clock()
+
     @property
     def durable_sequence(self) -> int:
         """The highest sequence known to be on disk."""
@@ -344,6 +348,22 @@ class Engine:
         return self._snapshot_seq
 
     # -- reads -----------------------------------------------------------------------------
+
+    async def wait_durable(self, seq: int) -> None:
+        """Return once the event at ``seq`` (and all before it) is on disk."""
+        await self._wait_durable(seq)
+
+    async def export_state(self) -> State:
+        """A detached copy of the state, consistent at one sequence, once that sequence is durable.
+
+        For rebuilding projections: the copy is encoded in one go on the event loop (so no
+        command lands halfway through it) and decoded in a thread.
+        """
+        self._check_running()
+        seq, data = self.state.last_sequence, encode_snapshot(self.state)
+        await self._wait_durable(seq)
+        loaded = await asyncio.to_thread(decode_snapshot, data)
+        return State.from_snapshot(loaded[1])
 
     def balance(self, account_id: str) -> Account:
         """A copy of the account's balances (zeros for an unknown account)."""

@@ -245,6 +245,50 @@ class State:
         return entry
 
 
+def new_entry(event: ev.Event) -> Entry:
+    """The entry a reserve or a direct charge creates: a pure function of the event."""
+    p = event.payload
+    if isinstance(p, ev.BillingReserve):
+        return Entry(
+            event.billing_entry_id,
+            p.account_id,
+            p.request_id,
+            "reserve",
+            S.RESERVE_HELD,
+            p.estimated_cost_micro,
+            None,
+            0,
+            0,
+            p.expires_at_ms,
+            p.rate,
+            event.correlation_id,
+            event.timestamp_ms,
+            event.timestamp_ms,
+            event.wal_sequence,
+            p.fingerprint,
+        )
+    if isinstance(p, ev.BillingCharge):
+        return Entry(
+            event.billing_entry_id,
+            p.account_id,
+            p.request_id,
+            "charge",
+            S.FINALIZE_PENDING if p.finalize else S.COMMITTED,
+            0,
+            p.requested_micro,
+            p.charged_micro,
+            p.requested_micro - p.charged_micro,
+            None,
+            p.rate,
+            event.correlation_id,
+            event.timestamp_ms,
+            event.timestamp_ms,
+            event.wal_sequence,
+            p.fingerprint,
+        )
+    raise InvariantViolation(f"{event.event_type} does not create an entry")
+
+
 def _reserve(state: State, event: ev.Event) -> Transition:
     p: ev.BillingReserve = event.payload  # type: ignore[assignment]
     ensure(event.billing_entry_id not in state.entries, "duplicate entry %s", event.billing_entry_id)
@@ -254,24 +298,7 @@ def _reserve(state: State, event: ev.Event) -> Transition:
     account.held_micro += p.estimated_cost_micro
     state.requests[request_key(p.account_id, p.request_id)] = event.billing_entry_id
     heapq.heappush(state._expiry_heap, (p.expires_at_ms, event.billing_entry_id))
-    entry = Entry(
-        event.billing_entry_id,
-        p.account_id,
-        p.request_id,
-        "reserve",
-        S.RESERVE_HELD,
-        p.estimated_cost_micro,
-        None,
-        0,
-        0,
-        p.expires_at_ms,
-        p.rate,
-        event.correlation_id,
-        event.timestamp_ms,
-        event.timestamp_ms,
-        event.wal_sequence,
-        p.fingerprint,
-    )
+    entry = new_entry(event)
     return state._move(entry, S.IDLE)
 
 
@@ -338,7 +365,6 @@ def _extend(state: State, event: ev.Event) -> Transition:
 def _charge(state: State, event: ev.Event) -> Transition:
     p: ev.BillingCharge = event.payload  # type: ignore[assignment]
     ensure(event.billing_entry_id not in state.entries, "duplicate entry %s", event.billing_entry_id)
-    target = S.FINALIZE_PENDING if p.finalize else S.COMMITTED
     account = state._acct(p.account_id)
     ensure(account.available_micro >= p.charged_micro, "charge overdraws %s", p.account_id)
     account.available_micro -= p.charged_micro
@@ -347,24 +373,7 @@ def _charge(state: State, event: ev.Event) -> Transition:
     if p.finalize:
         account.unsettled_micro += p.charged_micro
     state.requests[request_key(p.account_id, p.request_id)] = event.billing_entry_id
-    entry = Entry(
-        event.billing_entry_id,
-        p.account_id,
-        p.request_id,
-        "charge",
-        target,
-        0,
-        p.requested_micro,
-        p.charged_micro,
-        p.requested_micro - p.charged_micro,
-        None,
-        p.rate,
-        event.correlation_id,
-        event.timestamp_ms,
-        event.timestamp_ms,
-        event.wal_sequence,
-        p.fingerprint,
-    )
+    entry = new_entry(event)
     return state._move(entry, S.IDLE)
 
 

@@ -1,0 +1,1 @@
+"""Redis: the projection, the finalize queues, and the embedded server."""

@@ -1,0 +1,344 @@
+"""What each WAL event does to the Redis projection: pure functions, no Redis.
+
+:func:`event_ops` turns one event into primitive operations (the opcodes of
+``lua/apply_batch.lua``); :func:`encode_batch` packs many events' operations into the
+script's KEYS and ARGV. The operations are derived from the event alone — its payload
+carries every amount and the state it leaves — so the projector can apply events it reads
+back from the WAL long after the engine has moved on.
+
+:func:`rebuild_commands` describes the whole projection of a state (balances, entries, the
+expiry index, stored responses, and both finalize queues) for a rebuild after Redis lost it.
+
+Amounts are written as canonical decimal strings; balances change only by HINCRBY deltas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Final
+
+from tollway.core import events as ev
+from tollway.core.lifecycle import EntryState
+from tollway.core.state import Entry, State, new_entry
+from tollway.redis.keys import Keys
+
+S = EntryState
+Op = tuple[str, ...]
+"""An opcode followed by its arguments; key arguments are key *names* until encoded."""
+
+_KEY_ARGS: Final = {"I": 1, "C": 1, "H": 1, "Z": 1, "R": 1, "S": 1, "X": 1, "P": 2, "Q": 2}
+"""How many leading arguments of each opcode are keys."""
+
+AVAILABLE, HELD, CHARGED, UNSETTLED = "available", "held", "charged", "unsettled"
+REVENUE, FUNDING, CREDIT_NOTES = "revenue", "funding", "credit_notes"
+
+
+def entry_fields(entry: Entry) -> dict[str, str]:
+    """An entry as the flat string hash stored at ``entry:<id>``."""
+    return {
+        "billing_entry_id": entry.billing_entry_id,
+        "account_id": entry.account_id,
+        "request_id": entry.request_id,
+        "kind": entry.kind,
+        "state": entry.state.value,
+        "estimated_cost_micro": str(entry.estimated_cost_micro),
+        "actual_cost_micro": "" if entry.actual_cost_micro is None else str(entry.actual_cost_micro),
+        "charged_micro": str(entry.charged_micro),
+        "uncollected_micro": str(entry.uncollected_micro),
+        "expires_at_ms": "" if entry.expires_at_ms is None else str(entry.expires_at_ms),
+        "credit_units_per_usd": str(entry.rate.credit_units_per_usd),
+        "usd_usdc_rate_ppm": str(entry.rate.usd_usdc_rate_ppm),
+        "rate_frozen_at_ms": str(entry.rate.frozen_at_ms),
+        "correlation_id": entry.correlation_id,
+        "created_at_ms": str(entry.created_at_ms),
+        "updated_at_ms": str(entry.updated_at_ms),
+        "wal_sequence": str(entry.wal_sequence),
+        "reason": entry.reason or "",
+        "failed_at_ms": "" if entry.failed_at_ms is None else str(entry.failed_at_ms),
+    }
+
+
+def finalize_message(
+    entry_id: str, account_id: str, charged_micro: int, correlation_id: str, created_ms: int
+) -> dict[str, str]:
+    """The fields of a finalize-stream message for a new charge (first attempt)."""
+    return {
+        "billing_entry_id": entry_id,
+        "account_id": account_id,
+        "actual_cost_micro": str(charged_micro),
+        "correlation_id": correlation_id,
+        "attempt": "1",
+        "reason": "commit",
+        "created_at": str(created_ms),
+    }
+
+
+def dead_letter(entry: Entry, attempts: int | None) -> dict[str, str]:
+    """The fields of the dead letter of a FINALIZE_FAILED entry (attempts unknown on a rebuild)."""
+    return {
+        "billing_entry_id": entry.billing_entry_id,
+        "account_id": entry.account_id,
+        "actual_cost_micro": str(entry.charged_micro),
+        "correlation_id": entry.correlation_id,
+        "attempt": "" if attempts is None else str(attempts),
+        "reason": entry.reason or "",
+        "failed_at": "" if entry.failed_at_ms is None else str(entry.failed_at_ms),
+    }
+
+
+def _flat(fields: dict[str, str]) -> tuple[str, ...]:
+    return tuple(item for pair in fields.items() for item in pair)
+
+
+def _incr(key: str, name: str, delta: int, *, checked: bool = True) -> list[Op]:
+    return [] if delta == 0 else [("I" if checked else "C", key, name, str(delta))]
+
+
+def _move(keys: Keys, event: ev.Event, from_state: EntryState, to_state: EntryState, **fields: str) -> list[Op]:
+    """Counter moves and the entry fields every transition updates."""
+    ops: list[Op] = []
+    if from_state is not S.IDLE:
+        ops.append(("C", keys.counters, from_state.value, "-1"))
+    ops.append(("C", keys.counters, to_state.value, "1"))
+    changed = {
+        "state": to_state.value,
+        "updated_at_ms": str(event.timestamp_ms),
+        "wal_sequence": str(event.wal_sequence),
+    }
+    ops.append(("H", keys.entry(event.billing_entry_id), *_flat({**changed, **fields})))
+    return ops
+
+
+def _created(keys: Keys, event: ev.Event) -> list[Op]:
+    entry = new_entry(event)
+    ops: list[Op] = [
+        ("C", keys.counters, entry.state.value, "1"),
+        ("H", keys.entry(entry.billing_entry_id), *_flat(entry_fields(entry))),
+    ]
+    if entry.state is S.RESERVE_HELD:
+        ops.append(("Z", keys.expiry, str(entry.expires_at_ms), entry.billing_entry_id))
+    if entry.state is S.FINALIZE_PENDING:
+        message = finalize_message(
+            entry.billing_entry_id, entry.account_id, entry.charged_micro, entry.correlation_id, event.timestamp_ms
+        )
+        ops.append(("X", keys.finalize, *_flat(message)))
+    return ops
+
+
+def _reserve(keys: Keys, event: ev.Event, p: ev.BillingReserve) -> list[Op]:
+    acct = keys.account(p.account_id)
+    return [
+        *_incr(acct, AVAILABLE, -p.estimated_cost_micro),
+        *_incr(acct, HELD, p.estimated_cost_micro),
+        *_created(keys, event),
+    ]
+
+
+def _charge(keys: Keys, event: ev.Event, p: ev.BillingCharge) -> list[Op]:
+    acct = keys.account(p.account_id)
+    return [
+        *_incr(acct, AVAILABLE, -p.charged_micro),
+        *_incr(acct, CHARGED, p.charged_micro),
+        *(_incr(acct, UNSETTLED, p.charged_micro) if p.finalize else []),
+        *_incr(keys.ledger, REVENUE, p.charged_micro, checked=False),
+        *_created(keys, event),
+    ]
+
+
+def _commit(keys: Keys, event: ev.Event, p: ev.BillingCommit) -> list[Op]:
+    acct = keys.account(p.account_id)
+    target = S.FINALIZE_PENDING if p.finalize else S.COMMITTED
+    ops = [
+        *_incr(acct, HELD, -p.estimated_cost_micro),
+        *_incr(acct, AVAILABLE, p.estimated_cost_micro - p.charged_micro),
+        *_incr(acct, CHARGED, p.charged_micro),
+        *(_incr(acct, UNSETTLED, p.charged_micro) if p.finalize else []),
+        *_incr(keys.ledger, REVENUE, p.charged_micro, checked=False),
+        *_move(
+            keys,
+            event,
+            S.RESERVE_HELD,
+            target,
+            actual_cost_micro=str(p.actual_cost_micro),
+            charged_micro=str(p.charged_micro),
+            uncollected_micro=str(p.uncollected_micro),
+        ),
+        ("R", keys.expiry, event.billing_entry_id),
+    ]
+    if p.finalize:
+        message = finalize_message(
+            event.billing_entry_id, p.account_id, p.charged_micro, event.correlation_id, event.timestamp_ms
+        )
+        ops.append(("X", keys.finalize, *_flat(message)))
+    return ops
+
+
+def _return_hold(keys: Keys, event: ev.Event, account_id: str, estimate: int, reason: str) -> list[Op]:
+    acct = keys.account(account_id)
+    return [
+        *_incr(acct, HELD, -estimate),
+        *_incr(acct, AVAILABLE, estimate),
+        *_move(keys, event, S.RESERVE_HELD, S.RELEASED, reason=reason),
+        ("R", keys.expiry, event.billing_entry_id),
+    ]
+
+
+def _void(keys: Keys, event: ev.Event, p: ev.BillingVoid) -> list[Op]:
+    acct = keys.account(p.account_id)
+    from_state = S(p.from_state)
+    ops = [
+        *_incr(acct, AVAILABLE, p.charged_micro),
+        *_incr(acct, CHARGED, -p.charged_micro),
+        *_incr(keys.ledger, REVENUE, -p.charged_micro, checked=False),
+        *_move(keys, event, from_state, S.VOIDED, reason=p.reason),
+    ]
+    if from_state is S.FINALIZE_FAILED:
+        ops[:0] = _incr(acct, UNSETTLED, -p.charged_micro)
+        ops.append(("Q", keys.poison, keys.entry(event.billing_entry_id)))
+    return ops
+
+
+def _ack(keys: Keys, event: ev.Event, p: ev.BillingFinalizeAck) -> list[Op]:
+    from_state = S(p.from_state)
+    ops = [
+        *_incr(keys.account(p.account_id), UNSETTLED, -p.charged_micro),
+        *_move(keys, event, from_state, S.FINALIZE_ACKED),
+    ]
+    if from_state is S.FINALIZE_FAILED:
+        ops.append(("Q", keys.poison, keys.entry(event.billing_entry_id)))
+    return ops
+
+
+def _fail(keys: Keys, event: ev.Event, p: ev.BillingFinalizeFail) -> list[Op]:
+    failed_at = str(event.timestamp_ms)
+    letter = {
+        "billing_entry_id": event.billing_entry_id,
+        "account_id": p.account_id,
+        "actual_cost_micro": str(p.charged_micro),
+        "correlation_id": event.correlation_id,
+        "attempt": str(p.attempts),
+        "reason": p.reason,
+        "failed_at": failed_at,
+    }
+    return [
+        *_move(keys, event, S.FINALIZE_PENDING, S.FINALIZE_FAILED, reason=p.reason, failed_at_ms=failed_at),
+        ("P", keys.poison, keys.entry(event.billing_entry_id), *_flat(letter)),
+    ]
+
+
+def _credit(keys: Keys, p: ev.CreditMint | ev.CreditDeduct | ev.X402CreditNote) -> list[Op]:
+    acct = keys.account(p.account_id)
+    if isinstance(p, ev.CreditDeduct):
+        return [*_incr(acct, AVAILABLE, -p.amount_micro), *_incr(keys.ledger, FUNDING, p.amount_micro, checked=False)]
+    system = FUNDING if isinstance(p, ev.CreditMint) else CREDIT_NOTES
+    return [*_incr(acct, AVAILABLE, p.amount_micro), *_incr(keys.ledger, system, -p.amount_micro, checked=False)]
+
+
+def event_ops(keys: Keys, event: ev.Event) -> list[Op]:  # noqa: C901 - one flat case per event type
+    """The projection operations of one event (empty for events with no projection)."""
+    p = event.payload
+    match p:
+        case ev.BillingReserve():
+            return _reserve(keys, event, p)
+        case ev.BillingCharge():
+            return _charge(keys, event, p)
+        case ev.BillingCommit():
+            return _commit(keys, event, p)
+        case ev.BillingRelease():
+            return _return_hold(keys, event, p.account_id, p.estimated_cost_micro, p.reason)
+        case ev.BillingReserveExpired():
+            return _return_hold(keys, event, p.account_id, p.estimated_cost_micro, "expired")
+        case ev.BillingReserveExtended():
+            fields = {"expires_at_ms": str(p.expires_at_ms), "updated_at_ms": str(event.timestamp_ms)}
+            fields["wal_sequence"] = str(event.wal_sequence)
+            return [
+                ("H", keys.entry(event.billing_entry_id), *_flat(fields)),
+                ("Z", keys.expiry, str(p.expires_at_ms), event.billing_entry_id),
+            ]
+        case ev.BillingVoid():
+            return _void(keys, event, p)
+        case ev.BillingFinalizeAck():
+            return _ack(keys, event, p)
+        case ev.BillingFinalizeFail():
+            return _fail(keys, event, p)
+        case ev.CreditMint() | ev.CreditDeduct() | ev.X402CreditNote():
+            return _credit(keys, p)
+        case ev.RequestComplete():
+            return [("S", keys.response(event.billing_entry_id), p.response_json)]
+    return []
+
+
+@dataclass
+class Batch:
+    """KEYS and ARGV of one ``apply_batch`` call."""
+
+    keys: list[str] = field(default_factory=list)
+    argv: list[str] = field(default_factory=list)
+    first_seq: int = 0
+    last_seq: int = 0
+
+
+def encode_batch(keys: Keys, events: Iterable[ev.Event]) -> Batch:
+    """Pack the operations of ``events`` (consecutive sequences) for ``apply_batch.lua``."""
+    batch = Batch(keys=[keys.meta], argv=["0"])
+    index = {keys.meta: 1}
+    count = 0
+    for event in events:
+        ops = event_ops(keys, event)
+        batch.argv += (str(event.wal_sequence), str(len(ops)))
+        for op in ops:
+            code, args = op[0], list(op[1:])
+            for i in range(_KEY_ARGS[code]):
+                position = index.get(args[i])
+                if position is None:
+                    batch.keys.append(args[i])
+                    position = index[args[i]] = len(batch.keys)
+                args[i] = str(position)
+            batch.argv += (code, str(len(args)), *args)
+        if count == 0:
+            batch.first_seq = event.wal_sequence
+        batch.last_seq = event.wal_sequence
+        count += 1
+    batch.argv[0] = str(count)
+    return batch
+
+
+# -- rebuild -------------------------------------------------------------------------------
+
+Command = tuple[str, ...]
+
+
+def rebuild_commands(keys: Keys, state: State) -> Iterable[Command]:
+    """Redis commands that recreate the projection of ``state`` on an empty shard.
+
+    ``applied_seq`` is not among them: the caller sets it last, once all of these succeeded.
+    Dead letters are not here either (they need the stream id back): see :func:`dead_letters`.
+    """
+    ledger = {REVENUE: state.revenue_micro, FUNDING: state.funding_micro, CREDIT_NOTES: state.credit_notes_micro}
+    yield ("HSET", keys.ledger, *_flat({name: str(value) for name, value in ledger.items()}))
+    counts: dict[str, int] = {}
+    for entry in state.entries.values():
+        counts[entry.state.value] = counts.get(entry.state.value, 0) + 1
+    if counts:
+        yield ("HSET", keys.counters, *_flat({name: str(value) for name, value in counts.items()}))
+    for account_id, account in state.accounts.items():
+        balances = {AVAILABLE: account.available_micro, HELD: account.held_micro}
+        balances |= {CHARGED: account.charged_micro, UNSETTLED: account.unsettled_micro}
+        yield ("HSET", keys.account(account_id), *_flat({name: str(value) for name, value in balances.items()}))
+    for entry_id, response in state.responses.items():
+        yield ("SET", keys.response(entry_id), response)
+    for entry in state.iter_entries():
+        yield ("HSET", keys.entry(entry.billing_entry_id), *_flat(entry_fields(entry)))
+        if entry.state is S.RESERVE_HELD:
+            yield ("ZADD", keys.expiry, str(entry.expires_at_ms), entry.billing_entry_id)
+        elif entry.state is S.FINALIZE_PENDING:
+            message = finalize_message(
+                entry.billing_entry_id, entry.account_id, entry.charged_micro, entry.correlation_id, entry.updated_at_ms
+            )
+            yield ("XADD", keys.finalize, "*", *_flat(message))
+
+
+def dead_letters(state: State) -> list[Entry]:
+    """The FINALIZE_FAILED entries whose dead letters a rebuild must recreate, in id order."""
+    return [entry for entry in state.iter_entries() if entry.state is S.FINALIZE_FAILED]

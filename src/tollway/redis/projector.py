@@ -1,0 +1,266 @@
+"""The projector: keeps the Redis projection caught up with the WAL, whatever Redis does.
+
+The engine hands every durable batch to :meth:`Projector.on_durable`, which only buffers it
+(bounded) and wakes the projector's task. The task applies events in order with
+``apply_batch.lua``, each batch guarded by the projection's ``applied_seq``, so a batch sent
+twice changes nothing. When the buffer no longer reaches back to ``applied_seq + 1`` (Redis
+was away for long), the missing events are read back from the WAL files.
+
+Redis going away never stops billing: the engine does not wait for the projector. The task
+backs off and retries; when Redis returns it catches up. When ``applied_seq`` is missing
+(a flushed or brand-new Redis) or ahead of the WAL (Redis kept state the log never made
+durable), the projector deletes the shard's keys and **rebuilds** everything from a consistent
+copy of the engine state — balances, entries, expiry index, stored responses, the finalize
+queue of every ``FINALIZE_PENDING`` entry and the dead letter of every ``FINALIZE_FAILED`` one —
+then catches up from there.
+
+A violation reported by the script (a balance that would go negative) means the projection
+and the log disagree: nothing was applied, the projector stops and reports; an operator
+audits and rebuilds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from importlib import resources
+from typing import TYPE_CHECKING, Final
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from tollway.core.errors import TollwayError
+from tollway.core.events import Event
+from tollway.core.state import State
+from tollway.redis.keys import FINALIZE_GROUP, Keys
+from tollway.redis.projection import dead_letter, dead_letters, encode_batch, rebuild_commands
+from tollway.wal.segments import iter_events
+
+if TYPE_CHECKING:
+    from tollway.engine import Engine
+
+log = logging.getLogger("tollway.projector")
+
+BATCH_EVENTS_MAX: Final = 256
+BUFFER_EVENTS_MAX: Final = 200_000
+WAL_READ_EVENTS_MAX: Final = 100_000
+REBUILD_PIPELINE_MAX: Final = 1_000
+RETRY_DELAY_MS: Final = (50, 100, 250, 500, 1000, 2000, 5000)
+REDIS_ERRORS: Final = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+def load_script(name: str) -> str:
+    """The text of ``lua/<name>``."""
+    return resources.files("tollway.redis").joinpath("lua", name).read_text()
+
+
+class ProjectionViolation(TollwayError):
+    """The script refused a batch: applying it would break a projection invariant."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectorStatus:
+    """What ``/readyz`` and the metrics report."""
+
+    connected: bool
+    applied_seq: int | None
+    durable_seq: int
+    lag_events: int
+    lag_ms: int
+    rebuilds: int
+    violation: str | None
+
+
+class Projector:
+    """Projects one engine's durable events into one Redis shard."""
+
+    def __init__(
+        self, engine: Engine, client: aioredis.Redis, keys: Keys, *, batch_events_max: int = BATCH_EVENTS_MAX
+    ) -> None:
+        self.engine = engine
+        self.redis = client
+        self.keys = keys
+        self.batch_events_max = batch_events_max
+        self._apply = client.register_script(load_script("apply_batch.lua"))
+        self._buffer: collections.deque[Event] = collections.deque()
+        self._wake = asyncio.Event()
+        self.applied_seq: int | None = None
+        self.connected = False
+        self.rebuilds = 0
+        self.violation: str | None = None
+        engine.subscribe(self.on_durable)
+
+    # -- feeding ---------------------------------------------------------------------------
+
+    def on_durable(self, events: list[Event]) -> None:
+        """Engine listener: buffer a durable batch (dropping the oldest beyond the bound)."""
+        self._buffer.extend(events)
+        excess = len(self._buffer) - BUFFER_EVENTS_MAX
+        for _ in range(max(0, excess)):
+            self._buffer.popleft()  # the WAL still has them
+        self._wake.set()
+
+    def status(self) -> ProjectorStatus:
+        """Connection, applied sequence and lag (events and milliseconds)."""
+        durable = self.engine.durable_sequence
+        applied = self.applied_seq or 0
+        lag_ms = 0
+        if self._buffer and applied < durable:
+            oldest = self._buffer[0] if self._buffer[0].wal_sequence > applied else self._first_after(applied)
+            if oldest is not None:
+                lag_ms = max(0, self.engine.now_ms() - oldest.timestamp_ms)
+        return ProjectorStatus(
+            self.connected, self.applied_seq, durable, durable - applied, lag_ms, self.rebuilds, self.violation
+        )
+
+    def _first_after(self, applied: int) -> Event | None:
+        start = applied + 1 - self._buffer[0].wal_sequence
+        return self._buffer[start] if 0 <= start < len(self._buffer) else None
+
+    # -- the loop --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Project forever; survives Redis outages; stops only on a violation or cancellation."""
+        failures = 0
+        while self.violation is None:
+            try:
+                await self.sync()
+                self.connected, failures = True, 0
+            except REDIS_ERRORS as exc:
+                if self.connected or failures == 0:
+                    log.warning("redis unavailable, projection paused (billing continues): %s", exc)
+                self.connected = False
+                await asyncio.sleep(RETRY_DELAY_MS[min(failures, len(RETRY_DELAY_MS) - 1)] / 1000)
+                failures += 1
+                continue
+            except ProjectionViolation as exc:
+                self.violation = str(exc)
+                log.critical("projection stopped: %s", exc)
+                return
+            if self.applied_seq is not None and self.applied_seq >= self.engine.durable_sequence:
+                self._wake.clear()
+                if self.applied_seq >= self.engine.durable_sequence:
+                    await self._wake.wait()
+
+    async def sync(self) -> int:
+        """Bring the projection up to the engine's durable sequence; returns the applied one."""
+        applied = await self._read_applied()
+        if applied is None or applied > self.engine.durable_sequence:
+            applied = await self.rebuild()
+        while applied < self.engine.durable_sequence:
+            events = await self._events_after(applied)
+            applied = await self._apply_events(events)
+            self.applied_seq = applied
+            self._trim(applied)
+        self.applied_seq = applied
+        return applied
+
+    async def _read_applied(self) -> int | None:
+        raw = await self.redis.hget(self.keys.meta, "applied_seq")
+        return None if raw is None else int(raw)
+
+    async def _apply_events(self, events: list[Event]) -> int:
+        batch = encode_batch(self.keys, events)
+        reply = await self._apply(keys=batch.keys, args=batch.argv)
+        status, *rest = (part.decode() if isinstance(part, bytes) else str(part) for part in reply)
+        if status in ("ok", "duplicate"):
+            return int(rest[0])
+        if status == "missing":
+            return await self.rebuild()
+        if status == "gap":
+            log.warning("projection gap: applied %s, batch starts at %s; re-reading", rest[0], rest[1])
+            return int(rest[0])
+        raise ProjectionViolation(f"redis refused seq {rest[0]}: {rest[1]} {rest[2]}: {rest[3]}")
+
+    def _trim(self, applied: int) -> None:
+        while self._buffer and self._buffer[0].wal_sequence <= applied:
+            self._buffer.popleft()
+
+    async def _events_after(self, applied: int) -> list[Event]:
+        """Up to ``batch_events_max`` durable events after ``applied``: from memory, else the WAL."""
+        limit = self.batch_events_max
+        durable = self.engine.durable_sequence
+        if self._buffer and self._buffer[0].wal_sequence <= applied + 1 <= self._buffer[-1].wal_sequence:
+            start = applied + 1 - self._buffer[0].wal_sequence
+            return [e for e in itertools.islice(self._buffer, start, start + limit) if e.wal_sequence <= durable]
+        events = await asyncio.to_thread(
+            _read_wal, self.engine, applied + 1, min(durable, applied + WAL_READ_EVENTS_MAX)
+        )
+        self._buffer.extendleft(reversed(events[limit:]))  # keep the rest for the next batches
+        return events[:limit]
+
+    # -- rebuild ---------------------------------------------------------------------------
+
+    async def rebuild(self) -> int:
+        """Recreate the shard's projection from a consistent copy of the engine state."""
+        started = time.perf_counter()
+        await self._delete_shard()
+        await self.redis.hset(self.keys.meta, "rebuilding", "1")
+        state = await self.engine.export_state()
+        await self._write(state)
+        seq = state.last_sequence
+        await self.redis.hset(
+            self.keys.meta, mapping={"applied_seq": str(seq), "rebuilt_at_ms": str(self.engine.now_ms())}
+        )
+        await self.redis.hdel(self.keys.meta, "rebuilding")
+        self.rebuilds += 1
+        self._trim(seq)
+        log.warning(
+            "projection rebuilt at sequence %s (%s entries) in %.3f s",
+            seq,
+            len(state.entries),
+            time.perf_counter() - started,
+        )
+        return seq
+
+    async def _delete_shard(self) -> None:
+        async for chunk in _chunks(self.redis.scan_iter(match=self.keys.pattern, count=1000), REBUILD_PIPELINE_MAX):
+            await self.redis.unlink(*chunk)
+
+    async def _write(self, state: State) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        queued = 0
+        for command in rebuild_commands(self.keys, state):
+            pipe.execute_command(*command)
+            queued += 1
+            if queued >= REBUILD_PIPELINE_MAX:
+                await pipe.execute()
+                queued = 0
+        await pipe.execute()
+        for entry in dead_letters(state):
+            message_id = await self.redis.xadd(self.keys.poison, dead_letter(entry, None))  # type: ignore[arg-type]
+            await self.redis.hset(self.keys.entry(entry.billing_entry_id), "poison_id", message_id)
+        await ensure_group(self.redis, self.keys)
+
+
+async def ensure_group(client: aioredis.Redis, keys: Keys) -> None:
+    """Create the finalize consumer group (and the stream) unless it exists."""
+    try:
+        await client.xgroup_create(keys.finalize, FINALIZE_GROUP, id="0", mkstream=True)
+    except redis.exceptions.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+def _read_wal(engine: Engine, first: int, last: int) -> list[Event]:
+    events = []
+    for event in iter_events(engine.settings.wal_dir, first):
+        if event.wal_sequence > last:
+            break
+        events.append(event)
+    return events
+
+
+async def _chunks(items: collections.abc.AsyncIterator[bytes], size: int) -> collections.abc.AsyncIterator[list[bytes]]:
+    chunk: list[bytes] = []
+    async for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

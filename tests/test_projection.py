@@ -1,0 +1,223 @@
+"""The Redis projection against a real redis-server: parity, idempotency, rebuild, outages (SPEC §7)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from tollway import Engine, Settings
+from tollway.config import Durability
+from tollway.core import commands as cmd
+from tollway.core import events as ev
+from tollway.core.commands import CreditKind, EntryResult
+from tollway.redis.keys import Keys
+from tollway.redis.parity import differences
+from tollway.redis.projection import encode_batch
+from tollway.redis.projector import Projector, load_script
+from tollway.redis.server import EmbeddedRedis
+from tollway.testing import FakeClock
+from tollway.wal.segments import iter_events
+
+KEYS = Keys("tw", "t1")
+
+
+@dataclass
+class Rig:
+    engine: Engine
+    projector: Projector
+    client: aioredis.Redis
+    server: EmbeddedRedis
+    clock: FakeClock
+
+
+@pytest.fixture
+async def rig(tmp_path: Path, redis_server: EmbeddedRedis, clock: FakeClock) -> AsyncIterator[Rig]:
+    """An engine in settlement mode, a projector, and a client on a private redis-server."""
+    settings = Settings(data_dir=tmp_path / "data", settlement_url="http://settlement.invalid")
+    client = aioredis.Redis.from_url(redis_server.url)
+    async with Engine.open(settings=settings, clock=clock) as engine:
+        projector = Projector(engine, client, KEYS, batch_events_max=7)
+        try:
+            yield Rig(engine, projector, client, redis_server, clock)
+        finally:
+            await client.aclose()
+
+
+async def workload(engine: Engine, clock: FakeClock, seed: int, steps: int) -> None:
+    """Random billing traffic: mints, holds, commits (some over), releases, expiries, settlement outcomes."""
+    rng = random.Random(seed)
+    accounts = ["alice", "bob", "carol"]
+    for account in accounts:
+        await engine.execute(cmd.Credit(account, "initial", CreditKind.MINT, 50_000))
+    for step in range(steps):
+        ids = sorted(engine.state.entries)
+        target = rng.choice(ids) if ids else "01ARZ3NDEKTSV4RRFFQ69G5FAV"
+        roll = rng.random()
+        command: cmd.Command
+        if roll < 0.35:
+            command = cmd.Reserve(rng.choice(accounts), f"r{step}", rng.randint(0, 3_000), ttl_s=rng.randint(1, 20))
+        elif roll < 0.6:
+            response = '{"ok": true}' if rng.random() < 0.3 else None
+            command = cmd.Commit(target, rng.randint(0, 4_000), response_json=response)
+        elif roll < 0.68:
+            command = cmd.Release(target, "user_cancel")
+        elif roll < 0.78:
+            command = cmd.FinalizeAck(target)
+        elif roll < 0.86:
+            command = cmd.FinalizeFail(target, "gave up", 5)
+        elif roll < 0.9:
+            command = cmd.Void(target, "refund", "admin")
+        elif roll < 0.95:
+            command = cmd.Charge(rng.choice(accounts), f"c{step}", rng.randint(1, 500), allow_partial=True)
+        else:
+            clock.advance(rng.randint(1_000, 15_000))
+            await engine.sweep_once()
+            continue
+        await engine.execute(command)
+
+
+async def dump(client: aioredis.Redis) -> dict[bytes, object]:
+    """Every key of the server with its type and value, for before/after comparisons."""
+    out: dict[bytes, object] = {}
+    async for key in client.scan_iter(count=1000):
+        kind = await client.type(key)
+        if kind == b"hash":
+            out[key] = await client.hgetall(key)
+        elif kind == b"zset":
+            out[key] = await client.zrange(key, 0, -1, withscores=True)
+        elif kind == b"stream":
+            out[key] = await client.xrange(key)
+        else:
+            out[key] = await client.get(key)
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_parity_after_random_workload(rig: Rig, seed: int) -> None:
+    """After random traffic every Redis balance, entry, index and queue equals the engine's state."""
+    await workload(rig.engine, rig.clock, seed, 150)
+    await rig.projector.sync()
+    assert [] == await differences(rig.client, KEYS, rig.engine.state)
+    assert rig.engine.durable_sequence == rig.projector.applied_seq
+
+
+async def test_applying_the_same_batch_twice_changes_nothing(rig: Rig) -> None:
+    """A batch at or below applied_seq is a duplicate: the second application is a no-op."""
+    await workload(rig.engine, rig.clock, 4, 40)
+    await rig.projector.sync()
+    before = await dump(rig.client)
+    events = list(iter_events(rig.engine.settings.wal_dir))
+    batch = encode_batch(KEYS, events[-10:])
+    script = rig.client.register_script(load_script("apply_batch.lua"))
+    reply = await script(keys=batch.keys, args=batch.argv)
+    assert [b"duplicate", str(events[-1].wal_sequence).encode()] == reply
+    assert before == await dump(rig.client)
+
+
+async def test_a_batch_that_would_overdraw_is_refused_whole(rig: Rig) -> None:
+    """The script re-checks non-negativity: a violating batch reports and applies nothing."""
+    await rig.engine.execute(cmd.Credit("alice", "m", CreditKind.MINT, 100))
+    await rig.projector.sync()
+    before = await dump(rig.client)
+    seq = rig.engine.durable_sequence
+    rate = ev.RateSnapshot(100, 1_000_000, 0)
+    good = ev.Event(seq + 1, 0, "01ARZ3NDEKTSV4RRFFQ69G5FAV", "x", ev.CreditMint("bob", "m", 10))
+    bad = ev.Event(seq + 2, 0, "01ARZ3NDEKTSV4RRFFQ69G5FAW", "x", ev.BillingReserve("alice", "r", 500, 9, rate, "f"))
+    batch = encode_batch(KEYS, [good, bad])
+    script = rig.client.register_script(load_script("apply_batch.lua"))
+    reply = await script(keys=batch.keys, args=batch.argv)
+    assert [b"violation", str(seq + 2).encode(), KEYS.account("alice").encode(), b"available"] == reply[:4]
+    assert before == await dump(rig.client)
+
+
+async def test_gap_is_reported_not_applied(rig: Rig) -> None:
+    """A batch that does not continue the projection is refused with the applied sequence."""
+    await rig.engine.execute(cmd.Credit("alice", "m", CreditKind.MINT, 100))
+    await rig.projector.sync()
+    seq = rig.engine.durable_sequence
+    event = ev.Event(seq + 5, 0, "01ARZ3NDEKTSV4RRFFQ69G5FAV", "x", ev.CreditMint("bob", "m", 10))
+    batch = encode_batch(KEYS, [event])
+    reply = await rig.client.register_script(load_script("apply_batch.lua"))(keys=batch.keys, args=batch.argv)
+    assert [b"gap", str(seq).encode(), str(seq + 5).encode()] == reply
+
+
+async def test_flushall_midrun_rebuilds_everything_including_queues(rig: Rig) -> None:
+    """After FLUSHALL the projector rebuilds balances, entries and both queues exactly."""
+    await workload(rig.engine, rig.clock, 5, 120)
+    await rig.projector.sync()
+    rebuilds = rig.projector.rebuilds  # a brand-new Redis is rebuilt too
+    await rig.client.flushall()
+    await workload(rig.engine, rig.clock, 6, 60)
+    await rig.projector.sync()
+    assert rebuilds + 1 == rig.projector.rebuilds
+    assert [] == await differences(rig.client, KEYS, rig.engine.state)
+    assert any(e.state.value == "FINALIZE_FAILED" for e in rig.engine.state.entries.values())
+    assert any(e.state.value == "FINALIZE_PENDING" for e in rig.engine.state.entries.values())
+
+
+async def test_projection_ahead_of_the_log_is_rebuilt(rig: Rig) -> None:
+    """An applied_seq beyond the durable WAL (Redis kept what the log lost) forces a rebuild."""
+    await workload(rig.engine, rig.clock, 7, 30)
+    await rig.projector.sync()
+    await rig.client.hset(KEYS.meta, "applied_seq", str(rig.engine.durable_sequence + 100))
+    await rig.client.hset(KEYS.account("ghost"), "available", "999")
+    await rig.projector.sync()
+    assert [] == await differences(rig.client, KEYS, rig.engine.state)
+    assert 0 == await rig.client.exists(KEYS.account("ghost"))
+
+
+async def test_catch_up_from_the_wal_when_the_buffer_is_gone(rig: Rig) -> None:
+    """Events no longer in memory are read back from the WAL files."""
+    await workload(rig.engine, rig.clock, 8, 50)
+    await rig.projector.sync()
+    await workload(rig.engine, rig.clock, 9, 80)
+    rig.projector._buffer.clear()  # as if the bounded buffer had dropped them during an outage
+    await rig.projector.sync()
+    assert [] == await differences(rig.client, KEYS, rig.engine.state)
+
+
+async def test_redis_killed_and_restarted_under_load(rig: Rig) -> None:
+    """Billing never stops while Redis is down; the projection catches up when it returns."""
+    task = asyncio.create_task(rig.projector.run())
+    try:
+        await workload(rig.engine, rig.clock, 10, 40)
+        rig.server.kill()
+        await workload(rig.engine, rig.clock, 11, 80)  # billing continues without Redis
+        assert not rig.projector.connected or rig.projector.applied_seq != rig.engine.durable_sequence
+        await rig.server.restart()
+        for _ in range(400):
+            if rig.projector.connected and rig.projector.applied_seq == rig.engine.durable_sequence:
+                break
+            await asyncio.sleep(0.01)
+        assert rig.engine.durable_sequence == rig.projector.applied_seq
+        assert [] == await differences(rig.client, KEYS, rig.engine.state)
+        assert 1 <= rig.projector.rebuilds  # the restarted server was empty
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_billing_results_do_not_wait_for_redis(tmp_path: Path, clock: FakeClock) -> None:
+    """With the projector unable to reach Redis at all, commands still complete."""
+    settings = Settings(data_dir=tmp_path / "data", durability=Durability.FSYNC)
+    client = aioredis.Redis.from_url(f"unix://{tmp_path}/nowhere.sock")
+    try:
+        async with Engine.open(settings=settings, clock=clock) as engine:
+            projector = Projector(engine, client, KEYS)
+            task = asyncio.create_task(projector.run())
+            await engine.execute(cmd.Credit("a", "m", CreditKind.MINT, 10))
+            result = await engine.execute(cmd.Reserve("a", "r", 5))
+            assert isinstance(result, EntryResult)
+            assert not projector.connected
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+    finally:
+        await client.aclose()
