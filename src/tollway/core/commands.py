@@ -164,6 +164,7 @@ class Note:
 
     payload: Payload
     correlation_id: str = "untraced"
+    billing_entry_id: str | None = None  # the entry the note is about; a fresh id when None
 
 
 Command = Reserve | Commit | Release | Extend | Expire | Charge | Void | FinalizeAck | FinalizeFail | Credit | Note

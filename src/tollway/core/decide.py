@@ -70,7 +70,7 @@ def decide(state: State, command: cmd.Command, now_ms: int, policy: Policy, new_
         case cmd.Credit():
             return _credit(state, command, policy, new_id)
         case cmd.Note():
-            return Write(new_id(), (command.payload,), command.correlation_id)
+            return Write(command.billing_entry_id or new_id(), (command.payload,), command.correlation_id)
 
 
 def outcome(state: State, write: Write, command: cmd.Command) -> cmd.Outcome:

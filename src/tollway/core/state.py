@@ -83,6 +83,7 @@ class Snapshot(msgspec.Struct, frozen=True):
     requests: dict[str, str]
     credits: dict[str, CreditRecord]
     responses: dict[str, str]
+    escalations: dict[str, int]  # FINALIZE_FAILED entry id → when its escalation alert fired
     revenue_micro: int
     funding_micro: int
     credit_notes_micro: int
@@ -110,6 +111,7 @@ class State:
         "credit_notes_micro",
         "credits",
         "entries",
+        "escalations",
         "finalize_failed_count",
         "finalize_pending_count",
         "funding_micro",
@@ -127,6 +129,7 @@ class State:
         self.requests: dict[str, str] = {}
         self.credits: dict[str, CreditRecord] = {}
         self.responses: dict[str, str] = {}
+        self.escalations: dict[str, int] = {}
         self.revenue_micro = 0
         self.funding_micro = 0
         self.credit_notes_micro = 0
@@ -146,6 +149,7 @@ class State:
             self.requests,
             self.credits,
             self.responses,
+            self.escalations,
             self.revenue_micro,
             self.funding_micro,
             self.credit_notes_micro,
@@ -161,6 +165,7 @@ class State:
         state.requests = dict(snap.requests)
         state.credits = dict(snap.credits)
         state.responses = dict(snap.responses)
+        state.escalations = dict(snap.escalations)
         state.revenue_micro = snap.revenue_micro
         state.funding_micro = snap.funding_micro
         state.credit_notes_micro = snap.credit_notes_micro
@@ -447,6 +452,16 @@ def credit_fingerprint(event_type: str, amount_micro: int) -> str:
     return f"{event_type}:{amount_micro}"
 
 
+ESCALATED: Final = "finalize_escalated"
+"""The audit action recording that a dead letter's escalation alert fired (once per entry)."""
+
+
+def _audit(state: State, event: ev.Event) -> None:
+    p: ev.Audit = event.payload  # type: ignore[assignment]
+    if p.action == ESCALATED:
+        state.escalations[event.billing_entry_id] = event.timestamp_ms
+
+
 def _request_complete(state: State, event: ev.Event) -> None:
     p: ev.RequestComplete = event.payload  # type: ignore[assignment]
     state.responses[event.billing_entry_id] = p.response_json
@@ -467,5 +482,6 @@ _HANDLERS: Final[dict[type[ev.Payload], _Handler]] = {
     ev.CreditDeduct: _credit,
     ev.X402CreditNote: _credit,
     ev.RequestComplete: _request_complete,
+    ev.Audit: _audit,
 }
-"""Event types not listed (request_start, reconciliation, audit) change nothing but the sequence."""
+"""Event types not listed (request_start, reconciliation) change nothing but the sequence."""

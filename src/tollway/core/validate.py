@@ -69,3 +69,5 @@ def validate(command: cmd.Command) -> None:  # noqa: C901 - one flat case per co
             _text(command.reason, "reason", required=False)
         case cmd.Note():
             check_correlation_id(command.correlation_id)
+            if command.billing_entry_id is not None:
+                check_entry_id(command.billing_entry_id)

@@ -1,0 +1,245 @@
+"""The finalize worker: committed charges → the settlement service, with retries, dead letters and a breaker.
+
+For each message of the finalize queue the worker asks the pure breaker for a permit, calls
+settlement once, and acts on the pure verdict (:mod:`tollway.core.retry`):
+
+- **ack** (200/409) → ``billing_finalize_ack`` is written to the WAL, *then* the message is
+  finished (acknowledged and deleted);
+- **retry** (5xx, 429, timeout, network) → the message is replaced by its next attempt, due
+  after ``BACKOFF_SCHEDULE_MS``; after ``MAX_DLQ_RETRIES`` attempts it becomes poison;
+- **poison** (400/401/403/404/422, bad data) → ``billing_finalize_fail`` is written (the entry
+  becomes ``FINALIZE_FAILED``, the projector adds the dead letter), an alert is raised, then the
+  message is finished.
+
+While the breaker is OPEN nothing is called and no attempt is spent: a message read meanwhile
+is put back unchanged until the breaker may let a probe through. A message whose entry is no
+longer ``FINALIZE_PENDING`` (acked by an earlier delivery, voided) is simply finished.
+
+The worker also promotes due retries, reclaims messages held by dead consumers, raises one
+escalation alert per dead letter ``ESCALATION_WINDOW_MS`` after it failed (recorded in the WAL,
+so it survives restarts), and performs the admin's bulk replay of every dead letter.
+Because every step's outcome is durable before the queue moves on, a crash at any point only
+causes a repeat, which settlement answers with 409.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from tollway.core import breaker as brk
+from tollway.core import commands as cmd
+from tollway.core import events as ev
+from tollway.core.lifecycle import EntryState
+from tollway.core.retry import Verdict, after_attempt
+from tollway.core.state import ESCALATED
+from tollway.engine import Engine
+from tollway.redis.projector import REDIS_ERRORS
+from tollway.redis.queue import FinalizeQueue, parse_message
+from tollway.settlement.client import Attempt, SettlementClient
+from tollway.settlement.contract import FinalizeRequest
+
+log = logging.getLogger("tollway.finalizer")
+
+ESCALATION_WINDOW_MS: Final = 24 * 3_600_000
+CLAIM_IDLE_MS: Final = 30_000
+CONCURRENCY: Final = 8
+REPLAY_CONCURRENCY: Final = 5
+BLOCK_MS: Final = 1_000
+IDLE_PAUSE_MS: Final = 200
+
+Alert = Callable[[str, dict[str, object]], None]
+
+
+def log_alert(kind: str, details: dict[str, object]) -> None:
+    """The default alert sink: one error-level log line per alert."""
+    log.error("ALERT %s %s", kind, details)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayReport:
+    """What a bulk replay of the dead letters did."""
+
+    examined: int
+    acked: int
+    still_failing: int
+    skipped: int  # not FINALIZE_FAILED any more, or the breaker was open
+
+
+class FinalizeWorker:
+    """Finalizes one engine's committed charges through one settlement client."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        queue: FinalizeQueue,
+        settlement: SettlementClient,
+        *,
+        breaker_config: brk.BreakerConfig | None = None,
+        concurrency: int = CONCURRENCY,
+        claim_idle_ms: int = CLAIM_IDLE_MS,
+        alert: Alert = log_alert,
+    ) -> None:
+        self.engine = engine
+        self.queue = queue
+        self.settlement = settlement
+        self.breaker = brk.Breaker(config=breaker_config or brk.BreakerConfig())
+        self.concurrency = concurrency
+        self.claim_idle_ms = claim_idle_ms
+        self.alert = alert
+        self.calls = 0  # settlement calls made (for tests and metrics)
+
+    # -- breaker ---------------------------------------------------------------------------
+
+    def breaker_state(self) -> brk.BreakerState:
+        """The breaker as of now."""
+        self.breaker = brk.observe(self.breaker, self.engine.now_ms())
+        return self.breaker.state
+
+    def reset_breaker(self) -> None:
+        """Admin reset: CLOSED, failures forgotten."""
+        self.breaker = brk.reset(self.breaker)
+
+    async def _call(self, request: FinalizeRequest) -> Attempt | int:
+        """One settlement call if the breaker allows it, else how long to wait (ms)."""
+        permit = brk.acquire(self.breaker, self.engine.now_ms())
+        self.breaker = permit.breaker
+        if not permit.allowed:
+            return permit.retry_in_ms
+        self.calls += 1
+        attempt = await self.settlement.finalize(request)
+        now = self.engine.now_ms()
+        healthy = attempt.verdict is not Verdict.RETRY  # a 4xx is an answer: the service is up
+        self.breaker = brk.record_success(self.breaker, now) if healthy else brk.record_failure(self.breaker, now)
+        return attempt
+
+    # -- one message -----------------------------------------------------------------------
+
+    async def handle(self, message_id: str, raw: object) -> None:
+        """Decide and act on one delivered message; the queue moves only after the WAL does."""
+        message = parse_message(message_id, raw)
+        if message is None:
+            log.error("unreadable finalize message %s dropped: %r", message_id, raw)
+            await self.queue.done(message_id)
+            return
+        entry = self.engine.state.entries.get(message.billing_entry_id)
+        if entry is None or entry.state is not EntryState.FINALIZE_PENDING:
+            await self.queue.done(message_id)  # settled by an earlier delivery, or voided
+            return
+        request = FinalizeRequest(entry.billing_entry_id, entry.account_id, entry.charged_micro, entry.correlation_id)
+        outcome = await self._call(request)
+        if isinstance(outcome, int):  # breaker open: no call, no attempt spent
+            await self.queue.postpone(message, self.engine.now_ms() + outcome)
+            return
+        step = after_attempt(outcome.verdict, message.attempt, outcome.reason)
+        if step.verdict is Verdict.ACK:
+            await self.engine.execute(cmd.FinalizeAck(entry.billing_entry_id, "worker", message.attempt))
+            await self.queue.done(message_id)
+        elif step.verdict is Verdict.RETRY:
+            await self.queue.retry_later(message, self.engine.now_ms() + step.delay_ms, step.reason)
+        else:
+            await self.engine.execute(cmd.FinalizeFail(entry.billing_entry_id, step.reason, message.attempt))
+            self.alert(
+                "finalize_poison",
+                {"billing_entry_id": entry.billing_entry_id, "account_id": entry.account_id, "reason": step.reason},
+            )
+            await self.queue.done(message_id)
+
+    # -- loops -----------------------------------------------------------------------------
+
+    async def run_once(self, *, block_ms: int | None = None) -> int:
+        """One round: promote due retries, reclaim abandoned messages, handle new ones.
+
+        Returns how many messages were handled. With ``block_ms=None`` it never waits (burst
+        mode, for tests and drains).
+        """
+        now = self.engine.now_ms()
+        await self.queue.promote_due(now)
+        await self.escalate(now)
+        if self.breaker_state() is brk.BreakerState.OPEN:
+            return 0
+        batch = await self.queue.reclaim(self.claim_idle_ms, self.concurrency)
+        if not batch:
+            batch = await self.queue.read(self.concurrency, block_ms)
+        semaphore = asyncio.Semaphore(self.concurrency)
+
+        async def one(message_id: str, raw: object) -> None:
+            async with semaphore:
+                await self.handle(message_id, raw)
+
+        await asyncio.gather(*(one(mid, raw) for mid, raw in batch))
+        return len(batch)
+
+    async def run(self) -> None:
+        """Work forever; survives Redis outages (billing never waits for this loop)."""
+        await self._ensure_group()
+        while True:
+            try:
+                handled = await self.run_once(block_ms=BLOCK_MS)
+            except REDIS_ERRORS as exc:
+                log.warning("finalize worker: redis unavailable, retrying: %s", exc)
+                await asyncio.sleep(1)
+                await self._ensure_group()
+                continue
+            if handled == 0:
+                await asyncio.sleep(IDLE_PAUSE_MS / 1000)
+
+    async def _ensure_group(self) -> None:
+        try:
+            await self.queue.ensure_group()
+        except REDIS_ERRORS as exc:
+            log.warning("finalize worker: cannot create the consumer group yet: %s", exc)
+
+    # -- escalation and replay ---------------------------------------------------------------
+
+    async def escalate(self, now_ms: int) -> int:
+        """Raise one alert per dead letter older than the escalation window; record it in the WAL."""
+        due = [
+            entry
+            for entry in list(self.engine.state.entries.values())
+            if entry.state is EntryState.FINALIZE_FAILED
+            and entry.failed_at_ms is not None
+            and now_ms - entry.failed_at_ms >= ESCALATION_WINDOW_MS
+            and entry.billing_entry_id not in self.engine.state.escalations
+        ]
+        for entry in due:
+            note = ev.Audit(
+                ESCALATED, "finalize-worker", f"{entry.billing_entry_id} unsettled since {entry.failed_at_ms}"
+            )
+            await self.engine.execute(cmd.Note(note, entry.correlation_id, entry.billing_entry_id))
+            self.alert(
+                "finalize_escalation", {"billing_entry_id": entry.billing_entry_id, "failed_at_ms": entry.failed_at_ms}
+            )
+        return len(due)
+
+    async def replay_dead_letters(self, concurrency: int = REPLAY_CONCURRENCY) -> ReplayReport:
+        """Admin bulk replay: every dead letter (all pages), ``concurrency`` calls at a time."""
+        semaphore = asyncio.Semaphore(concurrency)
+        counts = {"acked": 0, "failing": 0, "skipped": 0}
+
+        async def one(entry_id: str) -> None:
+            async with semaphore:
+                counts[await self._replay_one(entry_id)] += 1
+
+        examined, after = 0, "-"
+        while page := await self.queue.dead_letters(after):
+            examined += len(page)
+            after = page[-1].message_id
+            await asyncio.gather(*(one(letter.billing_entry_id) for letter in page))
+        return ReplayReport(examined, counts["acked"], counts["failing"], counts["skipped"])
+
+    async def _replay_one(self, entry_id: str) -> str:
+        entry = self.engine.state.entries.get(entry_id)
+        if entry is None or entry.state is not EntryState.FINALIZE_FAILED:
+            return "skipped"
+        request = FinalizeRequest(entry.billing_entry_id, entry.account_id, entry.charged_micro, entry.correlation_id)
+        outcome = await self._call(request)
+        if isinstance(outcome, int):
+            return "skipped"
+        if outcome.verdict is not Verdict.ACK:
+            return "failing"
+        await self.engine.execute(cmd.FinalizeAck(entry_id, "replay", 0))
+        return "acked"

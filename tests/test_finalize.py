@@ -1,0 +1,262 @@
+"""The finalize loop end to end: engine → projection → Redis stream → worker → real settlement simulator (SPEC §8)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+
+from tollway import Engine, Settings
+from tollway.core import commands as cmd
+from tollway.core.breaker import BreakerState
+from tollway.core.commands import CreditKind, EntryResult, Refusal, RefusalCode
+from tollway.core.lifecycle import EntryState
+from tollway.finalizer import ESCALATION_WINDOW_MS, FinalizeWorker
+from tollway.redis.keys import Keys
+from tollway.redis.parity import differences
+from tollway.redis.projector import Projector
+from tollway.redis.queue import FinalizeQueue
+from tollway.redis.server import EmbeddedRedis
+from tollway.settlement.client import SettlementAuth, SettlementClient
+from tollway.settlement.sim_config import Faults, SimulatorConfig
+from tollway.settlement.simulator import SimulatorServer
+from tollway.testing import FakeClock
+from tollway.tokens import generate_signing_key
+
+KEYS = Keys("tw", "fin")
+S = EntryState
+
+
+@dataclass
+class Loop:
+    engine: Engine
+    projector: Projector
+    queue: FinalizeQueue
+    worker: FinalizeWorker
+    simulator: SimulatorServer
+    clock: FakeClock
+    client: aioredis.Redis
+    alerts: list[tuple[str, dict[str, object]]] = field(default_factory=list)
+
+    def faults(self, **changes: object) -> None:
+        self.simulator.state.faults = Faults(**changes)  # type: ignore[arg-type]
+
+    async def project(self) -> None:
+        await self.projector.sync()
+
+    async def drain(self, *, advance_ms: int = 0, rounds: int = 50) -> None:
+        """Project and work until nothing is left to do now (optionally letting time pass each round)."""
+        for _ in range(rounds):
+            await self.project()
+            handled = await self.worker.run_once()
+            await self.project()
+            if handled == 0 and advance_ms == 0:
+                return
+            self.clock.advance(advance_ms)
+
+    def states(self) -> dict[str, EntryState]:
+        return {entry_id: entry.state for entry_id, entry in self.engine.state.entries.items()}
+
+
+@pytest.fixture
+async def loop(tmp_path: Path, redis_server: EmbeddedRedis, clock: FakeClock) -> AsyncIterator[Loop]:
+    """Settlement mode with every part real: WAL, redis-server, HTTP simulator, signed JWTs."""
+    key = generate_signing_key()
+    sim_config = SimulatorConfig(keys={key.kid: key.public()}, clock_ms=clock)
+    settings = Settings(data_dir=tmp_path / "data", settlement_url="http://127.0.0.1:1", max_pending_reconciliation=3)
+    client = aioredis.Redis.from_url(redis_server.url)
+    async with SimulatorServer(sim_config) as simulator, Engine.open(settings=settings, clock=clock) as engine:
+        settlement = SettlementClient.from_url(simulator.url, SettlementAuth(signing_key=key), clock_ms=clock)
+        projector = Projector(engine, client, KEYS)
+        queue = FinalizeQueue(client, KEYS, "worker-a")
+        alerts: list[tuple[str, dict[str, object]]] = []
+        worker = FinalizeWorker(engine, queue, settlement, claim_idle_ms=50, alert=lambda k, d: alerts.append((k, d)))
+        try:
+            await queue.ensure_group()
+            yield Loop(engine, projector, queue, worker, simulator, clock, client, alerts)
+        finally:
+            await settlement.aclose()
+            await client.aclose()
+
+
+async def commit(loop: Loop, account: str, key: str, estimate: int, actual: int) -> str:
+    held = await loop.engine.execute(cmd.Reserve(account, key, estimate))
+    assert isinstance(held, EntryResult), held
+    done = await loop.engine.execute(cmd.Commit(held.entry.billing_entry_id, actual))
+    assert isinstance(done, EntryResult), done
+    return held.entry.billing_entry_id
+
+
+async def funded(loop: Loop, account: str = "acct", amount: int = 100_000_000) -> None:
+    await loop.engine.execute(cmd.Credit(account, f"mint-{account}", CreditKind.MINT, amount))
+
+
+def finalized(loop: Loop) -> dict[str, tuple[int, int]]:
+    """What the simulator finalized: reservation → (amount, calls)."""
+    page, _ = loop.simulator.state.book.page(None, 1000)
+    return {record.reservation_id: (record.actual_cost_micro, record.calls) for record in page}
+
+
+async def test_commits_reach_finalize_acked_exactly_once(loop: Loop) -> None:
+    """Every committed charge is finalized once with its charged amount, and the queue ends empty."""
+    await funded(loop)
+    ids = [await commit(loop, "acct", f"r{i}", 5_000, 1_000 + i) for i in range(12)]
+    await loop.drain()
+    assert dict.fromkeys(ids, S.FINALIZE_ACKED) == loop.states()
+    assert {entry_id: (1_000 + i, 1) for i, entry_id in enumerate(ids)} == finalized(loop)
+    assert {"stream": 0, "pending": 0, "delayed": 0, "poison": 0} == await loop.queue.depths()
+    assert [] == await differences(loop.client, KEYS, loop.engine.state)
+
+
+async def test_outage_opens_breaker_spends_no_attempts_and_recovers(loop: Loop) -> None:
+    """During an outage the breaker opens and no attempt is spent; afterwards every entry is acked once."""
+    await funded(loop)
+    ids = [await commit(loop, "acct", f"r{i}", 5_000, 2_000) for i in range(8)]
+    loop.faults(outage=True)
+    await loop.drain()
+    assert BreakerState.OPEN == loop.worker.breaker_state()
+    calls_when_opened = loop.worker.calls
+    assert 5 <= calls_when_opened <= 8  # calls already in flight when the fifth failure came back
+    for _ in range(10):  # time passes inside the cooldown: no call, no attempt spent
+        loop.clock.advance(2_000)
+        await loop.drain()
+    assert calls_when_opened == loop.worker.calls
+    assert all(state is S.FINALIZE_PENDING for state in loop.states().values())
+    members: list[bytes] = await loop.client.zrange(KEYS.delayed, 0, -1)  # type: ignore[assignment]
+    delayed = [msgspec.json.decode(m)["attempt"] for m in members]
+    messages: list[tuple[bytes, dict[bytes, bytes]]] = await loop.client.xrange(KEYS.finalize)  # type: ignore[assignment]
+    queued = [fields[b"attempt"].decode() for _, fields in messages]
+    assert ["2"] * 8 == delayed + queued  # one real attempt each, none spent while OPEN
+    loop.faults(outage=False)
+    await loop.drain(advance_ms=5_000, rounds=40)
+    assert BreakerState.CLOSED == loop.worker.breaker_state()
+    assert dict.fromkeys(ids, S.FINALIZE_ACKED) == loop.states()
+    assert dict.fromkeys(ids, (2000, 1)) == finalized(loop)
+    assert [] == loop.alerts
+
+
+async def test_terminal_status_is_poison_at_once_and_bulk_replay_acks(loop: Loop) -> None:
+    """A 422 dead-letters the entry after one attempt with one alert; bulk replay later acks it."""
+    await funded(loop)
+    ids = [await commit(loop, "acct", f"r{i}", 5_000, 3_000) for i in range(3)]
+    loop.faults(status_override=422)
+    await loop.drain()
+    assert dict.fromkeys(ids, S.FINALIZE_FAILED) == loop.states()
+    assert 3 == loop.worker.calls
+    assert ["finalize_poison"] * 3 == [kind for kind, _ in loop.alerts]
+    assert 3 == (await loop.queue.depths())["poison"]
+    loop.faults()
+    report = await loop.worker.replay_dead_letters()
+    await loop.project()
+    assert (3, 3, 0, 0) == (report.examined, report.acked, report.still_failing, report.skipped)
+    assert dict.fromkeys(ids, S.FINALIZE_ACKED) == loop.states()
+    assert 0 == (await loop.queue.depths())["poison"]
+    assert [] == await differences(loop.client, KEYS, loop.engine.state)
+
+
+async def test_retries_follow_backoff_then_poison(loop: Loop) -> None:
+    """A settlement that keeps failing is retried on the backoff schedule, then dead-lettered with one alert."""
+    await funded(loop)
+    entry_id = await commit(loop, "acct", "r", 5_000, 4_000)
+    loop.faults(error_rate=1.0)
+    calls = []
+    for _ in range(40):
+        await loop.drain()
+        calls.append(loop.worker.calls)
+        loop.clock.advance(500)
+    assert S.FINALIZE_FAILED == loop.states()[entry_id]
+    assert 5 == loop.worker.calls
+    first_call_round = [calls.index(n) for n in range(1, 6)]
+    gaps_ms = [(b - a) * 500 for a, b in itertools.pairwise(first_call_round)]
+    assert [1_000, 2_000, 4_000, 8_000] == gaps_ms
+    assert [("finalize_poison", entry_id)] == [(kind, d["billing_entry_id"]) for kind, d in loop.alerts]
+
+
+async def test_escalation_fires_once_per_entry_even_across_restarts(loop: Loop, tmp_path: Path) -> None:
+    """24 h after failing, a dead letter raises one escalation alert, recorded so it never repeats."""
+    await funded(loop)
+    entry_id = await commit(loop, "acct", "r", 5_000, 1_000)
+    loop.faults(status_override=400)
+    await loop.drain()
+    loop.clock.advance(ESCALATION_WINDOW_MS - 1)
+    await loop.drain()
+    assert ["finalize_poison"] == [kind for kind, _ in loop.alerts]
+    loop.clock.advance(1)
+    await loop.drain()
+    await loop.drain()
+    assert ["finalize_poison", "finalize_escalation"] == [kind for kind, _ in loop.alerts]
+    assert entry_id in loop.engine.state.escalations
+    settings = loop.engine.settings
+    await loop.engine.close()
+    async with Engine.open(settings=settings, clock=loop.clock) as reopened:
+        assert entry_id in reopened.state.escalations
+
+
+async def test_a_message_held_by_a_dead_consumer_is_reclaimed(loop: Loop, redis_server: EmbeddedRedis) -> None:
+    """A worker that read a message and died leaves it pending; another consumer claims and acks it once."""
+    await funded(loop)
+    entry_id = await commit(loop, "acct", "r", 5_000, 1_500)
+    await loop.project()
+    dead = FinalizeQueue(loop.client, KEYS, "worker-dead")
+    delivered = await dead.read()
+    assert [entry_id] == [fields[b"billing_entry_id"].decode() for _, fields in delivered]  # type: ignore[index]
+    assert 0 == await loop.worker.run_once()  # nothing new to read; not idle long enough yet
+    await asyncio.sleep(0.06)  # XAUTOCLAIM measures idleness on the Redis server's clock
+    assert 1 == await loop.worker.run_once()
+    await loop.project()
+    assert S.FINALIZE_ACKED == loop.states()[entry_id]
+    assert {entry_id: (1_500, 1)} == finalized(loop)
+    assert {"stream": 0, "pending": 0, "delayed": 0, "poison": 0} == await loop.queue.depths()
+
+
+async def test_risk_cap_refuses_new_holds_until_settled(loop: Loop) -> None:
+    """Unsettled exposure above 500 CU blocks new holds (402); settling lifts it."""
+    await funded(loop)
+    loop.faults(outage=True)
+    for i in range(6):  # 6 × $1 = 600 CU unsettled
+        await commit(loop, "acct", f"big{i}", 1_000_000, 1_000_000)
+    refused = await loop.engine.execute(cmd.Reserve("acct", "next", 1))
+    assert isinstance(refused, Refusal)
+    assert RefusalCode.PENDING_SETTLEMENT_LIMIT == refused.code
+    loop.faults()
+    await loop.drain(advance_ms=5_000, rounds=20)
+    assert isinstance(await loop.engine.execute(cmd.Reserve("acct", "next", 1)), EntryResult)
+
+
+async def test_reconciliation_cap_refuses_new_holds_until_replayed(loop: Loop) -> None:
+    """When dead letters reach the cap, new holds get 503 billing_service_unavailable; replay lifts it."""
+    await funded(loop)
+    loop.faults(status_override=403)
+    for i in range(3):
+        await commit(loop, "acct", f"r{i}", 1_000, 1_000)
+    await loop.drain()
+    refused = await loop.engine.execute(cmd.Reserve("acct", "blocked", 1))
+    assert isinstance(refused, Refusal)
+    assert (RefusalCode.BILLING_SERVICE_UNAVAILABLE, 30) == (refused.code, refused.details["retry_after_seconds"])
+    loop.faults()
+    await loop.worker.replay_dead_letters()
+    assert isinstance(await loop.engine.execute(cmd.Reserve("acct", "blocked", 1)), EntryResult)
+
+
+async def test_flushed_redis_requeues_pending_and_nothing_is_finalized_twice(loop: Loop) -> None:
+    """After a FLUSHALL the rebuild requeues every pending charge; each is still finalized exactly once."""
+    await funded(loop)
+    first = [await commit(loop, "acct", f"a{i}", 5_000, 1_000) for i in range(4)]
+    await loop.drain()
+    loop.faults(outage=True)
+    second = [await commit(loop, "acct", f"b{i}", 5_000, 2_000) for i in range(4)]
+    await loop.drain()
+    await loop.client.flushall()
+    loop.faults()
+    loop.worker.reset_breaker()
+    await loop.queue.ensure_group()
+    await loop.drain(advance_ms=5_000, rounds=20)
+    assert dict.fromkeys(first + second, S.FINALIZE_ACKED) == loop.states()
+    assert all(calls == 1 for _, calls in finalized(loop).values())
+    assert 8 == len(finalized(loop))
