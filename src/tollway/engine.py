@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -196,6 +197,13 @@ class Engine:
         self._snap_io.shutdown(wait=True)
         await asyncio.to_thread(self._writer.close)
         self._lock.release()
+
+    def set_holds_allowed(self, allowed: bool) -> None:
+        """Open or close the gate on new holds and charges (the conservation guard's lever).
+
+        Commits, releases and settlement outcomes are never gated: refusing them would lose money.
+        """
+        self.policy = dataclasses.replace(self.policy, holds_allowed=allowed)
 
     def now_ms(self) -> int:
         """The engine's clock, for components that must agree with it (lag, rebuild times)."""
