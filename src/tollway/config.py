@@ -16,7 +16,7 @@ import os
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -66,6 +66,31 @@ class Settings:
     max_pending_risk_cu: int = MAX_PENDING_RISK_LIMIT_CU
     max_pending_reconciliation: int = MAX_PENDING_RECONCILIATION
     max_response_bytes: int = MAX_STORED_RESPONSE_BYTES
+    # -- Redis (projection and finalize queue) --
+    redis_url: str | None = None  # None: start a private redis-server in <data_dir>/redis
+    redis_prefix: str = "tw"
+    shard: str = "0"  # the hash tag of every key of this engine
+    redis_memory_bytes_max: int = 1 << 30  # maxmemory of the embedded server (noeviction)
+    # -- settlement --
+    settlement_timeout_ms: int = 1000
+    settlement_issuer: str = "tollway"
+    settlement_audience: str = "arrakis"
+    settlement_tenant_id: str = "default"
+    settlement_allow_hs256: bool = False  # only with an explicit secret; ES256 otherwise
+    settlement_hs256_secret: str | None = None
+    worker_concurrency: int = 8  # settlement calls in flight per worker
+    claim_idle_ms: int = 30_000  # a delivered message idle this long is reclaimed
+    replay_concurrency: int = 5  # bulk replay of dead letters
+    # -- HTTP service --
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    http_body_bytes_max: int = 1 << 20  # larger request bodies get 413 before parsing
+    auth_audience: str = "tollway"
+    auth_issuer: str = "tollway"
+    auth_public_key_files: str = ""  # comma-separated PEM/JWK/JWKS files; empty: the dev key
+    auth_allow_hs256: bool = False  # development only
+    auth_hs256_secret: str | None = None
+    pricing_file: Path | None = None  # None: the shipped default price table
 
     def __post_init__(self) -> None:
         _check_range("segment_bytes", self.segment_bytes, 4096, MAX_WAL_FILE_BYTES)
@@ -83,6 +108,17 @@ class Settings:
         _check_range("max_pending_risk_cu", self.max_pending_risk_cu, 0, INT64_MAX)
         _check_range("max_pending_reconciliation", self.max_pending_reconciliation, 1, 1_000_000)
         _check_range("max_response_bytes", self.max_response_bytes, 0, 1 << 20)
+        _check_range("redis_memory_bytes_max", self.redis_memory_bytes_max, 16 << 20, 1 << 40)
+        _check_range("settlement_timeout_ms", self.settlement_timeout_ms, 10, 60_000)
+        _check_range("worker_concurrency", self.worker_concurrency, 1, 256)
+        _check_range("claim_idle_ms", self.claim_idle_ms, 10, 3_600_000)
+        _check_range("replay_concurrency", self.replay_concurrency, 1, 64)
+        _check_range("http_port", self.http_port, 0, 65_535)
+        _check_range("http_body_bytes_max", self.http_body_bytes_max, 1024, 64 << 20)
+        for name in ("redis_prefix", "shard"):
+            value = getattr(self, name)
+            if not value or any(c in value for c in "{}: "):
+                raise ConfigError(f"{name} must be non-empty, without braces, colons or spaces")
 
     @property
     def wal_dir(self) -> Path:
@@ -129,27 +165,66 @@ _HINTS: Final = typing.get_type_hints(Settings)
 
 def _convert(name: str, raw: object) -> object:
     hint = _HINTS[name]
-    optional = isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
-    if optional:
+    if isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint):  # optional
         if raw is None or raw == "":
             return None
         hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
-    if hint is int and (isinstance(raw, bool) or not isinstance(raw, int | str)):
+    converter = _CONVERTERS.get(hint)
+    if converter is None and isinstance(hint, type) and issubclass(hint, enum.Enum):
+        converter = _enum_of(hint)
+    if converter is None:
+        raise ConfigError(f"setting {name} has an unsupported type")  # a bug in this module
+    return converter(name, raw)
+
+
+def _integer(name: str, raw: object) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int | str):
         raise ConfigError(f"invalid value for {name}: {raw!r} (expected an integer)")
-    if hint is str and not isinstance(raw, str):
-        raise ConfigError(f"invalid value for {name}: {raw!r} (expected a string)")
     try:
-        if hint is int:
-            return int(raw)  # type: ignore[call-overload]
-        if hint is Path:
-            return Path(str(raw))
-        if isinstance(hint, type) and issubclass(hint, enum.Enum):
-            return raw if isinstance(raw, hint) else hint(raw)
+        return int(raw)
     except ValueError as exc:
         raise ConfigError(f"invalid value for {name}: {raw!r} ({exc})") from exc
-    if hint is str:
+
+
+def _string(name: str, raw: object) -> str:
+    if not isinstance(raw, str):
+        raise ConfigError(f"invalid value for {name}: {raw!r} (expected a string)")
+    return raw
+
+
+def _path(name: str, raw: object) -> Path:
+    return Path(_string(name, str(raw) if isinstance(raw, Path) else raw))
+
+
+def _enum_of(kind: type[enum.Enum]) -> Callable[[str, object], object]:
+    def convert(name: str, raw: object) -> object:
+        try:
+            return raw if isinstance(raw, kind) else kind(raw)
+        except ValueError as exc:
+            raise ConfigError(f"invalid value for {name}: {raw!r} ({exc})") from exc
+
+    return convert
+
+
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off"})
+
+
+def _boolean(name: str, raw: object) -> bool:
+    if isinstance(raw, bool):
         return raw
-    raise ConfigError(f"setting {name} has an unsupported type")  # a bug in this module
+    text = str(raw).strip().lower()
+    if text in _TRUE | _FALSE:
+        return text in _TRUE
+    raise ConfigError(f"invalid value for {name}: {raw!r} (expected true or false)")
+
+
+_CONVERTERS: Final[dict[object, Callable[[str, object], object]]] = {
+    int: _integer,
+    str: _string,
+    bool: _boolean,
+    Path: _path,
+}
 
 
 def load_settings(mapping: Mapping[str, object]) -> Settings:

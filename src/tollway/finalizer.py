@@ -30,6 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+import redis.exceptions
+
 from tollway.core import breaker as brk
 from tollway.core import commands as cmd
 from tollway.core import events as ev
@@ -50,6 +52,7 @@ CONCURRENCY: Final = 8
 REPLAY_CONCURRENCY: Final = 5
 BLOCK_MS: Final = 1_000
 IDLE_PAUSE_MS: Final = 200
+RETRY_PAUSE_MS: Final = 500
 
 Alert = Callable[[str, dict[str, object]], None]
 
@@ -181,11 +184,14 @@ class FinalizeWorker:
                 handled = await self.run_once(block_ms=BLOCK_MS)
             except REDIS_ERRORS as exc:
                 log.warning("finalize worker: redis unavailable, retrying: %s", exc)
-                await asyncio.sleep(1)
-                await self._ensure_group()
+            except redis.exceptions.ResponseError as exc:  # e.g. NOGROUP after a rebuild or FLUSHALL
+                log.warning("finalize worker: %s; recreating the consumer group", exc)
+            else:
+                if handled == 0:
+                    await asyncio.sleep(IDLE_PAUSE_MS / 1000)
                 continue
-            if handled == 0:
-                await asyncio.sleep(IDLE_PAUSE_MS / 1000)
+            await asyncio.sleep(RETRY_PAUSE_MS / 1000)
+            await self._ensure_group()
 
     async def _ensure_group(self) -> None:
         try:

@@ -1,0 +1,177 @@
+"""The running service: engine, Redis, projector, finalize worker and expiry sweeper, assembled.
+
+:meth:`Service.running` is the runtime half of the composition root (the CLI and the app
+factory are the other half: they read configuration and call this). It opens the engine
+(recovering from disk), connects to Redis — a private embedded ``redis-server`` in
+``<data_dir>/redis`` unless ``redis_url`` is set — and starts the background tasks:
+
+- the projector (Redis catches up from the WAL; Redis being down never stops billing);
+- the finalize worker, in settlement mode only (a ``settlement_url`` is configured);
+- the expiry sweeper.
+
+On exit the tasks are stopped, the projector gets one last bounded chance to catch up, the
+engine finishes pending writes and takes a snapshot, and the embedded Redis is shut down.
+Nothing here decides anything about money.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Final
+
+import redis.asyncio as aioredis
+
+from tollway.config import Settings
+from tollway.core.observer import Observer
+from tollway.engine import Engine, system_clock_ms
+from tollway.finalizer import Alert, FinalizeWorker, log_alert
+from tollway.redis.keys import Keys
+from tollway.redis.projector import REDIS_ERRORS, Projector
+from tollway.redis.queue import FinalizeQueue
+from tollway.redis.server import EmbeddedRedis
+from tollway.settlement.client import SettlementAuth, SettlementClient
+from tollway.tokens import SigningKey, load_or_create_signing_key
+
+log = logging.getLogger("tollway.service")
+
+SETTLEMENT_KEY_FILE: Final = "settlement-signing-key.pem"
+FINAL_SYNC_TIMEOUT_S: Final = 5.0
+REDIS_SOCKET_TIMEOUT_S: Final = 5.0
+
+
+def keys_dir(settings: Settings) -> Path:
+    """Where the service keeps its generated signing keys (mode 0700)."""
+    return settings.data_dir / "keys"
+
+
+def settlement_signing_key(settings: Settings) -> tuple[SigningKey, bool]:
+    """The key that signs finalize calls, created in the data directory on first use."""
+    directory = keys_dir(settings)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return load_or_create_signing_key(directory, SETTLEMENT_KEY_FILE)
+
+
+def redis_keys(settings: Settings) -> Keys:
+    """The key layout of this service's shard."""
+    return Keys(settings.redis_prefix, settings.shard)
+
+
+class Service:
+    """One engine and everything that runs beside it. Create it with :meth:`running`."""
+
+    def __init__(
+        self, settings: Settings, engine: Engine, client: aioredis.Redis, embedded: EmbeddedRedis | None
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.redis = client
+        self.embedded = embedded
+        self.keys = redis_keys(settings)
+        self.projector = Projector(engine, client, self.keys)
+        self.queue = FinalizeQueue(client, self.keys, consumer=f"worker-{os.getpid()}")
+        self.settlement: SettlementClient | None = None
+        self.worker: FinalizeWorker | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def running(
+        cls,
+        settings: Settings,
+        *,
+        clock: Callable[[], int] = system_clock_ms,
+        observer: Observer | None = None,
+        alert: Alert = log_alert,
+        background: bool = True,
+    ) -> AsyncIterator[Service]:
+        """Start everything; on exit, stop it in order. ``background=False`` starts no task (tests)."""
+        engine = await Engine.start(settings, clock=clock, observer=observer)
+        embedded: EmbeddedRedis | None = None
+        try:
+            if settings.redis_url is None:
+                embedded = await EmbeddedRedis.start(
+                    settings.data_dir / "redis", memory_bytes_max=settings.redis_memory_bytes_max
+                )
+            url = settings.redis_url or (embedded.url if embedded else "")
+            client = aioredis.Redis.from_url(url, socket_timeout=REDIS_SOCKET_TIMEOUT_S)
+            service = cls(settings, engine, client, embedded)
+            service._start_settlement(clock, alert)
+            if background:
+                service._start_background()
+            try:
+                yield service
+            finally:
+                await service._stop()
+        finally:
+            if embedded is not None:
+                await embedded.stop()
+            await engine.close()
+
+    def _start_settlement(self, clock: Callable[[], int], alert: Alert) -> None:
+        settings = self.settings
+        if settings.settlement_url is None:
+            return
+        key, created = settlement_signing_key(settings)
+        if created:
+            log.warning("created a settlement signing key in %s (kid %s)", keys_dir(settings), key.kid)
+        secret = settings.settlement_hs256_secret.encode() if settings.settlement_hs256_secret else None
+        auth = SettlementAuth(
+            signing_key=None if settings.settlement_allow_hs256 and secret else key,
+            hs256_secret=secret,
+            allow_hs256=settings.settlement_allow_hs256,
+            issuer=settings.settlement_issuer,
+            audience=settings.settlement_audience,
+            tenant_id=settings.settlement_tenant_id,
+        )
+        self.settlement = SettlementClient.from_url(
+            settings.settlement_url, auth, clock_ms=clock, timeout_ms=settings.settlement_timeout_ms
+        )
+        self.worker = FinalizeWorker(
+            self.engine,
+            self.queue,
+            self.settlement,
+            concurrency=settings.worker_concurrency,
+            claim_idle_ms=settings.claim_idle_ms,
+            alert=alert,
+        )
+
+    def _start_background(self) -> None:
+        self._spawn(self.projector.run(), "projector")
+        self._spawn(self.engine.run_sweeper(), "sweeper")
+        if self.worker is not None:
+            self._spawn(self.worker.run(), "finalize-worker")
+
+    def _spawn(self, coro: object, name: str) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+        task.add_done_callback(_report_crash)
+        self._tasks.append(task)
+
+    async def _stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        await self.engine.wait_durable(self.engine.state.last_sequence)
+        try:
+            async with asyncio.timeout(FINAL_SYNC_TIMEOUT_S):
+                await self.projector.sync()
+        except (TimeoutError, *REDIS_ERRORS) as exc:
+            log.warning("projection not fully caught up at shutdown (it will at the next start): %s", exc)
+        if self.settlement is not None:
+            await self.settlement.aclose()
+        await self.redis.aclose()
+
+
+def _report_crash(task: asyncio.Task[None]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.critical("background task %s stopped: %r", task.get_name(), exc)
