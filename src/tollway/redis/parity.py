@@ -119,8 +119,9 @@ async def _entries(client: aioredis.Redis, keys: Keys, state: State) -> list[str
 
 async def _queues(client: aioredis.Redis, keys: Keys, state: State) -> list[str]:
     pending = {e.billing_entry_id for e in state.entries.values() if e.state is EntryState.FINALIZE_PENDING}
-    # A message whose entry is already acked is waiting for the worker's XACK: harmless (a repeat gets 409).
-    settled = {e.billing_entry_id for e in state.entries.values() if e.state is EntryState.FINALIZE_ACKED}
+    # A message whose entry has left FINALIZE_PENDING is stale: the outcome is in the WAL and the
+    # worker finishes such a message without calling settlement. Only unknown entries are wrong.
+    settled = {entry_id for entry_id in state.entries if entry_id not in pending}
     failed = {e.billing_entry_id for e in state.entries.values() if e.state is EntryState.FINALIZE_FAILED}
     queued = _stream_ids(await client.xrange(keys.finalize))
     delayed = [msgspec.json.decode(_text(m))["billing_entry_id"] for m in await client.zrange(keys.delayed, 0, -1)]
