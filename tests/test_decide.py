@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tollway.core import commands as cmd
+from tollway.core import events as ev
 from tollway.core.commands import CreditKind, EntryResult, OverrunPolicy, Policy, Refusal, RefusalCode
 from tollway.core.errors import InvalidInput
 from tollway.core.lifecycle import EntryState
@@ -383,4 +384,15 @@ def test_malformed_commands_raise_and_write_nothing(command: cmd.Command) -> Non
     count = len(engine.events)
     with pytest.raises(InvalidInput):
         engine.execute(command)
+    assert count == len(engine.events)
+
+
+def test_a_note_cannot_move_money() -> None:
+    """Notes record audit information only; a money event disguised as a note is bad input."""
+    engine = funded()
+    rate = ev.RateSnapshot(100, 1_000_000, 0)
+    forged = ev.BillingCharge("acct", "r", 10, 10, False, False, rate, "f")
+    count = len(engine.events)
+    with pytest.raises(InvalidInput):
+        engine.execute(cmd.Note(forged))
     assert count == len(engine.events)

@@ -10,11 +10,14 @@ from __future__ import annotations
 from typing import Final
 
 from tollway.core import commands as cmd
+from tollway.core import events as ev
 from tollway.core.errors import InvalidInput
 from tollway.core.ids import check_account_id, check_correlation_id, check_entry_id, check_request_id
 from tollway.core.money import check_micro
 
 MAX_TEXT_LENGTH: Final = 1024
+NOTE_PAYLOADS: Final = (ev.Audit, ev.BillingReconciliation, ev.RequestStart)
+"""The only events a :class:`~tollway.core.commands.Note` may record: none of them moves money."""
 """Longest reason, admin id or note text accepted."""
 
 
@@ -68,6 +71,10 @@ def validate(command: cmd.Command) -> None:  # noqa: C901 - one flat case per co
                 check_micro(command.paid_micro_usdc, field="paid_micro_usdc")
             _text(command.reason, "reason", required=False)
         case cmd.Note():
+            if not isinstance(command.payload, NOTE_PAYLOADS):
+                raise InvalidInput(
+                    "a note records audit information only; money moves through commands", field="payload"
+                )
             check_correlation_id(command.correlation_id)
             if command.billing_entry_id is not None:
                 check_entry_id(command.billing_entry_id)
