@@ -8,12 +8,14 @@ from pathlib import Path
 
 from tollway import Settings
 from tollway.core import commands as cmd
+from tollway.core import events as ev
 from tollway.core.commands import CreditKind, EntryResult
 from tollway.core.lifecycle import EntryState
 from tollway.redis.parity import differences
 from tollway.service import Service, settlement_signing_key
 from tollway.settlement.sim_config import SimulatorConfig
 from tollway.settlement.simulator import SimulatorServer
+from tollway.wal.segments import iter_events
 
 
 async def eventually(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
@@ -55,3 +57,25 @@ async def test_settlement_mode_finalizes_in_the_background(tmp_path: Path) -> No
         record = simulator.state.book.get(entry_id)
         assert record is not None
         assert (2_500, 1) == (record.actual_cost_micro, record.calls)
+
+
+async def test_guard_is_ready_and_metrics_are_scrapeable(tmp_path: Path) -> None:
+    """After startup the guard allows holds and one scrape carries transitions, queue depths and the guard."""
+    async with Service.running(Settings(data_dir=tmp_path / "data")) as service:
+        assert "ready" == service.guard.status().to_dict()["state"]
+        await service.engine.execute(cmd.Credit("acct", "m", CreditKind.MINT, 10_000))
+        await service.engine.execute(cmd.Reserve("acct", "r", 3_000))
+        await service.collect_metrics()
+        text = service.metrics.render().decode()
+    for name in ("billing_state_transitions_total", "billing_finalize_queue_depth", "billing_guard_state"):
+        assert name in text
+    assert 'billing_state_transitions_total{from_state="IDLE",to_state="RESERVE_HELD"} 1.0' in text
+
+
+async def test_guard_bypass_is_recorded_in_the_wal(tmp_path: Path) -> None:
+    """Starting with the break-glass bypass writes an audit event and leaves the guard bypassed."""
+    settings = Settings(data_dir=tmp_path / "data")
+    async with Service.running(settings, guard_bypass=True) as service:
+        assert "bypassed" == service.guard.status().to_dict()["state"]
+    actions = [e.payload.action for e in iter_events(settings.wal_dir) if isinstance(e.payload, ev.Audit)]
+    assert ["guard_bypass"] == actions

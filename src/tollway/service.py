@@ -7,7 +7,11 @@ factory are the other half: they read configuration and call this). It opens the
 
 - the projector (Redis catches up from the WAL; Redis being down never stops billing);
 - the finalize worker, in settlement mode only (a ``settlement_url`` is configured);
-- the expiry sweeper.
+- the expiry sweeper;
+- the conservation guard, which gates new holds until its startup checks pass.
+
+Metrics are collected by a :class:`~tollway.metrics.MetricsObserver` on the engine and by
+:meth:`Service.collect_metrics` just before a scrape.
 
 On exit the tasks are stopped, the projector gets one last bounded chance to catch up, the
 engine finishes pending writes and takes a snapshot, and the embedded Redis is shut down.
@@ -29,7 +33,10 @@ import redis.asyncio as aioredis
 from tollway.config import Settings
 from tollway.core.observer import Observer
 from tollway.engine import Engine, system_clock_ms
-from tollway.finalizer import Alert, FinalizeWorker, log_alert
+from tollway.finalizer import Alert, FinalizeWorker
+from tollway.guard import CheckUnavailable, GuardRunner, ParityCheck, redis_parity
+from tollway.logs import structlog_alert
+from tollway.metrics import Metrics, MetricsObserver
 from tollway.redis.keys import Keys
 from tollway.redis.projector import REDIS_ERRORS, Projector
 from tollway.redis.queue import FinalizeQueue
@@ -65,17 +72,31 @@ class Service:
     """One engine and everything that runs beside it. Create it with :meth:`running`."""
 
     def __init__(
-        self, settings: Settings, engine: Engine, client: aioredis.Redis, embedded: EmbeddedRedis | None
+        self,
+        settings: Settings,
+        engine: Engine,
+        client: aioredis.Redis,
+        embedded: EmbeddedRedis | None,
+        metrics: Metrics,
+        *,
+        guard_bypass: bool = False,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.redis = client
         self.embedded = embedded
+        self.metrics = metrics
         self.keys = redis_keys(settings)
         self.projector = Projector(engine, client, self.keys)
         self.queue = FinalizeQueue(client, self.keys, consumer=f"worker-{os.getpid()}")
         self.settlement: SettlementClient | None = None
         self.worker: FinalizeWorker | None = None
+        self.guard = GuardRunner(
+            engine,
+            parity=_lenient(redis_parity(engine, self.projector)),
+            bypass=guard_bypass,
+            on_checked=metrics.guard_checked,
+        )
         self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod
@@ -86,11 +107,17 @@ class Service:
         *,
         clock: Callable[[], int] = system_clock_ms,
         observer: Observer | None = None,
-        alert: Alert = log_alert,
+        alert: Alert | None = None,
+        guard_bypass: bool = False,
         background: bool = True,
     ) -> AsyncIterator[Service]:
-        """Start everything; on exit, stop it in order. ``background=False`` starts no task (tests)."""
-        engine = await Engine.start(settings, clock=clock, observer=observer)
+        """Start everything; on exit, stop it in order. ``background=False`` starts no task (tests).
+
+        ``guard_bypass`` is the break-glass ``TOLLWAY_GUARD_BYPASS=true``: holds are allowed
+        whatever the checks say, and the bypass is written to the WAL as an audit event.
+        """
+        metrics = Metrics()
+        engine = await Engine.start(settings, clock=clock, observer=observer or MetricsObserver(metrics))
         embedded: EmbeddedRedis | None = None
         try:
             if settings.redis_url is None:
@@ -99,10 +126,11 @@ class Service:
                 )
             url = settings.redis_url or (embedded.url if embedded else "")
             client = aioredis.Redis.from_url(url, socket_timeout=REDIS_SOCKET_TIMEOUT_S)
-            service = cls(settings, engine, client, embedded)
-            service._start_settlement(clock, alert)
+            service = cls(settings, engine, client, embedded, metrics, guard_bypass=guard_bypass)
+            service._start_settlement(clock, alert or structlog_alert(metrics))
             if background:
                 service._start_background()
+            await service.guard.start()
             try:
                 yield service
             finally:
@@ -111,6 +139,12 @@ class Service:
             if embedded is not None:
                 await embedded.stop()
             await engine.close()
+
+    async def collect_metrics(self) -> None:
+        """Refresh the state gauges (queue depths, lag, breaker, guard) before a scrape."""
+        await self.metrics.collect_from(
+            engine=self.engine, worker=self.worker, projector=self.projector, queue=self.queue, guard=self.guard.guard
+        )
 
     def _start_settlement(self, clock: Callable[[], int], alert: Alert) -> None:
         settings = self.settings
@@ -152,6 +186,7 @@ class Service:
         self._tasks.append(task)
 
     async def _stop(self) -> None:
+        await self.guard.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -167,6 +202,24 @@ class Service:
         if self.settlement is not None:
             await self.settlement.aclose()
         await self.redis.aclose()
+
+
+def _lenient(check: ParityCheck) -> ParityCheck:
+    """Projection parity that cannot be checked (Redis away, catching up) does not block billing.
+
+    SPEC §7: Redis down never stops billing; §9: the guard is ready when the projection is
+    consistent *or rebuilding* — an unreachable or moving projection is caught up by the
+    projector, so it passes here with a warning. A real difference still fails.
+    """
+
+    async def wrapped() -> list[str]:
+        try:
+            return await check()
+        except CheckUnavailable as exc:
+            log.warning("projection parity not checked (the projector catches up): %s", exc)
+            return []
+
+    return wrapped
 
 
 def _report_crash(task: asyncio.Task[None]) -> None:
