@@ -1,0 +1,75 @@
+"""The ASGI app factory: routes, the body limit, the error table, OpenAPI — over a running service.
+
+:func:`create_app` is the HTTP half of the composition root. It receives everything already
+built — the running :class:`~tollway.service.Service` (with its conservation guard and
+metrics), the :class:`~tollway.api.auth.Authenticator`, and optionally a price table — and
+only wires them to routes; it opens nothing and reads no
+environment, so tests build an app around a service on ``tmp_path`` and call it in-process.
+
+Middleware, outermost first: the body limit (413 before parsing). Errors of every kind are
+turned into the stable body by :mod:`tollway.api.errors`. ``/openapi.json`` is generated from
+the handlers and the pydantic schemas; ``/docs`` renders it.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from fastapi import FastAPI
+
+from tollway.api import routes_accounts, routes_billing, routes_ops
+from tollway.api.auth import Authenticator
+from tollway.api.context import AppContext
+from tollway.api.errors import install_error_handlers
+from tollway.api.limits import BodyLimit
+from tollway.core.pricing import PriceTable
+from tollway.guard import GuardRunner
+from tollway.metrics import Metrics
+from tollway.pricing import default_prices
+from tollway.service import Service
+
+API_TITLE: Final = "tollway"
+API_VERSION: Final = "1"
+API_DESCRIPTION: Final = """\
+The billing loop for AI-inference gateways: **reserve** the worst-case cost before a model
+call, **commit** the actual cost (or **release** the hold) after it.
+
+Amounts are micro-USD (10⁻⁶ USD) as decimal strings named `*_micro` (JSON integers are accepted
+on input); credit units are `*_cu`. Every error is `{"error": code, "message": …, …details}`.
+Authenticate with `Authorization: Bearer <JWT>` carrying the scopes `billing:read`,
+`billing:gateway` or `billing:admin` (admin ⊃ gateway ⊃ read) and optionally `accounts`.
+"""
+
+
+def create_app(
+    service: Service,
+    *,
+    authenticator: Authenticator,
+    pricing: PriceTable | None = None,
+    guard: GuardRunner | None = None,
+    metrics: Metrics | None = None,
+) -> FastAPI:
+    """The HTTP API over ``service``.
+
+    ``pricing`` defaults to the shipped price table; ``guard`` and ``metrics`` to the service's own.
+    """
+    app = FastAPI(
+        title=API_TITLE,
+        version=API_VERSION,
+        description=API_DESCRIPTION,
+        openapi_url="/openapi.json",
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.tollway = AppContext(
+        service,
+        authenticator,
+        pricing if pricing is not None else default_prices(),
+        guard if guard is not None else service.guard,
+        metrics if metrics is not None else service.metrics,
+    )
+    for module in (routes_billing, routes_accounts, routes_ops):
+        app.include_router(module.router)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, limit_bytes=service.settings.http_body_bytes_max)
+    return app

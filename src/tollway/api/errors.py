@@ -1,0 +1,212 @@
+"""The one error table of the HTTP API: every failure becomes ``{"error": code, "message": …, …details}``.
+
+Business refusals come back from the engine as :class:`~tollway.core.commands.Refusal` values;
+everything else that can go wrong is an exception. Both end here, in one place:
+
+=====================================  ======  =================================================
+code                                   status  raised by
+=====================================  ======  =================================================
+``invalid_request``                    400     bad JSON, a field that breaks a rule (``field_errors``)
+``unauthorized``                       401     no bearer token, or one that does not verify
+``insufficient_funds``                 402     available < requested (micro and CU, ``deficit``)
+``pending_settlement_limit``           402     the account's unsettled exposure is over the cap
+``forbidden``                          403     the token lacks the scope or the account
+``not_found``                          404     no such entry, or no such route
+``method_not_allowed``                 405     a route that exists, another method
+``request_in_progress``                409     the same ``request_id`` is still held
+``invalid_transition``                 409     the entry's ``current_state`` forbids it
+``settlement_not_configured``          409     a settlement operation in standalone mode
+``reservation_expired``                410     the hold's ``expires_at_ms`` passed
+``payload_too_large``                  413     a body over ``http_body_bytes_max``, never parsed
+``idempotency_key_reused``             422     the same key with other parameters
+``billing_service_unavailable``        503     too many charges await reconciliation
+``BILLING_EVALUATOR_UNAVAILABLE``      503     the conservation guard is not ready
+``service_unavailable``                503     the engine stopped (fail-stop); restart recovers
+``redis_unavailable``                  503     a read that needs Redis while it is down
+``internal_error``                     500     a bug; never the answer to bad input
+=====================================  ======  =================================================
+
+Every 503 carries ``Retry-After`` (seconds). Amounts in details are decimal strings when the
+key ends in ``_micro``, like everywhere else on the wire. Handlers never build an error body
+themselves: they raise :class:`ApiError` or return the refusal to :func:`refusal_response`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+import redis.exceptions
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from tollway.api.schemas import ErrorOut
+from tollway.api.wire import json_response
+from tollway.core.commands import Refusal, RefusalCode
+from tollway.core.errors import EngineStopped, InvalidInput, TollwayError, WalIOFailure
+
+log = logging.getLogger("tollway.api")
+
+RETRY_AFTER_S: Final = 30
+"""What every 503 tells the client to wait, in seconds."""
+
+ERROR_STATUS: Final[Mapping[str, int]] = {
+    "invalid_request": 400,
+    "unauthorized": 401,
+    "insufficient_funds": 402,
+    "pending_settlement_limit": 402,
+    "forbidden": 403,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "request_in_progress": 409,
+    "invalid_transition": 409,
+    "settlement_not_configured": 409,
+    "reservation_expired": 410,
+    "payload_too_large": 413,
+    "idempotency_key_reused": 422,
+    "billing_service_unavailable": 503,
+    "BILLING_EVALUATOR_UNAVAILABLE": 503,
+    "service_unavailable": 503,
+    "redis_unavailable": 503,
+    "internal_error": 500,
+}
+"""The status of every error code. The one table."""
+
+_PATH_SHOWN_MAX: Final = 200
+_CODE_OF_HTTP_STATUS: Final = {
+    400: "invalid_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+}
+
+
+class ApiError(TollwayError):
+    """An error the API answers with ``ERROR_STATUS[code]`` and the stable body."""
+
+    def __init__(self, code: str, message: str, **details: object) -> None:
+        super().__init__(message)
+        if code not in ERROR_STATUS:
+            raise KeyError(f"error code {code!r} is not in the error table")
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+def error_response(code: str, message: str, details: Mapping[str, object] | None = None) -> Response:
+    """The stable error body with the status of ``code`` (and ``Retry-After`` on a 503)."""
+    status = ERROR_STATUS[code]
+    body: dict[str, object] = {"error": code, "message": message}
+    for key, value in (details or {}).items():
+        body[key] = str(value) if key.endswith("_micro") and isinstance(value, int) else value
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    if status == 401:
+        headers = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+    return json_response(body, status, headers)
+
+
+def refusal_response(refusal: Refusal) -> Response:
+    """A refusal of the engine, answered by its code's row of the table (``invalid_request`` with field errors)."""
+    if refusal.code is RefusalCode.INVALID_REQUEST:
+        return field_errors_response([(str(refusal.details.get("field", "")), refusal.message)])
+    return error_response(refusal.code.value, refusal.message, refusal.details)
+
+
+def field_errors_response(errors: Sequence[tuple[str, str]], message: str | None = None) -> Response:
+    """400 ``invalid_request`` naming each offending field."""
+    items = [{"field": field, "message": text} for field, text in errors]
+    summary = message or "; ".join(
+        text if not field or text.startswith(field) else f"{field}: {text}" for field, text in errors
+    )
+    return error_response("invalid_request", summary, {"field_errors": items})
+
+
+_GATES: Final = ("pending_settlement_limit", "billing_service_unavailable", "BILLING_EVALUATOR_UNAVAILABLE")
+_ALWAYS: Final = ("invalid_request", "unauthorized", "forbidden", "service_unavailable")
+
+
+def errors_doc(*codes: str, public: bool = False) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the error codes a route may answer (``"guard"``: the hold gates).
+
+    Every route may answer 400 and 503 ``service_unavailable``; unless ``public``, also 401 and 403.
+    """
+    wanted = [code for code in _ALWAYS if not (public and code in ("unauthorized", "forbidden"))]
+    for code in codes:
+        wanted.extend(_GATES if code == "guard" else (code,))
+    by_status: dict[int, list[str]] = {}
+    for code in wanted:
+        by_status.setdefault(ERROR_STATUS[code], []).append(code)
+    return {
+        status: {"model": ErrorOut, "description": "error: " + ", ".join(names)}
+        for status, names in sorted(by_status.items())
+    }
+
+
+# -- exception handlers ----------------------------------------------------------------------
+
+
+async def _api_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.code, exc.message, exc.details)
+
+
+async def _invalid_input(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, InvalidInput)
+    return field_errors_response([(exc.field or "", str(exc))])
+
+
+async def _validation(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    return field_errors_response([_field_error(error) for error in exc.errors()])
+
+
+def _field_error(error: Mapping[str, Any]) -> tuple[str, str]:
+    """``(dotted field path, message)`` of one pydantic error; never echoes the input."""
+    location = [str(part) for part in error.get("loc", ())]
+    if location and location[0] in ("body", "query", "path", "header"):
+        location = location[1:]
+    message = str(error.get("msg", "invalid"))
+    if error.get("type") == "json_invalid":
+        return "", "the body is not valid JSON"
+    if error.get("type") == "model_attributes_type" and not location:
+        return "", "the body must be a JSON object sent with Content-Type: application/json"
+    return ".".join(location), message.removeprefix("Value error, ")
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _CODE_OF_HTTP_STATUS.get(exc.status_code, "invalid_request")
+    if code in ("not_found", "method_not_allowed"):
+        what = "no such endpoint" if code == "not_found" else "method not allowed"
+        return error_response(code, f"{what}: {request.method} {request.url.path[:_PATH_SHOWN_MAX]}")
+    if code == "invalid_request" and exc.status_code != 400:
+        log.warning("unexpected HTTP error %s answered as 400: %s", exc.status_code, exc.detail)
+    return error_response(code, str(exc.detail))
+
+
+async def _stopped(_: Request, exc: Exception) -> Response:
+    return error_response("service_unavailable", f"the billing engine is not running: {exc}")
+
+
+async def _redis_down(_: Request, exc: Exception) -> Response:
+    return error_response("redis_unavailable", f"Redis is unavailable: {type(exc).__name__}")
+
+
+async def _unexpected(_: Request, exc: Exception) -> Response:
+    log.error("unexpected error answering a request", exc_info=exc)
+    return error_response("internal_error", "an unexpected error occurred; it was logged")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every exception type above to its row of the table."""
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(InvalidInput, _invalid_input)
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(EngineStopped, _stopped)
+    app.add_exception_handler(WalIOFailure, _stopped)
+    app.add_exception_handler(redis.exceptions.RedisError, _redis_down)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,125 @@
+"""``tollway demo``: simulated inference traffic through a real engine, then the audit of what it wrote."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from pathlib import Path
+from typing import Annotated, Final
+
+import typer
+from rich.console import Console, Group, RenderableType
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from tollway import audit as auditing
+from tollway import demo as demos
+from tollway.cli.common import ConfigFile, clean_errors, settings_for
+from tollway.config import Durability
+from tollway.core.errors import InvalidInput
+
+DEMO_SECONDS_DEFAULT: Final = 12.0
+
+
+# -- demo ------------------------------------------------------------------------------------
+
+
+@clean_errors
+def demo_command(
+    *,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", file_okay=False, help="An empty or new directory [default: a fresh temporary one]."),
+    ] = None,
+    accounts: Annotated[int, typer.Option(min=1, max=100_000, help="Accounts to credit and bill.")] = 50,
+    seconds: Annotated[
+        float | None,
+        typer.Option(min=0.1, max=3600, help=f"Drive traffic this long [default: {DEMO_SECONDS_DEFAULT:g}]."),
+    ] = None,
+    operations: Annotated[
+        int | None, typer.Option(min=1, help="Stop after this many gateway operations (instead of --seconds).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the simulated traffic.")] = 1,
+    gateways: Annotated[int, typer.Option(min=1, max=10_000, help="Concurrent simulated gateways.")] = 64,
+    config: ConfigFile = None,
+) -> None:
+    """Drive simulated inference traffic through a real engine, then audit what it wrote.
+
+    Gateways reserve, commit (with some overruns), release failed streams, abandon holds for
+    the expiry sweeper, retry with the same request id, charge, void and top up, while a live
+    line shows progress. Ends with entries by state, money by ledger account, refusals by
+    code, measured throughput and the conservation verdict; exit 1 unless it is clean. The
+    WAL is fsynced as in production (set TOLLWAY_DURABILITY=none to skip syncs).
+    """
+    if seconds is not None and operations is not None:
+        raise InvalidInput("give --seconds or --operations, not both", field="seconds")
+    directory = data_dir if data_dir is not None else Path(tempfile.mkdtemp(prefix="tollway-demo-"))
+    if directory.exists() and any(directory.iterdir()):
+        raise InvalidInput(f"the demo needs an empty data directory; {directory} is not empty", field="data_dir")
+    settings = settings_for(config, directory)
+    options = demos.DemoOptions(accounts, seconds or DEMO_SECONDS_DEFAULT, operations, seed, gateways)
+    console = Console()
+    result = asyncio.run(demos.run_demo(settings, options, console))
+    console.print(demo_report(result))
+    console.print(
+        f"The data stays in {directory}; look at it with `tollway audit --data-dir {directory}` "
+        f"or `tollway wal inspect --data-dir {directory} --limit 20`."
+    )
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+def demo_report(result: demos.DemoResult) -> RenderableType:
+    """The demo's final report: states, money, refusals, throughput and the conservation verdict."""
+    return Group(
+        Panel(Text(f"tollway demo — report ({result.data_dir})", style="bold")),
+        auditing.states_table(result.audit),
+        auditing.money_table(result.audit),
+        _refusals_table(result),
+        _throughput_table(result),
+        _traffic_summary(result),
+        auditing.verdict(result.audit),
+    )
+
+
+def _refusals_table(result: demos.DemoResult) -> Table:
+    table = Table(title="Refusals and replays (nothing written)", title_justify="left")
+    table.add_column("answer")
+    table.add_column("count", justify="right")
+    for code, count in result.tally.refusals.most_common():
+        table.add_row(code, f"{count:,}")
+    table.add_row("replayed (idempotent retry)", f"{result.tally.replays:,}", end_section=True)
+    return table
+
+
+def _throughput_table(result: demos.DemoResult) -> Table:
+    table = Table(title=f"Throughput (measured; WAL durability {result.durability.value})", title_justify="left")
+    for column in ("phase", "seconds", "WAL events", "events/s"):
+        table.add_column(column, justify="left" if column == "phase" else "right")
+    for phase in result.phases:
+        rate = int(phase.events / phase.seconds) if phase.seconds > 0 else 0
+        table.add_row(phase.name, f"{phase.seconds:.2f}", f"{phase.events:,}", f"{rate:,}")
+    return table
+
+
+_SYNC_NOTE: Final = {Durability.FSYNC: "one write and fdatasync each", Durability.NONE: "one write each, never synced"}
+
+
+def _traffic_summary(result: demos.DemoResult) -> Text:
+    tally, options = result.tally, result.options
+    ops_rate = int(tally.operations / result.traffic.seconds) if result.traffic.seconds > 0 else 0
+    per_batch = result.wal_records // result.wal_batches if result.wal_batches else 0
+    return Text(
+        f"{tally.operations:,} gateway operations ({ops_rate:,}/s) by {options.gateways} gateways on "
+        f"{options.accounts} accounts: {tally.holds:,} holds, {tally.committed:,} commits "
+        f"({tally.overruns:,} overruns), {tally.released:,} released, {result.expired:,} expired, "
+        f"{tally.charged:,} direct charges, {tally.voided:,} voids.\n"
+        f"{result.wal_batches:,} group commits ({_SYNC_NOTE[result.durability]}), "
+        f"{per_batch} records per group commit on average.\n"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``demo`` to ``app``."""
+    app.command("demo")(demo_command)

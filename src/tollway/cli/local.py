@@ -1,0 +1,150 @@
+"""Commands on a data directory, without a running service: ``wal verify``, ``wal inspect``, ``audit``.
+
+All of them are read-only and safe beside a running engine: they read the WAL segments and
+snapshots as files and never take the writer's lock.
+"""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import msgspec
+import typer
+from rich.console import Console
+
+from tollway import audit as auditing
+from tollway.cli.common import ConfigFile, DataDir, clean_errors, existing_data_dir
+from tollway.core.events import BILLING_WAL_SCHEMA_VERSION, Event, Unknown
+from tollway.core.ids import UNTRACED
+from tollway.wal import codec
+from tollway.wal.segments import iter_events, verify
+
+wal_app = typer.Typer(
+    help="Read the write-ahead log: verify it, inspect its records. Read-only.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+)
+
+
+# -- wal -------------------------------------------------------------------------------------
+
+
+@wal_app.command("verify")
+@clean_errors
+def wal_verify(*, data_dir: DataDir = None, config: ConfigFile = None) -> None:
+    """Check every segment and record of the WAL without changing anything.
+
+    Exit 0 when the log is sound. A torn tail (an incomplete last record, as a crash leaves
+    it) is reported but is not a failure: the engine cuts it at its next start. Exit 1 at the
+    first corrupt record, naming its segment and byte offset. Safe beside a running engine.
+    """
+    report = verify(existing_data_dir(data_dir, config).wal_dir)
+    if report.problem is not None:
+        typer.echo(f"WAL CORRUPT: {report.problem}")
+        typer.echo(
+            f"the {report.records:,} record(s) of the segments before it are sound (last sequence {report.last_seq})"
+        )
+        raise typer.Exit(1)
+    typer.echo(
+        f"WAL sound: {report.segments} segment(s), {report.records:,} record(s), last sequence {report.last_seq}"
+    )
+    if report.torn_tail is not None:
+        typer.echo(f"torn tail: {report.torn_tail}; the engine cuts it at its next start")
+
+
+@wal_app.command("inspect")
+@clean_errors
+def wal_inspect(
+    *,
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+    from_seq: Annotated[int, typer.Option("--from-seq", min=1, help="Start at this sequence.")] = 1,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Print at most this many records.")] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per line: the envelope and the full payload.")
+    ] = False,
+) -> None:
+    """Print WAL records, one line each, oldest first.
+
+    The text form shows the sequence, time (UTC), event type, entry id and the payload's
+    scalar fields; --json prints each record as stored (money as decimal strings of
+    micro-USD). Stops with an error at a corrupt record.
+    """
+    wal_dir = existing_data_dir(data_dir, config).wal_dir
+    for event in itertools.islice(iter_events(wal_dir, from_seq), limit):
+        typer.echo(_json_line(event) if as_json else _text_line(event))
+
+
+def _record(event: Event) -> dict[str, Any]:
+    """The record as JSON data; an event type this reader does not know keeps only its envelope."""
+    if not isinstance(event.payload, Unknown):
+        return codec.payload_json(codec.encode_body(event))
+    return {
+        "schema_version": BILLING_WAL_SCHEMA_VERSION,
+        "event_type": event.payload.event_type,
+        "wal_sequence": event.wal_sequence,
+        "timestamp_ms": event.timestamp_ms,
+        "billing_entry_id": event.billing_entry_id,
+        "correlation_id": event.correlation_id,
+        "payload": None,
+    }
+
+
+def _json_line(event: Event) -> str:
+    if not isinstance(event.payload, Unknown):
+        return codec.encode_body(event).decode()
+    return msgspec.json.encode(_record(event)).decode()
+
+
+def _text_line(event: Event) -> str:
+    record = _record(event)
+    ms = event.timestamp_ms
+    when = datetime.fromtimestamp(ms // 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{ms % 1000:03d}Z"
+    fields = [f"{name}={_scalar(value)}" for name, value in (record["payload"] or {}).items() if _shown(name, value)]
+    if event.correlation_id != UNTRACED:
+        fields.append(f"correlation_id={_scalar(event.correlation_id)}")
+    return f"{event.wal_sequence:>10} {when} {record['event_type']:<24} {event.billing_entry_id} {' '.join(fields)}"
+
+
+def _shown(name: str, value: object) -> bool:
+    """Text lines show scalars; nested records and fingerprints are in --json."""
+    return name != "fingerprint" and not isinstance(value, dict | list)
+
+
+def _scalar(value: object) -> str:
+    if isinstance(value, str) and value and not any(c.isspace() or c in '"=' for c in value):
+        return value
+    return msgspec.json.encode(value).decode()
+
+
+# -- audit -----------------------------------------------------------------------------------
+
+
+@clean_errors
+def audit_command(
+    *,
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+    per_account: Annotated[
+        bool, typer.Option("--per-account", help="List every user's ledger accounts, not just the totals.")
+    ] = False,
+) -> None:
+    """Fold the WAL into ledger balances and prove conservation. Read-only.
+
+    Checks that every record is sound, every event's postings sum to zero, no balance went
+    negative, holds equal the sum of held entries, two independent folds of the log agree,
+    and the newest snapshot equals the log at its sequence. Prints entries by state and money
+    by ledger account; exit 1 on any problem. Safe beside a running engine.
+    """
+    report = auditing.audit(existing_data_dir(data_dir, config).data_dir)
+    Console().print(auditing.render(report, per_account=per_account))
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``wal`` and ``audit`` to ``app``."""
+    app.add_typer(wal_app, name="wal")
+    app.command("audit")(audit_command)

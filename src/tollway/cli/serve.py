@@ -1,0 +1,175 @@
+"""``tollway serve`` and ``tollway token issue``: run the service; sign API tokens.
+
+``serve`` reads the settings, configures logging, loads the price table (a bad file stops it
+here), prepares the API keys — on a first start without ``auth_public_key_files`` it creates
+the development signing key in ``<data_dir>/keys/`` and prints an admin and a gateway token —
+binds the socket, and hands over to :mod:`tollway.cli.server`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Coroutine
+from typing import Annotated, Any, Final
+
+import typer
+import uvloop
+
+from tollway.api.auth import Authenticator, Scope, development_key, issue_token
+from tollway.cli.common import ConfigFile, DataDir, clean_errors, settings_for
+from tollway.cli.server import ServeOptions, bind, serve
+from tollway.config import Settings
+from tollway.core.errors import ConfigError, InvalidInput
+from tollway.core.pricing import PriceTable
+from tollway.guard import BYPASS_ENV
+from tollway.logs import configure_logging
+from tollway.pricing import default_prices, load_prices
+from tollway.service import keys_dir
+
+DEV_TOKEN_TTL_S: Final = 7 * 86_400
+"""Lifetime of the tokens printed at the first start."""
+TOKEN_TTL_S_DEFAULT: Final = 86_400
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_LOG_FORMATS: Final = ("auto", "json", "console")
+
+token_app = typer.Typer(
+    help="API tokens signed with the data directory's development key.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+)
+
+
+@clean_errors
+def serve_command(
+    *,
+    data_dir: DataDir = None,
+    host: Annotated[str | None, typer.Option(help="Listen on this address [default: http_host, 127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option(help="Listen on this port [default: http_port, 8080].")] = None,
+    redis_url: Annotated[
+        str | None, typer.Option(help="An external Redis [default: a private redis-server in the data directory].")
+    ] = None,
+    settlement_url: Annotated[
+        str | None, typer.Option(help="The settlement service [default: none — standalone mode].")
+    ] = None,
+    config: ConfigFile = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error or critical.")] = "info",
+    log_format: Annotated[str, typer.Option(help="json, console, or auto (console on a terminal).")] = "auto",
+    access_log: Annotated[bool, typer.Option(help="Log every HTTP request.")] = False,
+) -> None:
+    """Run the billing service: HTTP API, engine, Redis projection, finalize worker, expiry sweeper.
+
+    On the first start without configured API keys, a development signing key is created in
+    the data directory and an admin and a gateway token are printed. SIGTERM or SIGINT: stop
+    accepting, finish in-flight requests, drain, sync, exit 0. TOLLWAY_GUARD_BYPASS=true opens
+    the conservation guard's gate whatever its checks say (audited; break-glass only).
+    """
+    settings = settings_for(
+        config, data_dir, http_host=host, http_port=port, redis_url=redis_url, settlement_url=settlement_url
+    )
+    _configure_logging(log_level, log_format)
+    pricing = _pricing(settings)
+    _print_first_tokens(settings)
+    options = ServeOptions(pricing, Authenticator.from_settings(settings), _bypass_requested(), access_log)
+    sock = bind(settings.http_host, settings.http_port)
+    typer.echo(f"tollway: data in {settings.data_dir}; starting (WAL recovery, Redis, guard checks)...")
+    code = _run(serve(settings, sock, options, on_ready=_announce))
+    typer.echo(
+        "tollway: stopped; everything acknowledged is durable" if code == 0 else "tollway: stopped after a fatal error"
+    )
+    raise typer.Exit(code)
+
+
+def _configure_logging(level: str, fmt: str) -> None:
+    if fmt not in _LOG_FORMATS:
+        raise ConfigError(f"--log-format must be one of {', '.join(_LOG_FORMATS)}")
+    configure_logging(level, json=fmt == "json" or (fmt == "auto" and not sys.stderr.isatty()))
+
+
+def _pricing(settings: Settings) -> PriceTable:
+    return load_prices(settings.pricing_file) if settings.pricing_file is not None else default_prices()
+
+
+def _bypass_requested() -> bool:
+    return os.environ.get(BYPASS_ENV, "").strip().lower() in _TRUE
+
+
+def _announce(url: str) -> None:
+    typer.echo(f"tollway: serving on {url} (API docs: {url}/docs); Ctrl-C or SIGTERM stops it")
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+def _print_first_tokens(settings: Settings) -> None:
+    """On the first start with the development key, create it and print two tokens."""
+    if settings.auth_public_key_files.strip():
+        return
+    key, created = development_key(settings)
+    if not created:
+        typer.echo(
+            f"tollway: API tokens verify with the development key in {keys_dir(settings)}; "
+            f"mint one with `tollway token issue --data-dir {settings.data_dir} --scope billing:gateway`"
+        )
+        return
+    admin = issue_token(key, settings, [Scope.ADMIN.value], subject="admin", ttl_s=DEV_TOKEN_TTL_S)
+    gateway = issue_token(key, settings, [Scope.GATEWAY.value], subject="gateway", ttl_s=DEV_TOKEN_TTL_S)
+    typer.echo(f"tollway: created a development signing key in {keys_dir(settings)} (kid {key.kid})")
+    typer.echo(f"tollway: admin token (billing:admin, 7 days):\n{admin}")
+    typer.echo(f"tollway: gateway token (billing:gateway, 7 days):\n{gateway}")
+
+
+# -- token issue -----------------------------------------------------------------------------
+
+
+def parse_scopes(values: list[str]) -> list[str]:
+    """``admin``, ``billing:admin``, ``read,gateway`` … → the canonical scope names."""
+    names = [item for value in values for item in value.replace(",", " ").split()]
+    scopes = [name if name.startswith("billing:") else f"billing:{name}" for name in names]
+    known = {scope.value for scope in Scope}
+    unknown = [name for name in scopes if name not in known]
+    if unknown or not scopes:
+        raise InvalidInput(
+            f"--scope must be among {', '.join(sorted(known))} (got {', '.join(unknown)})", field="scope"
+        )
+    return list(dict.fromkeys(scopes))
+
+
+@token_app.command("issue")
+@clean_errors
+def token_issue(
+    *,
+    scope: Annotated[
+        list[str], typer.Option("--scope", help="billing:read, billing:gateway or billing:admin (repeatable).")
+    ],
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+    accounts: Annotated[
+        str | None, typer.Option(help="Restrict to these accounts: comma-separated ids or prefix* patterns.")
+    ] = None,
+    ttl_s: Annotated[int, typer.Option("--ttl-s", min=1, help="Lifetime in seconds.")] = TOKEN_TTL_S_DEFAULT,
+    subject: Annotated[str, typer.Option(help="The token's sub (recorded as admin_id of voids).")] = "tollway-cli",
+) -> None:
+    """Print an API token signed with the data directory's development key (created if missing).
+
+    Admin implies gateway, which implies read. Without --accounts the token covers every
+    account. The service must verify with the same key (no auth_public_key_files configured).
+    """
+    settings = settings_for(config, data_dir)
+    scopes = parse_scopes(scope)
+    patterns = None if accounts is None else [item.strip() for item in accounts.split(",") if item.strip()]
+    key, created = development_key(settings)
+    if created:
+        typer.echo(f"tollway: created a development signing key in {keys_dir(settings)}", err=True)
+    if settings.auth_public_key_files.strip():
+        typer.echo("tollway: warning: auth_public_key_files is set; the service will not accept this token", err=True)
+    typer.echo(issue_token(key, settings, scopes, subject=subject, ttl_s=ttl_s, accounts=patterns))
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``serve`` and ``token`` to ``app``."""
+    app.command("serve")(serve_command)
+    app.add_typer(token_app, name="token")
