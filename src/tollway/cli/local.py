@@ -1,4 +1,4 @@
-"""Commands on a data directory, without a running service: ``wal verify``, ``wal inspect``, ``audit``.
+"""Commands on a data directory, without a running service: ``wal verify``, ``wal inspect``, ``audit``, ``rebuild``.
 
 All of them are read-only and safe beside a running engine: they read the WAL segments and
 snapshots as files and never take the writer's lock.
@@ -6,18 +6,29 @@ snapshots as files and never take the writer's lock.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import msgspec
+import redis.asyncio as aioredis
 import typer
 from rich.console import Console
 
 from tollway import audit as auditing
+from tollway.audit_live import redis_section, settlement_section
 from tollway.cli.common import ConfigFile, DataDir, clean_errors, existing_data_dir
+from tollway.config import Settings
+from tollway.core.errors import InvalidInput
 from tollway.core.events import BILLING_WAL_SCHEMA_VERSION, Event, Unknown
 from tollway.core.ids import UNTRACED
+from tollway.engine import Engine
+from tollway.redis.parity import differences
+from tollway.redis.projector import Projector
+from tollway.service import SETTLEMENT_KEY_FILE, keys_dir, redis_keys
+from tollway.settlement.client import SettlementAuth, SettlementClient
+from tollway.tokens import read_signing_key
 from tollway.wal import codec
 from tollway.wal.segments import iter_events, verify
 
@@ -130,21 +141,104 @@ def audit_command(
     per_account: Annotated[
         bool, typer.Option("--per-account", help="List every user's ledger accounts, not just the totals.")
     ] = False,
+    redis_url: Annotated[
+        str | None,
+        typer.Option("--redis-url", help="Also compare the Redis projection at this URL with the WAL (read-only)."),
+    ] = None,
+    settlement_url: Annotated[
+        str | None,
+        typer.Option(
+            "--settlement-url",
+            help="Also compare the settlement service's finalized list (signed with the data directory's key).",
+        ),
+    ] = None,
 ) -> None:
     """Fold the WAL into ledger balances and prove conservation. Read-only.
 
     Checks that every record is sound, every event's postings sum to zero, no balance went
     negative, holds equal the sum of held entries, two independent folds of the log agree,
-    and the newest snapshot equals the log at its sequence. Prints entries by state and money
-    by ledger account; exit 1 on any problem. Safe beside a running engine.
+    and the newest snapshot equals the log at its sequence. With `--redis-url` the projection
+    must equal the fold field by field (queues included); with `--settlement-url` every
+    acknowledged charge must be finalized there with the same amount. Prints entries by state
+    and money by ledger account; exit 1 on any problem. Safe beside a running engine (the
+    Redis comparison then needs an idle service).
     """
-    report = auditing.audit(existing_data_dir(data_dir, config).data_dir)
+    settings = existing_data_dir(data_dir, config)
+    report = auditing.audit(settings.data_dir)
+    report = asyncio.run(_live_sections(report, settings, redis_url, settlement_url))
     Console().print(auditing.render(report, per_account=per_account))
     if not report.ok:
         raise typer.Exit(1)
 
 
+async def _live_sections(
+    report: auditing.AuditReport, settings: Settings, redis_url: str | None, settlement_url: str | None
+) -> auditing.AuditReport:
+    if redis_url is not None:
+        report = report.with_section(await redis_section(report, redis_url, redis_keys(settings)))
+    if settlement_url is not None:
+        key_file = keys_dir(settings) / SETTLEMENT_KEY_FILE
+        if not key_file.exists():
+            raise InvalidInput(f"no settlement signing key in {keys_dir(settings)}", field="settlement_url")
+        auth = SettlementAuth(
+            signing_key=read_signing_key(key_file),
+            issuer=settings.settlement_issuer,
+            audience=settings.settlement_audience,
+            tenant_id=settings.settlement_tenant_id,
+        )
+        async with SettlementClient.from_url(settlement_url, auth, timeout_ms=10_000) as client:
+            report = report.with_section(await settlement_section(report, client))
+    return report
+
+
+# -- rebuild ---------------------------------------------------------------------------------
+
+
+@clean_errors
+def rebuild_command(
+    *,
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+    redis_url: Annotated[
+        str | None, typer.Option("--redis-url", help="The Redis to rebuild [default: TOLLWAY_REDIS_URL].")
+    ] = None,
+) -> None:
+    """Rebuild the Redis projection of a stopped service from its WAL.
+
+    Deletes every key of the shard and writes balances, entries, the expiry index, stored
+    responses, the finalize queue of every `FINALIZE_PENDING` entry and the dead letter of every
+    `FINALIZE_FAILED` one, then checks parity. Takes the WAL lock, so the service must be
+    stopped. Not needed with the embedded Redis: a service rebuilds its projection at start
+    whenever it is missing.
+    """
+    settings = existing_data_dir(data_dir, config)
+    url = redis_url or settings.redis_url
+    if url is None:
+        raise InvalidInput(
+            "give --redis-url: the embedded Redis lives only while the service runs, and is rebuilt at each start",
+            field="redis_url",
+        )
+    sequence, problems = asyncio.run(_rebuild(settings, url))
+    if problems:
+        typer.echo(f"rebuilt at sequence {sequence}, but parity fails: {problems[:5]}")
+        raise typer.Exit(1)
+    typer.echo(f"projection rebuilt at sequence {sequence} and in parity with the WAL")
+
+
+async def _rebuild(settings: Settings, url: str) -> tuple[int, list[str]]:
+    client = aioredis.Redis.from_url(url, socket_timeout=10)
+    try:
+        async with Engine.open(settings=settings) as engine:
+            projector = Projector(engine, client, redis_keys(settings))
+            sequence = await projector.rebuild()
+            await projector.sync()
+            return sequence, await differences(client, redis_keys(settings), engine.state)
+    finally:
+        await client.aclose()
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``wal`` and ``audit`` to ``app``."""
+    """Add ``wal``, ``audit`` and ``rebuild`` to ``app``."""
     app.add_typer(wal_app, name="wal")
     app.command("audit")(audit_command)
+    app.command("rebuild")(rebuild_command)
