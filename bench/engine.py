@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -84,6 +84,7 @@ class CountingObserver(NoopObserver):
         self.records = 0
         self.bytes = 0
         self.sync_seconds = 0.0
+        self.sync_seconds_max = 0.0
         self.refusals: dict[str, int] = {}
         self.recovered_events = 0
         self.recovery_seconds = 0.0
@@ -100,6 +101,7 @@ class CountingObserver(NoopObserver):
         self.records += records
         self.bytes += size_bytes
         self.sync_seconds += sync_seconds
+        self.sync_seconds_max = max(self.sync_seconds_max, sync_seconds)
 
     def recovered(self, events: int, seconds: float, from_snapshot: int) -> None:
         """Remember what startup replayed."""
@@ -175,46 +177,41 @@ def sample_event() -> ev.Event:
     return ev.Event(123_456, now_ms, entry_id, "untraced", payload)
 
 
-def fsync_ceiling(directory: Path, seconds: float) -> float:
-    """Appends of one small record, each followed by ``fdatasync``, per second."""
-    fd = os.open(directory / "fsync-probe", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
-    record = b"x" * 64
-    count = 0
+def timed_appends(path: Path, seconds: float, make: Callable[[], bytes]) -> tuple[int, float, list[int]]:
+    """Append ``make()`` and ``fdatasync`` in a loop: (appends, elapsed seconds, ns per append)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+    latencies: list[int] = []
     try:
-        started = time.perf_counter()
-        deadline = started + seconds
-        while (now := time.perf_counter()) < deadline or count == 0:
-            write_all(fd, record)
+        started = time.perf_counter_ns()
+        deadline = started + int(seconds * 1e9)
+        now = started
+        while now < deadline or not latencies:
+            write_all(fd, make())
             os.fdatasync(fd)
-            count += 1
+            latencies.append(time.perf_counter_ns() - now)
+            now = time.perf_counter_ns()
     finally:
         os.close(fd)
-    return count / (now - started)
-
-
-def group_commit_ceiling(directory: Path, seconds: float, body: bytes) -> float:
-    """Framed records per second: batches of 128 framed, joined, written and fdatasync'd."""
-    fd = os.open(directory / "group-probe", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
-    count = 0
-    try:
-        started = time.perf_counter()
-        deadline = started + seconds
-        while (now := time.perf_counter()) < deadline or count == 0:
-            write_all(fd, b"".join([codec.frame(body) for _ in range(GROUP_COMMIT_RECORDS)]))
-            os.fdatasync(fd)
-            count += GROUP_COMMIT_RECORDS
-    finally:
-        os.close(fd)
-    return count / (now - started)
+    return len(latencies), (now - started) / 1e9, latencies
 
 
 def run_ceiling(directory: Path, seconds: float) -> dict[str, Any]:
+    """What the disk allows without the engine: single-record syncs and plain framed group commits."""
     directory.mkdir(parents=True, exist_ok=True)
     body = codec.encode_body(sample_event())
+    small = b"x" * 64
+    syncs, sync_s, sync_ns = timed_appends(directory / "fsync-probe", seconds, lambda: small)
+    batches, batch_s, batch_ns = timed_appends(
+        directory / "group-probe", seconds, lambda: b"".join([codec.frame(body) for _ in range(GROUP_COMMIT_RECORDS)])
+    )
     return {
-        "fsync_per_s": round(fsync_ceiling(directory, seconds)),
-        "group_commit_records_per_s": round(group_commit_ceiling(directory, seconds, body)),
+        "fsync_per_s": round(syncs / sync_s),
+        "fsync_p50_us": percentile_us(sync_ns, 50),
+        "fsync_p99_us": percentile_us(sync_ns, 99),
+        "fsync_max_us": percentile_us(sync_ns, 100),
+        "group_commit_records_per_s": round(batches * GROUP_COMMIT_RECORDS / batch_s),
         "group_commit_batch": GROUP_COMMIT_RECORDS,
+        "group_commit_p99_us": percentile_us(batch_ns, 99),
         "record_bytes": len(codec.frame(body)),
         "seconds_each": seconds,
     }
@@ -232,6 +229,7 @@ class LoadWindow:
     pairs: int = 0
     reserve_ns: list[int] = field(default_factory=list)
     pair_ns: list[int] = field(default_factory=list)
+    loop_lag_ns: list[int] = field(default_factory=list)
 
 
 async def load_worker(engine: Engine, worker: int, accounts: list[str], window: LoadWindow) -> None:
@@ -262,29 +260,101 @@ class LoadPlan:
     durability: Durability
 
 
+class GcPauses:
+    """Pauses of the cyclic garbage collector, by generation, while ``active`` (via ``gc.callbacks``)."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.count = [0, 0, 0]
+        self.total_ns = [0, 0, 0]
+        self.max_ns = [0, 0, 0]
+        self._started_ns = 0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        """Time one collection (called by the collector before and after it)."""
+        if phase == "start":
+            self._started_ns = time.perf_counter_ns()
+            return
+        if self.active:
+            pause_ns, generation = time.perf_counter_ns() - self._started_ns, info["generation"]
+            self.count[generation] += 1
+            self.total_ns[generation] += pause_ns
+            self.max_ns[generation] = max(self.max_ns[generation], pause_ns)
+
+    def report(self, elapsed_s: float) -> dict[str, Any]:
+        """Counts, total and longest pause per generation, and the share of the window spent collecting."""
+        return {
+            "collections": self.count,
+            "pause_ms_total": [round(ns / 1e6, 1) for ns in self.total_ns],
+            "pause_ms_max": [round(ns / 1e6, 1) for ns in self.max_ns],
+            "share_of_window": round(sum(self.total_ns) / 1e9 / elapsed_s, 4),
+        }
+
+
+async def watch_loop(window: LoadWindow, interval_s: float = 0.002) -> None:
+    """Record how late the event loop wakes a sleeper: its stalls (snapshots, GC, long callbacks)."""
+    interval_ns = int(interval_s * 1e9)
+    while not window.stop:
+        started = time.perf_counter_ns()
+        await asyncio.sleep(interval_s)
+        if window.measuring:
+            window.loop_lag_ns.append(max(0, time.perf_counter_ns() - started - interval_ns))
+
+
+@dataclass
+class Counters:
+    """Cumulative counters read at the start and at the end of the measuring window."""
+
+    batches: int
+    records: int
+    bytes: int
+    sync_s: float
+    wall_s: float
+    process_cpu_s: float
+    loop_cpu_s: float
+
+    @classmethod
+    def read(cls, observer: CountingObserver) -> Counters:
+        """The counters now."""
+        return cls(*observer.counters(), time.perf_counter(), time.process_time(), time.thread_time())
+
+
 async def run_load(data_dir: Path, plan: LoadPlan) -> dict[str, Any]:
-    observer = CountingObserver()
+    observer, pauses, window = CountingObserver(), GcPauses(), LoadWindow()
     settings = Settings(data_dir=data_dir, durability=plan.durability)
     names = account_names(plan.accounts)
-    seconds, warmup_s, concurrency = plan.seconds, plan.warmup_s, plan.concurrency
-    window = LoadWindow()
-    async with Engine.open(settings=settings, observer=observer) as engine:
-        await fund(engine, names)
-        workers = [asyncio.create_task(load_worker(engine, w, names, window)) for w in range(concurrency)]
-        await asyncio.sleep(warmup_s)
-        before, gc_before, t0 = observer.counters(), gc_counts(), time.perf_counter()
-        cpu0, loop_cpu0 = time.process_time(), time.thread_time()
-        window.measuring = True
-        await asyncio.sleep(seconds)
-        window.measuring = False
-        after, gc_after, t1 = observer.counters(), gc_counts(), time.perf_counter()
-        cpu1, loop_cpu1 = time.process_time(), time.thread_time()
-        window.stop = True
-        await asyncio.gather(*workers)
+    gc.callbacks.append(pauses)
+    try:
+        async with Engine.open(settings=settings, observer=observer) as engine:
+            await fund(engine, names)
+            tasks = [asyncio.create_task(load_worker(engine, w, names, window)) for w in range(plan.concurrency)]
+            tasks.append(asyncio.create_task(watch_loop(window)))
+            await asyncio.sleep(plan.warmup_s)
+            before = Counters.read(observer)
+            window.measuring = pauses.active = True
+            observer.sync_seconds_max = 0.0
+            await asyncio.sleep(plan.seconds)
+            window.measuring = pauses.active = False
+            after, sync_max_s = Counters.read(observer), observer.sync_seconds_max
+            window.stop = True
+            await asyncio.gather(*tasks)
+    finally:
+        gc.callbacks.remove(pauses)
     if observer.refusals:
         raise BenchError(f"refusals during the load: {observer.refusals}")
-    elapsed = t1 - t0
-    batches, records = after[0] - before[0], after[1] - before[1]
+    return load_report(plan, window, before, after) | {
+        "batch_sync_ms_max": round(sync_max_s * 1000, 3),
+        "gc": pauses.report(after.wall_s - before.wall_s),
+    }
+
+
+def load_report(plan: LoadPlan, window: LoadWindow, before: Counters, after: Counters) -> dict[str, Any]:
+    elapsed = after.wall_s - before.wall_s
+    batches, records = after.batches - before.batches, after.records - before.records
+
+    def per_event_us(total_s: float) -> float | None:
+        return round(total_s / records * 1e6, 2) if records else None
+
     return {
         "events_per_s": round(records / elapsed),
         "pairs_per_s": round(window.pairs / elapsed),
@@ -295,24 +365,25 @@ async def run_load(data_dir: Path, plan: LoadPlan) -> dict[str, Any]:
         "pair_p99_us": percentile_us(window.pair_ns, 99),
         "batch_avg": round(records / batches, 1) if batches else None,
         "batches": batches,
-        "batch_sync_ms_avg": round((after[3] - before[3]) / batches * 1000, 3) if batches else None,
-        "loop_cpu_us_per_event": round((loop_cpu1 - loop_cpu0) / records * 1e6, 2) if records else None,
-        "process_cpu_us_per_event": round((cpu1 - cpu0) / records * 1e6, 2) if records else None,
-        "loop_busy": round((loop_cpu1 - loop_cpu0) / elapsed, 3),
-        "wal_bytes_per_event": round((after[2] - before[2]) / records, 1) if records else None,
+        "batch_sync_ms_avg": round((after.sync_s - before.sync_s) / batches * 1000, 3) if batches else None,
+        "loop_cpu_us_per_event": per_event_us(after.loop_cpu_s - before.loop_cpu_s),
+        "process_cpu_us_per_event": per_event_us(after.process_cpu_s - before.process_cpu_s),
+        "loop_busy": round((after.loop_cpu_s - before.loop_cpu_s) / elapsed, 3),
+        "loop_lag_p99_ms": ms(percentile_us(window.loop_lag_ns, 99)),
+        "loop_lag_max_ms": ms(percentile_us(window.loop_lag_ns, 100)),
+        "wal_bytes_per_event": round((after.bytes - before.bytes) / records, 1) if records else None,
         "events": records,
         "pairs": window.pairs,
         "window_s": round(elapsed, 3),
-        "warmup_s": warmup_s,
-        "concurrency": concurrency,
+        "warmup_s": plan.warmup_s,
+        "concurrency": plan.concurrency,
         "accounts": plan.accounts,
         "durability": plan.durability.value,
-        "gc_collections": [b - a for a, b in zip(gc_before, gc_after, strict=True)],
     }
 
 
-def gc_counts() -> list[int]:
-    return [generation["collections"] for generation in gc.get_stats()]
+def ms(value_us: float | None) -> float | None:
+    return None if value_us is None else round(value_us / 1000, 2)
 
 
 # -- recovery: build a big data dir fast, then time reopening it -----------------------------
@@ -460,7 +531,7 @@ def measure_recovery(root: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_all(root: Path, args: argparse.Namespace) -> dict[str, Any]:
-    result: dict[str, Any] = {}
+    result: dict[str, Any] = {"loadavg_before": loadavg(), "started": time.perf_counter()}
     if "ceiling" in args.only:
         result["ceiling"] = run_ceiling(root / "ceiling", args.ceiling_seconds)
         if not args.keep:
@@ -471,6 +542,7 @@ def run_all(root: Path, args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(root / "load")
     if "recovery" in args.only:
         result["recovery"] = measure_recovery(root, args)
+    result["run_s"] = round(time.perf_counter() - result.pop("started"), 1)
     return result
 
 
@@ -493,7 +565,8 @@ def summary(args: argparse.Namespace, measured: dict[str, Any], data_dir: Path) 
         "meets_targets": meets_targets(load if args.durability == "fsync" else {}, recovery),
         "load": load or None,
         "recovery": recovery or None,
-        "machine": machine(data_dir),
+        "machine": machine(data_dir)
+        | {"loadavg_before": measured["loadavg_before"], "loadavg_after": loadavg(), "run_s": measured["run_s"]},
         "command": shlex.join(sys.orig_argv),
         "options": {
             "seconds": args.seconds,
@@ -548,6 +621,13 @@ def machine(data_dir: Path) -> dict[str, Any]:
     }
 
 
+def loadavg() -> list[float] | None:
+    """1, 5 and 15 minute load averages: other work on the machine makes every figure noisier."""
+    with contextlib.suppress(OSError, AttributeError):
+        return [round(value, 2) for value in os.getloadavg()]
+    return None
+
+
 def tollway_version() -> str | None:
     with contextlib.suppress(Exception):
         from importlib.metadata import version  # noqa: PLC0415 - only the report needs it
@@ -593,12 +673,21 @@ def table_rows(out: dict[str, Any]) -> Iterator[tuple[str, str, str, str]]:
         verdict(met["reserve_p99_ms"]),
     )
     yield ("batch_avg (records)", fmt(out["batch_avg"]), "", "")
+    load = out["load"] or {}
+    yield ("loop CPU per event (us)", fmt(load.get("loop_cpu_us_per_event")), "", "")
+    yield ("loop stall max (ms)", fmt(load.get("loop_lag_max_ms")), "", "")
     yield ("replay_events_per_s", fmt(out["replay_events_per_s"]), ">= 250000", verdict(met["replay_events_per_s"]))
     events = fmt(out["recovery_events"])
     yield (f"recovery_s ({events} events)", fmt(out["recovery_s_1m"]), "<= 5", verdict(met["recovery_s_1m"]))
     yield ("  after clean shutdown (s)", fmt(out["recovery_s_1m_clean_shutdown"]), "", "")
     ceiling = out["ceiling"] or {}
     yield ("ceiling: fsync_per_s", fmt(ceiling.get("fsync_per_s")), "", "")
+    yield (
+        "ceiling: fsync p50 / p99 (ms)",
+        f"{fmt_ms(ceiling.get('fsync_p50_us'))} / {fmt_ms(ceiling.get('fsync_p99_us'))}",
+        "",
+        "",
+    )
     yield ("ceiling: group_commit_records_per_s", fmt(ceiling.get("group_commit_records_per_s")), "", "")
 
 
@@ -606,7 +695,7 @@ def fmt(value: object) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:,.3f}" if value < 100 else f"{value:,.0f}"
+        return f"{value:,.2f}" if value < 100 else f"{value:,.0f}"
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
@@ -628,6 +717,7 @@ def print_table(out: dict[str, Any]) -> None:
         print(f"{name:<{width}}  {value:>14}  {target:>10}  {ok}")
     facts = out["machine"]
     print(f"\n{facts['cpu_count']} CPUs ({facts['cpu_model']}), Python {facts['python']}, {facts['filesystem']}")
+    print(f"load average before / after: {facts['loadavg_before']} / {facts['loadavg_after']}")
     print(f"command: {out['command']}")
     for note in out["notes"]:
         print(f"note: {note}")

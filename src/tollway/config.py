@@ -81,6 +81,10 @@ class Settings:
     worker_concurrency: int = 8  # settlement calls in flight per worker
     claim_idle_ms: int = 30_000  # a delivered message idle this long is reclaimed
     replay_concurrency: int = 5  # bulk replay of dead letters
+    breaker_failure_threshold: int = 5  # failures within the window that open the breaker
+    breaker_window_ms: int = 60_000
+    breaker_cooldown_ms: int = 30_000  # OPEN this long before one probe is let through
+    breaker_probe_timeout_ms: int = 5_000  # a probe with no outcome by then counts as a failure
     # -- HTTP service --
     http_host: str = "127.0.0.1"
     http_port: int = 8080
@@ -113,6 +117,10 @@ class Settings:
         _check_range("worker_concurrency", self.worker_concurrency, 1, 256)
         _check_range("claim_idle_ms", self.claim_idle_ms, 10, 3_600_000)
         _check_range("replay_concurrency", self.replay_concurrency, 1, 64)
+        _check_range("breaker_failure_threshold", self.breaker_failure_threshold, 1, 1000)
+        _check_range("breaker_window_ms", self.breaker_window_ms, 100, 3_600_000)
+        _check_range("breaker_cooldown_ms", self.breaker_cooldown_ms, 100, 3_600_000)
+        _check_range("breaker_probe_timeout_ms", self.breaker_probe_timeout_ms, 100, 600_000)
         _check_range("http_port", self.http_port, 0, 65_535)
         _check_range("http_body_bytes_max", self.http_body_bytes_max, 1024, 64 << 20)
         for name in ("redis_prefix", "shard"):

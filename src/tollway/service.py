@@ -31,6 +31,7 @@ from typing import Final
 import redis.asyncio as aioredis
 
 from tollway.config import Settings
+from tollway.core.breaker import BreakerConfig
 from tollway.core.observer import Observer
 from tollway.engine import Engine, system_clock_ms
 from tollway.finalizer import Alert, FinalizeWorker
@@ -169,6 +170,12 @@ class Service:
             self.engine,
             self.queue,
             self.settlement,
+            breaker_config=BreakerConfig(
+                settings.breaker_failure_threshold,
+                settings.breaker_window_ms,
+                settings.breaker_cooldown_ms,
+                settings.breaker_probe_timeout_ms,
+            ),
             concurrency=settings.worker_concurrency,
             claim_idle_ms=settings.claim_idle_ms,
             alert=alert,
