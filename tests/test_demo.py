@@ -1,4 +1,4 @@
-"""``tollway demo``: a small run ends clean, and its own tally agrees with the audit of the files."""
+"""``tollway demo``: a small run of the whole loop ends clean, and its own tally agrees with the audit."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ S = EntryState
 
 
 async def test_small_demo_is_clean_and_consistent(tmp_path: Path) -> None:
-    """What the gateways counted (commits, releases, expiries, voids, mints) is what the audit finds on disk."""
+    """What the gateways counted (commits, releases, expiries, mints) is what the audit finds, all settled."""
     options = DemoOptions(accounts=4, operations=300, seed=7, gateways=8)
     console = Console(file=io.StringIO(), width=120)
     result = await run_demo(Settings(data_dir=tmp_path / "demo"), options, console)
@@ -26,13 +26,15 @@ async def test_small_demo_is_clean_and_consistent(tmp_path: Path) -> None:
     assert result.ok
     assert 300 == tally.operations
     assert 0 == states[S.RESERVE_HELD]
-    assert tally.committed + tally.charged - tally.voided == states[S.COMMITTED]
+    assert tally.committed + tally.charged == states[S.FINALIZE_ACKED]  # settlement mode: every charge settled
+    assert (0, 0, 0) == (states[S.FINALIZE_PENDING], states[S.FINALIZE_FAILED], states[S.COMMITTED])
     assert tally.released + result.expired == states[S.RELEASED]
     assert tally.abandoned == result.expired
-    assert tally.voided == states[S.VOIDED]
     assert tally.holds + tally.charged == sum(states.values())
     assert -tally.minted_micro == result.audit.balances_micro[FUNDING]
-    assert ["mint", "traffic", "drain"] == [phase.name for phase in result.phases]
+    assert states[S.FINALIZE_ACKED] == result.settlement.finalized
+    assert ["wal", "conservation", "snapshot", "redis", "settlement"] == [s.name for s in result.audit.sections]
+    assert ["mint", "traffic", "outage", "recovery", "drain"] == [phase.name for phase in result.phases]
     assert result.audit.last_sequence == sum(phase.events for phase in result.phases)
 
 
@@ -44,6 +46,7 @@ def test_demo_command_small_run_exits_zero(tmp_path: Path) -> None:
     assert 0 == result.exit_code
     assert "Verdict: CLEAN" in result.output
     assert "Throughput (measured" in result.output
+    assert "Settlement (the simulator" in result.output
     assert (data_dir / "wal").is_dir()
 
 

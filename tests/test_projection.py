@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from tollway import Engine, Settings
 from tollway.config import Durability
@@ -221,3 +222,24 @@ async def test_billing_results_do_not_wait_for_redis(tmp_path: Path, clock: Fake
                 await task
     finally:
         await client.aclose()
+
+
+async def test_projector_stops_even_if_the_client_swallows_cancellation(rig: Rig) -> None:
+    """A cancellation reported by the Redis client as a ConnectionError still stops the projector."""
+    entered = asyncio.Event()
+
+    async def swallowing_sync() -> int:
+        entered.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            raise redis.exceptions.ConnectionError("connection lost while cancelled") from None
+        return 0
+
+    rig.projector.sync = swallowing_sync  # type: ignore[method-assign]
+    task = asyncio.create_task(rig.projector.run())
+    await entered.wait()
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=5)
+    assert {task} == done
+    assert task.cancelled()

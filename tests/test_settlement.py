@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import jwt
 import pytest
+from aiohttp import web
 
 from tollway.core.errors import ConfigError
 from tollway.core.ids import encode_ulid
@@ -117,21 +118,31 @@ async def post_raw(
 
 async def test_client_sends_the_exact_contract(key: SigningKey, clock: FakeClock) -> None:
     """Path, body, headers and every JWT claim are as SPEC §8 says."""
-    seen: list[httpx.Request] = []
+    seen: list[tuple[str, str, bytes, dict[str, str]]] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, json={"status": "finalized"})
+    async def handler(request: web.Request) -> web.Response:
+        seen.append((request.method, request.path, await request.read(), dict(request.headers)))
+        return web.json_response({"status": "finalized"})
 
-    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
-        client = SettlementClient(http, "http://settlement.test/", SettlementAuth(signing_key=key), clock_ms=clock)
-        assert (200, ACK) == outcome(await client.finalize(charge(7, 5_000_000)))
-    request = seen[0]
+    app = web.Application()
+    app.router.add_post("/api/internal/finalize", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        async with SettlementClient.from_url(url, SettlementAuth(signing_key=key), clock_ms=clock) as client:
+            assert (200, ACK) == outcome(await client.finalize(charge(7, 5_000_000)))
+    finally:
+        await runner.cleanup()
+    method, path, content, headers = seen[0]
     body = {"reservationId": ulid(7), "accountId": "acct-1", "actualCostMicro": "5000000", "traceId": "trace-7"}
-    assert ("POST", "http://settlement.test/api/internal/finalize") == (request.method, str(request.url))
-    assert body == json.loads(request.content)
-    assert ulid(7) == request.headers["Idempotency-Key"]
-    token = request.headers["Authorization"].removeprefix("Bearer ")
+    assert ("POST", "/api/internal/finalize") == (method, path)
+    assert body == json.loads(content)
+    assert ulid(7) == headers["Idempotency-Key"]
+    token = headers["Authorization"].removeprefix("Bearer ")
     assert {"alg": "ES256", "kid": key.kid, "typ": "JWT"} == jwt.get_unverified_header(token)
     iat = clock() // 1000
     expected = {

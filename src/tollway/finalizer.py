@@ -39,7 +39,7 @@ from tollway.core.lifecycle import EntryState
 from tollway.core.retry import Verdict, after_attempt
 from tollway.core.state import ESCALATED
 from tollway.engine import Engine
-from tollway.redis.projector import REDIS_ERRORS
+from tollway.redis.projector import REDIS_ERRORS, raise_if_cancelled
 from tollway.redis.queue import FinalizeQueue, parse_message
 from tollway.settlement.client import Attempt, SettlementClient
 from tollway.settlement.contract import FinalizeRequest
@@ -183,8 +183,10 @@ class FinalizeWorker:
             try:
                 handled = await self.run_once(block_ms=BLOCK_MS)
             except REDIS_ERRORS as exc:
+                raise_if_cancelled()
                 log.warning("finalize worker: redis unavailable, retrying: %s", exc)
             except redis.exceptions.ResponseError as exc:  # e.g. NOGROUP after a rebuild or FLUSHALL
+                raise_if_cancelled()
                 log.warning("finalize worker: %s; recreating the consumer group", exc)
             else:
                 if handled == 0:
@@ -197,12 +199,15 @@ class FinalizeWorker:
         try:
             await self.queue.ensure_group()
         except REDIS_ERRORS as exc:
+            raise_if_cancelled()
             log.warning("finalize worker: cannot create the consumer group yet: %s", exc)
 
     # -- escalation and replay ---------------------------------------------------------------
 
     async def escalate(self, now_ms: int) -> int:
         """Raise one alert per dead letter older than the escalation window; record it in the WAL."""
+        if not self.engine.state.finalize_failed_count:
+            return 0  # the common case: no dead letter, nothing to scan
         due = [
             entry
             for entry in list(self.engine.state.entries.values())

@@ -49,6 +49,7 @@ log = logging.getLogger("tollway.service")
 
 SETTLEMENT_KEY_FILE: Final = "settlement-signing-key.pem"
 FINAL_SYNC_TIMEOUT_S: Final = 5.0
+TASK_STOP_TIMEOUT_S: Final = 10.0
 REDIS_SOCKET_TIMEOUT_S: Final = 5.0
 
 
@@ -196,7 +197,10 @@ class Service:
         await self.guard.close()
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
+        done, stuck = await asyncio.wait(self._tasks, timeout=TASK_STOP_TIMEOUT_S) if self._tasks else (set(), set())
+        for task in stuck:  # a bug: say so, and do not wait forever for it
+            log.error("background task %s did not stop within %s s", task.get_name(), TASK_STOP_TIMEOUT_S)
+        for task in done:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()

@@ -1,4 +1,4 @@
-"""``tollway demo``: simulated inference traffic through a real engine, then the audit of what it wrote."""
+"""``tollway demo``: the whole billing loop, embedded, with a settlement outage; then the audit."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tollway.cli.common import ConfigFile, clean_errors, settings_for
 from tollway.config import Durability
 from tollway.core.errors import InvalidInput
 
-DEMO_SECONDS_DEFAULT: Final = 12.0
+DEMO_SECONDS_DEFAULT: Final = 20.0
 
 
 # -- demo ------------------------------------------------------------------------------------
@@ -42,15 +42,21 @@ def demo_command(
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the simulated traffic.")] = 1,
     gateways: Annotated[int, typer.Option(min=1, max=10_000, help="Concurrent simulated gateways.")] = 64,
+    rate: Annotated[
+        int, typer.Option(min=0, max=1_000_000, help="Gateway operations per second, all together (0: unpaced).")
+    ] = 1500,
     config: ConfigFile = None,
 ) -> None:
-    """Drive simulated inference traffic through a real engine, then audit what it wrote.
+    """Run the whole billing loop embedded, through a settlement outage, then audit everything.
 
-    Gateways reserve, commit (with some overruns), release failed streams, abandon holds for
-    the expiry sweeper, retry with the same request id, charge, void and top up, while a live
-    line shows progress. Ends with entries by state, money by ledger account, refusals by
-    code, measured throughput and the conservation verdict; exit 1 unless it is clean. The
-    WAL is fsynced as in production (set TOLLWAY_DURABILITY=none to skip syncs).
+    Starts the engine, a private redis-server, the finalize worker, the guard, the HTTP API
+    and a settlement simulator. Simulated gateways (most embedding the library, some calling
+    the HTTP API) reserve, commit (some overruns), release, abandon holds, retry, charge and
+    top up while a live table shows progress; midway settlement goes down (the breaker opens,
+    charges queue up) and comes back (the queue drains). Ends with entries by state, money by
+    ledger account, refusals, settlement figures, measured throughput and the conservation
+    verdict over the WAL, the Redis projection and settlement's list; exit 1 unless clean.
+    The WAL is fsynced as in production (TOLLWAY_DURABILITY=none skips syncs).
     """
     if seconds is not None and operations is not None:
         raise InvalidInput("give --seconds or --operations, not both", field="seconds")
@@ -58,7 +64,7 @@ def demo_command(
     if directory.exists() and any(directory.iterdir()):
         raise InvalidInput(f"the demo needs an empty data directory; {directory} is not empty", field="data_dir")
     settings = settings_for(config, directory)
-    options = demos.DemoOptions(accounts, seconds or DEMO_SECONDS_DEFAULT, operations, seed, gateways)
+    options = demos.DemoOptions(accounts, seconds or DEMO_SECONDS_DEFAULT, operations, seed, gateways, rate or None)
     console = Console()
     result = asyncio.run(demos.run_demo(settings, options, console))
     console.print(demo_report(result))
@@ -78,6 +84,7 @@ def demo_report(result: demos.DemoResult) -> RenderableType:
         auditing.money_table(result.audit),
         _refusals_table(result),
         _throughput_table(result),
+        _settlement_table(result),
         _traffic_summary(result),
         auditing.verdict(result.audit),
     )
@@ -103,15 +110,30 @@ def _throughput_table(result: demos.DemoResult) -> Table:
     return table
 
 
+def _settlement_table(result: demos.DemoResult) -> Table:
+    settlement = result.settlement
+    table = Table(title="Settlement (the simulator, through the outage)", title_justify="left")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("charges finalized at settlement", f"{settlement.finalized:,}")
+    calls = ", ".join(f"{status}: {count:,}" for status, count in settlement.calls_by_status.items())
+    table.add_row("finalize calls by HTTP status", calls or "none")
+    table.add_row("breaker opened during the outage", "yes" if settlement.breaker_opened else "no")
+    table.add_row("charges queued when settlement came back", f"{settlement.pending_at_outage_end:,}")
+    return table
+
+
 _SYNC_NOTE: Final = {Durability.FSYNC: "one write and fdatasync each", Durability.NONE: "one write each, never synced"}
 
 
 def _traffic_summary(result: demos.DemoResult) -> Text:
     tally, options = result.tally, result.options
-    ops_rate = int(tally.operations / result.traffic.seconds) if result.traffic.seconds > 0 else 0
+    seconds = result.traffic_seconds
+    ops_rate = int(tally.operations / seconds) if seconds > 0 else 0
     per_batch = result.wal_records // result.wal_batches if result.wal_batches else 0
     return Text(
-        f"{tally.operations:,} gateway operations ({ops_rate:,}/s) by {options.gateways} gateways on "
+        f"{tally.operations:,} gateway operations ({ops_rate:,}/s; {tally.remote_operations:,} over HTTP) "
+        f"by {options.gateways} gateways on "
         f"{options.accounts} accounts: {tally.holds:,} holds, {tally.committed:,} commits "
         f"({tally.overruns:,} overruns), {tally.released:,} released, {result.expired:,} expired, "
         f"{tally.charged:,} direct charges, {tally.voided:,} voids.\n"

@@ -19,12 +19,13 @@ import uvloop
 
 from tollway.api.auth import Authenticator, Scope, development_key, issue_token
 from tollway.cli.common import ConfigFile, DataDir, clean_errors, settings_for
-from tollway.cli.server import ServeOptions, bind, serve
+from tollway.cli.server import ServeOptions, serve
 from tollway.config import Settings
 from tollway.core.errors import ConfigError, InvalidInput
 from tollway.core.pricing import PriceTable
 from tollway.guard import BYPASS_ENV
 from tollway.logs import configure_logging
+from tollway.net import bind
 from tollway.pricing import default_prices, load_prices
 from tollway.service import keys_dir
 

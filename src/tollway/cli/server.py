@@ -33,13 +33,13 @@ import uvicorn
 from tollway.api import Authenticator, create_app
 from tollway.config import Settings
 from tollway.core.pricing import PriceTable
+from tollway.net import url_of
 from tollway.service import Service
 
 log = logging.getLogger("tollway.serve")
 
 GRACEFUL_SHUTDOWN_S: Final = 10
 """Seconds in-flight requests get to finish after a stop signal."""
-LISTEN_BACKLOG: Final = 2048
 STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -59,29 +59,6 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket (port 0: a free one)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only when the protocol
-    # says TCP; without it Nagle and delayed ACKs add ~40 ms to small responses.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(LISTEN_BACKLOG)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def url_of(sock: socket.socket) -> str:
-    """``http://host:port`` of a bound socket."""
-    host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 @contextlib.contextmanager

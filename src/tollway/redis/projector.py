@@ -131,6 +131,7 @@ class Projector:
                 await self.sync()
                 self.connected, failures = True, 0
             except REDIS_ERRORS as exc:
+                raise_if_cancelled()
                 if self.connected or failures == 0:
                     log.warning("redis unavailable, projection paused (billing continues): %s", exc)
                 self.connected = False
@@ -235,6 +236,18 @@ class Projector:
             message_id = await self.redis.xadd(self.keys.poison, dead_letter(entry, None))  # type: ignore[arg-type]
             await self.redis.hset(self.keys.entry(entry.billing_entry_id), "poison_id", message_id)
         await ensure_group(self.redis, self.keys)
+
+
+def raise_if_cancelled() -> None:
+    """Re-raise a cancellation that a client library turned into a connection error.
+
+    redis-py can report a command interrupted by ``Task.cancel()`` as a ``ConnectionError``;
+    a loop that retries on connection errors would then swallow its own cancellation and
+    never stop. ``Task.cancelling()`` still knows.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 async def ensure_group(client: aioredis.Redis, keys: Keys) -> None:

@@ -15,7 +15,6 @@ first request. Servers bind ``127.0.0.1`` unless told otherwise.
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable
 from typing import Final
 
@@ -23,6 +22,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from tollway.core.errors import ConfigError
+from tollway.net import bind
 from tollway.settlement.sim_app import SimulatorState, create_simulator_app
 from tollway.settlement.sim_config import Faults, SimulatorConfig, fault_status, update_faults
 
@@ -75,7 +75,7 @@ class SimulatorServer:
         return f"http://{host}:{self.port}"
 
     async def __aenter__(self) -> SimulatorServer:
-        sock = _bind(self.host, self.port)
+        sock = bind(self.host, self.port, LISTEN_BACKLOG)
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(
             self.app,
@@ -126,22 +126,6 @@ class SimulatorServer:
 def _state_of(app: FastAPI) -> SimulatorState:
     state: SimulatorState = app.state.simulator
     return state
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # proto=IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only when the
-    # protocol says TCP; without it Nagle and delayed ACKs add ~40 ms to every response.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(LISTEN_BACKLOG)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc}") from exc
-    return sock
 
 
 async def serve_simulator(
