@@ -218,3 +218,18 @@ async def test_two_engines_share_a_process(tmp_path: Path, clock: FakeClock) -> 
         await mint(shard_a, "acct", 10)
         await mint(shard_b, "acct", 20)
         assert (10, 20) == (shard_a.balance("acct").available_micro, shard_b.balance("acct").available_micro)
+
+
+async def test_a_cancelled_caller_does_not_cancel_its_batch(engine: Engine) -> None:
+    """Cancelling one waiting caller leaves the others of the same group commit unharmed."""
+    await mint(engine, "acct", 1_000)
+    gate = GatedWrites(engine)
+    tasks = [asyncio.create_task(engine.execute(Reserve("acct", f"r{i}", 10))) for i in range(3)]
+    await settle_loop()
+    tasks[0].cancel()
+    await settle_loop()
+    gate.gate.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError)
+    assert all(isinstance(r, EntryResult) for r in results[1:])
+    assert 3 == sum(1 for e in engine.state.entries.values())  # the cancelled command was written too

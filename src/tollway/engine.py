@@ -32,7 +32,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from tollway.config import Durability, Settings
 from tollway.core import commands as cmd
@@ -47,9 +47,12 @@ from tollway.core.validate import validate
 from tollway.wal import codec
 from tollway.wal.log import DirectoryLock, WalWriter, recover
 from tollway.wal.replay import gc_paused
-from tollway.wal.snapshot import decode_snapshot, encode_snapshot, load_newest, write_snapshot
+from tollway.wal.snapshot import frame_snapshot, load_newest, snapshot_chunks, write_snapshot
 
 log = logging.getLogger("tollway.engine")
+
+SNAPSHOT_SLICE_S: Final = 0.002
+"""Longest the snapshot encoder holds the event loop before letting commands in."""
 
 Clock = Callable[[], int]
 Listener = Callable[[list[Event]], None]
@@ -65,6 +68,19 @@ def _random80() -> int:
     return int.from_bytes(os.urandom(10), "big")
 
 
+class _Durable(asyncio.Future[None]):
+    """A batch's durability, awaited by every caller of the batch; no caller can cancel it.
+
+    A caller cancelled while it waits gets ``CancelledError`` once the batch is durable (its
+    command is written either way, as it already joined the batch). This replaces an
+    ``asyncio.shield`` per caller, which cost ~2 µs per command.
+    """
+
+    def cancel(self, msg: object = None) -> bool:  # noqa: ARG002 - the signature of Future.cancel
+        """Refuse: the future belongs to all of the batch's callers."""
+        return False
+
+
 class _Batch:
     """Records waiting for one write + sync, and the future their callers wait on."""
 
@@ -77,7 +93,7 @@ class _Batch:
         self.last_seq = 0
         self.events: list[Event] = []
         self.transitions: list[tuple[Event, Transition]] = []
-        self.durable: asyncio.Future[None] = loop.create_future()
+        self.durable: asyncio.Future[None] = _Durable(loop=loop)
 
 
 class Engine:
@@ -229,7 +245,7 @@ class Engine:
             self._pending.size >= self.settings.batch_bytes_max
             or len(self._pending.chunks) >= self.settings.batch_records_max
         ):
-            await asyncio.shield(self._pending.durable)  # backpressure: the batch is full
+            await self._pending.durable  # backpressure: the batch is full
             self._check_running()
         now_ms = self._clock()
         decision = decide(self.state, command, now_ms, self.policy, self._ids.new)
@@ -241,7 +257,7 @@ class Engine:
             await self._wait_durable(decision.wal_sequence)
             return decision.outcome
         batch, outcome = self._write(decision, command, now_ms)
-        await asyncio.shield(batch.durable)
+        await batch.durable
         self.observer.command_done(name, time.perf_counter() - started)
         return outcome
 
@@ -307,7 +323,7 @@ class Engine:
         while seq > self._durable_seq:
             self._check_running()
             batch = self._inflight if self._inflight is not None and seq <= self._inflight.last_seq else self._pending
-            await asyncio.shield(batch.durable)
+            await batch.durable
 
     def _fail(self, exc: BaseException, failed: _Batch | None = None) -> None:
         """Fail-stop: refuse everything from now on and wake every waiter with the error."""
@@ -336,9 +352,8 @@ class Engine:
             self._snapshot_task = self._loop.create_task(self._snapshot())
 
     async def _snapshot(self) -> None:
-        """Encode the state now; write it once everything it includes is durable."""
-        seq = self.state.last_sequence
-        data = encode_snapshot(self.state)  # on the loop: the state must not change meanwhile
+        """Copy the state now; encode it a slice at a time; write it once all it includes is durable."""
+        seq, data = await self._encode_snapshot()
         await self._wait_durable(seq)
         durable = self.settings.durability is Durability.FSYNC
         await self._loop.run_in_executor(
@@ -348,6 +363,23 @@ class Engine:
             ),
         )
         self._snapshot_seq = max(self._snapshot_seq, seq)
+
+    async def _encode_snapshot(self) -> tuple[int, bytes]:
+        """A consistent copy of the state, encoded in slices with callers let in between.
+
+        Encoding half a million entries takes a few hundred milliseconds; done in one go on the
+        event loop it stalled every command for that long. The copy is cheap (immutable
+        entries are shared), and each slice takes about a millisecond.
+        """
+        frozen = self.state.freeze()
+        chunks: list[bytes] = []
+        since_yield = time.perf_counter()
+        for chunk in snapshot_chunks(frozen):
+            chunks.append(chunk)
+            if time.perf_counter() - since_yield > SNAPSHOT_SLICE_S:
+                await asyncio.sleep(0)
+                since_yield = time.perf_counter()
+        return frozen.last_sequence, frame_snapshot(frozen.last_sequence, chunks)
 
     async def snapshot_now(self) -> int:
         """Write a snapshot of the current state; returns its sequence."""
@@ -364,14 +396,14 @@ class Engine:
     async def export_state(self) -> State:
         """A detached copy of the state, consistent at one sequence, once that sequence is durable.
 
-        For rebuilding projections: the copy is encoded in one go on the event loop (so no
-        command lands halfway through it) and decoded in a thread.
+        For rebuilding projections: the copy is taken in one step on the event loop (so no
+        command lands halfway through it; entries are immutable and shared) and its indexes
+        are rebuilt in a thread.
         """
         self._check_running()
-        seq, data = self.state.last_sequence, encode_snapshot(self.state)
-        await self._wait_durable(seq)
-        loaded = await asyncio.to_thread(decode_snapshot, data)
-        return State.from_snapshot(loaded[1])
+        frozen = self.state.freeze()
+        await self._wait_durable(frozen.last_sequence)
+        return await asyncio.to_thread(State.from_snapshot, frozen)
 
     def balance(self, account_id: str) -> Account:
         """A copy of the account's balances (zeros for an unknown account)."""

@@ -25,12 +25,12 @@ import msgspec
 
 from tollway.core import events as ev
 from tollway.core.errors import InvariantViolation, ensure
-from tollway.core.lifecycle import UNSETTLED, EntryState, can_transition
+from tollway.core.lifecycle import TRANSITIONS, UNSETTLED, EntryState
 
 S = EntryState
 
 
-class Account(msgspec.Struct):
+class Account(msgspec.Struct, gc=False):
     """Balances of one account, in MicroUSD. Mutable: owned by the state alone."""
 
     available_micro: int = 0
@@ -39,7 +39,7 @@ class Account(msgspec.Struct):
     unsettled_micro: int = 0  # charged but not yet confirmed by settlement
 
 
-class Entry(msgspec.Struct, frozen=True):
+class Entry(msgspec.Struct, frozen=True, gc=False):
     """One billing entry (a hold and what became of it, or a direct charge)."""
 
     billing_entry_id: str
@@ -62,7 +62,7 @@ class Entry(msgspec.Struct, frozen=True):
     failed_at_ms: int | None = None  # when it entered FINALIZE_FAILED
 
 
-class CreditRecord(msgspec.Struct, frozen=True):
+class CreditRecord(msgspec.Struct, frozen=True, gc=False):
     """An idempotency record of a mint, deduct or credit note."""
 
     credit_event_id: str
@@ -89,7 +89,7 @@ class Snapshot(msgspec.Struct, frozen=True):
     credit_notes_micro: int
 
 
-class Transition(msgspec.Struct, frozen=True):
+class Transition(msgspec.Struct, frozen=True, gc=False):
     """What an event did to an entry, for observers."""
 
     entry: Entry
@@ -155,6 +155,30 @@ class State:
             self.credit_notes_micro,
         )
 
+    def freeze(self) -> Snapshot:
+        """A consistent copy that later events do not change: new dicts, copied accounts.
+
+        Entries, credits and the rest are immutable records, so copying the dicts that hold
+        them is enough; accounts are mutable and are copied one by one. Costs a few
+        milliseconds per hundred thousand entries, against hundreds for encoding in one go.
+        """
+        accounts = {
+            name: Account(a.available_micro, a.held_micro, a.charged_micro, a.unsettled_micro)
+            for name, a in self.accounts.items()
+        }
+        return Snapshot(
+            self.last_sequence,
+            accounts,
+            dict(self.entries),
+            dict(self.requests),
+            dict(self.credits),
+            dict(self.responses),
+            dict(self.escalations),
+            self.revenue_micro,
+            self.funding_micro,
+            self.credit_notes_micro,
+        )
+
     @classmethod
     def from_snapshot(cls, snap: Snapshot) -> State:
         """Rebuild a state, its counters and its expiry index from a snapshot."""
@@ -208,12 +232,8 @@ class State:
 
     def apply(self, event: ev.Event) -> Transition | None:
         """Apply one event. The only way the state changes."""
-        ensure(
-            event.wal_sequence == self.last_sequence + 1,
-            "sequence gap: %s then %s",
-            self.last_sequence,
-            event.wal_sequence,
-        )
+        if event.wal_sequence != self.last_sequence + 1:  # inline ensure(): the hottest line of replay
+            raise InvariantViolation(f"sequence gap: {self.last_sequence} then {event.wal_sequence}")
         self.last_sequence = event.wal_sequence
         handler = _HANDLERS.get(type(event.payload))
         return None if handler is None else handler(self, event)
@@ -245,8 +265,8 @@ class State:
         entry = self.entries.get(event.billing_entry_id)
         if entry is None:
             raise InvariantViolation(f"{event.event_type} for unknown entry {event.billing_entry_id}")
-        if target is not None:
-            ensure(can_transition(entry.state, target), "illegal transition %s -> %s", entry.state, target)
+        if target is not None and target not in TRANSITIONS[entry.state]:
+            raise InvariantViolation(f"illegal transition {entry.state.value} -> {target.value}")
         return entry
 
 
@@ -296,9 +316,11 @@ def new_entry(event: ev.Event) -> Entry:
 
 def _reserve(state: State, event: ev.Event) -> Transition:
     p: ev.BillingReserve = event.payload  # type: ignore[assignment]
-    ensure(event.billing_entry_id not in state.entries, "duplicate entry %s", event.billing_entry_id)
+    if event.billing_entry_id in state.entries:  # ensure(), inlined on the hot path
+        raise InvariantViolation(f"duplicate entry {event.billing_entry_id}")
     account = state._acct(p.account_id)
-    ensure(account.available_micro >= p.estimated_cost_micro, "reserve overdraws %s", p.account_id)
+    if account.available_micro < p.estimated_cost_micro:
+        raise InvariantViolation(f"reserve overdraws {p.account_id}")
     account.available_micro -= p.estimated_cost_micro
     account.held_micro += p.estimated_cost_micro
     state.requests[request_key(p.account_id, p.request_id)] = event.billing_entry_id
@@ -313,8 +335,8 @@ def _commit(state: State, event: ev.Event) -> Transition:
     entry = state._existing(event, target)
     account = state._acct(p.account_id)
     refund = p.estimated_cost_micro - p.charged_micro  # negative when an overrun is debited
-    ensure(account.held_micro >= p.estimated_cost_micro, "commit releases more than %s holds", p.account_id)
-    ensure(account.available_micro + refund >= 0, "commit overdraws %s", p.account_id)
+    if account.held_micro < p.estimated_cost_micro or account.available_micro + refund < 0:  # ensure(), inlined
+        raise InvariantViolation(f"commit of {event.billing_entry_id} overdraws {p.account_id}")
     account.held_micro -= p.estimated_cost_micro
     account.available_micro += refund
     account.charged_micro += p.charged_micro

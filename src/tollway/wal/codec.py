@@ -80,16 +80,23 @@ _ENCODER: Final = msgspec.json.Encoder()
 
 
 def _wire_maker(cls: type[ev.Payload]) -> Callable[[ev.Payload], dict[str, Any]]:
-    names = cls.__struct_fields__
-    money = frozenset(cls.MONEY_FIELDS)
-    astuple = msgspec.structs.astuple
+    """A function building ``cls``'s wire dict as one literal (money fields as decimal strings).
 
-    def to_wire(payload: ev.Payload) -> dict[str, Any]:
-        return {
-            name: (str(value) if name in money and value is not None else value)
-            for name, value in zip(names, astuple(payload), strict=True)
-        }
-
+    Generated once per payload type at import: a dict literal is several times faster than a
+    comprehension over fields, and this runs for every event written. Only field names from
+    the class definition go into the generated source.
+    """
+    items = []
+    for name in cls.__struct_fields__:
+        if not name.isidentifier():
+            raise TypeError(f"{cls.__name__}.{name} is not an identifier")
+        if name in cls.MONEY_FIELDS:
+            items.append(f"{name!r}: (None if p.{name} is None else str(p.{name}))")
+        else:
+            items.append(f"{name!r}: p.{name}")
+    namespace: dict[str, Any] = {}
+    exec(f"def to_wire(p):\n    return {{{', '.join(items)}}}", namespace)  # noqa: S102 - see docstring
+    to_wire: Callable[[ev.Payload], dict[str, Any]] = namespace["to_wire"]
     return to_wire
 
 

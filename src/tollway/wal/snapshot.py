@@ -16,10 +16,12 @@ are a cache of the WAL, so old ones are deleted; WAL segments never are.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -31,6 +33,8 @@ from tollway.core.state import Snapshot, State
 SNAPSHOT_MAGIC: Final = b"TOLLWAY-SNAP\x00\x00\x00\x01"
 _HEADER: Final = struct.Struct("<16sQQ")
 _NAME_RE: Final = re.compile(r"snapshot-(\d{20})\.snap")
+SNAPSHOT_PAIRS_PER_CHUNK: Final = 2_000
+"""Entries encoded per slice (about 1.5 ms): the engine yields to callers between slices."""
 _ENCODER: Final = msgspec.msgpack.Encoder()
 _DECODER: Final = msgspec.msgpack.Decoder(Snapshot)
 
@@ -51,11 +55,48 @@ def snapshot_name(sequence: int) -> str:
 
 
 def encode_snapshot(state: State) -> bytes:
-    """The complete snapshot file contents for ``state`` at its current sequence."""
-    body = _ENCODER.encode(state.to_snapshot())
-    header = _HEADER.pack(SNAPSHOT_MAGIC, state.last_sequence, len(body))
-    crc = zlib.crc32(body, zlib.crc32(header))
-    return header + crc.to_bytes(4, "little") + body
+    """The complete snapshot file contents for ``state`` at its current sequence (in one go)."""
+    return frame_snapshot(state.last_sequence, [_ENCODER.encode(state.to_snapshot())])
+
+
+def frame_snapshot(sequence: int, body_chunks: list[bytes]) -> bytes:
+    """Header, checksum and body of a snapshot file whose msgpack body is ``body_chunks`` joined."""
+    length = sum(len(chunk) for chunk in body_chunks)
+    header = _HEADER.pack(SNAPSHOT_MAGIC, sequence, length)
+    crc = zlib.crc32(header)
+    for chunk in body_chunks:
+        crc = zlib.crc32(chunk, crc)
+    return b"".join([header, crc.to_bytes(4, "little"), *body_chunks])
+
+
+def _map_header(count: int) -> bytes:
+    """The msgpack header of a map with ``count`` pairs."""
+    if count < 16:
+        return bytes([0x80 | count])
+    if count < 1 << 16:
+        return b"\xde" + count.to_bytes(2, "big")
+    return b"\xdf" + count.to_bytes(4, "big")
+
+
+def snapshot_chunks(snap: Snapshot, pairs_per_chunk: int = SNAPSHOT_PAIRS_PER_CHUNK) -> Iterator[bytes]:
+    """The msgpack body of ``snap`` in pieces, so a caller can encode it a slice at a time.
+
+    The result, joined, is exactly what :func:`msgspec.msgpack.encode` would give: a map of the
+    snapshot's fields, the large dicts written as one map header followed by their pairs,
+    each slice encoded natively as a small dict whose own header is cut off.
+    """
+    fields = Snapshot.__struct_fields__
+    yield _map_header(len(fields))
+    for name in fields:
+        yield _ENCODER.encode(name)
+        value = getattr(snap, name)
+        if not isinstance(value, dict) or len(value) <= pairs_per_chunk:
+            yield _ENCODER.encode(value)
+            continue
+        yield _map_header(len(value))
+        items = iter(value.items())
+        while piece := dict(itertools.islice(items, pairs_per_chunk)):
+            yield _ENCODER.encode(piece)[len(_map_header(len(piece))) :]
 
 
 def decode_snapshot(data: bytes) -> tuple[int, Snapshot]:
