@@ -92,3 +92,33 @@ def test_recovery_replays_the_whole_log_without_snapshots(report: dict[str, obje
     assert isinstance(recovery, dict)
     assert recovery["events"] == recovery["no_snapshot"]["replayed_events"] == report["recovery_events"]
     assert recovery["no_snapshot"]["from_snapshot"] == 0
+
+
+@pytest.mark.slow
+def test_redis_mode_reports_projection_figures(tmp_path: Path) -> None:
+    """With --redis the load runs with the projection on and reports its lag and a Redis ceiling."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH),
+            "--quick",
+            "--redis",
+            "--json",
+            "--only",
+            "ceiling",
+            "--only",
+            "load",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert 0 == done.returncode, done.stderr
+    result = json.loads(done.stdout)
+    for key in ("projection_lag_ms_max", "projected_events_per_s"):
+        assert isinstance(result[key], int), key
+    assert isinstance(result["ceiling"]["redis_evalsha_per_s"], int)
+    assert {"events_per_s": 30_000, "projection_lag_ms_max": 1_000}.items() <= result["targets"].items()

@@ -218,10 +218,31 @@ async def test_a_server_that_never_answers_times_out_and_is_killed(tmp_path: Pat
     assert [] == [p for p in server_module._LIVE if p.poll() is None]
 
 
-async def test_a_too_long_socket_path_is_refused(tmp_path: Path) -> None:
-    """A directory whose socket path exceeds the unix-socket limit is a clear error."""
-    with pytest.raises(RedisUnavailable, match="longer than"):
-        await EmbeddedRedis.start(tmp_path / ("d" * 120))
+async def test_a_deep_data_directory_gets_a_short_private_socket(tmp_path: Path) -> None:
+    """When the data directory is too deep for a unix socket path, the socket lives in a private temp dir."""
+    directory = tmp_path / ("d" * 120)
+    async with EmbeddedRedis(directory) as server:
+        assert directory != server.socket_path.parent
+        assert len(os.fsencode(server.socket_path)) <= 103
+        assert 0o700 == server.socket_path.parent.stat().st_mode & 0o777
+        client = redis.asyncio.Redis.from_url(server.url)
+        assert await client.ping()
+        await client.aclose()
+        assert (directory / "redis.log").exists()  # everything else stays in the data directory
+    assert not server.socket_path.exists()
+
+
+async def test_a_shared_socket_directory_is_refused(tmp_path: Path) -> None:
+    """A socket directory that others can enter is refused rather than trusted."""
+    directory = tmp_path / ("e" * 120)
+    server = EmbeddedRedis(directory)
+    server.socket_path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    server.socket_path.parent.chmod(0o755)
+    try:
+        with pytest.raises(RedisUnavailable, match="mode 0700"):
+            await server.__aenter__()
+    finally:
+        server.socket_path.parent.rmdir()
 
 
 def test_version_names_a_release() -> None:

@@ -29,12 +29,15 @@ import asyncio
 import atexit
 import contextlib
 import ctypes
+import hashlib
 import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from importlib.util import find_spec
 from pathlib import Path
@@ -97,12 +100,12 @@ def version(binary: Path | None = None) -> str:
     return found.group(1) if found else text
 
 
-def server_argv(binary: Path, directory: Path, memory_bytes_max: int) -> list[str]:
-    """The command line of an embedded server whose socket, dir and log are in ``directory``."""
+def server_argv(binary: Path, directory: Path, memory_bytes_max: int, socket_path: Path | None = None) -> list[str]:
+    """The command line of an embedded server whose dir and log (and socket, by default) are in ``directory``."""
     return [
         str(binary),
         *("--port", "0"),
-        *("--unixsocket", str(directory / SOCKET_NAME)),
+        *("--unixsocket", str(socket_path or directory / SOCKET_NAME)),
         *("--unixsocketperm", "700"),
         *("--dir", str(directory)),
         *("--logfile", str(directory / LOG_NAME)),
@@ -130,7 +133,7 @@ class EmbeddedRedis:
         startup_timeout_ms: int = STARTUP_TIMEOUT_MS,
     ) -> None:
         self.directory = Path(directory).absolute()
-        self.socket_path = self.directory / SOCKET_NAME
+        self.socket_path = _socket_path(self.directory)
         self.log_path = self.directory / LOG_NAME
         self.binary = binary
         self.memory_bytes_max = memory_bytes_max
@@ -210,7 +213,8 @@ class EmbeddedRedis:
         binary = self.binary if self.binary is not None else find_binary()
         await self._prepare_directory()
         try:
-            self._process = _spawn(server_argv(binary, self.directory, self.memory_bytes_max), self.log_path)
+            argv = server_argv(binary, self.directory, self.memory_bytes_max, self.socket_path)
+            self._process = _spawn(argv, self.log_path)
         except OSError as exc:
             raise RedisUnavailable(f"could not run {binary}: {exc}; {INSTALL_HINT}") from exc
         try:
@@ -228,6 +232,8 @@ class EmbeddedRedis:
                 "the limit of unix sockets; use a shorter data directory"
             )
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.socket_path.parent != self.directory:  # the short-path fallback, in a shared temp dir
+            _private_directory(self.socket_path.parent)
         if self.log_path.exists():
             self.log_path.replace(self.log_path.with_name(LOG_NAME + ".1"))
         if not (self.socket_path.exists() or self.socket_path.is_symlink()):
@@ -275,6 +281,28 @@ class EmbeddedRedis:
 # Servers started by this interpreter and not yet stopped, with the pid that started each: a
 # forked child that exits through atexit must not kill its parent's servers.
 _LIVE: dict[subprocess.Popen[bytes], int] = {}
+
+
+def _socket_path(directory: Path) -> Path:
+    """Where the server's socket goes: ``directory/redis.sock`` if the path is short enough.
+
+    A unix socket path holds about 104 bytes; for a deeper data directory the socket goes in a
+    private directory under the system's temporary directory, named after ``directory`` so a
+    restart finds the same path.
+    """
+    preferred = directory / SOCKET_NAME
+    if len(os.fsencode(preferred)) <= SOCKET_PATH_BYTES_MAX:
+        return preferred
+    digest = hashlib.sha256(os.fsencode(directory)).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"tollway-redis-{os.getuid()}-{digest}" / SOCKET_NAME
+
+
+def _private_directory(path: Path) -> None:
+    """Create ``path`` (mode 0700) or check that it is ours and private: no one else's socket."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise RedisUnavailable(f"{path} must be a directory owned by this user with mode 0700")
 
 
 def _spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
