@@ -224,8 +224,9 @@ async def test_billing_results_do_not_wait_for_redis(tmp_path: Path, clock: Fake
         await client.aclose()
 
 
-async def test_projector_stops_even_if_the_client_swallows_cancellation(rig: Rig) -> None:
-    """A cancellation reported by the Redis client as a ConnectionError still stops the projector."""
+@pytest.mark.parametrize("swallowed_as", ["connection_error", "normal_return"])
+async def test_projector_stops_even_if_the_client_swallows_cancellation(rig: Rig, swallowed_as: str) -> None:
+    """A cancellation the Redis client turns into a ConnectionError, or into a normal return, still stops it."""
     entered = asyncio.Event()
 
     async def swallowing_sync() -> int:
@@ -233,8 +234,10 @@ async def test_projector_stops_even_if_the_client_swallows_cancellation(rig: Rig
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
-            raise redis.exceptions.ConnectionError("connection lost while cancelled") from None
-        return 0
+            if swallowed_as == "connection_error":
+                raise redis.exceptions.ConnectionError("connection lost while cancelled") from None
+        rig.projector.applied_seq = rig.engine.durable_sequence
+        return rig.engine.durable_sequence
 
     rig.projector.sync = swallowing_sync  # type: ignore[method-assign]
     task = asyncio.create_task(rig.projector.run())

@@ -189,6 +189,7 @@ class FinalizeWorker:
                 raise_if_cancelled()
                 log.warning("finalize worker: %s; recreating the consumer group", exc)
             else:
+                raise_if_cancelled()  # a library may have swallowed it and returned normally
                 if handled == 0:
                     await asyncio.sleep(IDLE_PAUSE_MS / 1000)
                 continue

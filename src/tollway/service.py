@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
@@ -198,8 +199,15 @@ class Service:
         for task in self._tasks:
             task.cancel()
         done, stuck = await asyncio.wait(self._tasks, timeout=TASK_STOP_TIMEOUT_S) if self._tasks else (set(), set())
-        for task in stuck:  # a bug: say so, and do not wait forever for it
-            log.error("background task %s did not stop within %s s", task.get_name(), TASK_STOP_TIMEOUT_S)
+        for task in stuck:  # a bug: say so (where it hangs), and do not wait forever for it
+            where = io.StringIO()
+            task.print_stack(file=where)
+            log.error(
+                "background task %s did not stop within %s s: %s",
+                task.get_name(),
+                TASK_STOP_TIMEOUT_S,
+                where.getvalue(),
+            )
         for task in done:
             with contextlib.suppress(asyncio.CancelledError):
                 await task

@@ -142,6 +142,7 @@ class Projector:
                 self.violation = str(exc)
                 log.critical("projection stopped: %s", exc)
                 return
+            raise_if_cancelled()  # a library may have swallowed it and returned normally
             if self.applied_seq is not None and self.applied_seq >= self.engine.durable_sequence:
                 self._wake.clear()
                 if self.applied_seq >= self.engine.durable_sequence:
@@ -239,11 +240,11 @@ class Projector:
 
 
 def raise_if_cancelled() -> None:
-    """Re-raise a cancellation that a client library turned into a connection error.
+    """Re-raise a cancellation that a client library swallowed.
 
-    redis-py can report a command interrupted by ``Task.cancel()`` as a ``ConnectionError``;
-    a loop that retries on connection errors would then swallow its own cancellation and
-    never stop. ``Task.cancelling()`` still knows.
+    redis-py can report a command interrupted by ``Task.cancel()`` as a ``ConnectionError``,
+    or finish the command and return normally; a loop that then waits or retries would never
+    stop. ``Task.cancelling()`` still knows, so long-running loops call this before waiting.
     """
     task = asyncio.current_task()
     if task is not None and task.cancelling():
