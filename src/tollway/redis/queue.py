@@ -23,12 +23,14 @@ from typing import Any, Final
 import msgspec
 import redis.asyncio as aioredis
 
+from tollway.core.errors import InvalidInput
 from tollway.redis.keys import FINALIZE_GROUP, Keys
 from tollway.redis.projector import ensure_group, load_script
 
 READ_COUNT_MAX: Final = 64
 PROMOTE_BATCH_MAX: Final = 500
 POISON_PAGE_MAX: Final = 100
+STREAM_ID_PART_MAX: Final = 2**64 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +154,17 @@ class FinalizeQueue:
         return int(moved)
 
     async def dead_letters(self, after: str = "-", count: int = POISON_PAGE_MAX) -> list[DeadLetter]:
-        """One page of the poison stream, after message id ``after`` (exclusive)."""
+        """One page of the poison stream, after message id ``after`` (exclusive).
+
+        ``after`` is ``-`` or a stream id ``<ms>-<seq>`` whose parts fit in 64 bits (else
+        :class:`InvalidInput`); nothing comes after the largest id.
+        """
+        if after != "-":
+            ms, _, seq = after.partition("-")
+            if not (ms.isdecimal() and seq.isdecimal()) or max(int(ms), int(seq)) > STREAM_ID_PART_MAX:
+                raise InvalidInput("after must be a stream id <ms>-<seq> with 64-bit parts", field="after")
+            if int(ms) == int(seq) == STREAM_ID_PART_MAX:
+                return []
         start = after if after == "-" else f"({after}"
         reply = await self.redis.xrange(self.keys.poison, min=start, count=count)
         return [DeadLetter(_text(mid), _fields(raw)) for mid, raw in reply or []]
