@@ -188,20 +188,32 @@ def reserve_fingerprint(command: cmd.Reserve) -> str:
     return f"reserve:{command.estimated_cost_micro}:{command.basis}"
 
 
+def _known_request(state: State, account_id: str, request_id: str, fingerprint: str) -> Entry | Refusal | None:
+    """The entry an earlier request with this key created (None: a new key), or key reuse."""
+    existing = state.requests.get(request_key(account_id, request_id))
+    if existing is None:
+        return None
+    entry = state.entries[existing]
+    if entry.fingerprint != fingerprint:
+        return _refuse(
+            RefusalCode.IDEMPOTENCY_KEY_REUSED,
+            "request_id was used before with different parameters",
+            billing_entry_id=existing,
+        )
+    return entry
+
+
 def _reserve(state: State, c: cmd.Reserve, now_ms: int, policy: Policy, new_id: NewId) -> Decision:
     fingerprint = reserve_fingerprint(c)
-    existing = state.requests.get(request_key(c.account_id, c.request_id))
-    if existing is not None:
-        entry = state.entries[existing]
-        if entry.fingerprint != fingerprint:
+    known = _known_request(state, c.account_id, c.request_id, fingerprint)
+    if isinstance(known, Refusal):
+        return known
+    if known is not None:
+        if known.state is S.RESERVE_HELD:
             return _refuse(
-                RefusalCode.IDEMPOTENCY_KEY_REUSED,
-                "request_id was used before with different parameters",
-                billing_entry_id=existing,
+                RefusalCode.REQUEST_IN_PROGRESS, "this request is still held", billing_entry_id=known.billing_entry_id
             )
-        if entry.state is S.RESERVE_HELD:
-            return _refuse(RefusalCode.REQUEST_IN_PROGRESS, "this request is still held", billing_entry_id=existing)
-        return _replay(entry, state)
+        return _replay(known, state)
     refusal = _amount_limit(c.estimated_cost_micro, policy, "estimated_cost_micro")
     ttl = _ttl(c.ttl_s, policy)
     if isinstance(ttl, Refusal):
@@ -318,16 +330,9 @@ def _expire(state: State, c: cmd.Expire, now_ms: int) -> Decision:
 
 def _charge(state: State, c: cmd.Charge, now_ms: int, policy: Policy, new_id: NewId) -> Decision:
     fingerprint = f"charge:{c.amount_micro}:{c.allow_partial}"
-    existing = state.requests.get(request_key(c.account_id, c.request_id))
-    if existing is not None:
-        entry = state.entries[existing]
-        if entry.fingerprint != fingerprint:
-            return _refuse(
-                RefusalCode.IDEMPOTENCY_KEY_REUSED,
-                "request_id was used before with different parameters",
-                billing_entry_id=existing,
-            )
-        return _replay(entry, state)
+    known = _known_request(state, c.account_id, c.request_id, fingerprint)
+    if known is not None:
+        return known if isinstance(known, Refusal) else _replay(known, state)
     refusal = _amount_limit(c.amount_micro, policy, "amount_micro")
     if refusal is None and not policy.holds_allowed:
         refusal = _refuse(RefusalCode.GUARD_UNAVAILABLE, "the conservation guard is not ready", retry_after_seconds=30)
