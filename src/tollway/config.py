@@ -50,7 +50,7 @@ class Settings:
     data_dir: Path = Path("tollway-data")
     durability: Durability = Durability.FSYNC
     segment_bytes: int = DEFAULT_SEGMENT_BYTES  # WAL segment rotation size, ≤ 1 GiB
-    snapshot_every_events: int = 100_000  # write a snapshot after this many new events
+    snapshot_every_events: int = 250_000  # write a snapshot after this many new events
     snapshots_kept: int = 2
     batch_records_max: int = 8192  # records in one group-commit batch; callers wait beyond
     batch_bytes_max: int = 8 << 20

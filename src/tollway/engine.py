@@ -47,7 +47,7 @@ from tollway.core.validate import validate
 from tollway.wal import codec
 from tollway.wal.log import DirectoryLock, WalWriter, recover
 from tollway.wal.replay import gc_paused
-from tollway.wal.snapshot import frame_snapshot, load_newest, snapshot_chunks, write_snapshot
+from tollway.wal.snapshot import load_newest, snapshot_chunks, write_snapshot
 
 log = logging.getLogger("tollway.engine")
 
@@ -353,18 +353,18 @@ class Engine:
 
     async def _snapshot(self) -> None:
         """Copy the state now; encode it a slice at a time; write it once all it includes is durable."""
-        seq, data = await self._encode_snapshot()
+        seq, chunks = await self._encode_snapshot()
         await self._wait_durable(seq)
         durable = self.settings.durability is Durability.FSYNC
         await self._loop.run_in_executor(
             self._snap_io,
             lambda: write_snapshot(
-                self.settings.snapshot_dir, seq, data, keep=self.settings.snapshots_kept, durable=durable
+                self.settings.snapshot_dir, seq, chunks, keep=self.settings.snapshots_kept, durable=durable
             ),
         )
         self._snapshot_seq = max(self._snapshot_seq, seq)
 
-    async def _encode_snapshot(self) -> tuple[int, bytes]:
+    async def _encode_snapshot(self) -> tuple[int, list[bytes]]:
         """A consistent copy of the state, encoded in slices with callers let in between.
 
         Encoding half a million entries takes a few hundred milliseconds; done in one go on the
@@ -379,7 +379,7 @@ class Engine:
             if time.perf_counter() - since_yield > SNAPSHOT_SLICE_S:
                 await asyncio.sleep(0)
                 since_yield = time.perf_counter()
-        return frozen.last_sequence, frame_snapshot(frozen.last_sequence, chunks)
+        return frozen.last_sequence, chunks  # framed (checksummed) by the writing thread
 
     async def snapshot_now(self) -> int:
         """Write a snapshot of the current state; returns its sequence."""

@@ -21,7 +21,7 @@ import os
 import re
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -33,6 +33,8 @@ from tollway.core.state import Snapshot, State
 SNAPSHOT_MAGIC: Final = b"TOLLWAY-SNAP\x00\x00\x00\x01"
 _HEADER: Final = struct.Struct("<16sQQ")
 _NAME_RE: Final = re.compile(r"snapshot-(\d{20})\.snap")
+SNAPSHOT_WRITE_CHUNK_BYTES: Final = 1 << 20
+"""A snapshot is written and flushed this much at a time (see :func:`write_snapshot`)."""
 SNAPSHOT_PAIRS_PER_CHUNK: Final = 2_000
 """Entries encoded per slice (about 1.5 ms): the engine yields to callers between slices."""
 _ENCODER: Final = msgspec.msgpack.Encoder()
@@ -59,14 +61,9 @@ def encode_snapshot(state: State) -> bytes:
     return frame_snapshot(state.last_sequence, [_ENCODER.encode(state.to_snapshot())])
 
 
-def frame_snapshot(sequence: int, body_chunks: list[bytes]) -> bytes:
-    """Header, checksum and body of a snapshot file whose msgpack body is ``body_chunks`` joined."""
-    length = sum(len(chunk) for chunk in body_chunks)
-    header = _HEADER.pack(SNAPSHOT_MAGIC, sequence, length)
-    crc = zlib.crc32(header)
-    for chunk in body_chunks:
-        crc = zlib.crc32(chunk, crc)
-    return b"".join([header, crc.to_bytes(4, "little"), *body_chunks])
+def frame_snapshot(sequence: int, body_chunks: Sequence[bytes]) -> bytes:
+    """The whole snapshot file for a msgpack body given in pieces."""
+    return b"".join([_frame_header(sequence, body_chunks), *body_chunks])
 
 
 def _map_header(count: int) -> bytes:
@@ -127,19 +124,23 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_snapshot(snap_dir: Path, sequence: int, data: bytes, *, keep: int, durable: bool = True) -> Path:
-    """Write ``data`` atomically as the snapshot at ``sequence``; keep the newest ``keep``."""
+def write_snapshot(
+    snap_dir: Path, sequence: int, data: bytes | Sequence[bytes], *, keep: int, durable: bool = True
+) -> Path:
+    """Write a snapshot atomically; keep the newest ``keep``. Blocking: call it from a thread.
+
+    ``data`` is a whole file (from :func:`encode_snapshot`) or the msgpack body in pieces (from
+    :func:`snapshot_chunks`), which are framed here — the checksum of hundreds of megabytes is
+    computed in this thread, not on the event loop.
+    """
+    pieces = [data] if isinstance(data, bytes) else [_frame_header(sequence, data), *data]
     final = snap_dir / snapshot_name(sequence)
     for stale in snap_dir.glob(".snapshot-*.snap.tmp"):  # left by a crash mid-write; never valid
         stale.unlink(missing_ok=True)
     tmp = snap_dir / f".{final.name}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        if durable:
-            os.fsync(fd)
+        _write_flushing(fd, pieces, durable)
     finally:
         os.close(fd)
     tmp.replace(final)
@@ -148,6 +149,34 @@ def write_snapshot(snap_dir: Path, sequence: int, data: bytes, *, keep: int, dur
     if durable:
         fsync_dir(snap_dir)
     return final
+
+
+def _write_flushing(fd: int, pieces: Sequence[bytes], durable: bool) -> None:
+    """Write ``pieces``, flushing every ``SNAPSHOT_WRITE_CHUNK_BYTES`` when durable.
+
+    A WAL fdatasync commits the filesystem journal, which on ext4 must first write out other
+    files' dirty data: a snapshot's hundreds of megabytes left dirty would stall WAL syncs.
+    """
+    unflushed = 0
+    for piece in pieces:
+        view = memoryview(piece)
+        while view:
+            written = os.write(fd, view[:SNAPSHOT_WRITE_CHUNK_BYTES])
+            view, unflushed = view[written:], unflushed + written
+            if durable and unflushed >= SNAPSHOT_WRITE_CHUNK_BYTES:
+                os.fdatasync(fd)
+                unflushed = 0
+    if durable:
+        os.fsync(fd)
+
+
+def _frame_header(sequence: int, body_chunks: Sequence[bytes]) -> bytes:
+    """Header and checksum of a snapshot whose body is ``body_chunks`` joined."""
+    header = _HEADER.pack(SNAPSHOT_MAGIC, sequence, sum(len(chunk) for chunk in body_chunks))
+    crc = zlib.crc32(header)
+    for chunk in body_chunks:
+        crc = zlib.crc32(chunk, crc)
+    return header + crc.to_bytes(4, "little")
 
 
 def list_snapshots(snap_dir: Path) -> list[Path]:
