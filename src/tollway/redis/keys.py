@@ -19,7 +19,7 @@ Everything here is derived from the WAL and can be rebuilt; nothing here is the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 FINALIZE_GROUP: Final = "billing_finalize_group"
@@ -33,11 +33,10 @@ class Keys:
 
     prefix: str = DEFAULT_PREFIX
     shard: str = DEFAULT_SHARD
+    base: str = field(init=False, repr=False, compare=False)  # e.g. ``tw:{0}:``, built once
 
-    @property
-    def base(self) -> str:
-        """The common prefix with the hash tag, e.g. ``tw:{0}:``."""
-        return f"{self.prefix}:{{{self.shard}}}:"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "base", f"{self.prefix}:{{{self.shard}}}:")
 
     @property
     def meta(self) -> str:
@@ -81,15 +80,15 @@ class Keys:
 
     def account(self, account_id: str) -> str:
         """An account's balances."""
-        return f"{self.base}acct:{account_id}"
+        return self.base + "acct:" + account_id
 
     def entry(self, entry_id: str) -> str:
         """An entry's fields."""
-        return f"{self.base}entry:{entry_id}"
+        return self.base + "entry:" + entry_id
 
     def response(self, entry_id: str) -> str:
         """An entry's stored response."""
-        return f"{self.base}resp:{entry_id}"
+        return self.base + "resp:" + entry_id
 
     @property
     def pattern(self) -> str:

@@ -3,13 +3,12 @@
 -- KEYS[1]      the shard's meta hash (field applied_seq: the last WAL sequence applied)
 -- KEYS[2..n]   every other key the operations touch (operations refer to them by index)
 --
--- ARGV[1]      number of events E
--- then, per event:   seq, number of operations K
--- then, per op:      opcode, number of arguments A, A arguments
+-- ARGV[1]      msgpack: [[seq, [[opcode, arg, ...], ...]], ...] — events in sequence order.
+--              Key arguments are integer indexes into KEYS; every other argument is a string.
 --
--- Opcodes (key arguments are indexes into KEYS):
---   I key field delta          HINCRBY on a user balance that must stay >= 0 (checked)
---   C key field delta          HINCRBY that may go negative (system ledger accounts, counters)
+-- Opcodes:
+--   I key f1 d1 [f2 d2 ...]    HINCRBY of each field, in order; a user balance that must stay >= 0
+--   C key f1 d1 [f2 d2 ...]    HINCRBY of each field, which may go negative (system ledger, counters)
 --   H key f1 v1 [f2 v2 ...]    HSET
 --   Z key score member         ZADD
 --   R key member               ZREM
@@ -28,8 +27,9 @@
 --                                        deleted, as absent and 0 mean the same to every reader)
 --
 -- Idempotency: events at or below applied_seq are skipped, so applying a batch twice changes
--- nothing. Money is only ever changed by HINCRBY with decimal-string deltas; Lua numbers are
--- used for sequences and for the sign of HINCRBY's result, never for amounts.
+-- nothing. Money is only ever changed by HINCRBY with decimal-string deltas (msgpack strings
+-- stay Lua strings); Lua numbers are used for sequences, key indexes and the sign of HINCRBY's
+-- result, never for amounts.
 
 local meta = KEYS[1]
 local applied = redis.call('HGET', meta, 'applied_seq')
@@ -38,22 +38,16 @@ if not applied then
 end
 applied = tonumber(applied)
 
--- Pass 1: find the events not yet applied and check that they continue the projection.
+-- Pass 1: keep the events not yet applied and check that they continue the projection.
 local events = {}
 local expected = applied + 1
-local pos = 2
-for _ = 1, tonumber(ARGV[1]) do
-  local seq, nops = tonumber(ARGV[pos]), tonumber(ARGV[pos + 1])
-  pos = pos + 2
-  local first_op = pos
-  for _ = 1, nops do
-    pos = pos + 2 + tonumber(ARGV[pos + 1])
-  end
+for _, event in ipairs(cmsgpack.unpack(ARGV[1])) do
+  local seq = event[1]
   if seq > applied then
     if seq ~= expected then
       return {'gap', tostring(applied), tostring(seq)}
     end
-    events[#events + 1] = {seq, first_op, nops}
+    events[#events + 1] = event
     expected = seq + 1
   end
 end
@@ -68,71 +62,73 @@ local function negate(delta)
   return '-' .. delta
 end
 
+local function undo(done)
+  for k = #done, 1, -1 do
+    -- A field back at 0 is removed: it was absent (or 0, which every reader treats alike).
+    if redis.call('HINCRBY', done[k][1], done[k][2], negate(done[k][3])) == 0 then
+      redis.call('HDEL', done[k][1], done[k][2])
+    end
+  end
+end
+
 -- Pass 2: money. Every HINCRBY in order; on a negative balance or an error, undo and report.
 local done = {}
 for _, event in ipairs(events) do
-  local p = event[2]
-  for _ = 1, event[3] do
-    local op, nargs = ARGV[p], tonumber(ARGV[p + 1])
-    if op == 'I' or op == 'C' then
-      local key, field, delta = KEYS[tonumber(ARGV[p + 2])], ARGV[p + 3], ARGV[p + 4]
-      local after = redis.pcall('HINCRBY', key, field, delta)
-      local failed = type(after) == 'table' and after.err
-      if failed or (op == 'I' and after < 0) then
-        if not failed then
-          done[#done + 1] = {key, field, delta}
-        end
-        for k = #done, 1, -1 do
-          -- A field back at 0 is removed: it was absent (or 0, which every reader treats alike).
-          if redis.call('HINCRBY', done[k][1], done[k][2], negate(done[k][3])) == 0 then
-            redis.call('HDEL', done[k][1], done[k][2])
+  for _, op in ipairs(event[2]) do
+    local code = op[1]
+    if code == 'I' or code == 'C' then
+      local key = KEYS[op[2]]
+      for i = 3, #op, 2 do
+        local field, delta = op[i], op[i + 1]
+        local after = redis.pcall('HINCRBY', key, field, delta)
+        local failed = type(after) == 'table' and after.err
+        if failed or (code == 'I' and after < 0) then
+          if not failed then
+            done[#done + 1] = {key, field, delta}
           end
+          undo(done)
+          return {'violation', tostring(event[1]), key, field, failed or 'balance would go negative'}
         end
-        return {'violation', tostring(event[1]), key, field, failed or 'balance would go negative'}
+        done[#done + 1] = {key, field, delta}
       end
-      done[#done + 1] = {key, field, delta}
     end
-    p = p + 2 + nargs
   end
 end
 
 -- Pass 3: everything that is not money.
-local function args(p, from, count)
+local function rest(op, from)
   local out = {}
-  for i = from, count do
-    out[#out + 1] = ARGV[p + 2 + i]
+  for i = from, #op do
+    out[#out + 1] = op[i]
   end
   return out
 end
 
 for _, event in ipairs(events) do
-  local p = event[2]
-  for _ = 1, event[3] do
-    local op, nargs = ARGV[p], tonumber(ARGV[p + 1])
-    local key = KEYS[tonumber(ARGV[p + 2])]
-    if op == 'H' then
-      redis.call('HSET', key, unpack(args(p, 1, nargs - 1)))
-    elseif op == 'Z' then
-      redis.call('ZADD', key, ARGV[p + 3], ARGV[p + 4])
-    elseif op == 'R' then
-      redis.call('ZREM', key, ARGV[p + 3])
-    elseif op == 'S' then
-      redis.call('SET', key, ARGV[p + 3])
-    elseif op == 'X' then
-      redis.call('XADD', key, '*', unpack(args(p, 1, nargs - 1)))
-    elseif op == 'P' then
-      local entry = KEYS[tonumber(ARGV[p + 3])]
-      local id = redis.call('XADD', key, '*', unpack(args(p, 2, nargs - 1)))
-      redis.call('HSET', entry, 'poison_id', id)
-    elseif op == 'Q' then
-      local entry = KEYS[tonumber(ARGV[p + 3])]
+  for _, op in ipairs(event[2]) do
+    local code = op[1]
+    local key = KEYS[op[2]]
+    if code == 'H' then
+      redis.call('HSET', key, unpack(rest(op, 3)))
+    elseif code == 'Z' then
+      redis.call('ZADD', key, op[3], op[4])
+    elseif code == 'R' then
+      redis.call('ZREM', key, op[3])
+    elseif code == 'S' then
+      redis.call('SET', key, op[3])
+    elseif code == 'X' then
+      redis.call('XADD', key, '*', unpack(rest(op, 3)))
+    elseif code == 'P' then
+      local id = redis.call('XADD', key, '*', unpack(rest(op, 4)))
+      redis.call('HSET', KEYS[op[3]], 'poison_id', id)
+    elseif code == 'Q' then
+      local entry = KEYS[op[3]]
       local id = redis.call('HGET', entry, 'poison_id')
       if id then
         redis.call('XDEL', key, id)
         redis.call('HDEL', entry, 'poison_id')
       end
     end
-    p = p + 2 + nargs
   end
 end
 
