@@ -51,6 +51,7 @@ log = logging.getLogger("tollway.service")
 SETTLEMENT_KEY_FILE: Final = "settlement-signing-key.pem"
 FINAL_SYNC_TIMEOUT_S: Final = 5.0
 TASK_STOP_TIMEOUT_S: Final = 10.0
+FIRST_SYNC_TIMEOUT_S: Final = 30.0
 REDIS_SOCKET_TIMEOUT_S: Final = 5.0
 
 
@@ -132,6 +133,7 @@ class Service:
             service = cls(settings, engine, client, embedded, metrics, guard_bypass=guard_bypass)
             service._start_settlement(clock, alert or structlog_alert(metrics))
             if background:
+                await service._first_sync()
                 service._start_background()
             await service.guard.start()
             try:
@@ -182,6 +184,18 @@ class Service:
             claim_idle_ms=settings.claim_idle_ms,
             alert=alert,
         )
+
+    async def _first_sync(self) -> None:
+        """Bring the projection up to date (rebuilding it if Redis lost it) before the worker reads.
+
+        A rebuild recreates the finalize stream and its consumer group; a worker started first
+        would find them gone. Redis being away is no reason to wait: the projector catches up.
+        """
+        try:
+            async with asyncio.timeout(FIRST_SYNC_TIMEOUT_S):
+                await self.projector.sync()
+        except (TimeoutError, *REDIS_ERRORS) as exc:
+            log.warning("projection not caught up at start (the projector keeps trying): %s", exc)
 
     def _start_background(self) -> None:
         self._spawn(self.projector.run(), "projector")

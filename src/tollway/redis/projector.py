@@ -211,7 +211,9 @@ class Projector:
         await self.redis.hdel(self.keys.meta, "rebuilding")
         self.rebuilds += 1
         self._trim(seq)
-        log.warning(
+        level = logging.INFO if seq == 0 else logging.WARNING  # a brand-new log and Redis: nothing to tell
+        log.log(
+            level,
             "projection rebuilt at sequence %s (%s entries) in %.3f s",
             seq,
             len(state.entries),
