@@ -85,3 +85,9 @@ def test_correlation_defaults_to_untraced() -> None:
     assert "trace-1" == check_correlation_id("trace-1")
     with pytest.raises(InvalidInput):
         check_correlation_id("x" * 129)
+
+
+@given(st.integers(0, (1 << 48) - 1), st.integers(0, (1 << 80) - 1))
+def test_fast_encoding_matches_the_reference(ms: int, random80: int) -> None:
+    """The generator's table-driven encoding equals the plain 128-bit base-32 encoding."""
+    assert encode_ulid((ms << 80) | random80) == UlidGenerator(lambda: ms, lambda: random80).new()

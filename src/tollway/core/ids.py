@@ -28,6 +28,7 @@ _TIME_MAX: Final = (1 << 48) - 1
 # base64's RFC 4648 alphabet mapped onto Crockford's, so the C encoder does the work.
 _TO_CROCKFORD: Final = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", b"0123456789ABCDEFGHJKMNPQRSTVWXYZ")
 
+_CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _ULID_RE: Final = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}")
 _ACCOUNT_RE: Final = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 _REQUEST_RE: Final = re.compile(r"[\x21-\x7e]{1,128}")
@@ -44,9 +45,23 @@ def _encode_time(ms: int) -> str:
     return encode_ulid(ms << _RANDOM_BITS)[:10]
 
 
+_PAIRS: Final = tuple(a + b for a in _CROCKFORD for b in _CROCKFORD)
+"""Every 10-bit value as its two Crockford digits (base64's encoder is pure Python in 3.11)."""
+
+
 def _encode_random(value: int) -> str:
     """The 16 characters of a ULID's 80-bit random part (80 bits = exactly 16 base-32 digits)."""
-    return base64.b32encode(value.to_bytes(10, "big")).translate(_TO_CROCKFORD).decode("ascii")
+    pairs = _PAIRS
+    return (
+        pairs[(value >> 70) & 1023]
+        + pairs[(value >> 60) & 1023]
+        + pairs[(value >> 50) & 1023]
+        + pairs[(value >> 40) & 1023]
+        + pairs[(value >> 30) & 1023]
+        + pairs[(value >> 20) & 1023]
+        + pairs[(value >> 10) & 1023]
+        + pairs[value & 1023]
+    )
 
 
 class UlidGenerator:
