@@ -34,7 +34,7 @@ themselves: they raise :class:`ApiError` or return the refusal to :func:`refusal
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final
 
 import redis.exceptions
@@ -200,13 +200,35 @@ async def _unexpected(_: Request, exc: Exception) -> Response:
     return error_response("internal_error", "an unexpected error occurred; it was logged")
 
 
+Handler = Callable[[Request, Exception], Awaitable[Response]]
+
+HANDLERS: Final[Mapping[type[Exception], Handler]] = {
+    ApiError: _api_error,
+    InvalidInput: _invalid_input,
+    RequestValidationError: _validation,
+    StarletteHTTPException: _http_error,
+    EngineStopped: _stopped,
+    WalIOFailure: _stopped,
+    redis.exceptions.RedisError: _redis_down,
+}
+"""Every exception type above, by its row of the table (anything else is ``_unexpected``: a 500)."""
+
+
+async def handled_response(request: Request, exc: Exception) -> Response | None:
+    """The answer the app's handlers give ``exc`` (looked up along its MRO, as Starlette does); None: a bug.
+
+    For code that answers requests outside the router (:mod:`tollway.api.hot`), so the same
+    exception gets the same answer there.
+    """
+    for cls in type(exc).__mro__:
+        handler = HANDLERS.get(cls)
+        if handler is not None:
+            return await handler(request, exc)
+    return None
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    """Route every exception type above to its row of the table."""
-    app.add_exception_handler(ApiError, _api_error)
-    app.add_exception_handler(InvalidInput, _invalid_input)
-    app.add_exception_handler(RequestValidationError, _validation)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(EngineStopped, _stopped)
-    app.add_exception_handler(WalIOFailure, _stopped)
-    app.add_exception_handler(redis.exceptions.RedisError, _redis_down)
+    """Route every exception type above to its row of the table, and anything else to a 500."""
+    for exc_type, handler in HANDLERS.items():
+        app.add_exception_handler(exc_type, handler)
     app.add_exception_handler(Exception, _unexpected)

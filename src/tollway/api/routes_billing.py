@@ -4,17 +4,24 @@ Each handler is the same four steps: check the caller's scope and account, trans
 into a command, ``await engine.execute(command)``, and encode the outcome — an entry (201 when
 it was just created, 200 otherwise, ``replayed`` on an idempotent repeat) or a refusal through
 the error table. Nothing here decides anything about money.
+
+The gateway's routes (reserve, commit, release, extend, charge) keep their middle steps in the
+``*_command_of`` functions of :data:`GATEWAY_COMMANDS`: the handlers below call them, and so does
+the hot path (:mod:`tollway.api.hot`), which answers those routes without FastAPI's per-request
+machinery — one definition of what each route asks of the engine.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, Path, Request
+from pydantic import BaseModel
 from starlette.responses import Response
 
-from tollway.api.auth import Scope
-from tollway.api.context import Admin, Gateway, Reader, context
+from tollway.api.auth import Principal, Scope
+from tollway.api.context import Admin, AppContext, Gateway, Reader, context
 from tollway.api.errors import ApiError, errors_doc, refusal_response
 from tollway.api.schemas import (
     ChargeRequest,
@@ -44,6 +51,56 @@ def entry_outcome(outcome: cmd.Outcome) -> Response:
     return json_response(body, 201 if outcome.created else 200)
 
 
+# -- what the gateway's routes ask of the engine (shared with the hot path) ---------------------
+#
+# Each checks the caller's account (the scope was checked with the token) and builds the command;
+# a check that fails raises ApiError or InvalidInput before anything is executed.
+
+
+def reserve_command_of(ctx: AppContext, principal: Principal, body: ReserveRequest, _: str) -> cmd.Command:
+    """POST /v1/reservations."""
+    principal.require(Scope.GATEWAY, body.account_id)
+    return reserve_command(body, ctx.pricing)
+
+
+def commit_command_of(ctx: AppContext, principal: Principal, body: CommitRequest, billing_entry_id: str) -> cmd.Command:
+    """POST /v1/reservations/{billing_entry_id}/commit."""
+    entry = ctx.entry_for(principal, Scope.GATEWAY, billing_entry_id)
+    return commit_command(billing_entry_id, body, entry, ctx.pricing)
+
+
+def release_command_of(
+    ctx: AppContext, principal: Principal, body: ReleaseRequest, billing_entry_id: str
+) -> cmd.Command:
+    """POST /v1/reservations/{billing_entry_id}/release."""
+    ctx.entry_for(principal, Scope.GATEWAY, billing_entry_id)
+    return cmd.Release(billing_entry_id, body.reason)
+
+
+def extend_command_of(ctx: AppContext, principal: Principal, body: ExtendRequest, billing_entry_id: str) -> cmd.Command:
+    """POST /v1/reservations/{billing_entry_id}/extend."""
+    ctx.entry_for(principal, Scope.GATEWAY, billing_entry_id)
+    return cmd.Extend(billing_entry_id, body.ttl_s)
+
+
+def charge_command_of(_: AppContext, principal: Principal, body: ChargeRequest, __: str) -> cmd.Command:
+    """POST /v1/charges."""
+    principal.require(Scope.GATEWAY, body.account_id)
+    return charge_command(body)
+
+
+GatewayCommand = Callable[[AppContext, Principal, Any, str], cmd.Command]
+
+GATEWAY_COMMANDS: Final[Mapping[str, tuple[type[BaseModel], GatewayCommand]]] = {
+    "reserve": (ReserveRequest, reserve_command_of),
+    "commit": (CommitRequest, commit_command_of),
+    "release": (ReleaseRequest, release_command_of),
+    "extend": (ExtendRequest, extend_command_of),
+    "charge": (ChargeRequest, charge_command_of),
+}
+"""The gateway's routes by name: the body model and the command builder (the entry id, or "")."""
+
+
 _ENTRY_200: dict[int | str, dict[str, Any]] = {
     200: {"model": EntryOut, "description": "the entry after the operation (or its idempotent repeat)"}
 }
@@ -62,9 +119,8 @@ _ENTRY_200: dict[int | str, dict[str, Any]] = {
 )
 async def create_reservation(body: ReserveRequest, principal: Gateway, request: Request) -> Response:
     """Hold ``estimated_cost_micro`` (or the estimate of ``model`` for the token counts), keyed by ``request_id``."""
-    principal.require(Scope.GATEWAY, body.account_id)
     ctx = context(request)
-    return entry_outcome(await ctx.engine.execute(reserve_command(body, ctx.pricing)))
+    return entry_outcome(await ctx.engine.execute(reserve_command_of(ctx, principal, body, "")))
 
 
 @router.get(
@@ -98,8 +154,7 @@ async def commit_reservation(
 ) -> Response:
     """Charge ``actual_cost_micro`` (or the price of the token counts); optionally store ``response``."""
     ctx = context(request)
-    entry = ctx.entry_for(principal, Scope.GATEWAY, billing_entry_id)
-    return entry_outcome(await ctx.engine.execute(commit_command(billing_entry_id, body, entry, ctx.pricing)))
+    return entry_outcome(await ctx.engine.execute(commit_command_of(ctx, principal, body, billing_entry_id)))
 
 
 @router.post(
@@ -114,8 +169,7 @@ async def release_reservation(
 ) -> Response:
     """Return the hold to available: the call failed before streaming, or the user cancelled."""
     ctx = context(request)
-    ctx.entry_for(principal, Scope.GATEWAY, billing_entry_id)
-    return entry_outcome(await ctx.engine.execute(cmd.Release(billing_entry_id, body.reason)))
+    return entry_outcome(await ctx.engine.execute(release_command_of(ctx, principal, body, billing_entry_id)))
 
 
 @router.post(
@@ -130,8 +184,7 @@ async def extend_reservation(
 ) -> Response:
     """Push ``expires_at_ms`` to ``ttl_s`` seconds from now, for long streams (never shortens it)."""
     ctx = context(request)
-    ctx.entry_for(principal, Scope.GATEWAY, billing_entry_id)
-    return entry_outcome(await ctx.engine.execute(cmd.Extend(billing_entry_id, body.ttl_s)))
+    return entry_outcome(await ctx.engine.execute(extend_command_of(ctx, principal, body, billing_entry_id)))
 
 
 @router.post(
@@ -144,8 +197,8 @@ async def extend_reservation(
 )
 async def create_charge(body: ChargeRequest, principal: Gateway, request: Request) -> Response:
     """All-or-nothing against available (or clamped with ``allow_partial``), keyed by ``request_id``."""
-    principal.require(Scope.GATEWAY, body.account_id)
-    return entry_outcome(await context(request).engine.execute(charge_command(body)))
+    ctx = context(request)
+    return entry_outcome(await ctx.engine.execute(charge_command_of(ctx, principal, body, "")))
 
 
 @router.post(

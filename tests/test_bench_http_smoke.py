@@ -1,0 +1,95 @@
+"""The HTTP benchmark runs end to end in quick mode and reports every key. Performance is never asserted.
+
+It runs twice: with the default load generator (wrk when installed) and with the Python one it
+falls back to, so both paths keep working whichever the machine has.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "http.py"
+RUN_TIMEOUT_S = 60
+
+NUMBERS = ("pairs_per_s", "billing_requests_per_s", "reserve_p50_ms", "reserve_p99_ms", "ratio")
+TARGET_KEYS = {"billing_ratio_min", "reserve_p99_ms_max_at_80pct"}
+
+
+@pytest.fixture(scope="module", params=["auto", "python"])
+def report(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """One quick run of the benchmark per load generator, shared by the checks below."""
+    scratch = tmp_path_factory.mktemp("bench-http")
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("TOLLWAY_")}
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--json", "--data-dir", str(scratch), "--generator", request.param],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        env=environment,
+        check=False,
+    )
+    assert 0 == done.returncode, done.stderr
+    assert [] == list(scratch.iterdir())  # the scratch data directory is removed afterwards
+    result: dict[str, object] = json.loads(done.stdout)
+    return result
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@pytest.mark.slow
+def test_headline_numbers_are_measured(report: dict[str, object]) -> None:
+    """Every headline figure is a number."""
+    assert dict.fromkeys(NUMBERS, True) == {key: _is_number(report[key]) for key in NUMBERS}
+
+
+@pytest.mark.slow
+def test_the_bare_ceiling_is_measured_in_the_same_run(report: dict[str, object]) -> None:
+    """The no-op endpoint's rate comes with the billing figures."""
+    ceiling = report["ceiling"]
+    assert isinstance(ceiling, dict)
+    assert (True, "GET /healthz") == (_is_number(ceiling["bare_requests_per_s"]), ceiling["endpoint"])
+
+
+@pytest.mark.slow
+def test_targets_and_verdicts(report: dict[str, object]) -> None:
+    """Both targets are stated and each has a boolean verdict."""
+    targets, met = report["targets"], report["meets_targets"]
+    assert isinstance(targets, dict)
+    assert isinstance(met, dict)
+    assert (TARGET_KEYS, TARGET_KEYS) == (set(targets), set(met))
+    assert all(isinstance(value, bool) for value in met.values())
+
+
+@pytest.mark.slow
+def test_open_loop_and_generator_are_described(report: dict[str, object]) -> None:
+    """The latency phase says its rate and counts; the report names the load generators."""
+    opened, generator = report["open_loop"], report["generator"]
+    assert isinstance(opened, dict)
+    assert isinstance(generator, dict)
+    assert all(_is_number(opened[key]) for key in ("rate_pairs_per_s", "scheduled", "completed"))
+    assert generator["closed_loop"] in ("wrk", "python")
+
+
+@pytest.mark.slow
+def test_machine_facts_and_command(report: dict[str, object]) -> None:
+    """The report says where and how it was measured, and the server stopped cleanly."""
+    facts, server = report["machine"], report["server"]
+    assert isinstance(facts, dict)
+    assert isinstance(server, dict)
+    assert (True, True, True) == (
+        isinstance(facts["cpu_count"], int),
+        isinstance(facts["pinned"], bool),
+        isinstance(facts["python"], str),
+    )
+    assert 0 == server["exit_code"]
+    command = report["command"]
+    assert isinstance(command, str)
+    assert "--quick" in command
