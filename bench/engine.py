@@ -58,6 +58,7 @@ from tollway.wal.snapshot import list_snapshots
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable for bench.*
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.machine import cpu_model, filesystem_type, loadavg
 from bench.redis_projection import catch_up_s, evalsha_per_s, lag_report, projecting
 
 TARGETS: Final[dict[str, float]] = {
@@ -656,41 +657,12 @@ def machine(data_dir: Path) -> dict[str, Any]:
     }
 
 
-def loadavg() -> list[float] | None:
-    """1, 5 and 15 minute load averages: other work on the machine makes every figure noisier."""
-    with contextlib.suppress(OSError, AttributeError):
-        return [round(value, 2) for value in os.getloadavg()]
-    return None
-
-
 def tollway_version() -> str | None:
     with contextlib.suppress(Exception):
         from importlib.metadata import version  # noqa: PLC0415 - only the report needs it
 
         return version("tollway")
     return None
-
-
-def cpu_model() -> str | None:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or None
-
-
-def filesystem_type(path: Path) -> str | None:
-    """The type of the filesystem holding ``path`` (Linux), from the longest matching mount."""
-    best: tuple[int, str] | None = None
-    resolved = str(path.resolve())
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/mounts").read_text().splitlines():
-            parts = line.split()
-            mount, kind = parts[1], parts[2]
-            inside = resolved == mount or resolved.startswith(mount.rstrip("/") + "/")
-            if inside and (best is None or len(mount) > best[0]):
-                best = (len(mount), kind)
-    return None if best is None else best[1]
 
 
 # -- output ----------------------------------------------------------------------------------

@@ -53,6 +53,10 @@ import uvloop
 
 from tollway.config import Settings
 
+if __package__ in (None, ""):  # run as a script: make the repository root importable for bench.*
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.machine import cpu_model, filesystem_type, loadavg
+
 TARGETS: Final[dict[str, float]] = {"billing_ratio_min": 0.5, "reserve_p99_ms_max_at_80pct": 10}
 SERVER_CPU: Final = 0
 GENERATOR_CPU: Final = 1
@@ -788,34 +792,6 @@ def wrk_version() -> str | None:
         return None
     done = subprocess.run([wrk, "-v"], capture_output=True, text=True, timeout=10, check=False)
     return (done.stdout + done.stderr).strip().split("\n")[0][:80] or "installed"
-
-
-def loadavg() -> list[float] | None:
-    """1, 5 and 15 minute load averages: other work on the machine makes every figure noisier."""
-    with contextlib.suppress(OSError, AttributeError):
-        return [round(value, 2) for value in os.getloadavg()]
-    return None
-
-
-def cpu_model() -> str | None:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or None
-
-
-def filesystem_type(path: Path) -> str | None:
-    """The type of the filesystem holding ``path`` (Linux), from the longest matching mount."""
-    best: tuple[int, str] | None = None
-    resolved = str(path.resolve())
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/mounts").read_text().splitlines():
-            mount, kind = line.split()[1:3]
-            inside = resolved == mount or resolved.startswith(mount.rstrip("/") + "/")
-            if inside and (best is None or len(mount) > best[0]):
-                best = (len(mount), kind)
-    return None if best is None else best[1]
 
 
 # -- command line ----------------------------------------------------------------------------

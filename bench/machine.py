@@ -1,0 +1,37 @@
+"""Facts about the machine a benchmark ran on, shared by ``engine.py`` and ``http.py``."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+from pathlib import Path
+
+
+def loadavg() -> list[float] | None:
+    """1, 5 and 15 minute load averages: other work on the machine makes every figure noisier."""
+    with contextlib.suppress(OSError, AttributeError):
+        return [round(value, 2) for value in os.getloadavg()]
+    return None
+
+
+def cpu_model() -> str | None:
+    """The processor's model name (Linux)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or None
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The type of the filesystem holding ``path`` (Linux), from the longest matching mount."""
+    best: tuple[int, str] | None = None
+    resolved = str(path.resolve())
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/mounts").read_text().splitlines():
+            mount, kind = line.split()[1:3]
+            inside = resolved == mount or resolved.startswith(mount.rstrip("/") + "/")
+            if inside and (best is None or len(mount) > best[0]):
+                best = (len(mount), kind)
+    return None if best is None else best[1]
