@@ -20,6 +20,7 @@ from tollway.core.commands import CreditKind, EntryResult
 from tollway.redis.keys import Keys
 from tollway.redis.parity import differences
 from tollway.redis.projection import encode_batch
+from tollway.redis import projector as projector_module
 from tollway.redis.projector import Projector, load_script
 from tollway.redis.server import EmbeddedRedis
 from tollway.testing import FakeClock
@@ -246,3 +247,17 @@ async def test_projector_stops_even_if_the_client_swallows_cancellation(rig: Rig
     done, _ = await asyncio.wait([task], timeout=5)
     assert {task} == done
     assert task.cancelled()
+
+
+async def test_catch_up_when_the_buffer_kept_only_the_newest_events(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the bounded buffer dropped its oldest events, the WAL fills the gap without repeating any."""
+    monkeypatch.setattr(projector_module, "WAL_READ_EVENTS_MAX", 10)  # far behind: several WAL reads
+    await workload(rig.engine, rig.clock, 12, 20)
+    await rig.projector.sync()
+    await workload(rig.engine, rig.clock, 13, 120)
+    for _ in range(len(rig.projector._buffer) // 2):  # as on overflow: the oldest half is gone
+        rig.projector._buffer.popleft()
+    async with asyncio.timeout(10):
+        await rig.projector.sync()
+    assert rig.engine.durable_sequence == rig.projector.applied_seq
+    assert [] == await differences(rig.client, KEYS, rig.engine.state)

@@ -97,7 +97,14 @@ class Projector:
     # -- feeding ---------------------------------------------------------------------------
 
     def on_durable(self, events: list[Event]) -> None:
-        """Engine listener: buffer a durable batch (dropping the oldest beyond the bound)."""
+        """Engine listener: buffer a durable batch (dropping the oldest beyond the bound).
+
+        The buffer only ever holds consecutive sequences; a batch that would not continue it is
+        left to the WAL, where the projector finds it.
+        """
+        if self._buffer and events and events[0].wal_sequence != self._buffer[-1].wal_sequence + 1:
+            self._wake.set()
+            return
         self._buffer.extend(events)
         excess = len(self._buffer) - BUFFER_EVENTS_MAX
         for _ in range(max(0, excess)):
@@ -192,8 +199,20 @@ class Projector:
         events = await asyncio.to_thread(
             _read_wal, self.engine, applied + 1, min(durable, applied + WAL_READ_EVENTS_MAX)
         )
-        self._buffer.extendleft(reversed(events[limit:]))  # keep the rest for the next batches
+        self._refill(events[limit:], events[-1].wal_sequence if events else applied)
         return events[:limit]
+
+    def _refill(self, read: list[Event], last_read: int) -> None:
+        """Keep what was read from the WAL beyond this batch, followed by the newer buffered events.
+
+        The buffer must stay consecutive (batches are sliced from it by sequence arithmetic):
+        buffered events the WAL read already covered are dropped, and if the buffer does not
+        continue right after the read, it is dropped too — the WAL still has those events.
+        """
+        newer = [event for event in self._buffer if event.wal_sequence > last_read]
+        self._buffer = collections.deque(read)
+        if newer and newer[0].wal_sequence == last_read + 1:
+            self._buffer.extend(newer)
 
     # -- rebuild ---------------------------------------------------------------------------
 
