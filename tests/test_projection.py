@@ -17,10 +17,10 @@ from tollway.config import Durability
 from tollway.core import commands as cmd
 from tollway.core import events as ev
 from tollway.core.commands import CreditKind, EntryResult
+from tollway.redis import projector as projector_module
 from tollway.redis.keys import Keys
 from tollway.redis.parity import differences
 from tollway.redis.projection import encode_batch
-from tollway.redis import projector as projector_module
 from tollway.redis.projector import Projector, load_script
 from tollway.redis.server import EmbeddedRedis
 from tollway.testing import FakeClock

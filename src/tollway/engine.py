@@ -408,7 +408,7 @@ class Engine:
     def balance(self, account_id: str) -> Account:
         """A copy of the account's balances (zeros for an unknown account)."""
         account = self.state.account(account_id)
-        return Account(account.available_micro, account.held_micro, account.charged_micro, account.unsettled_micro)
+        return account.copy()
 
     async def read_balance(self, account_id: str) -> Account:
         """The account's balances, once everything they reflect is durable."""

@@ -23,7 +23,7 @@ from tollway.core import events as ev
 from tollway.core.commands import Policy, Refusal, RefusalCode
 from tollway.core.lifecycle import EntryState, can_transition
 from tollway.core.money import INT64_MAX, MICRO_PER_USD, Rounding, micro_to_cu
-from tollway.core.state import Account, Entry, State, credit_fingerprint, request_key
+from tollway.core.state import Entry, State, credit_fingerprint, request_key
 
 S = EntryState
 
@@ -77,7 +77,7 @@ def outcome(state: State, write: Write, command: cmd.Command) -> cmd.Outcome:
     """The answer to ``command`` once its ``write`` has been applied to ``state``."""
     if isinstance(command, cmd.Credit):
         account = state.account(command.account_id)
-        balance = Account(account.available_micro, account.held_micro, account.charged_micro, account.unsettled_micro)
+        balance = account.copy()
         return cmd.CreditResult(
             command.account_id, command.credit_id, command.kind, command.amount_micro, state.last_sequence, balance
         )
