@@ -116,14 +116,22 @@ class _Run:
     breaker_opened: bool = False
     pending_at_outage_end: int = 0
     finalized: int = 0  # as the simulator last reported it
+    phase_end_sequence: int | None = None
 
     async def phase(self, name: str, body: Callable[[], Awaitable[None]]) -> None:
+        """Run one phase; its events are those since the previous phase ended.
+
+        The gateways keep running between phases (while the simulator's faults are switched),
+        so counting from this phase's own start would lose those events from every phase.
+        """
         engine = self.stack.service.engine
-        first, started = engine.state.last_sequence, time.perf_counter()
+        started = time.perf_counter()
+        first = engine.state.last_sequence if self.phase_end_sequence is None else self.phase_end_sequence
         self.dashboard.phase = name
         await body()
         await engine.wait_durable(engine.state.last_sequence)
-        self.timings.append(PhaseTiming(name, time.perf_counter() - started, engine.state.last_sequence - first))
+        self.phase_end_sequence = engine.state.last_sequence
+        self.timings.append(PhaseTiming(name, time.perf_counter() - started, self.phase_end_sequence - first))
 
     async def poll_simulator(self) -> None:
         """Keep the simulator's finalized count fresh for the dashboard."""
