@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import io
 import json
 import logging
+import shutil
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,7 @@ from tollway.core import commands as cmd
 from tollway.core.commands import CreditKind, EntryResult
 from tollway.core.errors import ConfigError
 from tollway.core.guard import CheckResult, CheckStatus, Guard, GuardState
-from tollway.logs import HANDLER_NAME, configure_logging, parse_level, structlog_alert
+from tollway.logs import HANDLER_NAME, configure_logging, direct_json_lines, parse_level, structlog_alert
 from tollway.metrics import CONTENT_TYPE, TRANSITION_EVENT, TRANSITION_LOG_KEYS, Metrics, MetricsObserver
 from tollway.redis.keys import Keys
 from tollway.redis.projector import Projector
@@ -278,3 +281,100 @@ def test_log_levels_parse_strictly() -> None:
     assert (logging.DEBUG, logging.WARNING, 15) == (parse_level("debug"), parse_level("WARNING"), parse_level(15))
     with pytest.raises(ConfigError):
         parse_level("loud")
+
+
+@pytest.fixture
+def json_logging() -> Iterator[io.StringIO]:
+    """configure_logging(json=True) to a StringIO; the test body sets pytest's own handlers aside (alone())."""
+    stream = io.StringIO()
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    level = root.level
+    try:
+        configure_logging("info", json=True, stream=stream)
+        yield stream
+    finally:
+        for handler in [h for h in root.handlers if h.get_name() == HANDLER_NAME]:
+            root.removeHandler(handler)
+        root.setLevel(level)
+        structlog.configure(**saved)
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """The handler of configure_logging as the root's only one (pytest adds its own for each phase)."""
+    root = logging.getLogger()
+    others = [h for h in root.handlers if h.get_name() != HANDLER_NAME]
+    for handler in others:
+        root.removeHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in others:
+            root.addHandler(handler)
+
+
+async def test_direct_json_lines_write_what_the_structlog_route_writes(
+    settings: Settings, clock: FakeClock, metrics: Metrics, json_logging: io.StringIO
+) -> None:
+    """The batch fast lane writes the same six lines, keys and values as logging each through structlog."""
+    calls: list[bool] = []
+
+    def spy(logger_name: str, event: str, lines: list[dict[str, object]]) -> bool:
+        calls.append(direct_json_lines(logger_name, event, lines))
+        return calls[-1]
+
+    with alone():
+        async with Engine.open(settings=settings, clock=clock, observer=MetricsObserver(metrics, json_lines=spy)) as e:
+            await drive(e)
+    fast = [json.loads(line) for line in json_logging.getvalue().splitlines()]
+    json_logging.seek(0)
+    json_logging.truncate()
+    shutil.rmtree(settings.data_dir)  # the same commands from scratch: the same sequences and amounts
+    with alone():
+        async with Engine.open(settings=settings, clock=clock, observer=MetricsObserver(Metrics())) as engine:
+            await drive(engine)
+    slow = [json.loads(line) for line in json_logging.getvalue().splitlines()]
+
+    def comparable(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        transitions = [r for r in records if r.get("event") == TRANSITION_EVENT]
+        stamps = [r.pop("timestamp") for r in transitions]
+        assert all(s.endswith("Z") and datetime.datetime.fromisoformat(s) for s in stamps)
+        return [{k: v for k, v in r.items() if k != "billing_entry_id"} for r in transitions]
+
+    fast_lines, slow_lines = comparable(fast), comparable(slow)
+    assert calls
+    assert all(calls)
+    assert 6 == len(fast_lines)
+    assert slow_lines == fast_lines
+
+
+def test_direct_json_lines_decline_when_anything_else_listens(json_logging: io.StringIO) -> None:
+    """Another handler, a filter, bound context, reconfigured structlog or console output: the caller logs."""
+    line = [{"billing_entry_id": "x", "wal_sequence": 1}]
+    assert not direct_json_lines("tollway.transitions", TRANSITION_EVENT, line)  # pytest's capture listens
+    with alone():
+        _declines_when_anything_else_listens(json_logging, line)
+
+
+def _declines_when_anything_else_listens(json_logging: io.StringIO, line: list[dict[str, object]]) -> None:
+    assert direct_json_lines("tollway.transitions", TRANSITION_EVENT, line)
+    assert json.loads(json_logging.getvalue())["wal_sequence"] == 1
+    extra = logging.NullHandler()
+    logging.getLogger("tollway").addHandler(extra)
+    try:
+        assert not direct_json_lines("tollway.transitions", TRANSITION_EVENT, line)
+    finally:
+        logging.getLogger("tollway").removeHandler(extra)
+    noise = logging.Filter("nothing")
+    logging.getLogger().addFilter(noise)
+    try:
+        assert not direct_json_lines("tollway.transitions", TRANSITION_EVENT, line)
+    finally:
+        logging.getLogger().removeFilter(noise)
+    with structlog.contextvars.bound_contextvars(request_id="r1"):
+        assert not direct_json_lines("tollway.transitions", TRANSITION_EVENT, line)
+    with capture_logs():
+        assert not direct_json_lines("tollway.transitions", TRANSITION_EVENT, line)
+    configure_logging("info", json=False, stream=json_logging)
+    assert not direct_json_lines("tollway.transitions", TRANSITION_EVENT, line)

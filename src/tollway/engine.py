@@ -309,8 +309,8 @@ class Engine:
         self._durable_seq = batch.last_seq
         batch.durable.set_result(None)
         self.observer.wal_batch(len(batch.chunks), size, time.perf_counter() - started)
-        for event, change in batch.transitions:
-            self.observer.transition(event, change)
+        if batch.transitions:
+            self.observer.transitioned(batch.transitions)
         for listener in self._listeners:
             listener(batch.events)
         if self._pending.chunks:

@@ -37,7 +37,7 @@ from tollway.core.observer import Observer
 from tollway.engine import Engine, system_clock_ms
 from tollway.finalizer import Alert, FinalizeWorker
 from tollway.guard import CheckUnavailable, GuardRunner, ParityCheck, redis_parity
-from tollway.logs import structlog_alert
+from tollway.logs import direct_json_lines, structlog_alert
 from tollway.metrics import Metrics, MetricsObserver
 from tollway.redis.keys import Keys
 from tollway.redis.projector import REDIS_ERRORS, Projector
@@ -91,7 +91,7 @@ class Service:
         self.embedded = embedded
         self.metrics = metrics
         self.keys = redis_keys(settings)
-        self.projector = Projector(engine, client, self.keys)
+        self.projector = Projector(engine, client, self.keys, coalesce_ms=settings.projection_coalesce_ms)
         self.queue = FinalizeQueue(client, self.keys, consumer=f"worker-{os.getpid()}")
         self.settlement: SettlementClient | None = None
         self.worker: FinalizeWorker | None = None
@@ -121,7 +121,9 @@ class Service:
         whatever the checks say, and the bypass is written to the WAL as an audit event.
         """
         metrics = Metrics()
-        engine = await Engine.start(settings, clock=clock, observer=observer or MetricsObserver(metrics))
+        engine = await Engine.start(
+            settings, clock=clock, observer=observer or MetricsObserver(metrics, json_lines=direct_json_lines)
+        )
         embedded: EmbeddedRedis | None = None
         try:
             if settings.redis_url is None:

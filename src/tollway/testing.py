@@ -9,7 +9,7 @@ Redis: tests of those use the real things.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from tollway.core import commands as cmd
@@ -49,9 +49,9 @@ class RecordingObserver:
     commands: list[str] = field(default_factory=list)
     recoveries: list[tuple[int, int]] = field(default_factory=list)
 
-    def transition(self, event: Event, change: Transition) -> None:
-        """Record a state change."""
-        self.transitions.append((event, change))
+    def transitioned(self, changes: Sequence[tuple[Event, Transition]]) -> None:
+        """Record the state changes of a batch."""
+        self.transitions.extend(changes)
 
     def refused(self, command: str, code: str) -> None:
         """Record a refusal."""

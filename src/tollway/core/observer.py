@@ -8,6 +8,7 @@ must never raise.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from tollway.core.events import Event
@@ -17,8 +18,8 @@ from tollway.core.state import Transition
 class Observer(Protocol):
     """What the engine tells the outside world."""
 
-    def transition(self, event: Event, change: Transition) -> None:
-        """An entry changed state (or, for an extend, its expiry) at ``event``."""
+    def transitioned(self, changes: Sequence[tuple[Event, Transition]]) -> None:
+        """Entries changed state (or, for an extend, expiry) in one durable batch, in sequence order."""
 
     def refused(self, command: str, code: str) -> None:
         """A command was refused with ``code``; nothing was written."""
@@ -36,7 +37,7 @@ class Observer(Protocol):
 class NoopObserver:
     """An observer that ignores everything."""
 
-    def transition(self, event: Event, change: Transition) -> None:
+    def transitioned(self, changes: Sequence[tuple[Event, Transition]]) -> None:
         """Ignore."""
 
     def refused(self, command: str, code: str) -> None:
