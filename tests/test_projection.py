@@ -261,3 +261,39 @@ async def test_catch_up_when_the_buffer_kept_only_the_newest_events(rig: Rig, mo
         await rig.projector.sync()
     assert rig.engine.durable_sequence == rig.projector.applied_seq
     assert [] == await differences(rig.client, KEYS, rig.engine.state)
+
+
+async def evalsha_calls(client: aioredis.Redis) -> int:
+    """How many EVALSHA calls the server has executed (INFO commandstats)."""
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+@pytest.mark.parametrize("coalesce_ms", [0, 200])
+async def test_a_caught_up_projector_gathers_batches_for_coalesce_ms(rig: Rig, coalesce_ms: int) -> None:
+    """Ten commands made durable one by one: one call per batch without coalescing, far fewer with it."""
+    projector = Projector(rig.engine, rig.client, KEYS, coalesce_ms=coalesce_ms)
+    await rig.engine.execute(cmd.Credit("a", "m", CreditKind.MINT, 1_000))
+    await projector.sync()
+    task = asyncio.create_task(projector.run())
+    try:
+        await asyncio.sleep(0.05)  # the projector is caught up and waiting
+        before = await evalsha_calls(rig.client)
+        for number in range(10):
+            await rig.engine.execute(cmd.Reserve("a", f"r{number}", 10))  # its own durable batch
+            await asyncio.sleep(0.005)
+        for _ in range(200):
+            if projector.applied_seq == rig.engine.durable_sequence:
+                break
+            await asyncio.sleep(0.01)
+        calls = await evalsha_calls(rig.client) - before
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert rig.engine.durable_sequence == projector.applied_seq
+    assert [] == await differences(rig.client, KEYS, rig.engine.state)
+    if coalesce_ms:
+        assert calls <= 2
+    else:
+        assert calls >= 5

@@ -71,6 +71,7 @@ class Settings:
     redis_prefix: str = "tw"
     shard: str = "0"  # the hash tag of every key of this engine
     redis_memory_bytes_max: int = 1 << 30  # maxmemory of the embedded server (noeviction)
+    projection_coalesce_ms: int = 10  # once caught up, the projector gathers this long before its next call
     # -- settlement --
     settlement_timeout_ms: int = 1000
     settlement_issuer: str = "tollway"
@@ -113,6 +114,7 @@ class Settings:
         _check_range("max_pending_reconciliation", self.max_pending_reconciliation, 1, 1_000_000)
         _check_range("max_response_bytes", self.max_response_bytes, 0, 1 << 20)
         _check_range("redis_memory_bytes_max", self.redis_memory_bytes_max, 16 << 20, 1 << 40)
+        _check_range("projection_coalesce_ms", self.projection_coalesce_ms, 0, 1000)
         _check_range("settlement_timeout_ms", self.settlement_timeout_ms, 10, 60_000)
         _check_range("worker_concurrency", self.worker_concurrency, 1, 256)
         _check_range("claim_idle_ms", self.claim_idle_ms, 10, 3_600_000)
