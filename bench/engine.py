@@ -58,7 +58,7 @@ from tollway.wal.snapshot import list_snapshots
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable for bench.*
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.machine import cpu_model, filesystem_type, loadavg
+from bench.machine import cpu_model, filesystem_type, loadavg, python_speed_ms
 from bench.redis_projection import catch_up_s, evalsha_per_s, lag_report, projecting
 
 TARGETS: Final[dict[str, float]] = {
@@ -648,6 +648,7 @@ def machine(data_dir: Path) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "cpu_model": cpu_model(),
+        "python_sum_5m_ms": python_speed_ms(),
         "python": platform.python_version(),
         "python_implementation": platform.python_implementation(),
         "platform": platform.platform(),

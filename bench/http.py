@@ -55,7 +55,7 @@ from tollway.config import Settings
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable for bench.*
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.machine import cpu_model, filesystem_type, loadavg
+from bench.machine import cpu_model, filesystem_type, loadavg, python_speed_ms
 
 TARGETS: Final[dict[str, float]] = {"billing_ratio_min": 0.5, "reserve_p99_ms_max_at_80pct": 10}
 SERVER_CPU: Final = 0
@@ -776,6 +776,7 @@ def machine(data_dir: Path, pinned: bool) -> dict[str, Any]:
     return {
         "cpu_count": os.cpu_count(),
         "cpu_model": cpu_model(),
+        "python_sum_5m_ms": python_speed_ms(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "filesystem": filesystem_type(data_dir),
