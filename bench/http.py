@@ -665,9 +665,14 @@ def measure(runner: asyncio.Runner, server: Server, root: Path, args: argparse.N
         bare = wal.around(lambda: runner.run(closed_loop(target, conc, args.seconds, settle_s, bare_step(target))))
         max_step = billing_step(target, "max", args.accounts)
         billing = wal.around(lambda: runner.run(closed_loop(target, conc, args.seconds, settle_s, max_step)))
-    rate = OPEN_LOOP_SHARE * billing["done"] / billing["window_s"]
-    opened = wal.around(lambda: runner.run(open_loop(target, rate, args.seconds, conc, args.accounts)))
-    return {"bare": bare, "billing": billing, "open_loop": opened}
+    top = billing["done"] / billing["window_s"]
+
+    def at(share: float) -> dict[str, Any]:
+        phase = wal.around(lambda: runner.run(open_loop(target, share * top, args.seconds, conc, args.accounts)))
+        return {"share": share} | phase | {"server_cpu_us_per_pair": cpu_us_per_request(phase, share * top)}
+
+    opened = at(OPEN_LOOP_SHARE)
+    return {"bare": bare, "billing": billing, "open_loop": opened, "curve": [at(share) for share in args.curve]}
 
 
 @dataclass
@@ -727,6 +732,9 @@ def summary(args: argparse.Namespace, measured: dict[str, Any], server: Server) 
             "reserve_p99_ms_closed_loop": percentile_ms(reserve_ns, 99),
         },
         "open_loop": opened,
+        "open_loop_curve": [
+            {key: point[key] for key in CURVE_KEYS} for point in sorted(measured["curve"], key=lambda p: p["share"])
+        ],
         "generator": {"closed_loop": closed_generator, "open_loop": "python", "concurrency": args.concurrency},
         "server": {
             "command": "tollway serve --log-format json --log-level " + args.log_level,
@@ -757,6 +765,16 @@ def cpu_us_per_request(phase: dict[str, Any], requests_per_s: float) -> float | 
     return round((own + (children or 0.0)) / requests_per_s * 1e6, 1)
 
 
+CURVE_KEYS: Final = (
+    "share",
+    "rate_pairs_per_s",
+    "reserve_p50_ms",
+    "reserve_p99_ms",
+    "start_lag_p99_ms",
+    "server_cpu_busy",
+    "server_children_cpu_busy",
+    "server_cpu_us_per_pair",
+)
 NOTES: Final = [
     "billing_requests_per_s = 2 x pairs_per_s (a pair is POST /v1/reservations then POST .../commit)",
     "ratio = billing_requests_per_s / ceiling.bare_requests_per_s, both closed loop, same generator, same run",
@@ -767,6 +785,10 @@ NOTES: Final = [
     "*_cpu_busy: CPU seconds per wall second of the server process, of its children (the embedded "
     "redis-server, on the server's core) and of the generator (wrk included)",
     "server_cpu_us_per_request: CPU of the server and its children per request; steadier than rates",
+    "open_loop.server_cpu_us_per_pair: the same per scheduled pair; compare it with 2 x billing.server_cpu_us_per_"
+    "request: a pair costs more CPU at a lower rate (smaller batches, colder caches), so 80 % of the closed-loop "
+    "maximum can keep the core busier than 80 %",
+    "open_loop_curve: --curve shares (e.g. 0.5,0.65), each an open-loop phase like the 80 % one",
     "wal_events, snapshots: WAL events written during a phase and periodic snapshots due in it (each one "
     "briefly stalls the event loop, which shows in that phase's tail latency)",
 ]
@@ -798,6 +820,17 @@ def wrk_version() -> str | None:
 # -- command line ----------------------------------------------------------------------------
 
 
+def _shares(text: str) -> list[float]:
+    """``0.5,0.65`` → [0.5, 0.65]; each share in (0, 1.5]."""
+    try:
+        shares = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if not shares or any(not 0 < share <= 1.5 for share in shares):
+        raise argparse.ArgumentTypeError(f"shares must be in (0, 1.5]: {text!r}")
+    return shares
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Benchmark tollway's HTTP API against the bare server stack.")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -810,6 +843,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--log-level", default="info", help="of the server (default info, as tollway serve)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    parser.add_argument(
+        "--curve",
+        type=_shares,
+        default=[],
+        help="more open-loop phases at these shares of the maximum, comma-separated (e.g. 0.5,0.65)",
+    )
     parser.add_argument("--data-dir", type=Path, default=None, help="parent of the scratch dir (default: cwd)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (data and server.log)")
     args = parser.parse_args(argv)
@@ -855,6 +894,9 @@ def print_table(out: dict[str, Any]) -> None:
     ]
     for name, value, verdict in rows:
         print(f"{name:<32} {value!s:>12}  {verdict}")
+    for point in out["open_loop_curve"]:
+        share = f"{point['share']:.0%}"
+        print(f"{'reserve p50/p99 ms at ' + share:<32} {point['reserve_p50_ms']!s:>5}/{point['reserve_p99_ms']!s:<6}")
     print(
         f"generator: {out['generator']}; machine: {out['machine']['cpu_count']} CPUs, pinned {out['machine']['pinned']}"
     )

@@ -54,7 +54,7 @@ async def projecting(engine: Engine, directory: Path) -> AsyncIterator[tuple[Pro
     """A projector into a private redis-server, running until the block ends."""
     async with EmbeddedRedis(directory) as server:
         client = aioredis.Redis.from_url(server.url)
-        projector = Projector(engine, client, Keys("bench", "0"))
+        projector = Projector(engine, client, Keys("bench", "0"), coalesce_ms=engine.settings.projection_coalesce_ms)
         samples, stop = LagSamples(), asyncio.Event()
         tasks = [asyncio.create_task(projector.run()), asyncio.create_task(_sample(projector, samples, stop))]
         try:

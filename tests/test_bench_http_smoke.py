@@ -27,7 +27,18 @@ def report(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     scratch = tmp_path_factory.mktemp("bench-http")
     environment = {key: value for key, value in os.environ.items() if not key.startswith("TOLLWAY_")}
     done = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--json", "--data-dir", str(scratch), "--generator", request.param],
+        [
+            sys.executable,
+            str(BENCH),
+            "--quick",
+            "--json",
+            "--data-dir",
+            str(scratch),
+            "--generator",
+            request.param,
+            "--curve",
+            "0.5",
+        ],
         capture_output=True,
         text=True,
         timeout=RUN_TIMEOUT_S,
@@ -93,3 +104,12 @@ def test_machine_facts_and_command(report: dict[str, object]) -> None:
     command = report["command"]
     assert isinstance(command, str)
     assert "--quick" in command
+
+
+@pytest.mark.slow
+def test_the_open_loop_curve_has_each_share_asked_for(report: dict[str, object]) -> None:
+    """--curve 0.5 adds one more open-loop phase, reported with its rate, latency and CPU per pair."""
+    curve = report["open_loop_curve"]
+    assert isinstance(curve, list)
+    assert [0.5] == [point["share"] for point in curve]
+    assert all(_is_number(curve[0][key]) for key in ("rate_pairs_per_s", "reserve_p99_ms", "server_cpu_us_per_pair"))
