@@ -59,7 +59,7 @@ from tollway.wal.snapshot import list_snapshots
 if __package__ in (None, ""):  # run as a script: make the repository root importable for bench.*
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.machine import cpu_model, filesystem_type, loadavg, python_speed_ms
-from bench.redis_projection import catch_up_s, evalsha_per_s, lag_report, projecting
+from bench.redis_projection import catch_up_s, evalsha_per_s, lag_report, projecting, redis_usage
 
 TARGETS: Final[dict[str, float]] = {
     "events_per_s": 50_000,
@@ -343,6 +343,7 @@ async def run_load(data_dir: Path, plan: LoadPlan) -> dict[str, Any]:
             window.measuring = pauses.active = True
             if projection:
                 projection[1].measuring, projection[1].applied_at_start = True, projection[0].applied_seq or 0
+                projection[1].redis_at_start = await redis_usage(projection[0].redis)
             observer.sync_seconds_max = 0.0
             await asyncio.sleep(plan.seconds)
             window.measuring = pauses.active = False
@@ -350,6 +351,7 @@ async def run_load(data_dir: Path, plan: LoadPlan) -> dict[str, Any]:
             extra: dict[str, Any] = {}
             if projection:
                 projection[1].measuring, projection[1].applied_at_end = False, projection[0].applied_seq or 0
+                projection[1].redis_at_end = await redis_usage(projection[0].redis)
             window.stop = True
             await asyncio.gather(*tasks)
             if projection:

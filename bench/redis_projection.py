@@ -3,7 +3,10 @@
 - :func:`projecting` runs a :class:`~tollway.redis.projector.Projector` into a private
   ``redis-server`` beside the engine (same event loop, as in ``tollway serve``) and samples its
   lag every few milliseconds: the lag in events and in milliseconds (age of the oldest
-  durable event not yet in Redis), and how long the projection needs to catch up at the end.
+  durable event not yet in Redis), and how long the projection needs to catch up at the end;
+  with :func:`redis_usage` around the window, how busy redis-server was (``redis_cpu_busy``,
+  its own CPU time) and the script's time per event (``redis_script_us_per_event``, from
+  ``INFO commandstats``): which side — the event loop or Redis — limits the projection.
 - :func:`evalsha_per_s` is the ceiling: sequential ``EVALSHA`` calls of a trivial script
   through the same client library (redis-py with hiredis) on the same kind of server.
 """
@@ -38,6 +41,16 @@ class LagSamples:
     lag_events: list[int] = field(default_factory=list)
     applied_at_start: int = 0
     applied_at_end: int = 0
+    redis_at_start: tuple[float, int, int] = (0.0, 0, 0)
+    redis_at_end: tuple[float, int, int] = (0.0, 0, 0)
+
+
+async def redis_usage(client: aioredis.Redis) -> tuple[float, int, int]:
+    """redis-server's own CPU seconds, and its EVALSHA calls and microseconds (INFO cpu, commandstats)."""
+    cpu = await client.info("cpu")
+    stats = (await client.info("commandstats")).get("cmdstat_evalsha", {})
+    seconds = float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+    return seconds, int(stats.get("calls", 0)), int(stats.get("usec", 0))
 
 
 async def _sample(projector: Projector, samples: LagSamples, stop: asyncio.Event) -> None:
@@ -79,7 +92,12 @@ def lag_report(samples: LagSamples, window_s: float, catch_up: float) -> dict[st
     """The projection figures of one load window."""
     applied = samples.applied_at_end - samples.applied_at_start
     ordered_ms = sorted(samples.lag_ms) or [0]
+    cpu_s, calls, usec = (end - start for end, start in zip(samples.redis_at_end, samples.redis_at_start, strict=True))
     return {
+        "redis_cpu_busy": round(cpu_s / window_s, 3) if window_s else None,
+        "redis_calls": calls,
+        "redis_events_per_call": round(applied / calls, 1) if calls else None,
+        "redis_script_us_per_event": round(usec / applied, 2) if applied else None,
         "projected_events_per_s": round(applied / window_s) if window_s else None,
         "projection_lag_ms_max": ordered_ms[-1],
         "projection_lag_ms_p99": ordered_ms[min(len(ordered_ms) - 1, int(len(ordered_ms) * 0.99))],
