@@ -26,39 +26,65 @@ from tollway.core.state import Entry, State, new_entry
 from tollway.redis.keys import Keys
 
 S = EntryState
-Op = tuple[str, ...]
-"""An opcode followed by its arguments; key arguments are key *names* until encoded."""
+Op = list[str | int]
+"""An opcode followed by its arguments; key arguments are key *names* until encoded (then indexes)."""
 
-_KEY_ARGS: Final = {"I": 1, "C": 1, "H": 1, "Z": 1, "R": 1, "S": 1, "X": 1, "P": 2, "Q": 2}
-"""How many leading arguments of each opcode are keys."""
+_TWO_KEYS: Final = frozenset({"P", "Q"})
+"""The opcodes whose first *two* arguments are keys (every other opcode has one)."""
 
 AVAILABLE, HELD, CHARGED, UNSETTLED = "available", "held", "charged", "unsettled"
 REVENUE, FUNDING, CREDIT_NOTES = "revenue", "funding", "credit_notes"
 
 
+def entry_items(entry: Entry) -> list[str]:
+    """An entry as the flat string hash stored at ``entry:<id>``: field, value, field, value, …."""
+    rate = entry.rate
+    return [
+        "billing_entry_id",
+        entry.billing_entry_id,
+        "account_id",
+        entry.account_id,
+        "request_id",
+        entry.request_id,
+        "kind",
+        entry.kind,
+        "state",
+        entry.state.value,
+        "estimated_cost_micro",
+        str(entry.estimated_cost_micro),
+        "actual_cost_micro",
+        "" if entry.actual_cost_micro is None else str(entry.actual_cost_micro),
+        "charged_micro",
+        str(entry.charged_micro),
+        "uncollected_micro",
+        str(entry.uncollected_micro),
+        "expires_at_ms",
+        "" if entry.expires_at_ms is None else str(entry.expires_at_ms),
+        "credit_units_per_usd",
+        str(rate.credit_units_per_usd),
+        "usd_usdc_rate_ppm",
+        str(rate.usd_usdc_rate_ppm),
+        "rate_frozen_at_ms",
+        str(rate.frozen_at_ms),
+        "correlation_id",
+        entry.correlation_id,
+        "created_at_ms",
+        str(entry.created_at_ms),
+        "updated_at_ms",
+        str(entry.updated_at_ms),
+        "wal_sequence",
+        str(entry.wal_sequence),
+        "reason",
+        entry.reason or "",
+        "failed_at_ms",
+        "" if entry.failed_at_ms is None else str(entry.failed_at_ms),
+    ]
+
+
 def entry_fields(entry: Entry) -> dict[str, str]:
-    """An entry as the flat string hash stored at ``entry:<id>``."""
-    return {
-        "billing_entry_id": entry.billing_entry_id,
-        "account_id": entry.account_id,
-        "request_id": entry.request_id,
-        "kind": entry.kind,
-        "state": entry.state.value,
-        "estimated_cost_micro": str(entry.estimated_cost_micro),
-        "actual_cost_micro": "" if entry.actual_cost_micro is None else str(entry.actual_cost_micro),
-        "charged_micro": str(entry.charged_micro),
-        "uncollected_micro": str(entry.uncollected_micro),
-        "expires_at_ms": "" if entry.expires_at_ms is None else str(entry.expires_at_ms),
-        "credit_units_per_usd": str(entry.rate.credit_units_per_usd),
-        "usd_usdc_rate_ppm": str(entry.rate.usd_usdc_rate_ppm),
-        "rate_frozen_at_ms": str(entry.rate.frozen_at_ms),
-        "correlation_id": entry.correlation_id,
-        "created_at_ms": str(entry.created_at_ms),
-        "updated_at_ms": str(entry.updated_at_ms),
-        "wal_sequence": str(entry.wal_sequence),
-        "reason": entry.reason or "",
-        "failed_at_ms": "" if entry.failed_at_ms is None else str(entry.failed_at_ms),
-    }
+    """An entry as the string hash stored at ``entry:<id>``."""
+    items = iter(entry_items(entry))
+    return dict(zip(items, items, strict=True))
 
 
 def finalize_message(
@@ -95,35 +121,44 @@ def _flat(fields: dict[str, str]) -> list[str]:
 
 def _incr(key: str, *deltas: tuple[str, int], checked: bool = True) -> list[Op]:
     """One HINCRBY op for several fields of one hash, in order; zero deltas are left out."""
-    pairs = [item for name, delta in deltas if delta for item in (name, str(delta))]
-    return [("I" if checked else "C", key, *pairs)] if pairs else []
+    op: Op = ["I" if checked else "C", key]
+    for name, delta in deltas:
+        if delta:
+            op += (name, str(delta))
+    return [op] if len(op) > 2 else []
 
 
 def _move(keys: Keys, event: ev.Event, from_state: EntryState, to_state: EntryState, **fields: str) -> list[Op]:
     """Counter moves and the entry fields every transition updates."""
-    counts = ((from_state.value, -1), (to_state.value, 1)) if from_state is not S.IDLE else ((to_state.value, 1),)
-    changed = {
-        "state": to_state.value,
-        "updated_at_ms": str(event.timestamp_ms),
-        "wal_sequence": str(event.wal_sequence),
-        **fields,
-    }
-    return [*_incr(keys.counters, *counts, checked=False), ("H", keys.entry(event.billing_entry_id), *_flat(changed))]
+    counts: Op = ["C", keys.counters, to_state.value, "1"]
+    if from_state is not S.IDLE:
+        counts[2:2] = (from_state.value, "-1")
+    changed: Op = [
+        "H",
+        keys.entry(event.billing_entry_id),
+        "state",
+        to_state.value,
+        "updated_at_ms",
+        str(event.timestamp_ms),
+        "wal_sequence",
+        str(event.wal_sequence),
+    ]
+    for name, value in fields.items():
+        changed += (name, value)
+    return [counts, changed]
 
 
 def _created(keys: Keys, event: ev.Event) -> list[Op]:
     entry = new_entry(event)
-    ops: list[Op] = [
-        ("C", keys.counters, entry.state.value, "1"),
-        ("H", keys.entry(entry.billing_entry_id), *_flat(entry_fields(entry))),
-    ]
+    ops: list[Op] = [["C", keys.counters, entry.state.value, "1"], ["H", keys.entry(entry.billing_entry_id)]]
+    ops[1] += entry_items(entry)
     if entry.state is S.RESERVE_HELD:
-        ops.append(("Z", keys.expiry, str(entry.expires_at_ms), entry.billing_entry_id))
+        ops.append(["Z", keys.expiry, str(entry.expires_at_ms), entry.billing_entry_id])
     if entry.state is S.FINALIZE_PENDING:
         message = finalize_message(
             entry.billing_entry_id, entry.account_id, entry.charged_micro, entry.correlation_id, event.timestamp_ms
         )
-        ops.append(("X", keys.finalize, *_flat(message)))
+        ops.append(["X", keys.finalize, *_flat(message)])
     return ops
 
 
@@ -149,7 +184,7 @@ def _charge(keys: Keys, event: ev.Event, p: ev.BillingCharge) -> list[Op]:
 def _commit(keys: Keys, event: ev.Event, p: ev.BillingCommit) -> list[Op]:
     target = S.FINALIZE_PENDING if p.finalize else S.COMMITTED
     estimate, charged = p.estimated_cost_micro, p.charged_micro
-    ops = [
+    ops: list[Op] = [
         *_incr(
             keys.account(p.account_id),
             (HELD, -estimate),
@@ -167,13 +202,13 @@ def _commit(keys: Keys, event: ev.Event, p: ev.BillingCommit) -> list[Op]:
             charged_micro=str(charged),
             uncollected_micro=str(p.uncollected_micro),
         ),
-        ("R", keys.expiry, event.billing_entry_id),
+        ["R", keys.expiry, event.billing_entry_id],
     ]
     if p.finalize:
         message = finalize_message(
             event.billing_entry_id, p.account_id, charged, event.correlation_id, event.timestamp_ms
         )
-        ops.append(("X", keys.finalize, *_flat(message)))
+        ops.append(["X", keys.finalize, *_flat(message)])
     return ops
 
 
@@ -181,7 +216,7 @@ def _return_hold(keys: Keys, event: ev.Event, account_id: str, estimate: int, re
     return [
         *_incr(keys.account(account_id), (HELD, -estimate), (AVAILABLE, estimate)),
         *_move(keys, event, S.RESERVE_HELD, S.RELEASED, reason=reason),
-        ("R", keys.expiry, event.billing_entry_id),
+        ["R", keys.expiry, event.billing_entry_id],
     ]
 
 
@@ -200,7 +235,7 @@ def _void(keys: Keys, event: ev.Event, p: ev.BillingVoid) -> list[Op]:
         *_move(keys, event, from_state, S.VOIDED, reason=p.reason),
     ]
     if failed:
-        ops.append(("Q", keys.poison, keys.entry(event.billing_entry_id)))
+        ops.append(["Q", keys.poison, keys.entry(event.billing_entry_id)])
     return ops
 
 
@@ -211,7 +246,7 @@ def _ack(keys: Keys, event: ev.Event, p: ev.BillingFinalizeAck) -> list[Op]:
         *_move(keys, event, from_state, S.FINALIZE_ACKED),
     ]
     if from_state is S.FINALIZE_FAILED:
-        ops.append(("Q", keys.poison, keys.entry(event.billing_entry_id)))
+        ops.append(["Q", keys.poison, keys.entry(event.billing_entry_id)])
     return ops
 
 
@@ -228,7 +263,7 @@ def _fail(keys: Keys, event: ev.Event, p: ev.BillingFinalizeFail) -> list[Op]:
     }
     return [
         *_move(keys, event, S.FINALIZE_PENDING, S.FINALIZE_FAILED, reason=p.reason, failed_at_ms=failed_at),
-        ("P", keys.poison, keys.entry(event.billing_entry_id), *_flat(letter)),
+        ["P", keys.poison, keys.entry(event.billing_entry_id), *_flat(letter)],
     ]
 
 
@@ -258,8 +293,8 @@ def event_ops(keys: Keys, event: ev.Event) -> list[Op]:  # noqa: C901 - one flat
             fields = {"expires_at_ms": str(p.expires_at_ms), "updated_at_ms": str(event.timestamp_ms)}
             fields["wal_sequence"] = str(event.wal_sequence)
             return [
-                ("H", keys.entry(event.billing_entry_id), *_flat(fields)),
-                ("Z", keys.expiry, str(p.expires_at_ms), event.billing_entry_id),
+                ["H", keys.entry(event.billing_entry_id), *_flat(fields)],
+                ["Z", keys.expiry, str(p.expires_at_ms), event.billing_entry_id],
             ]
         case ev.BillingVoid():
             return _void(keys, event, p)
@@ -270,7 +305,7 @@ def event_ops(keys: Keys, event: ev.Event) -> list[Op]:  # noqa: C901 - one flat
         case ev.CreditMint() | ev.CreditDeduct() | ev.X402CreditNote():
             return _credit(keys, p)
         case ev.RequestComplete():
-            return [("S", keys.response(event.billing_entry_id), p.response_json)]
+            return [["S", keys.response(event.billing_entry_id), p.response_json]]
     return []
 
 
@@ -296,23 +331,22 @@ def encode_batch(keys: Keys, events: Iterable[ev.Event]) -> Batch:
     of the projector's cost).
     """
     batch = Batch(keys=[keys.meta])
-    index = {keys.meta: 1}
+    index: dict[str | int, int] = {keys.meta: 1}
 
-    def position(name: str) -> int:
+    def position(name: str | int) -> int:
         found = index.get(name)
         if found is None:
-            batch.keys.append(name)
+            batch.keys.append(str(name))
             found = index[name] = len(batch.keys)
         return found
 
     packed: list[list[object]] = []
     for event in events:
-        ops: list[list[object]] = []
-        for op in event_ops(keys, event):
-            if _KEY_ARGS[op[0]] == 1:
-                ops.append([op[0], position(op[1]), *op[2:]])
-            else:
-                ops.append([op[0], position(op[1]), position(op[2]), *op[3:]])
+        ops = event_ops(keys, event)
+        for op in ops:  # fresh lists: key names become KEYS indexes in place
+            op[1] = position(op[1])
+            if op[0] in _TWO_KEYS:
+                op[2] = position(op[2])
         packed.append([event.wal_sequence, ops])
         batch.first_seq = batch.first_seq or event.wal_sequence
         batch.last_seq = event.wal_sequence
