@@ -58,7 +58,7 @@ from tollway.wal.snapshot import list_snapshots
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable for bench.*
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.machine import cpu_model, filesystem_type, loadavg, python_speed_ms
+from bench.machine import loadavg, machine_facts
 from bench.redis_projection import catch_up_s, evalsha_per_s, lag_report, projecting, redis_usage
 
 TARGETS: Final[dict[str, float]] = {
@@ -646,15 +646,9 @@ def meets_targets(load: dict[str, Any], recovery: dict[str, Any], redis: bool = 
 
 
 def machine(data_dir: Path) -> dict[str, Any]:
-    return {
-        "cpu_count": os.cpu_count(),
+    return machine_facts(data_dir) | {
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu_model": cpu_model(),
-        "python_sum_5m_ms": python_speed_ms(),
-        "python": platform.python_version(),
         "python_implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "filesystem": filesystem_type(data_dir),
         "msgspec": msgspec.__version__,
         "tollway": tollway_version(),
     }

@@ -35,7 +35,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import re
 import resource
 import shlex
@@ -55,7 +54,7 @@ from tollway.config import Settings
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable for bench.*
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.machine import cpu_model, filesystem_type, loadavg, python_speed_ms
+from bench.machine import loadavg, machine_facts
 
 TARGETS: Final[dict[str, float]] = {"billing_ratio_min": 0.5, "reserve_p99_ms_max_at_80pct": 10}
 SERVER_CPU: Final = 0
@@ -795,13 +794,7 @@ NOTES: Final = [
 
 
 def machine(data_dir: Path, pinned: bool) -> dict[str, Any]:
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu_model(),
-        "python_sum_5m_ms": python_speed_ms(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "filesystem": filesystem_type(data_dir),
+    return machine_facts(data_dir) | {
         "pinned": pinned,
         "server_cpu": SERVER_CPU if pinned else None,
         "generator_cpu": GENERATOR_CPU if pinned else None,

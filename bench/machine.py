@@ -7,6 +7,19 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import Any
+
+
+def machine_facts(data_dir: Path) -> dict[str, Any]:
+    """What every benchmark reports of its machine: CPUs, pure-Python speed, Python, platform, filesystem."""
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "python_sum_5m_ms": python_speed_ms(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "filesystem": filesystem_type(data_dir),
+    }
 
 
 def loadavg() -> list[float] | None:

@@ -161,22 +161,30 @@ async def test_one_log_line_per_transition_with_exactly_the_required_keys(
     assert list(range(2, 8)) == sorted(line["wal_sequence"] for line in lines)
 
 
-async def test_json_lines_on_the_configured_stream(settings: Settings, clock: FakeClock, metrics: Metrics) -> None:
-    """With configure_logging(json=True), each transition is one parseable JSON line carrying the keys."""
+@pytest.fixture
+def json_logging() -> Iterator[io.StringIO]:
+    """configure_logging(json=True) to a StringIO; the test body sets pytest's own handlers aside (alone())."""
     stream = io.StringIO()
     saved = structlog.get_config()
     root = logging.getLogger()
     level = root.level
     try:
         configure_logging("info", json=True, stream=stream)
-        async with Engine.open(settings=settings, clock=clock, observer=MetricsObserver(metrics)) as engine:
-            await drive(engine)
+        yield stream
     finally:
         for handler in [h for h in root.handlers if h.get_name() == HANDLER_NAME]:
             root.removeHandler(handler)
         root.setLevel(level)
         structlog.configure(**saved)
-    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+async def test_json_lines_on_the_configured_stream(
+    settings: Settings, clock: FakeClock, metrics: Metrics, json_logging: io.StringIO
+) -> None:
+    """With configure_logging(json=True), each transition is one parseable JSON line carrying the keys."""
+    async with Engine.open(settings=settings, clock=clock, observer=MetricsObserver(metrics)) as engine:
+        await drive(engine)
+    records = [json.loads(line) for line in json_logging.getvalue().splitlines()]
     transitions = [record for record in records if record.get("event") == TRANSITION_EVENT]
     assert 6 == len(transitions)
     envelope = {"event", "level", "logger", "timestamp"}
@@ -281,23 +289,6 @@ def test_log_levels_parse_strictly() -> None:
     assert (logging.DEBUG, logging.WARNING, 15) == (parse_level("debug"), parse_level("WARNING"), parse_level(15))
     with pytest.raises(ConfigError):
         parse_level("loud")
-
-
-@pytest.fixture
-def json_logging() -> Iterator[io.StringIO]:
-    """configure_logging(json=True) to a StringIO; the test body sets pytest's own handlers aside (alone())."""
-    stream = io.StringIO()
-    saved = structlog.get_config()
-    root = logging.getLogger()
-    level = root.level
-    try:
-        configure_logging("info", json=True, stream=stream)
-        yield stream
-    finally:
-        for handler in [h for h in root.handlers if h.get_name() == HANDLER_NAME]:
-            root.removeHandler(handler)
-        root.setLevel(level)
-        structlog.configure(**saved)
 
 
 @contextlib.contextmanager

@@ -136,7 +136,9 @@ def direct_json_lines(logger_name: str, event: str, lines: list[dict[str, object
         return False
     timestamp = datetime.datetime.now(tz=datetime.UTC).isoformat().replace("+00:00", "Z")
     envelope = {"event": event, "logger": logger_name, "level": "info", "timestamp": timestamp}
-    text = b"\n".join([_encode_line(fields | envelope) for fields in lines]).decode() + "\n"
+    for fields in lines:  # the caller's fresh dicts: the envelope goes after their keys, as structlog puts it
+        fields.update(envelope)
+    text = b"\n".join([_encode_line(fields) for fields in lines]).decode() + "\n"
     handler.acquire()
     try:
         stream.write(text)

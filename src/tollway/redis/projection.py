@@ -150,8 +150,10 @@ def _move(keys: Keys, event: ev.Event, from_state: EntryState, to_state: EntrySt
 
 def _created(keys: Keys, event: ev.Event) -> list[Op]:
     entry = new_entry(event)
-    ops: list[Op] = [["C", keys.counters, entry.state.value, "1"], ["H", keys.entry(entry.billing_entry_id)]]
-    ops[1] += entry_items(entry)
+    ops: list[Op] = [
+        ["C", keys.counters, entry.state.value, "1"],
+        ["H", keys.entry(entry.billing_entry_id), *entry_items(entry)],
+    ]
     if entry.state is S.RESERVE_HELD:
         ops.append(["Z", keys.expiry, str(entry.expires_at_ms), entry.billing_entry_id])
     if entry.state is S.FINALIZE_PENDING:
