@@ -50,6 +50,7 @@ import msgspec
 
 import tollway
 from tollway import Commit, Credit, CreditKind, Durability, Engine, EntryResult, Reserve, Settings
+from tollway.config import WalSyncer
 from tollway.core import events as ev
 from tollway.core.ids import UlidGenerator
 from tollway.core.observer import NoopObserver
@@ -266,6 +267,7 @@ class LoadPlan:
     accounts: int
     durability: Durability
     redis: bool = False  # project into a private redis-server while loading
+    wal_syncer: WalSyncer = WalSyncer.PROCESS
 
 
 class GcPauses:
@@ -329,7 +331,7 @@ class Counters:
 
 async def run_load(data_dir: Path, plan: LoadPlan) -> dict[str, Any]:
     observer, pauses, window = CountingObserver(), GcPauses(), LoadWindow()
-    settings = Settings(data_dir=data_dir, durability=plan.durability)
+    settings = Settings(data_dir=data_dir, durability=plan.durability, wal_syncer=plan.wal_syncer)
     names = account_names(plan.accounts)
     gc.callbacks.append(pauses)
     try:
@@ -401,6 +403,7 @@ def load_report(plan: LoadPlan, window: LoadWindow, before: Counters, after: Cou
         "concurrency": plan.concurrency,
         "accounts": plan.accounts,
         "durability": plan.durability.value,
+        "wal_syncer": plan.wal_syncer.value,
     }
 
 
@@ -489,7 +492,13 @@ def run_phase(args: argparse.Namespace) -> dict[str, Any]:
     data_dir = Path(args.phase_dir)
     if args.phase == "load":
         plan = LoadPlan(
-            args.seconds, args.warmup, args.concurrency, args.accounts, Durability(args.durability), args.redis
+            args.seconds,
+            args.warmup,
+            args.concurrency,
+            args.accounts,
+            Durability(args.durability),
+            args.redis,
+            WalSyncer(args.wal_syncer),
         )
         return asyncio.run(run_load(data_dir, plan))
     if args.phase == "build":
@@ -520,6 +529,8 @@ def child(phase: str, data_dir: Path, args: argparse.Namespace) -> dict[str, Any
         str(args.events_1m),
         "--durability",
         args.durability,
+        "--wal-syncer",
+        args.wal_syncer,
         *(["--redis"] if args.redis else []),
     ]
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
@@ -583,6 +594,7 @@ def summary(args: argparse.Namespace, measured: dict[str, Any], data_dir: Path) 
         "reserve_p99_us": load.get("reserve_p99_us"),
         "batch_avg": load.get("batch_avg"),
         "durability": args.durability,
+        "wal_syncer": args.wal_syncer,
         "replay_events_per_s": recovery.get("replay_events_per_s"),
         **(
             {
@@ -745,6 +757,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=[mode.value for mode in Durability],
         default=Durability.FSYNC.value,
         help="of the load phase (default fsync; none shows the engine's CPU-only limit)",
+    )
+    parser.add_argument(
+        "--wal-syncer",
+        choices=[mode.value for mode in WalSyncer],
+        default=WalSyncer.PROCESS.value,
+        help="who syncs the WAL in the load phase (default process, the production default; thread to compare)",
     )
     parser.add_argument(
         "--redis",

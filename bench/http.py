@@ -565,7 +565,7 @@ class Server:
 
 
 @contextlib.contextmanager
-def served(root: Path, log_level: str, pin: bool) -> Iterator[Server]:
+def served(root: Path, log_level: str, pin: bool, wal_syncer: str = "process") -> Iterator[Server]:
     """``tollway serve`` in ``root/data`` on a free port of 127.0.0.1 (on CPU 0 when ``pin``); SIGTERM at the end."""
     data = root / "data"
     admin, gateway = issue_token(data, "admin"), issue_token(data, "gateway")
@@ -574,7 +574,11 @@ def served(root: Path, log_level: str, pin: bool) -> Iterator[Server]:
         if pin:  # the server (and the redis-server it starts) inherits this affinity
             os.sched_setaffinity(0, {SERVER_CPU})
         process = subprocess.Popen(
-            [*command, "--log-format", "json"], stdout=subprocess.PIPE, stderr=log, text=True, env=clean_environment()
+            [*command, "--log-format", "json"],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env=clean_environment() | {"TOLLWAY_WAL_SYNCER": wal_syncer},
         )
         if pin:
             os.sched_setaffinity(0, {GENERATOR_CPU})
@@ -684,11 +688,16 @@ class WalWatch:
 
     def around(self, phase: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """Run ``phase`` and add ``wal_events`` and ``snapshots`` (a periodic snapshot stalls the loop briefly)."""
-        before = self.runner.run(last_sequence(self.target))
+        before, batches_before = self.runner.run(last_sequence(self.target)), self.runner.run(wal_batches(self.target))
         result = phase()
-        after = self.runner.run(last_sequence(self.target))
-        every = self.snapshot_every
-        return result | {"wal_events": after - before, "snapshots": after // every - before // every}
+        after, batches_after = self.runner.run(last_sequence(self.target)), self.runner.run(wal_batches(self.target))
+        every, batches = self.snapshot_every, batches_after - batches_before
+        return result | {
+            "wal_events": after - before,
+            "wal_batches": batches,
+            "wal_events_per_batch": round((after - before) / batches, 1) if batches else None,
+            "snapshots": after // every - before // every,
+        }
 
 
 async def last_sequence(target: Target) -> int:
@@ -700,6 +709,19 @@ async def last_sequence(target: Target) -> int:
         connection.close()
     sequence: int = json.loads(body)["wal"]["last_sequence"]
     return sequence
+
+
+async def wal_batches(target: Target) -> int:
+    """Group-commit batches written so far (``wal_batch_records_count`` of ``/metrics``)."""
+    connection = await target.connect()
+    try:
+        _, body = await asyncio.wait_for(connection.exchange(target.request("GET", "/metrics")), REQUEST_TIMEOUT_S)
+    finally:
+        connection.close()
+    found = re.search(rb"^wal_batch_records_count ([0-9.e+]+)$", body, re.MULTILINE)
+    if found is None:
+        raise BenchError("/metrics has no wal_batch_records_count")
+    return int(float(found.group(1)))
 
 
 def summary(args: argparse.Namespace, measured: dict[str, Any], server: Server) -> dict[str, Any]:
@@ -738,6 +760,7 @@ def summary(args: argparse.Namespace, measured: dict[str, Any], server: Server) 
         "server": {
             "command": "tollway serve --log-format json --log-level " + args.log_level,
             "durability": "fsync",
+            "wal_syncer": args.wal_syncer,
             "redis": "embedded",
             "settlement": "standalone",
             "exit_code": server.exit_code,
@@ -835,6 +858,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--generator", choices=("auto", "wrk", "python"), default="auto", help="closed loops (auto: wrk if installed)"
     )
     parser.add_argument("--log-level", default="info", help="of the server (default info, as tollway serve)")
+    parser.add_argument(
+        "--wal-syncer",
+        choices=("process", "thread"),
+        default="process",
+        help="the server's wal_syncer setting (default process, the production default; thread to compare)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     parser.add_argument(
         "--curve",
@@ -858,7 +887,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     pinned = can_pin()
     before, started = loadavg(), time.perf_counter()
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner, served(root, args.log_level, pinned) as server:
+    with (
+        asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner,
+        served(root, args.log_level, pinned, args.wal_syncer) as server,
+    ):
         measured = measure(runner, server, root, args)
     out = summary(args, measured, server)
     out["machine"] = machine(root, pinned) | {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -23,7 +23,7 @@ from tollway import (
     Reserve,
     Settings,
 )
-from tollway.config import Durability
+from tollway.config import Durability, WalSyncer
 from tollway.core.commands import Release
 from tollway.core.ledger import Ledger, check_invariants
 from tollway.testing import FakeClock, RecordingObserver
@@ -62,17 +62,45 @@ async def test_concurrent_records_share_a_sync(engine: Engine, observer: Recordi
 
 
 class GatedWrites:
-    """Holds every WAL write until released, to observe what waits for durability."""
+    """Holds every WAL sync until released, to observe what waits for durability.
+
+    With the sync helper (the default) the sync request is held; with ``wal_syncer = thread``
+    the I/O thread's whole write.
+    """
 
     def __init__(self, engine: Engine) -> None:
         self.gate = threading.Event()
-        original: Callable[[bytes, int], None] = engine._writer.write_batch
+        self.relays: set[asyncio.Task[None]] = set()
+        syncer = engine._syncer
+        if syncer is None:
+            original: Callable[[bytes, int], None] = engine._writer.write_batch
 
-        def gated(data: bytes, first_seq: int) -> None:
-            self.gate.wait(timeout=30)
-            original(data, first_seq)
+            def gated(data: bytes, first_seq: int) -> None:
+                self.gate.wait(timeout=30)
+                original(data, first_seq)
 
-        engine._writer.write_batch = gated  # type: ignore[method-assign]
+            engine._writer.write_batch = gated  # type: ignore[method-assign]
+            return
+        original_sync = syncer.sync
+
+        def gated_sync(fd: int, generation: int) -> asyncio.Future[None]:
+            held: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+            async def relay() -> None:
+                await asyncio.to_thread(self.gate.wait, 30)
+                try:
+                    await original_sync(fd, generation)
+                except Exception as exc:  # noqa: BLE001 - handed to the waiter as it is
+                    held.set_exception(exc)
+                else:
+                    held.set_result(None)
+
+            task = asyncio.create_task(relay())
+            self.relays.add(task)
+            task.add_done_callback(self.relays.discard)
+            return held
+
+        syncer.sync = gated_sync  # type: ignore[method-assign]
 
 
 async def settle_loop() -> None:
@@ -80,8 +108,17 @@ async def settle_loop() -> None:
         await asyncio.sleep(0)
 
 
-async def test_answer_only_after_sync(engine: Engine) -> None:
+@pytest.fixture(params=list(WalSyncer))
+async def either_engine(request: pytest.FixtureRequest, settings: Settings, clock: FakeClock) -> AsyncIterator[Engine]:
+    """A running engine with each ``wal_syncer`` in turn."""
+    async with Engine.open(settings=settings.replace(wal_syncer=request.param), clock=clock) as running:
+        assert (running._syncer is None) == (request.param is WalSyncer.THREAD)
+        yield running
+
+
+async def test_answer_only_after_sync(either_engine: Engine) -> None:
     """A command is not answered while its record is not yet on disk, and is once it is."""
+    engine = either_engine
     await mint(engine, "acct", 1_000)
     gate = GatedWrites(engine)
     task = asyncio.create_task(engine.execute(Reserve("acct", "r1", 10)))

@@ -31,6 +31,7 @@ from tollway import (
     WalIOFailure,
     WalLocked,
 )
+from tollway.config import WalSyncer
 from tollway.core.events import Event
 from tollway.core.ledger import Ledger, check_invariants
 from tollway.core.state import Snapshot
@@ -565,15 +566,28 @@ def _fail_fdatasync(fd: int) -> None:
     raise OSError(errno.EIO, "injected fdatasync failure")
 
 
-def _fail_write_batch(self: WalWriter, data: bytes, first_seq: int) -> None:
+def _fail_append(self: WalWriter, data: bytes, first_seq: int) -> None:
     raise OSError(errno.ENOSPC, "injected write failure")
 
 
-def _inject(patch: pytest.MonkeyPatch, failure: str) -> None:
+FAILURES: Final = [
+    pytest.param("fdatasync", WalSyncer.THREAD, id="fdatasync-in-thread"),
+    pytest.param("write", WalSyncer.THREAD, id="write-thread"),
+    pytest.param("write", WalSyncer.PROCESS, id="write-process"),
+    pytest.param("helper killed", WalSyncer.PROCESS, id="sync-helper-killed"),
+]
+"""Where a WAL I/O failure is injected, with each way of syncing: ``fdatasync`` raising in the
+I/O thread, ``os.write`` failing (ENOSPC), and the sync helper process dying (``kill -9``)."""
+
+
+def _inject(patch: pytest.MonkeyPatch, failure: str, engine: Engine) -> None:
     if failure == "fdatasync":
         patch.setattr(os, "fdatasync", _fail_fdatasync)
+    elif failure == "write":
+        patch.setattr(WalWriter, "append", _fail_append)
     else:
-        patch.setattr(WalWriter, "write_batch", _fail_write_batch)
+        assert engine._syncer is not None
+        os.kill(engine._syncer.pid, signal.SIGKILL)
 
 
 async def _until_fatal(engine: Engine, commands: int) -> tuple[list[asyncio.Task[object]], list[BaseException]]:
@@ -594,15 +608,20 @@ async def _until_fatal(engine: Engine, commands: int) -> tuple[list[asyncio.Task
     return tasks, fatal
 
 
-@pytest.mark.parametrize("failure", ["fdatasync", "write_batch"])
+@pytest.mark.parametrize(("failure", "syncer"), FAILURES)
 async def test_wal_io_failure_is_fail_stop(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch, failure: str, caplog: pytest.LogCaptureFixture
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    failure: str,
+    syncer: WalSyncer,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A failed WAL write or sync calls on_fatal, refuses every later command, and a restart keeps all acked records."""
+    settings = settings.replace(wal_syncer=syncer)
     async with Engine.open(settings=settings) as engine:
         acked = [await _mint(engine, f"acked-{index}", 1_000) for index in range(5)]
         with monkeypatch.context() as patch:
-            _inject(patch, failure)
+            _inject(patch, failure, engine)
             tasks, fatal = await _until_fatal(engine, 10)
         assert [WalIOFailure] == [type(exc) for exc in fatal]
         with pytest.raises(EngineStopped):
@@ -616,23 +635,23 @@ async def test_wal_io_failure_is_fail_stop(
     async with Engine.open(settings=settings) as engine:
         assert [1, 2, 3, 4, 5] == acked
         assert acked == [engine.state.credits[f"{ACCOUNT} acked-{index}"].wal_sequence for index in range(5)]
-        if failure == "write_batch":  # nothing of the failed batch reached the file
+        if failure == "write":  # nothing of the failed batch reached the file
             assert 5 == engine.state.last_sequence
-        # after a failed fdatasync the unacknowledged records may or may not be there; both are correct
+        # after a failed sync the unacknowledged records may or may not be there; both are correct
         assert engine.state.last_sequence in {5, 15}
         assert [] == check_invariants(engine.state, Ledger().post_all(_events(settings)))
         assert engine.state.last_sequence + 1 == await _mint(engine, "after-restart")
 
 
-@pytest.mark.parametrize("failure", ["fdatasync", "write_batch"])
+@pytest.mark.parametrize(("failure", "syncer"), FAILURES)
 async def test_waiting_callers_get_wal_io_failure(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch, failure: str
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, failure: str, syncer: WalSyncer
 ) -> None:
     """Every caller waiting on the batch whose write or sync failed is answered with WalIOFailure."""
-    async with Engine.open(settings=settings) as engine:
+    async with Engine.open(settings=settings.replace(wal_syncer=syncer)) as engine:
         await _mint(engine, "acked")
         with monkeypatch.context() as patch:
-            _inject(patch, failure)
+            _inject(patch, failure, engine)
             tasks, _ = await _until_fatal(engine, 10)
         try:
             _, pending = await asyncio.wait(tasks, timeout=1)  # answered within a few loop turns when correct

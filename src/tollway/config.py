@@ -43,12 +43,20 @@ class Durability(enum.Enum):
     NONE = "none"  # no sync at all: tests and benchmarks only, logged loudly
 
 
+class WalSyncer(enum.Enum):
+    """Who calls ``fdatasync`` for a group-commit batch (see :mod:`tollway.wal.syncer`)."""
+
+    PROCESS = "process"  # a helper process: a sync never waits for this process's GIL (default)
+    THREAD = "thread"  # an I/O thread of this process: no helper, but each sync waits for the GIL
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything configurable. Field names are the setting names (lower case)."""
 
     data_dir: Path = Path("tollway-data")
     durability: Durability = Durability.FSYNC
+    wal_syncer: WalSyncer = WalSyncer.PROCESS
     segment_bytes: int = DEFAULT_SEGMENT_BYTES  # WAL segment rotation size, ≤ 1 GiB
     snapshot_every_events: int = 250_000  # write a snapshot after this many new events
     snapshots_kept: int = 2

@@ -9,12 +9,13 @@ applying, so each command sees every earlier one::
     batch.append(encode(event))                   # joins the current group-commit batch
     await batch.durable                           # answered only after fdatasync
 
-Group commit: while one batch is being written and synced by the I/O thread, new records
-collect in the next one; when the sync returns, every caller of the batch is answered at once
-and the next batch starts. An idempotent replay is answered once the event it repeats is
-durable. A WAL write or sync error is fatal (fail-stop): waiting callers get
-:class:`~tollway.core.errors.WalIOFailure`, the engine accepts nothing more, and a restart
-recovers from disk.
+Group commit: while one batch is being synced, new records collect in the next one; when the
+sync returns, every caller of the batch is answered at once and the next batch starts. The
+event loop writes a batch itself and a helper process syncs it (:mod:`tollway.wal.syncer`: the
+sync never waits for this process's GIL); with ``wal_syncer = thread`` an I/O thread does both.
+An idempotent replay is answered once the event it repeats is durable. A WAL write or sync
+error is fatal (fail-stop): waiting callers get :class:`~tollway.core.errors.WalIOFailure`, the
+engine accepts nothing more, and a restart recovers from disk.
 
 The engine holds no global state: several engines (shards) can live in one process, each
 with its own data directory.
@@ -34,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Final, TypeVar
 
-from tollway.config import Durability, Settings
+from tollway.config import Durability, Settings, WalSyncer
 from tollway.core import commands as cmd
 from tollway.core.commands import Refusal
 from tollway.core.decide import Replay, Write, decide, outcome
@@ -48,6 +49,7 @@ from tollway.wal import codec
 from tollway.wal.log import DirectoryLock, WalWriter, recover
 from tollway.wal.replay import gc_paused
 from tollway.wal.snapshot import load_newest, snapshot_chunks, write_snapshot
+from tollway.wal.syncer import SyncProcess
 
 log = logging.getLogger("tollway.engine")
 
@@ -109,6 +111,7 @@ class Engine:
         clock: Clock,
         observer: Observer,
         random80: Callable[[], int],
+        syncer: SyncProcess | None = None,
     ) -> None:
         self.settings = settings
         self.state = state
@@ -117,6 +120,7 @@ class Engine:
         self._clock = clock
         self._ids = UlidGenerator(clock, random80)
         self._writer = writer
+        self._syncer = syncer  # None: the I/O thread writes and syncs (or durability is none)
         self._lock = lock
         self._loop = asyncio.get_running_loop()
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tollway-wal")
@@ -176,7 +180,15 @@ class Engine:
             raise
         if settings.durability is Durability.NONE:
             log.warning("durability=none: the WAL is NOT synced; acknowledged commands can be lost (tests only)")
-        return cls(settings, state, writer, lock, clock=clock, observer=observer, random80=random80)
+        syncer = None
+        if settings.durability is Durability.FSYNC and settings.wal_syncer is WalSyncer.PROCESS:
+            try:
+                syncer = SyncProcess.start()
+            except BaseException:
+                writer.close()
+                lock.release()
+                raise
+        return cls(settings, state, writer, lock, clock=clock, observer=observer, random80=random80, syncer=syncer)
 
     async def close(self) -> None:
         """Finish pending writes, take a final snapshot, release the lock."""
@@ -191,6 +203,8 @@ class Engine:
                     await self._snapshot()
         finally:
             self._closed = True
+            if self._syncer is not None:
+                await self._syncer.close()
             await asyncio.to_thread(self._writer.close)
             self._io.shutdown(wait=True)
             self._snap_io.shutdown(wait=True)
@@ -210,6 +224,8 @@ class Engine:
             self._pending.durable.set_exception(stopped)
             self._pending.durable.exception()
         self._io.shutdown(wait=True)  # an in-flight write finishes or fails; no new one starts
+        if self._syncer is not None:
+            await self._syncer.close()  # the same for a sync in flight
         self._snap_io.shutdown(wait=True)
         await asyncio.to_thread(self._writer.close)
         self._lock.release()
@@ -295,8 +311,21 @@ class Engine:
         self._pending = _Batch(self._loop)
         data = b"".join(batch.chunks)
         started = time.perf_counter()
-        future = self._loop.run_in_executor(self._io, self._writer.write_batch, data, batch.first_seq)
+        if self._syncer is None:
+            future = self._loop.run_in_executor(self._io, self._writer.write_batch, data, batch.first_seq)
+        else:
+            future = self._append_and_sync(self._syncer, data, batch.first_seq)
         future.add_done_callback(lambda f: self._written(batch, f, len(data), started))
+
+    def _append_and_sync(self, syncer: SyncProcess, data: bytes, first_seq: int) -> asyncio.Future[None]:
+        """Write ``data`` here (into the page cache) and have the sync helper make it durable."""
+        try:
+            self._writer.append(data, first_seq)
+        except (WalIOFailure, OSError) as exc:
+            failed: asyncio.Future[None] = self._loop.create_future()
+            failed.set_exception(exc)
+            return failed
+        return syncer.sync(self._writer.fd, self._writer.generation)
 
     def _written(self, batch: _Batch, future: asyncio.Future[None], size: int, started: float) -> None:
         self._inflight = None

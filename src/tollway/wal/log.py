@@ -8,10 +8,12 @@ Recovery reads the segments that follow the snapshot being resumed from. In the 
 torn tail (see :mod:`tollway.wal.segments`) is cut off exactly at the end of the last valid
 record and the cut is fsynced and reported; anything else that is bad stops startup.
 
-:meth:`WalWriter.write_batch` is blocking and is called from the engine's one I/O thread: it
-appends a group-commit batch with ``os.write`` and makes it durable with ``fdatasync``. A
-batch is never split between segments: when it would push the current segment past
-``segment_bytes`` a new segment is created first (file fsynced, then its directory).
+:meth:`WalWriter.append` appends a group-commit batch with ``os.write``; the engine calls it on
+its event loop and has the sync helper process ``fdatasync`` the segment
+(:mod:`tollway.wal.syncer`). :meth:`WalWriter.write_batch` does both, blocking: the engine's
+I/O thread calls it when ``wal_syncer = thread``. A batch is never split between segments: when
+it would push the current segment past ``segment_bytes`` a new segment is created first (file
+fsynced, then its directory).
 """
 
 from __future__ import annotations
@@ -137,6 +139,7 @@ class WalWriter:
         self.segment_bytes = min(segment_bytes, MAX_WAL_FILE_BYTES)
         self.durable = durable
         self._fd: int | None = None
+        self._generation = 0
         self._size = 0
         self.segment: Path | None = None
 
@@ -145,11 +148,38 @@ class WalWriter:
         if segment is None:
             return
         self._fd = os.open(segment.path, os.O_WRONLY | os.O_APPEND)
+        self._generation += 1
         self._size = end_offset
         self.segment = segment.path
 
+    @property
+    def fd(self) -> int:
+        """The descriptor of the active segment (after the first :meth:`append`)."""
+        if self._fd is None:
+            raise WalIOFailure("no WAL segment is open")
+        return self._fd
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever :attr:`fd` starts naming another segment."""
+        return self._generation
+
     def write_batch(self, data: bytes, first_seq: int) -> None:
         """Append ``data`` (whole records, the first with ``first_seq``) and make it durable."""
+        self.append(data, first_seq)
+        if self.durable:
+            try:
+                os.fdatasync(self.fd)
+            except OSError as exc:
+                raise WalIOFailure(f"WAL sync failed in {self.segment}: {exc}") from exc
+
+    def append(self, data: bytes, first_seq: int) -> None:
+        """Append ``data`` (whole records, the first with ``first_seq``) without syncing it.
+
+        The caller makes it durable: ``fdatasync(fd)`` here (:meth:`write_batch`) or in the
+        sync helper (:mod:`tollway.wal.syncer`). A new segment is created first when the batch
+        would not fit; creating one syncs the previous segment, the new one and the directory.
+        """
         try:
             if self._fd is None or (
                 self._size > len(codec.SEGMENT_MAGIC) and self._size + len(data) > self.segment_bytes
@@ -160,8 +190,6 @@ class WalWriter:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            if self.durable:
-                os.fdatasync(fd)
             self._size += len(data)
         except OSError as exc:
             raise WalIOFailure(f"WAL write failed in {self.segment}: {exc}") from exc
@@ -178,6 +206,7 @@ class WalWriter:
             os.fsync(fd)
             fsync_dir(self.wal_dir)
         self._fd, self._size, self.segment = fd, len(codec.SEGMENT_MAGIC), path
+        self._generation += 1
 
     def close(self) -> None:
         """Sync and close the active segment."""
