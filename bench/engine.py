@@ -185,10 +185,11 @@ def sample_event() -> ev.Event:
     return ev.Event(123_456, now_ms, entry_id, "untraced", payload)
 
 
-def timed_appends(path: Path, seconds: float, make: Callable[[], bytes]) -> tuple[int, float, list[int]]:
-    """Append ``make()`` and ``fdatasync`` in a loop: (appends, elapsed seconds, ns per append)."""
+def timed_appends(path: Path, seconds: float, make: Callable[[], bytes]) -> tuple[int, float, list[int], float]:
+    """Append ``make()`` and ``fdatasync`` in a loop: (appends, elapsed seconds, ns per append, CPU seconds)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
     latencies: list[int] = []
+    cpu_started = time.thread_time()
     try:
         started = time.perf_counter_ns()
         deadline = started + int(seconds * 1e9)
@@ -200,7 +201,7 @@ def timed_appends(path: Path, seconds: float, make: Callable[[], bytes]) -> tupl
             now = time.perf_counter_ns()
     finally:
         os.close(fd)
-    return len(latencies), (now - started) / 1e9, latencies
+    return len(latencies), (now - started) / 1e9, latencies, time.thread_time() - cpu_started
 
 
 def run_ceiling(directory: Path, seconds: float) -> dict[str, Any]:
@@ -208,8 +209,8 @@ def run_ceiling(directory: Path, seconds: float) -> dict[str, Any]:
     directory.mkdir(parents=True, exist_ok=True)
     body = codec.encode_body(sample_event())
     small = b"x" * 64
-    syncs, sync_s, sync_ns = timed_appends(directory / "fsync-probe", seconds, lambda: small)
-    batches, batch_s, batch_ns = timed_appends(
+    syncs, sync_s, sync_ns, sync_cpu_s = timed_appends(directory / "fsync-probe", seconds, lambda: small)
+    batches, batch_s, batch_ns, _ = timed_appends(
         directory / "group-probe", seconds, lambda: b"".join([codec.frame(body) for _ in range(GROUP_COMMIT_RECORDS)])
     )
     return {
@@ -217,6 +218,7 @@ def run_ceiling(directory: Path, seconds: float) -> dict[str, Any]:
         "fsync_p50_us": percentile_us(sync_ns, 50),
         "fsync_p99_us": percentile_us(sync_ns, 99),
         "fsync_max_us": percentile_us(sync_ns, 100),
+        "fsync_cpu_us": round(sync_cpu_s / syncs * 1e6, 1),
         "group_commit_records_per_s": round(batches * GROUP_COMMIT_RECORDS / batch_s),
         "group_commit_batch": GROUP_COMMIT_RECORDS,
         "group_commit_p99_us": percentile_us(batch_ns, 99),
