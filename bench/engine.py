@@ -270,6 +270,7 @@ class LoadPlan:
     durability: Durability
     redis: bool = False  # project into a private redis-server while loading
     wal_syncer: WalSyncer = WalSyncer.PROCESS
+    projection_pump: bool = True
 
 
 class GcPauses:
@@ -333,7 +334,9 @@ class Counters:
 
 async def run_load(data_dir: Path, plan: LoadPlan) -> dict[str, Any]:
     observer, pauses, window = CountingObserver(), GcPauses(), LoadWindow()
-    settings = Settings(data_dir=data_dir, durability=plan.durability, wal_syncer=plan.wal_syncer)
+    settings = Settings(
+        data_dir=data_dir, durability=plan.durability, wal_syncer=plan.wal_syncer, projection_pump=plan.projection_pump
+    )
     names = account_names(plan.accounts)
     gc.callbacks.append(pauses)
     try:
@@ -406,6 +409,7 @@ def load_report(plan: LoadPlan, window: LoadWindow, before: Counters, after: Cou
         "accounts": plan.accounts,
         "durability": plan.durability.value,
         "wal_syncer": plan.wal_syncer.value,
+        "projection_pump": plan.projection_pump if plan.redis else None,
     }
 
 
@@ -501,6 +505,7 @@ def run_phase(args: argparse.Namespace) -> dict[str, Any]:
             Durability(args.durability),
             args.redis,
             WalSyncer(args.wal_syncer),
+            not args.no_pump,
         )
         return asyncio.run(run_load(data_dir, plan))
     if args.phase == "build":
@@ -534,6 +539,7 @@ def child(phase: str, data_dir: Path, args: argparse.Namespace) -> dict[str, Any
         "--wal-syncer",
         args.wal_syncer,
         *(["--redis"] if args.redis else []),
+        *(["--no-pump"] if args.no_pump else []),
     ]
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
     if done.returncode != 0:
@@ -770,6 +776,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--redis",
         action="store_true",
         help="project into a private redis-server during the load; adds projection lag and a Redis ceiling",
+    )
+    parser.add_argument(
+        "--no-pump",
+        action="store_true",
+        help="with --redis: encode projection batches in the event loop instead of the projection pump process",
     )
     parser.add_argument("--data-dir", type=Path, default=None, help="parent of the scratch dirs (default: cwd)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch data directories")

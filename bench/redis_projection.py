@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 from tollway.engine import Engine
 from tollway.redis.keys import Keys
 from tollway.redis.projector import Projector
+from tollway.redis.pump import ProjectionPump
 from tollway.redis.server import EmbeddedRedis
 
 SAMPLE_INTERVAL_S = 0.005
@@ -67,7 +68,9 @@ async def projecting(engine: Engine, directory: Path) -> AsyncIterator[tuple[Pro
     """A projector into a private redis-server, running until the block ends."""
     async with EmbeddedRedis(directory) as server:
         client = aioredis.Redis.from_url(server.url)
-        projector = Projector(engine, client, Keys("bench", "0"), coalesce_ms=engine.settings.projection_coalesce_ms)
+        keys, settings = Keys("bench", "0"), engine.settings
+        pump = await ProjectionPump.start(server.url, keys) if settings.projection_pump else None
+        projector = Projector(engine, client, keys, coalesce_ms=settings.projection_coalesce_ms, pump=pump)
         samples, stop = LagSamples(), asyncio.Event()
         tasks = [asyncio.create_task(projector.run()), asyncio.create_task(_sample(projector, samples, stop))]
         try:
@@ -76,6 +79,8 @@ async def projecting(engine: Engine, directory: Path) -> AsyncIterator[tuple[Pro
             stop.set()
             tasks[0].cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if pump is not None:
+                await pump.close()
             await client.aclose()
 
 

@@ -80,6 +80,7 @@ class Settings:
     shard: str = "0"  # the hash tag of every key of this engine
     redis_memory_bytes_max: int = 1 << 30  # maxmemory of the embedded server (noeviction)
     projection_coalesce_ms: int = 10  # once caught up, the projector gathers this long before its next call
+    projection_pump: bool = True  # encode and apply projection batches in a child process (off: in the event loop)
     # -- settlement --
     settlement_timeout_ms: int = 1000
     settlement_issuer: str = "tollway"

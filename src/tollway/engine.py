@@ -58,6 +58,7 @@ SNAPSHOT_SLICE_S: Final = 0.002
 
 Clock = Callable[[], int]
 Listener = Callable[[list[Event]], None]
+RecordsListener = Callable[[list[Event], list[bytes]], None]
 T = TypeVar("T")
 
 
@@ -133,6 +134,7 @@ class Engine:
         self._failure: TollwayError | None = None
         self._closed = False
         self._listeners: list[Listener] = []
+        self._records_listeners: list[RecordsListener] = []
         self.on_fatal: Callable[[BaseException], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -250,6 +252,10 @@ class Engine:
         """Call ``listener(events)`` with each batch once it is durable (on the event loop)."""
         self._listeners.append(listener)
 
+    def subscribe_records(self, listener: RecordsListener) -> None:
+        """Call ``listener(events, records)`` with each durable batch and its framed WAL records (1:1)."""
+        self._records_listeners.append(listener)
+
     # -- the command path ------------------------------------------------------------------
 
     async def execute(self, command: cmd.Command) -> cmd.Outcome:
@@ -342,6 +348,8 @@ class Engine:
             self.observer.transitioned(batch.transitions)
         for listener in self._listeners:
             listener(batch.events)
+        for records_listener in self._records_listeners:
+            records_listener(batch.events, batch.chunks)
         if self._pending.chunks:
             self._kick()
         if not self._closed:

@@ -41,6 +41,7 @@ from tollway.logs import direct_json_lines, structlog_alert
 from tollway.metrics import Metrics, MetricsObserver
 from tollway.redis.keys import Keys
 from tollway.redis.projector import REDIS_ERRORS, Projector
+from tollway.redis.pump import ProjectionPump
 from tollway.redis.queue import FinalizeQueue
 from tollway.redis.server import EmbeddedRedis
 from tollway.settlement.client import SettlementAuth, SettlementClient
@@ -84,6 +85,7 @@ class Service:
         metrics: Metrics,
         *,
         guard_bypass: bool = False,
+        pump: ProjectionPump | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -91,7 +93,7 @@ class Service:
         self.embedded = embedded
         self.metrics = metrics
         self.keys = redis_keys(settings)
-        self.projector = Projector(engine, client, self.keys, coalesce_ms=settings.projection_coalesce_ms)
+        self.projector = Projector(engine, client, self.keys, coalesce_ms=settings.projection_coalesce_ms, pump=pump)
         self.queue = FinalizeQueue(client, self.keys, consumer=f"worker-{os.getpid()}")
         self.settlement: SettlementClient | None = None
         self.worker: FinalizeWorker | None = None
@@ -132,16 +134,21 @@ class Service:
                 )
             url = settings.redis_url or (embedded.url if embedded else "")
             client = aioredis.Redis.from_url(url, socket_timeout=REDIS_SOCKET_TIMEOUT_S)
-            service = cls(settings, engine, client, embedded, metrics, guard_bypass=guard_bypass)
-            service._start_settlement(clock, alert or structlog_alert(metrics))
-            if background:
-                await service._first_sync()
-                service._start_background()
-            await service.guard.start()
+            pump = await ProjectionPump.start(url, redis_keys(settings)) if settings.projection_pump else None
             try:
-                yield service
+                service = cls(settings, engine, client, embedded, metrics, guard_bypass=guard_bypass, pump=pump)
+                service._start_settlement(clock, alert or structlog_alert(metrics))
+                if background:
+                    await service._first_sync()
+                    service._start_background()
+                await service.guard.start()
+                try:
+                    yield service
+                finally:
+                    await service._stop()
             finally:
-                await service._stop()
+                if pump is not None:
+                    await pump.close()
         finally:
             if embedded is not None:
                 await embedded.stop()

@@ -11,6 +11,12 @@ setting) before its next call, so a lightly loaded engine, whose group-commit ba
 or two events, costs one Redis call per interval instead of one per batch (each call costs the
 event loop far more than an event does); under load it never waits, the batches are large.
 
+With a :class:`~tollway.redis.pump.ProjectionPump` (the service starts one unless
+``projection_pump`` is off), the projector keeps each buffered event's WAL record and hands
+runs of them to the pump, a child process that encodes and applies them: two batches in
+flight, so the pump encodes one while Redis runs the other. Events read back from the WAL are
+applied here as before, and a pump that fails is dropped for good (encoding here from then on).
+
 Redis going away never stops billing: the engine does not wait for the projector. The task
 backs off and retries; when Redis returns it catches up. When ``applied_seq`` is missing
 (a flushed or brand-new Redis) or ahead of the WAL (Redis kept state the log never made
@@ -28,12 +34,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
 import time
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -43,6 +50,7 @@ from tollway.core.events import Event
 from tollway.core.state import State
 from tollway.redis.keys import FINALIZE_GROUP, Keys
 from tollway.redis.projection import dead_letter, dead_letters, encode_batch, rebuild_commands
+from tollway.redis.pump import ProjectionPump, PumpGone
 from tollway.wal.segments import iter_events
 
 if TYPE_CHECKING:
@@ -51,6 +59,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tollway.projector")
 
 BATCH_EVENTS_MAX: Final = 256
+PUMP_IN_FLIGHT: Final = 2  # the pump encodes one batch while Redis runs the one before
 BUFFER_EVENTS_MAX: Final = 200_000
 WAL_READ_EVENTS_MAX: Final = 100_000
 REBUILD_PIPELINE_MAX: Final = 1_000
@@ -91,6 +100,7 @@ class Projector:
         *,
         batch_events_max: int = BATCH_EVENTS_MAX,
         coalesce_ms: int = 0,
+        pump: ProjectionPump | None = None,
     ) -> None:
         self.engine = engine
         self.redis = client
@@ -99,28 +109,42 @@ class Projector:
         self.coalesce_s = coalesce_ms / 1000
         self._apply = client.register_script(load_script("apply_batch.lua"))
         self._buffer: collections.deque[Event] = collections.deque()
+        self.pump = pump
+        self._records: dict[int, bytes] = {}  # WAL record by sequence, for the pump
+        self._records_from = 1  # no record below this sequence is kept
         self._wake = asyncio.Event()
         self.applied_seq: int | None = None
         self.connected = False
         self.rebuilds = 0
         self.violation: str | None = None
-        engine.subscribe(self.on_durable)
+        if pump is None:
+            engine.subscribe(self.on_durable)
+        else:
+            engine.subscribe_records(self.on_durable)
 
     # -- feeding ---------------------------------------------------------------------------
 
-    def on_durable(self, events: list[Event]) -> None:
+    def on_durable(self, events: list[Event], records: list[bytes] | None = None) -> None:
         """Engine listener: buffer a durable batch (dropping the oldest beyond the bound).
 
         The buffer only ever holds consecutive sequences; a batch that would not continue it is
-        left to the WAL, where the projector finds it.
+        left to the WAL, where the projector finds it. With a pump, the batch's WAL records
+        (``records``, one per event) are kept too, for the pump to apply.
         """
         if self._buffer and events and events[0].wal_sequence != self._buffer[-1].wal_sequence + 1:
             self._wake.set()
             return
         self._buffer.extend(events)
+        if records is not None and events:
+            if not self._records:
+                self._records_from = events[0].wal_sequence
+            for event, record in zip(events, records, strict=True):
+                self._records[event.wal_sequence] = record
         excess = len(self._buffer) - BUFFER_EVENTS_MAX
         for _ in range(max(0, excess)):
             self._buffer.popleft()  # the WAL still has them
+        if excess > 0:
+            self._forget_records(self._buffer[0].wal_sequence - 1)
         self._wake.set()
 
     def status(self) -> ProjectorStatus:
@@ -175,8 +199,11 @@ class Projector:
         if applied is None or applied > self.engine.durable_sequence:
             applied = await self.rebuild()
         while applied < self.engine.durable_sequence:
-            events = await self._events_after(applied)
-            applied = await self._apply_events(events)
+            pumped = await self._pump_from(applied) if self.pump is not None else None
+            if pumped is None:  # no pump, or the next events are not in memory: encode here
+                events = await self._events_after(applied)
+                pumped = await self._apply_events(events)
+            applied = pumped
             self.applied_seq = applied
             self._trim(applied)
         self.applied_seq = applied
@@ -188,7 +215,10 @@ class Projector:
 
     async def _apply_events(self, events: list[Event]) -> int:
         batch = encode_batch(self.keys, events)
-        reply = await self._apply(keys=batch.keys, args=batch.argv)
+        return await self._settle(await self._apply(keys=batch.keys, args=batch.argv))
+
+    async def _settle(self, reply: list[object]) -> int:
+        """The applied sequence after the script's ``reply`` (rebuilding or raising as it says)."""
         status, *rest = (part.decode() if isinstance(part, bytes) else str(part) for part in reply)
         if status in ("ok", "duplicate"):
             return int(rest[0])
@@ -199,9 +229,88 @@ class Projector:
             return int(rest[0])
         raise ProjectionViolation(f"redis refused seq {rest[0]}: {rest[1]} {rest[2]}: {rest[3]}")
 
+    async def _pump_from(self, applied: int) -> int | None:
+        """Apply buffered events after ``applied`` through the pump, two batches in flight.
+
+        Returns the applied sequence once nothing more can be sent (nothing more is durable, or
+        the next events are not in memory), or a reply was not ``ok`` (handled as
+        :meth:`_settle` says, after the batch behind it was answered); None when it applied
+        nothing (the caller encodes the next batch here).
+        """
+        pump = self.pump
+        assert pump is not None
+        if not pump.usable:
+            self._retire_pump(pump.failure)
+            return None
+        in_flight: collections.deque[asyncio.Future[list[Any]]] = collections.deque()
+        started = sent = applied
+        try:
+            while True:
+                while len(in_flight) < PUMP_IN_FLIGHT and sent < self.engine.durable_sequence:
+                    events = self._buffered_after(sent)
+                    records = self._records_of(events)
+                    if records is None:
+                        break
+                    in_flight.append(pump.submit(records))
+                    sent = events[-1].wal_sequence
+                if not in_flight:
+                    return applied if applied > started else None
+                reply = await in_flight.popleft()
+                status = reply[0]
+                if status in (b"ok", "ok"):
+                    applied = int(reply[1])
+                    self.applied_seq = applied
+                    self._trim(applied)
+                    continue
+                for behind in in_flight:  # answered as gaps or duplicates: wait, then ignore
+                    with contextlib.suppress(Exception):
+                        await behind
+                return await self._settle(reply)
+        except PumpGone as exc:
+            self._retire_pump(str(exc))
+            return applied if applied > started else None
+        finally:
+            for answer in in_flight:
+                answer.cancel()
+
+    def _retire_pump(self, reason: str | None) -> None:
+        log.warning("projection pump unusable, encoding in this process from now on: %s", reason)
+        self.pump = None
+
+    def _buffered_after(self, applied: int) -> list[Event]:
+        """Up to ``batch_events_max`` durable events after ``applied`` from memory ([] if not there)."""
+        durable, buffer = self.engine.durable_sequence, self._buffer
+        if not buffer or not buffer[0].wal_sequence <= applied + 1 <= buffer[-1].wal_sequence:
+            return []
+        start = applied + 1 - buffer[0].wal_sequence
+        return [e for e in itertools.islice(buffer, start, start + self.batch_events_max) if e.wal_sequence <= durable]
+
+    def _records_of(self, events: list[Event]) -> bytes | None:
+        """The WAL records of ``events`` joined, if the pump is usable and has every one of them."""
+        if not events:
+            return None
+        found = self._records
+        try:
+            return b"".join([found[event.wal_sequence] for event in events])
+        except KeyError:  # read back from the WAL (or dropped): encode here
+            return None
+
+    def _forget_records(self, through: int) -> None:
+        """Drop the kept records up to sequence ``through``."""
+        records = self._records
+        if through - self._records_from >= len(records):  # a long way: look at what is kept
+            for seq in [seq for seq in records if seq <= through]:
+                del records[seq]
+        else:
+            for seq in range(self._records_from, through + 1):
+                records.pop(seq, None)
+        self._records_from = max(self._records_from, through + 1)
+
     def _trim(self, applied: int) -> None:
         while self._buffer and self._buffer[0].wal_sequence <= applied:
             self._buffer.popleft()
+        if self._records:
+            self._forget_records(applied)
 
     async def _events_after(self, applied: int) -> list[Event]:
         """Up to ``batch_events_max`` durable events after ``applied``: from memory, else the WAL."""
