@@ -50,7 +50,7 @@ import msgspec
 
 import tollway
 from tollway import Commit, Credit, CreditKind, Durability, Engine, EntryResult, Reserve, Settings
-from tollway.config import WalSyncer
+from tollway.config import PumpMode, WalSyncer
 from tollway.core import events as ev
 from tollway.core.ids import UlidGenerator
 from tollway.core.observer import NoopObserver
@@ -270,7 +270,7 @@ class LoadPlan:
     durability: Durability
     redis: bool = False  # project into a private redis-server while loading
     wal_syncer: WalSyncer = WalSyncer.PROCESS
-    projection_pump: bool = True
+    projection_pump: PumpMode = PumpMode.AUTO
 
 
 class GcPauses:
@@ -409,7 +409,7 @@ def load_report(plan: LoadPlan, window: LoadWindow, before: Counters, after: Cou
         "accounts": plan.accounts,
         "durability": plan.durability.value,
         "wal_syncer": plan.wal_syncer.value,
-        "projection_pump": plan.projection_pump if plan.redis else None,
+        "projection_pump": Settings(projection_pump=plan.projection_pump).uses_pump if plan.redis else None,
     }
 
 
@@ -505,7 +505,7 @@ def run_phase(args: argparse.Namespace) -> dict[str, Any]:
             Durability(args.durability),
             args.redis,
             WalSyncer(args.wal_syncer),
-            not args.no_pump,
+            PumpMode.OFF if args.no_pump else PumpMode.AUTO,
         )
         return asyncio.run(run_load(data_dir, plan))
     if args.phase == "build":

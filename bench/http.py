@@ -565,7 +565,7 @@ class Server:
 
 
 @contextlib.contextmanager
-def served(root: Path, log_level: str, pin: bool, wal_syncer: str = "process") -> Iterator[Server]:
+def served(root: Path, log_level: str, pin: bool, wal_syncer: str = "process", pump: str = "auto") -> Iterator[Server]:
     """``tollway serve`` in ``root/data`` on a free port of 127.0.0.1 (on CPU 0 when ``pin``); SIGTERM at the end."""
     data = root / "data"
     admin, gateway = issue_token(data, "admin"), issue_token(data, "gateway")
@@ -578,7 +578,7 @@ def served(root: Path, log_level: str, pin: bool, wal_syncer: str = "process") -
             stdout=subprocess.PIPE,
             stderr=log,
             text=True,
-            env=clean_environment() | {"TOLLWAY_WAL_SYNCER": wal_syncer},
+            env=clean_environment() | {"TOLLWAY_WAL_SYNCER": wal_syncer, "TOLLWAY_PROJECTION_PUMP": pump},
         )
         if pin:
             os.sched_setaffinity(0, {GENERATOR_CPU})
@@ -761,6 +761,7 @@ def summary(args: argparse.Namespace, measured: dict[str, Any], server: Server) 
             "command": "tollway serve --log-format json --log-level " + args.log_level,
             "durability": "fsync",
             "wal_syncer": args.wal_syncer,
+            "projection_pump": args.projection_pump,
             "redis": "embedded",
             "settlement": "standalone",
             "exit_code": server.exit_code,
@@ -864,6 +865,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="process",
         help="the server's wal_syncer setting (default process, the production default; thread to compare)",
     )
+    parser.add_argument(
+        "--projection-pump",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="the server's projection_pump setting (default auto: off on the one CPU the server is pinned to)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     parser.add_argument(
         "--curve",
@@ -889,7 +896,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     before, started = loadavg(), time.perf_counter()
     with (
         asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner,
-        served(root, args.log_level, pinned, args.wal_syncer) as server,
+        served(root, args.log_level, pinned, args.wal_syncer, args.projection_pump) as server,
     ):
         measured = measure(runner, server, root, args)
     out = summary(args, measured, server)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from tollway.config import Durability, Settings, load_settings, settings_from_environment
+from tollway.config import Durability, PumpMode, Settings, load_settings, settings_from_environment
 from tollway.core.commands import OverrunPolicy
 from tollway.core.errors import ConfigError
 
@@ -90,3 +91,22 @@ def test_replace_validates() -> None:
     """A copy with changes is validated like any other."""
     with pytest.raises(ConfigError):
         Settings().replace(snapshots_kept=0)
+
+
+@pytest.mark.parametrize(
+    ("mode", "cpus", "expected"),
+    [
+        ("auto", {0, 1}, True),
+        ("auto", {0}, False),  # pinned to one CPU: the pump would only add work
+        ("on", {0}, True),
+        ("off", {0, 1}, False),
+    ],
+)
+def test_projection_pump_auto_follows_the_usable_cpus(
+    monkeypatch: pytest.MonkeyPatch, mode: str, cpus: set[int], expected: bool
+) -> None:
+    """projection_pump: on and off are obeyed; auto uses the pump only with more than one usable CPU."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: cpus)
+    settings = load_settings({"projection_pump": mode})
+    assert PumpMode(mode) is settings.projection_pump
+    assert expected is settings.uses_pump

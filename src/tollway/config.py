@@ -50,6 +50,14 @@ class WalSyncer(enum.Enum):
     THREAD = "thread"  # an I/O thread of this process: no helper, but each sync waits for the GIL
 
 
+class PumpMode(enum.Enum):
+    """Whether projection batches are encoded in a child process (see :mod:`tollway.redis.pump`)."""
+
+    AUTO = "auto"  # the pump when this process may run on more than one CPU
+    ON = "on"
+    OFF = "off"  # in the event loop: one process fewer; on one CPU the pump only adds work
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything configurable. Field names are the setting names (lower case)."""
@@ -80,7 +88,8 @@ class Settings:
     shard: str = "0"  # the hash tag of every key of this engine
     redis_memory_bytes_max: int = 1 << 30  # maxmemory of the embedded server (noeviction)
     projection_coalesce_ms: int = 10  # once caught up, the projector gathers this long before its next call
-    projection_pump: bool = True  # encode and apply projection batches in a child process (off: in the event loop)
+    projection_pump: PumpMode = PumpMode.AUTO  # encode and apply projection batches in a child process
+
     # -- settlement --
     settlement_timeout_ms: int = 1000
     settlement_issuer: str = "tollway"
@@ -148,6 +157,13 @@ class Settings:
     def snapshot_dir(self) -> Path:
         """Where the snapshots live."""
         return self.data_dir / "snapshots"
+
+    @property
+    def uses_pump(self) -> bool:
+        """Whether ``projection_pump`` asks for the pump on this machine (``auto``: more than one usable CPU)."""
+        if self.projection_pump is PumpMode.AUTO:
+            return len(os.sched_getaffinity(0)) > 1 if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1) > 1
+        return self.projection_pump is PumpMode.ON
 
     def policy(self, *, holds_allowed: bool = True) -> Policy:
         """The decision policy these settings describe."""

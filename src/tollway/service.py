@@ -134,7 +134,7 @@ class Service:
                 )
             url = settings.redis_url or (embedded.url if embedded else "")
             client = aioredis.Redis.from_url(url, socket_timeout=REDIS_SOCKET_TIMEOUT_S)
-            pump = await ProjectionPump.start(url, redis_keys(settings)) if settings.projection_pump else None
+            pump = await ProjectionPump.start(url, redis_keys(settings)) if settings.uses_pump else None
             try:
                 service = cls(settings, engine, client, embedded, metrics, guard_bypass=guard_bypass, pump=pump)
                 service._start_settlement(clock, alert or structlog_alert(metrics))

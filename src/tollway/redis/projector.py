@@ -12,7 +12,7 @@ or two events, costs one Redis call per interval instead of one per batch (each 
 event loop far more than an event does); under load it never waits, the batches are large.
 
 With a :class:`~tollway.redis.pump.ProjectionPump` (the service starts one unless
-``projection_pump`` is off), the projector keeps each buffered event's WAL record and hands
+``projection_pump`` rules it out), the projector keeps each buffered event's WAL record and hands
 runs of them to the pump, a child process that encodes and applies them: two batches in
 flight, so the pump encodes one while Redis runs the other. Events read back from the WAL are
 applied here as before, and a pump that fails is dropped for good (encoding here from then on).
