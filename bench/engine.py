@@ -325,11 +325,22 @@ class Counters:
     wall_s: float
     process_cpu_s: float
     loop_cpu_s: float
+    machine: tuple[int, int]  # (busy, all) clock ticks of every CPU, from /proc/stat
 
     @classmethod
     def read(cls, observer: CountingObserver) -> Counters:
         """The counters now."""
-        return cls(*observer.counters(), time.perf_counter(), time.process_time(), time.thread_time())
+        return cls(*observer.counters(), time.perf_counter(), time.process_time(), time.thread_time(), machine_ticks())
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, all) clock ticks of all CPUs since boot (Linux ``/proc/stat``; zeros elsewhere)."""
+    try:
+        ticks = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return sum(ticks) - idle, sum(ticks)
 
 
 async def run_load(data_dir: Path, plan: LoadPlan) -> dict[str, Any]:
@@ -398,6 +409,7 @@ def load_report(plan: LoadPlan, window: LoadWindow, before: Counters, after: Cou
         "loop_cpu_us_per_event": per_event_us(after.loop_cpu_s - before.loop_cpu_s),
         "process_cpu_us_per_event": per_event_us(after.process_cpu_s - before.process_cpu_s),
         "loop_busy": round((after.loop_cpu_s - before.loop_cpu_s) / elapsed, 3),
+        "machine_cpus_busy": machine_busy(before.machine, after.machine),
         "loop_lag_p99_ms": ms(percentile_us(window.loop_lag_ns, 99)),
         "loop_lag_max_ms": ms(percentile_us(window.loop_lag_ns, 100)),
         "wal_bytes_per_event": round((after.bytes - before.bytes) / records, 1) if records else None,
@@ -411,6 +423,12 @@ def load_report(plan: LoadPlan, window: LoadWindow, before: Counters, after: Cou
         "wal_syncer": plan.wal_syncer.value,
         "projection_pump": Settings(projection_pump=plan.projection_pump).uses_pump if plan.redis else None,
     }
+
+
+def machine_busy(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """CPUs busy on average over the window, all processes (2.0: both cores of a 2-core machine full)."""
+    busy, total = after[0] - before[0], after[1] - before[1]
+    return round(busy / total * (os.cpu_count() or 1), 2) if total else None
 
 
 def ms(value_us: float | None) -> float | None:

@@ -134,9 +134,9 @@ def _incr(key: str, *deltas: tuple[str, int], checked: bool = True) -> list[Op]:
 def _move(keys: Keys, event: ev.Event, from_state: EntryState, to_state: EntryState, **fields: str) -> list[Op]:
     """Counter moves and the entry fields every transition updates."""
     counts: Op = (
-        ["C", keys.counters, _STATE[to_state], "1"]
+        ["N", keys.counters, _STATE[to_state], "1"]
         if from_state is S.IDLE
-        else ["C", keys.counters, _STATE[from_state], "-1", _STATE[to_state], "1"]
+        else ["N", keys.counters, _STATE[from_state], "-1", _STATE[to_state], "1"]
     )
     changed: Op = [
         "H",
@@ -156,7 +156,7 @@ def _move(keys: Keys, event: ev.Event, from_state: EntryState, to_state: EntrySt
 def _created(keys: Keys, event: ev.Event) -> list[Op]:
     entry = new_entry(event)
     ops: list[Op] = [
-        ["C", keys.counters, _STATE[entry.state], "1"],
+        ["N", keys.counters, _STATE[entry.state], "1"],
         ["H", keys.entry(entry.billing_entry_id), *entry_items(entry)],
     ]
     if entry.state is S.RESERVE_HELD:

@@ -8,7 +8,9 @@
 --
 -- Opcodes:
 --   I key f1 d1 [f2 d2 ...]    HINCRBY of each field, in order; a user balance that must stay >= 0
---   C key f1 d1 [f2 d2 ...]    HINCRBY of each field, which may go negative (system ledger, counters)
+--   C key f1 d1 [f2 d2 ...]    HINCRBY of each field, which may go negative (the system ledger)
+--   N key f1 d1 [f2 d2 ...]    counts (entries per state): summed over the batch per key and field,
+--                              then one HINCRBY per non-zero sum once every money change passed
 --   H key f1 v1 [f2 v2 ...]    HSET
 --   Z key score member         ZADD
 --   R key member               ZREM
@@ -28,8 +30,8 @@
 --
 -- Idempotency: events at or below applied_seq are skipped, so applying a batch twice changes
 -- nothing. Money is only ever changed by HINCRBY with decimal-string deltas (msgpack strings
--- stay Lua strings); Lua numbers are used for sequences, key indexes and the sign of HINCRBY's
--- result, never for amounts.
+-- stay Lua strings); Lua numbers are used for sequences, key indexes, entry counts and the sign
+-- of HINCRBY's result, never for amounts.
 
 local meta = KEYS[1]
 local applied = redis.call('HGET', meta, 'applied_seq')
@@ -72,11 +74,24 @@ local function undo(done)
 end
 
 -- Pass 2: money. Every HINCRBY in order; on a negative balance or an error, undo and report.
+-- Counts are only summed here (small integers: Lua numbers are exact for them).
 local done = {}
+local counts, counted = {}, {}
 for _, event in ipairs(events) do
   for _, op in ipairs(event[2]) do
     local code = op[1]
-    if code == 'I' or code == 'C' then
+    if code == 'N' then
+      local key = KEYS[op[2]]
+      local sums = counts[key]
+      if not sums then
+        sums = {}
+        counts[key] = sums
+        counted[#counted + 1] = key
+      end
+      for i = 3, #op, 2 do
+        sums[op[i]] = (sums[op[i]] or 0) + tonumber(op[i + 1])
+      end
+    elseif code == 'I' or code == 'C' then
       local key = KEYS[op[2]]
       for i = 3, #op, 2 do
         local field, delta = op[i], op[i + 1]
@@ -91,6 +106,14 @@ for _, event in ipairs(events) do
         end
         done[#done + 1] = {key, field, delta}
       end
+    end
+  end
+end
+
+for _, key in ipairs(counted) do
+  for field, sum in pairs(counts[key]) do
+    if sum ~= 0 then
+      redis.call('HINCRBY', key, field, string.format('%d', sum))
     end
   end
 end
