@@ -60,6 +60,7 @@ async def test_parity_through_the_pump(rig: PumpRig, seed: int) -> None:
     assert [] == await differences(rig.client, KEYS, rig.engine.state)
     assert rig.engine.durable_sequence == rig.projector.applied_seq
     assert rig.projector.pump is rig.pump
+    assert "on" == rig.projector.status().pump
     assert rig.pump.usable
     assert rig.pump.batches >= rig.engine.durable_sequence // 7  # every event, in batches of at most 7
     assert not rig.projector._records  # applied records are not kept
@@ -75,6 +76,7 @@ async def test_a_dead_pump_is_replaced_by_encoding_here(rig: PumpRig) -> None:
     await workload(rig.engine, rig.clock, 4, 80)
     await rig.projector.sync()
     assert rig.projector.pump is None
+    assert "failed" == rig.projector.status().pump
     assert not rig.pump.usable
     assert [] == await differences(rig.client, KEYS, rig.engine.state)
     assert rig.engine.durable_sequence == rig.projector.applied_seq

@@ -87,6 +87,7 @@ class ProjectorStatus:
     lag_ms: int
     rebuilds: int
     violation: str | None
+    pump: str  # "on", "off" (not configured), or "failed" (dropped: batches are encoded in the event loop)
 
 
 class Projector:
@@ -110,6 +111,7 @@ class Projector:
         self._apply = client.register_script(load_script("apply_batch.lua"))
         self._buffer: collections.deque[Event] = collections.deque()
         self.pump = pump
+        self._pump_failed = False
         self._records: dict[int, bytes] = {}  # WAL record by sequence, for the pump
         self._records_from = 1  # no record below this sequence is kept
         self._wake = asyncio.Event()
@@ -156,8 +158,9 @@ class Projector:
             oldest = self._buffer[0] if self._buffer[0].wal_sequence > applied else self._first_after(applied)
             if oldest is not None:
                 lag_ms = max(0, self.engine.now_ms() - oldest.timestamp_ms)
+        pump = "on" if self.pump is not None else ("failed" if self._pump_failed else "off")
         return ProjectorStatus(
-            self.connected, self.applied_seq, durable, durable - applied, lag_ms, self.rebuilds, self.violation
+            self.connected, self.applied_seq, durable, durable - applied, lag_ms, self.rebuilds, self.violation, pump
         )
 
     def _first_after(self, applied: int) -> Event | None:
@@ -276,6 +279,7 @@ class Projector:
     def _retire_pump(self, reason: str | None) -> None:
         log.warning("projection pump unusable, encoding in this process from now on: %s", reason)
         self.pump = None
+        self._pump_failed = True
 
     def _buffered_after(self, applied: int) -> list[Event]:
         """Up to ``batch_events_max`` durable events after ``applied`` from memory ([] if not there)."""
