@@ -797,6 +797,7 @@ CURVE_KEYS: Final = (
     "server_cpu_busy",
     "server_children_cpu_busy",
     "server_cpu_us_per_pair",
+    "wal_events_per_batch",
 )
 NOTES: Final = [
     "billing_requests_per_s = 2 x pairs_per_s (a pair is POST /v1/reservations then POST .../commit)",
@@ -806,12 +807,14 @@ NOTES: Final = [
     "reserve_p50_ms/p99_ms: open loop at 80 % of pairs_per_s, counted from when each pair was due",
     "server pinned to CPU 0 (with its embedded redis-server), generator to CPU 1, when machine.pinned",
     "*_cpu_busy: CPU seconds per wall second of the server process, of its children (the embedded "
-    "redis-server, on the server's core) and of the generator (wrk included)",
+    "redis-server and the WAL sync helper, on the server's core) and of the generator (wrk included)",
     "server_cpu_us_per_request: CPU of the server and its children per request; steadier than rates",
     "open_loop.server_cpu_us_per_pair: the same per scheduled pair; compare it with 2 x billing.server_cpu_us_per_"
     "request: a pair costs more CPU at a lower rate (smaller batches, colder caches), so 80 % of the closed-loop "
     "maximum can keep the core busier than 80 %",
     "open_loop_curve: --curve shares (e.g. 0.5,0.65), each an open-loop phase like the 80 % one",
+    "wal_batches, wal_events_per_batch: group commits (syncs) during a phase, from /metrics; a pair pays "
+    "for more syncs in the open loop than in the closed loop, and each costs the core CPU",
     "wal_events, snapshots: WAL events written during a phase and periodic snapshots due in it (each one "
     "briefly stalls the event loop, which shows in that phase's tail latency)",
 ]
