@@ -700,24 +700,25 @@ class WalWatch:
         }
 
 
-async def last_sequence(target: Target) -> int:
-    """The WAL's last sequence, as ``/readyz`` reports it."""
+async def fetch(target: Target, path: str) -> bytes:
+    """The body of ``GET path`` on a connection of its own."""
     connection = await target.connect()
     try:
-        _, body = await asyncio.wait_for(connection.exchange(target.request("GET", "/readyz")), REQUEST_TIMEOUT_S)
+        _, body = await asyncio.wait_for(connection.exchange(target.request("GET", path)), REQUEST_TIMEOUT_S)
     finally:
         connection.close()
-    sequence: int = json.loads(body)["wal"]["last_sequence"]
+    return body
+
+
+async def last_sequence(target: Target) -> int:
+    """The WAL's last sequence, as ``/readyz`` reports it."""
+    sequence: int = json.loads(await fetch(target, "/readyz"))["wal"]["last_sequence"]
     return sequence
 
 
 async def wal_batches(target: Target) -> int:
     """Group-commit batches written so far (``wal_batch_records_count`` of ``/metrics``)."""
-    connection = await target.connect()
-    try:
-        _, body = await asyncio.wait_for(connection.exchange(target.request("GET", "/metrics")), REQUEST_TIMEOUT_S)
-    finally:
-        connection.close()
+    body = await fetch(target, "/metrics")
     found = re.search(rb"^wal_batch_records_count ([0-9.e+]+)$", body, re.MULTILINE)
     if found is None:
         raise BenchError("/metrics has no wal_batch_records_count")

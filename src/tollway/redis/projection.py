@@ -29,8 +29,9 @@ S = EntryState
 Op = list[str | int]
 """An opcode followed by its arguments; key arguments are key *names* until encoded (then indexes)."""
 
-_TWO_KEYS: Final = frozenset({"P", "Q"})
-"""The opcodes whose first *two* arguments are keys (every other opcode has one)."""
+_FIRST: Final[tuple[int, ...]] = (1,)
+_KEYS_AT: Final[dict[str | int, tuple[int, ...]]] = {"P": (1, 2), "Q": (1, 2)}
+"""Where an op's key arguments are: the first two for these opcodes, the first (:data:`_FIRST`) for every other."""
 
 AVAILABLE, HELD, CHARGED, UNSETTLED = "available", "held", "charged", "unsettled"
 _STATE: Final = {state: state.value for state in EntryState}
@@ -345,19 +346,13 @@ def encode_batch(keys: Keys, events: Iterable[ev.Event]) -> Batch:
     for event in events:
         ops = event_ops(keys, event)
         for op in ops:  # fresh lists: key names become KEYS indexes in place
-            name = op[1]
-            found = known(name)
-            if found is None:
-                names.append(str(name))
-                found = index[name] = len(names)
-            op[1] = found
-            if op[0] in _TWO_KEYS:
-                name = op[2]
+            for at in _KEYS_AT.get(op[0], _FIRST):
+                name = op[at]
                 found = known(name)
                 if found is None:
                     names.append(str(name))
                     found = index[name] = len(names)
-                op[2] = found
+                op[at] = found
         last = event.wal_sequence
         first = first or last
         packed.append([last, ops])
