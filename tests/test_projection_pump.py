@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from tests.test_projection import KEYS, workload
+from tests.test_projection import KEYS, Rig, workload
 from tollway import Engine, Settings
 from tollway.redis.parity import differences
 from tollway.redis.projector import Projector
@@ -27,13 +27,8 @@ WAIT_S = 20
 
 
 @dataclass
-class PumpRig:
-    engine: Engine
-    projector: Projector
+class PumpRig(Rig):
     pump: ProjectionPump
-    client: aioredis.Redis
-    server: EmbeddedRedis
-    clock: FakeClock
 
 
 @pytest.fixture
@@ -45,7 +40,7 @@ async def rig(tmp_path: Path, redis_server: EmbeddedRedis, clock: FakeClock) -> 
     async with Engine.open(settings=settings, clock=clock) as engine:
         projector = Projector(engine, client, KEYS, batch_events_max=7, pump=pump)
         try:
-            yield PumpRig(engine, projector, pump, client, redis_server, clock)
+            yield PumpRig(engine, projector, client, redis_server, clock, pump)
         finally:
             await pump.close()
             await client.aclose()
