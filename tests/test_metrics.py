@@ -252,6 +252,9 @@ async def test_projection_lag_and_queue_depths_are_pulled_at_scrape(
         value(before, "billing_projection_lag_events"),
         value(after, "billing_projection_lag_events"),
     )
+    assert {"on": 0, "off": 1, "failed": 0} == {
+        state: value(after, "billing_projection_pump", state=state) for state in ("on", "off", "failed")
+    }
     assert 2 == value(after, "billing_finalize_queue_depth", queue="stream")  # the overrun commit and the fee
 
 

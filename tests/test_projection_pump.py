@@ -15,6 +15,7 @@ import redis.exceptions
 
 from tests.test_projection import KEYS, Rig, workload
 from tollway import Engine, Settings
+from tollway.metrics import Metrics
 from tollway.redis.parity import differences
 from tollway.redis.projector import Projector
 from tollway.redis.pump import ProjectionPump, PumpGone
@@ -72,6 +73,9 @@ async def test_a_dead_pump_is_replaced_by_encoding_here(rig: PumpRig) -> None:
     await rig.projector.sync()
     assert rig.projector.pump is None
     assert "failed" == rig.projector.status().pump
+    metrics = Metrics()
+    await metrics.collect_from(projector=rig.projector)
+    assert b'billing_projection_pump{state="failed"} 1.0' in metrics.render()
     assert not rig.pump.usable
     assert [] == await differences(rig.client, KEYS, rig.engine.state)
     assert rig.engine.durable_sequence == rig.projector.applied_seq

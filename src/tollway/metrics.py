@@ -22,6 +22,7 @@ billing_invariant_violations_total          counter     {check} check runs that 
 billing_projection_lag_events               gauge       durable WAL events not yet in Redis
 billing_projection_lag_seconds              gauge       age of the oldest unprojected event
 billing_projection_connected                gauge       1 while Redis answers the projector
+billing_projection_pump                     gauge       {state} one-hot: on, off, failed (see below)
 billing_finalize_queue_depth                gauge       {queue} stream, pending, delayed, poison
 billing_alerts_total                        counter     {kind} alerts raised
 wal_replay_duration_seconds                 gauge       the startup recovery (snapshot + replay)
@@ -101,6 +102,10 @@ _HOLD_STATES: Final = frozenset({EntryState.RESERVE_HELD, EntryState.RELEASED})
 _CHARGE_LANDINGS: Final = frozenset({EntryState.COMMITTED, EntryState.FINALIZE_PENDING})
 
 
+PUMP_STATES: Final = ("on", "off", "failed")
+"""The values of ``ProjectorStatus.pump``, each a label of ``billing_projection_pump``."""
+
+
 class Metrics:
     """Every tollway metric, in a registry of its own."""
 
@@ -162,6 +167,12 @@ class Metrics:
         )
         self.projection_connected = Gauge(
             "billing_projection_connected", "1 while the projector reaches Redis.", registry=r
+        )
+        self.projection_pump = Gauge(
+            "billing_projection_pump",
+            "Projection pump state (one-hot): on, off (not used), failed (batches encoded in the event loop).",
+            ["state"],
+            registry=r,
         )
         self.queue_depth = Gauge(
             "billing_finalize_queue_depth", "Finalize queue depths (stream, pending, delayed, poison).", ["queue"],
@@ -246,6 +257,8 @@ class Metrics:
             self.projection_lag_events.set(status.lag_events)
             self.projection_lag_seconds.set(status.lag_ms / 1000)
             self.projection_connected.set(1 if status.connected else 0)
+            for state in PUMP_STATES:
+                self.projection_pump.labels(state).set(1 if status.pump == state else 0)
         if guard is not None:
             self.set_guard(guard)
         if queue is not None:
