@@ -39,7 +39,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -59,7 +58,7 @@ from tollway.wal.snapshot import list_snapshots
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable for bench.*
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.machine import loadavg, machine_facts
+from bench.machine import emit, loadavg, machine_facts, scratch_dir
 from bench.redis_projection import catch_up_s, evalsha_per_s, lag_report, projecting, redis_usage
 
 TARGETS: Final[dict[str, float]] = {
@@ -823,19 +822,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.phase is not None:
         print(json.dumps(run_phase(args)))
         return 0
-    parent = args.data_dir if args.data_dir is not None else Path.cwd()
-    parent.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix=".tollway-bench-", dir=parent))
-    try:
-        measured = run_all(root, args)
-        out = summary(args, measured, root)
-    finally:
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
-    if args.json:
-        print(json.dumps(out))
-    else:
-        print_table(out)
+    with scratch_dir(args.data_dir, ".tollway-bench-", args.keep) as root:
+        out = summary(args, run_all(root, args), root)
+    emit(out, args.json, print_table)
     return 0
 
 

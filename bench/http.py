@@ -41,7 +41,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -54,7 +53,7 @@ from tollway.config import Settings
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable for bench.*
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.machine import loadavg, machine_facts
+from bench.machine import emit, loadavg, machine_facts, scratch_dir
 
 TARGETS: Final[dict[str, float]] = {"billing_ratio_min": 0.5, "reserve_p99_ms_max_at_80pct": 10}
 SERVER_CPU: Final = 0
@@ -941,20 +940,11 @@ def print_table(out: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    parent = args.data_dir if args.data_dir is not None else Path.cwd()
-    parent.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix=".tollway-bench-http-", dir=parent))
-    try:
+    with scratch_dir(args.data_dir, ".tollway-bench-http-", args.keep) as root:
         out = run(args, root)
-    finally:
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
     if out["server"]["exit_code"] != 0:
         raise BenchError(f"tollway serve exited with {out['server']['exit_code']} (expected 0 after SIGTERM)")
-    if args.json:
-        print(json.dumps(out))
-    else:
-        print_table(out)
+    emit(out, args.json, print_table)
     return 0
 
 

@@ -1,11 +1,15 @@
-"""Facts about the machine a benchmark ran on, shared by ``engine.py`` and ``http.py``."""
+"""What ``engine.py`` and ``http.py`` share: facts about the machine, the scratch directory, the output."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
+import shutil
+import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,3 +67,24 @@ def python_speed_ms(repeat: int = 5) -> float:
         sum(range(5_000_000))
         best = min(best, time.perf_counter() - started)
     return round(best * 1000, 1)
+
+
+@contextlib.contextmanager
+def scratch_dir(parent: Path | None, prefix: str, keep: bool) -> Iterator[Path]:
+    """A fresh directory in ``parent`` (default: the current directory), removed afterwards unless ``keep``."""
+    base = parent if parent is not None else Path.cwd()
+    base.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+    try:
+        yield root
+    finally:
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def emit(out: dict[str, Any], as_json: bool, print_table: Callable[[dict[str, Any]], None]) -> None:
+    """Print the report: one JSON object, or the table."""
+    if as_json:
+        print(json.dumps(out))
+    else:
+        print_table(out)

@@ -37,7 +37,7 @@ from tollway.core.ledger import Ledger, check_invariants
 from tollway.core.state import Snapshot
 from tollway.testing import RecordingObserver, fold
 from tollway.wal import codec, segments
-from tollway.wal.log import WalWriter, recover
+from tollway.wal.log import recover
 from tollway.wal.snapshot import decode_snapshot, list_snapshots
 
 ACCOUNT: Final = "acct-1"
@@ -566,8 +566,16 @@ def _fail_fdatasync(fd: int) -> None:
     raise OSError(errno.EIO, "injected fdatasync failure")
 
 
-def _fail_append(self: WalWriter, data: bytes, first_seq: int) -> None:
-    raise OSError(errno.ENOSPC, "injected write failure")
+def _fail_wal_writes(patch: pytest.MonkeyPatch, engine: Engine) -> None:
+    """``os.write`` fails with ENOSPC on the active WAL segment (and only there)."""
+    real_write, segment_fd = os.write, engine._writer.fd
+
+    def write(fd: int, data: bytes | memoryview) -> int:
+        if fd == segment_fd:
+            raise OSError(errno.ENOSPC, "injected write failure")
+        return real_write(fd, data)
+
+    patch.setattr(os, "write", write)
 
 
 FAILURES: Final = [
@@ -584,7 +592,7 @@ def _inject(patch: pytest.MonkeyPatch, failure: str, engine: Engine) -> None:
     if failure == "fdatasync":
         patch.setattr(os, "fdatasync", _fail_fdatasync)
     elif failure == "write":
-        patch.setattr(WalWriter, "append", _fail_append)
+        _fail_wal_writes(patch, engine)
     else:
         assert engine._syncer is not None
         os.kill(engine._syncer.pid, signal.SIGKILL)

@@ -89,7 +89,6 @@ class Settings:
     redis_memory_bytes_max: int = 1 << 30  # maxmemory of the embedded server (noeviction)
     projection_coalesce_ms: int = 10  # once caught up, the projector gathers this long before its next call
     projection_pump: PumpMode = PumpMode.AUTO  # encode and apply projection batches in a child process
-
     # -- settlement --
     settlement_timeout_ms: int = 1000
     settlement_issuer: str = "tollway"

@@ -57,8 +57,7 @@ SNAPSHOT_SLICE_S: Final = 0.002
 """Longest the snapshot encoder holds the event loop before letting commands in."""
 
 Clock = Callable[[], int]
-Listener = Callable[[list[Event]], None]
-RecordsListener = Callable[[list[Event], list[bytes]], None]
+Listener = Callable[[list[Event], list[bytes]], None]
 T = TypeVar("T")
 
 
@@ -134,7 +133,6 @@ class Engine:
         self._failure: TollwayError | None = None
         self._closed = False
         self._listeners: list[Listener] = []
-        self._records_listeners: list[RecordsListener] = []
         self.on_fatal: Callable[[BaseException], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -249,12 +247,11 @@ class Engine:
         return self._durable_seq
 
     def subscribe(self, listener: Listener) -> None:
-        """Call ``listener(events)`` with each batch once it is durable (on the event loop)."""
-        self._listeners.append(listener)
+        """Call ``listener(events, records)`` with each batch once it is durable (on the event loop).
 
-    def subscribe_records(self, listener: RecordsListener) -> None:
-        """Call ``listener(events, records)`` with each durable batch and its framed WAL records (1:1)."""
-        self._records_listeners.append(listener)
+        ``records`` are the events' framed WAL records, one per event, as written.
+        """
+        self._listeners.append(listener)
 
     # -- the command path ------------------------------------------------------------------
 
@@ -327,7 +324,7 @@ class Engine:
         """Write ``data`` here (into the page cache) and have the sync helper make it durable."""
         try:
             self._writer.append(data, first_seq)
-        except (WalIOFailure, OSError) as exc:
+        except WalIOFailure as exc:
             failed: asyncio.Future[None] = self._loop.create_future()
             failed.set_exception(exc)
             return failed
@@ -347,9 +344,7 @@ class Engine:
         if batch.transitions:
             self.observer.transitioned(batch.transitions)
         for listener in self._listeners:
-            listener(batch.events)
-        for records_listener in self._records_listeners:
-            records_listener(batch.events, batch.chunks)
+            listener(batch.events, batch.chunks)
         if self._pending.chunks:
             self._kick()
         if not self._closed:

@@ -228,7 +228,7 @@ class GuardRunner:
             return core.result(PROJECTION_PARITY, [f"could not run: {exc}"], unavailable=True)
         return core.result(PROJECTION_PARITY, problems)
 
-    def _on_durable(self, events: list[ev.Event]) -> None:
+    def _on_durable(self, events: list[ev.Event], _records: list[bytes]) -> None:
         """Engine listener: the per-event checks on each durable batch. Never raises."""
         found = [problem for event in events for problem in core.check_event(event, self.engine.state)]
         if not found:

@@ -22,7 +22,7 @@ billing_invariant_violations_total          counter     {check} check runs that 
 billing_projection_lag_events               gauge       durable WAL events not yet in Redis
 billing_projection_lag_seconds              gauge       age of the oldest unprojected event
 billing_projection_connected                gauge       1 while Redis answers the projector
-billing_projection_pump                     gauge       {state} one-hot: on, off, failed (see below)
+billing_projection_pump                     gauge       {state} one-hot: on, off, failed (the projection pump)
 billing_finalize_queue_depth                gauge       {queue} stream, pending, delayed, poison
 billing_alerts_total                        counter     {kind} alerts raised
 wal_replay_duration_seconds                 gauge       the startup recovery (snapshot + replay)

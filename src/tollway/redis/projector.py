@@ -112,21 +112,17 @@ class Projector:
         self._buffer: collections.deque[Event] = collections.deque()
         self.pump = pump
         self._pump_failed = False
-        self._records: dict[int, bytes] = {}  # WAL record by sequence, for the pump
-        self._records_from = 1  # no record below this sequence is kept
+        self._records: collections.OrderedDict[int, bytes] = collections.OrderedDict()  # for the pump, by sequence
         self._wake = asyncio.Event()
         self.applied_seq: int | None = None
         self.connected = False
         self.rebuilds = 0
         self.violation: str | None = None
-        if pump is None:
-            engine.subscribe(self.on_durable)
-        else:
-            engine.subscribe_records(self.on_durable)
+        engine.subscribe(self.on_durable)
 
     # -- feeding ---------------------------------------------------------------------------
 
-    def on_durable(self, events: list[Event], records: list[bytes] | None = None) -> None:
+    def on_durable(self, events: list[Event], records: list[bytes]) -> None:
         """Engine listener: buffer a durable batch (dropping the oldest beyond the bound).
 
         The buffer only ever holds consecutive sequences; a batch that would not continue it is
@@ -137,11 +133,9 @@ class Projector:
             self._wake.set()
             return
         self._buffer.extend(events)
-        if records is not None and events:
-            if not self._records:
-                self._records_from = events[0].wal_sequence
+        if self.pump is not None:
             for event, record in zip(events, records, strict=True):
-                self._records[event.wal_sequence] = record
+                self._records[event.wal_sequence] = record  # in sequence order: batches arrive in order
         excess = len(self._buffer) - BUFFER_EVENTS_MAX
         for _ in range(max(0, excess)):
             self._buffer.popleft()  # the WAL still has them
@@ -290,7 +284,7 @@ class Projector:
         return [e for e in itertools.islice(buffer, start, start + self.batch_events_max) if e.wal_sequence <= durable]
 
     def _records_of(self, events: list[Event]) -> bytes | None:
-        """The WAL records of ``events`` joined, if the pump is usable and has every one of them."""
+        """The WAL records of ``events`` joined, if every one of them is kept."""
         if not events:
             return None
         found = self._records
@@ -300,29 +294,22 @@ class Projector:
             return None
 
     def _forget_records(self, through: int) -> None:
-        """Drop the kept records up to sequence ``through``."""
+        """Drop the kept records up to sequence ``through`` (the oldest are first)."""
         records = self._records
-        if through - self._records_from >= len(records):  # a long way: look at what is kept
-            for seq in [seq for seq in records if seq <= through]:
-                del records[seq]
-        else:
-            for seq in range(self._records_from, through + 1):
-                records.pop(seq, None)
-        self._records_from = max(self._records_from, through + 1)
+        while records and next(iter(records)) <= through:
+            records.popitem(last=False)
 
     def _trim(self, applied: int) -> None:
         while self._buffer and self._buffer[0].wal_sequence <= applied:
             self._buffer.popleft()
-        if self._records:
-            self._forget_records(applied)
+        self._forget_records(applied)
 
     async def _events_after(self, applied: int) -> list[Event]:
         """Up to ``batch_events_max`` durable events after ``applied``: from memory, else the WAL."""
-        limit = self.batch_events_max
-        durable = self.engine.durable_sequence
-        if self._buffer and self._buffer[0].wal_sequence <= applied + 1 <= self._buffer[-1].wal_sequence:
-            start = applied + 1 - self._buffer[0].wal_sequence
-            return [e for e in itertools.islice(self._buffer, start, start + limit) if e.wal_sequence <= durable]
+        buffered = self._buffered_after(applied)
+        if buffered:
+            return buffered
+        limit, durable = self.batch_events_max, self.engine.durable_sequence
         events = await asyncio.to_thread(
             _read_wal, self.engine, applied + 1, min(durable, applied + WAL_READ_EVENTS_MAX)
         )

@@ -158,9 +158,20 @@ class ProjectionPump:
                 if answer[0] == "reply":
                     waiter.set_result(answer[1])
                 else:
-                    waiter.set_exception(_error(answer[1], answer[2], self))
+                    waiter.set_exception(self._exception_for(answer[1], answer[2]))
         except (OSError, asyncio.IncompleteReadError, msgspec.DecodeError, IndexError) as exc:
             self._fail(f"the projection pump {self.pid} is gone: {exc!r}")
+
+    def _exception_for(self, kind: str, message: str) -> Exception:
+        """The exception an error answer stands for; records that do not scan retire the pump."""
+        if kind == "connection":
+            return redis.exceptions.ConnectionError(message)
+        if kind == "timeout":
+            return redis.exceptions.TimeoutError(message)
+        if kind == "redis":
+            return redis.exceptions.ResponseError(message)
+        self._fail(f"the projection pump refused a batch: {message}")
+        return PumpGone(self._broken or message)
 
     def _fail(self, reason: str) -> None:
         self._broken = self._broken or reason
@@ -185,18 +196,6 @@ class ProjectionPump:
         except TimeoutError:
             self._process.kill()
             await self._process.wait()
-
-
-def _error(kind: str, message: str, pump: ProjectionPump) -> Exception:
-    """The exception an error answer stands for."""
-    if kind == "connection":
-        return redis.exceptions.ConnectionError(message)
-    if kind == "timeout":
-        return redis.exceptions.TimeoutError(message)
-    if kind == "redis":
-        return redis.exceptions.ResponseError(message)
-    pump._fail(f"the projection pump refused a batch: {message}")
-    return PumpGone(f"the projection pump refused a batch: {message}")
 
 
 # -- the pump process ----------------------------------------------------------------------
