@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -20,7 +21,7 @@ from tollway.core.commands import CreditKind, EntryResult
 from tollway.redis import projector as projector_module
 from tollway.redis.keys import Keys
 from tollway.redis.parity import differences
-from tollway.redis.projection import encode_batch
+from tollway.redis.projection import Batch, encode_batch
 from tollway.redis.projector import Projector, load_script
 from tollway.redis.server import EmbeddedRedis
 from tollway.testing import FakeClock
@@ -100,13 +101,80 @@ async def dump(client: aioredis.Redis) -> dict[bytes, object]:
     return out
 
 
+@pytest.mark.parametrize("batch_events_max", [1, 7, 1000])
 @pytest.mark.parametrize("seed", [1, 2, 3])
-async def test_parity_after_random_workload(rig: Rig, seed: int) -> None:
-    """After random traffic every Redis balance, entry, index and queue equals the engine's state."""
+async def test_parity_after_random_workload(rig: Rig, seed: int, batch_events_max: int) -> None:
+    """After random traffic every Redis balance, entry, index and queue equals the engine's state.
+
+    The projection starts empty and is then fed batches of 1 event (no folding), 7, or every
+    event at once (holds committed, released, voided or settled within their batch).
+    """
+    rig.projector.batch_events_max = batch_events_max
+    await rig.projector.sync()  # the empty projection, so that every event below arrives in a batch
     await workload(rig.engine, rig.clock, seed, 150)
     await rig.projector.sync()
     assert [] == await differences(rig.client, KEYS, rig.engine.state)
     assert rig.engine.durable_sequence == rig.projector.applied_seq
+    assert 1 == rig.projector.rebuilds
+
+
+RATE = ev.RateSnapshot(100, 1_000_000, 0)
+HOLD = "01ARZ3NDEKTSV4RRFFQ69G5FAV"
+
+
+def folded(batch: Batch) -> list[list[object]]:
+    """The ops a batch carries, with each op's (first) key index turned back into its name."""
+    first, last, ops = msgspec.msgpack.decode(batch.argv[0])
+    assert (batch.first_seq, batch.last_seq) == (first, last)
+    return [[op[0], batch.keys[op[1] - 1], *op[2:]] for op in ops]
+
+
+def test_a_batch_carries_the_net_effect_of_a_hold_and_its_commit() -> None:
+    """One HSET per entry, the ZADD cancelled by the commit's ZREM, one HINCRBY per moved field."""
+    events = [
+        ev.Event(1, 0, "01ARZ3NDEKTSV4RRFFQ69G5FAA", "x", ev.CreditMint("alice", "m", 1_000)),
+        ev.Event(2, 5, HOLD, "x", ev.BillingReserve("alice", "r", 300, 60_000, RATE, "f")),
+        ev.Event(3, 9, HOLD, "x", ev.BillingCommit("alice", 300, 120, 120, 0, "cap", False, RATE)),
+    ]
+    ops = folded(encode_batch(KEYS, events))
+    assert ["C", "C", "H", "I", "I", "N", "R"] == sorted(str(op[0]) for op in ops)
+    alice = KEYS.account("alice")
+    assert ["I", alice, "available", "0", "880", 0] in ops  # +1000 -300 +180: never below the start
+    assert ["I", alice, "charged", "0", "120", 0] in ops  # held: +300 -300, nothing to do
+    assert ["N", KEYS.counters, "COMMITTED", "1"] in ops
+    entry = next(op for op in ops if op[0] == "H")
+    assert "COMMITTED" == dict(zip(entry[2::2], entry[3::2], strict=True))["state"]
+
+
+async def test_a_balance_that_dips_below_zero_inside_a_batch_is_refused(rig: Rig) -> None:
+    """The low point is checked, not only the end: a hold before the mint that pays for it is a violation."""
+    await rig.projector.sync()
+    before = await dump(rig.client)
+    seq = rig.engine.durable_sequence
+    dip = ev.Event(seq + 1, 0, HOLD, "x", ev.BillingReserve("alice", "r", 500, 9, RATE, "f"))
+    mint = ev.Event(seq + 2, 0, "01ARZ3NDEKTSV4RRFFQ69G5FAW", "x", ev.CreditMint("alice", "m", 10_000))
+    batch = encode_batch(KEYS, [dip, mint])
+    assert ["I", KEYS.account("alice"), "available", "-500", "10000", seq + 1] in folded(batch)
+    reply = await rig.client.register_script(load_script("apply_batch.lua"))(keys=batch.keys, args=batch.argv)
+    assert [b"violation", str(seq + 1).encode(), KEYS.account("alice").encode(), b"available"] == reply[:4]
+    assert before == await dump(rig.client)
+
+
+async def test_a_batch_overlapping_the_applied_sequence_is_a_gap(rig: Rig) -> None:
+    """Its events cannot be applied in part (they are folded): nothing changes, the projector re-reads."""
+    await rig.engine.execute(cmd.Credit("alice", "m", CreditKind.MINT, 100))
+    await rig.engine.execute(cmd.Credit("alice", "n", CreditKind.MINT, 100))
+    events = list(iter_events(rig.engine.settings.wal_dir))
+    await rig.projector.sync()
+    await rig.engine.execute(cmd.Credit("alice", "o", CreditKind.MINT, 100))
+    before = await dump(rig.client)
+    batch = encode_batch(KEYS, [*events[-1:], *list(iter_events(rig.engine.settings.wal_dir))[-1:]])
+    reply = await rig.client.register_script(load_script("apply_batch.lua"))(keys=batch.keys, args=batch.argv)
+    applied = str(rig.engine.durable_sequence - 1).encode()
+    assert [b"gap", applied, str(events[-1].wal_sequence).encode()] == reply
+    assert before == await dump(rig.client)
+    await rig.projector.sync()
+    assert [] == await differences(rig.client, KEYS, rig.engine.state)
 
 
 async def test_applying_the_same_batch_twice_changes_nothing(rig: Rig) -> None:

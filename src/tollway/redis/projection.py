@@ -123,21 +123,21 @@ def _flat(fields: dict[str, str]) -> list[str]:
 
 
 def _incr(key: str, *deltas: tuple[str, int], checked: bool = True) -> list[Op]:
-    """One HINCRBY op for several fields of one hash, in order; zero deltas are left out."""
+    """One money op for several fields of one hash (integer deltas, in order); zero deltas are left out."""
     op: Op = ["I" if checked else "C", key]
     for name, delta in deltas:
         if delta:
             op.append(name)
-            op.append(str(delta))
+            op.append(delta)
     return [op] if len(op) > 2 else []
 
 
 def _move(keys: Keys, event: ev.Event, from_state: EntryState, to_state: EntryState, **fields: str) -> list[Op]:
     """Counter moves and the entry fields every transition updates."""
     counts: Op = (
-        ["N", keys.counters, _STATE[to_state], "1"]
+        ["N", keys.counters, _STATE[to_state], 1]
         if from_state is S.IDLE
-        else ["N", keys.counters, _STATE[from_state], "-1", _STATE[to_state], "1"]
+        else ["N", keys.counters, _STATE[from_state], -1, _STATE[to_state], 1]
     )
     changed: Op = [
         "H",
@@ -157,7 +157,7 @@ def _move(keys: Keys, event: ev.Event, from_state: EntryState, to_state: EntrySt
 def _created(keys: Keys, event: ev.Event) -> list[Op]:
     entry = new_entry(event)
     ops: list[Op] = [
-        ["N", keys.counters, _STATE[entry.state], "1"],
+        ["N", keys.counters, _STATE[entry.state], 1],
         ["H", keys.entry(entry.billing_entry_id), *entry_items(entry)],
     ]
     if entry.state is S.RESERVE_HELD:
@@ -327,36 +327,136 @@ class Batch:
     last_seq: int = 0
 
 
+class _Fold:
+    """The net effect of many events' operations: what one script call has to do for all of them.
+
+    Applying the events one by one and applying their fold leave Redis the same, with fewer
+    commands: a hold and its commit in one batch write the entry hash with one HSET and touch
+    the expiry index once, and a balance field takes at most two HINCRBYs however many events
+    move it.
+
+    - Money (``I``, ``C``): per hash field, the sum of the deltas. A checked field (``I``) also
+      keeps its *low point*, the most negative running sum (0 if it never dips) and the
+      sequence of the event that reached it: the script adds the low point first and checks
+      the balance, then adds the rest (``total - low``, never negative). The balance went
+      negative somewhere in the batch exactly when it is negative at the low point, so the
+      script refuses what the event-by-event check refused.
+    - Counts (``N``): summed per field; zero sums are dropped.
+    - Hash fields (``H``): one HSET per hash with every field-value pair in event order (HSET
+      takes repeated fields in order: the last value wins). The ops that also touch an entry
+      hash, ``P`` and ``Q``, only use its ``poison_id`` field, which ``H`` never writes.
+    - Expiry index (``Z``, ``R``): the last op per member wins. Stored responses (``S``): the
+      last value per key.
+    - Stream ops (``X``, ``P``, ``Q``) are kept, in order.
+    """
+
+    __slots__ = ("checked", "counts", "hashes", "members", "streams", "unchecked", "values")
+
+    def __init__(self) -> None:
+        self.checked: dict[str | int, dict[str | int, list[int]]] = {}  # key -> field -> [total, low, seq]
+        self.unchecked: dict[str | int, dict[str | int, int]] = {}  # key -> field -> total
+        self.counts: dict[str | int, dict[str | int, int]] = {}
+        self.hashes: dict[str | int, Op] = {}
+        self.members: dict[tuple[str | int, str | int], Op] = {}
+        self.values: dict[str | int, Op] = {}
+        self.streams: list[Op] = []
+
+    def add(self, op: Op, seq: int) -> None:
+        """Fold one op of the event at ``seq`` into the net effect."""
+        code, key = op[0], op[1]
+        if code == "I":
+            self._checked(key, op, seq)
+        elif code == "H":
+            merged = self.hashes.get(key)
+            if merged is None:
+                self.hashes[key] = op
+            else:
+                merged += op[2:]
+        elif code in ("N", "C"):
+            sums = (self.counts if code == "N" else self.unchecked).setdefault(key, {})
+            for i in range(2, len(op), 2):
+                sums[op[i]] = sums.get(op[i], 0) + int(op[i + 1])
+        elif code in ("Z", "R"):
+            self.members[key, op[-1]] = op  # the member is the last argument of both
+        elif code == "S":
+            self.values[key] = op
+        else:
+            self.streams.append(op)
+
+    def _checked(self, key: str | int, op: Op, seq: int) -> None:
+        fields = self.checked.get(key)
+        if fields is None:
+            fields = self.checked[key] = {}
+        for i in range(2, len(op), 2):
+            delta = int(op[i + 1])
+            found = fields.get(op[i])
+            if found is None:
+                fields[op[i]] = [delta, delta, seq] if delta < 0 else [delta, 0, 0]
+            else:
+                found[0] += delta
+                if found[0] < found[1]:
+                    found[1], found[2] = found[0], seq
+
+    def ops(self) -> list[Op]:
+        """The folded ops: money (``I`` key field low rest seq, ``C`` key field delta), then the rest."""
+        out: list[Op] = [
+            ["I", key, name, str(low), str(total - low), seq]
+            for key, fields in self.checked.items()
+            for name, (total, low, seq) in fields.items()
+            if total or low
+        ]
+        out += (
+            ["C", key, name, str(total)]
+            for key, sums in self.unchecked.items()
+            for name, total in sums.items()
+            if total
+        )
+        for key, sums in self.counts.items():
+            op: Op = ["N", key]
+            for name, total in sums.items():
+                if total:
+                    op += (name, str(total))
+            if len(op) > 2:
+                out.append(op)
+        out += self.hashes.values()
+        out += self.members.values()
+        out += self.values.values()
+        out += self.streams
+        return out
+
+
 _PACK: Final = msgspec.msgpack.Encoder()
 
 
 def encode_batch(keys: Keys, events: Iterable[ev.Event]) -> Batch:
-    """Pack the operations of ``events`` (consecutive sequences) for ``apply_batch.lua``.
+    """Pack the net operations of ``events`` (consecutive sequences) for ``apply_batch.lua``.
 
-    ARGV[1] is one msgpack array ``[[seq, [[opcode, arg, …], …]], …]`` in which key arguments
-    are indexes into KEYS and every other argument is a string: a few arguments per call
-    instead of ~50 per event (the client packs each argument in Python; measured, that was most
-    of the projector's cost).
+    ARGV[1] is one msgpack array ``[first_seq, last_seq, [[opcode, arg, …], …]]``: the
+    events' operations folded into their net effect (:class:`_Fold`), in which key arguments
+    are indexes into KEYS and every other argument is a string (a sequence where an ``I`` op
+    names the event of its low point). A few arguments per call instead of ~50 per event (the
+    client packs each argument in Python), and fewer Redis commands than events.
     """
+    fold = _Fold()
+    first = last = 0
+    for event in events:
+        last = event.wal_sequence
+        first = first or last
+        for op in event_ops(keys, event):
+            fold.add(op, last)
     names = [keys.meta]
     index: dict[str | int, int] = {keys.meta: 1}
     known = index.get
-    packed: list[list[object]] = []
-    first = last = 0
-    for event in events:
-        ops = event_ops(keys, event)
-        for op in ops:  # fresh lists: key names become KEYS indexes in place
-            for at in _KEYS_AT.get(op[0], _FIRST):
-                name = op[at]
-                found = known(name)
-                if found is None:
-                    names.append(str(name))
-                    found = index[name] = len(names)
-                op[at] = found
-        last = event.wal_sequence
-        first = first or last
-        packed.append([last, ops])
-    return Batch(names, [_PACK.encode(packed)], first, last)
+    ops = fold.ops()
+    for op in ops:  # key names become KEYS indexes in place (every op is a fresh list)
+        for at in _KEYS_AT.get(op[0], _FIRST):
+            name = op[at]
+            found = known(name)
+            if found is None:
+                names.append(str(name))
+                found = index[name] = len(names)
+            op[at] = found
+    return Batch(names, [_PACK.encode([first, last, ops])], first, last)
 
 
 # -- rebuild -------------------------------------------------------------------------------

@@ -3,14 +3,17 @@
 -- KEYS[1]      the shard's meta hash (field applied_seq: the last WAL sequence applied)
 -- KEYS[2..n]   every other key the operations touch (operations refer to them by index)
 --
--- ARGV[1]      msgpack: [[seq, [[opcode, arg, ...], ...]], ...] — events in sequence order.
---              Key arguments are integer indexes into KEYS; every other argument is a string.
+-- ARGV[1]      msgpack: [first_seq, last_seq, [[opcode, arg, ...], ...]] — the net effect of the
+--              consecutive events first_seq..last_seq (the encoder folds them: one HSET per hash,
+--              one op per expiry member, summed deltas). Key arguments are integer indexes into
+--              KEYS; every other argument is a string, but for the sequence of an I op.
 --
 -- Opcodes:
---   I key f1 d1 [f2 d2 ...]    HINCRBY of each field, in order; a user balance that must stay >= 0
---   C key f1 d1 [f2 d2 ...]    HINCRBY of each field, which may go negative (the system ledger)
---   N key f1 d1 [f2 d2 ...]    counts (entries per state): summed over the batch per key and field,
---                              then one HINCRBY per non-zero sum once every money change passed
+--   I key field low rest seq   a user balance that must stay >= 0: HINCRBY by low (the most negative
+--                              running sum of the batch's deltas, reached at event seq; "0" if it never
+--                              dips), check, then HINCRBY by rest (total - low); a "0" step is skipped
+--   C key field delta          HINCRBY that may go negative (the system ledger)
+--   N key f1 d1 [f2 d2 ...]    counts (entries per state): HINCRBY of each, once every money change passed
 --   H key f1 v1 [f2 v2 ...]    HSET
 --   Z key score member         ZADD
 --   R key member               ZREM
@@ -23,15 +26,16 @@
 --   {"ok", last_applied}                 the events were applied
 --   {"duplicate", applied}               every event was applied before: nothing changed
 --   {"missing"}                          no applied_seq: the projection must be rebuilt first
---   {"gap", applied, first_seq}          the batch does not continue the projection
+--   {"gap", applied, first_seq}          the batch does not start right after applied_seq (a hole,
+--                                        or an overlap with what was applied): nothing changed
 --   {"violation", seq, key, field, msg}  a balance would go negative (or overflow): nothing applied
 --                                        (increments already made are undone; a field undone to 0 is
 --                                        deleted, as absent and 0 mean the same to every reader)
 --
--- Idempotency: events at or below applied_seq are skipped, so applying a batch twice changes
+-- Idempotency: a batch at or below applied_seq is a duplicate, so applying a batch twice changes
 -- nothing. Money is only ever changed by HINCRBY with decimal-string deltas (msgpack strings
--- stay Lua strings); Lua numbers are used for sequences, key indexes, entry counts and the sign
--- of HINCRBY's result, never for amounts.
+-- stay Lua strings); Lua numbers are used for sequences, key indexes and the sign of HINCRBY's
+-- result, never for amounts.
 
 local meta = KEYS[1]
 local applied = redis.call('HGET', meta, 'applied_seq')
@@ -40,21 +44,13 @@ if not applied then
 end
 applied = tonumber(applied)
 
--- Pass 1: keep the events not yet applied and check that they continue the projection.
-local events = {}
-local expected = applied + 1
-for _, event in ipairs(cmsgpack.unpack(ARGV[1])) do
-  local seq = event[1]
-  if seq > applied then
-    if seq ~= expected then
-      return {'gap', tostring(applied), tostring(seq)}
-    end
-    events[#events + 1] = event
-    expected = seq + 1
-  end
-end
-if #events == 0 then
+local batch = cmsgpack.unpack(ARGV[1])
+local first, last, ops = batch[1], batch[2], batch[3]
+if last <= applied then
   return {'duplicate', tostring(applied)}
+end
+if first ~= applied + 1 then
+  return {'gap', tostring(applied), tostring(first)}
 end
 
 local function negate(delta)
@@ -73,88 +69,68 @@ local function undo(done)
   end
 end
 
--- Pass 2: money. Every HINCRBY in order; on a negative balance or an error, undo and report.
--- Counts are only summed here (small integers: Lua numbers are exact for them).
+-- Pass 1: money. On a negative balance or an error, undo what was done and report.
 local done = {}
-local counts, counted = {}, {}
-for _, event in ipairs(events) do
-  for _, op in ipairs(event[2]) do
-    local code = op[1]
-    if code == 'N' then
-      local key = KEYS[op[2]]
-      local sums = counts[key]
-      if not sums then
-        sums = {}
-        counts[key] = sums
-        counted[#counted + 1] = key
-      end
-      for i = 3, #op, 2 do
-        sums[op[i]] = (sums[op[i]] or 0) + tonumber(op[i + 1])
-      end
-    elseif code == 'I' or code == 'C' then
-      local key = KEYS[op[2]]
-      for i = 3, #op, 2 do
-        local field, delta = op[i], op[i + 1]
-        local after = redis.pcall('HINCRBY', key, field, delta)
-        local failed = type(after) == 'table' and after.err
-        if failed or (code == 'I' and after < 0) then
-          if not failed then
-            done[#done + 1] = {key, field, delta}
-          end
-          undo(done)
-          return {'violation', tostring(event[1]), key, field, failed or 'balance would go negative'}
-        end
-        done[#done + 1] = {key, field, delta}
-      end
+local function add(key, field, delta, checked, seq)
+  local after = redis.pcall('HINCRBY', key, field, delta)
+  local failed = type(after) == 'table' and after.err
+  if not failed then
+    done[#done + 1] = {key, field, delta}
+  end
+  if failed or (checked and after < 0) then
+    undo(done)
+    return {'violation', tostring(seq), key, field, failed or 'balance would go negative'}
+  end
+end
+
+for _, op in ipairs(ops) do
+  local code = op[1]
+  if code == 'I' then
+    local key, field, low, remainder = KEYS[op[2]], op[3], op[4], op[5]
+    local refused = (low ~= '0' and add(key, field, low, true, op[6]))
+      or (remainder ~= '0' and add(key, field, remainder, true, op[6]))
+    if refused then
+      return refused
+    end
+  elseif code == 'C' then
+    local refused = add(KEYS[op[2]], op[3], op[4], false, first)
+    if refused then
+      return refused
     end
   end
 end
 
-for _, key in ipairs(counted) do
-  for field, sum in pairs(counts[key]) do
-    if sum ~= 0 then
-      redis.call('HINCRBY', key, field, string.format('%d', sum))
+-- Pass 2: everything that is not money.
+for _, op in ipairs(ops) do
+  local code = op[1]
+  local key = KEYS[op[2]]
+  if code == 'N' then
+    for i = 3, #op, 2 do
+      redis.call('HINCRBY', key, op[i], op[i + 1])
+    end
+  elseif code == 'H' then
+    redis.call('HSET', key, unpack(op, 3))
+  elseif code == 'Z' then
+    redis.call('ZADD', key, op[3], op[4])
+  elseif code == 'R' then
+    redis.call('ZREM', key, op[3])
+  elseif code == 'S' then
+    redis.call('SET', key, op[3])
+  elseif code == 'X' then
+    redis.call('XADD', key, '*', unpack(op, 3))
+  elseif code == 'P' then
+    local id = redis.call('XADD', key, '*', unpack(op, 4))
+    redis.call('HSET', KEYS[op[3]], 'poison_id', id)
+  elseif code == 'Q' then
+    local entry = KEYS[op[3]]
+    local id = redis.call('HGET', entry, 'poison_id')
+    if id then
+      redis.call('XDEL', key, id)
+      redis.call('HDEL', entry, 'poison_id')
     end
   end
 end
 
--- Pass 3: everything that is not money.
-local function rest(op, from)
-  local out = {}
-  for i = from, #op do
-    out[#out + 1] = op[i]
-  end
-  return out
-end
-
-for _, event in ipairs(events) do
-  for _, op in ipairs(event[2]) do
-    local code = op[1]
-    local key = KEYS[op[2]]
-    if code == 'H' then
-      redis.call('HSET', key, unpack(rest(op, 3)))
-    elseif code == 'Z' then
-      redis.call('ZADD', key, op[3], op[4])
-    elseif code == 'R' then
-      redis.call('ZREM', key, op[3])
-    elseif code == 'S' then
-      redis.call('SET', key, op[3])
-    elseif code == 'X' then
-      redis.call('XADD', key, '*', unpack(rest(op, 3)))
-    elseif code == 'P' then
-      local id = redis.call('XADD', key, '*', unpack(rest(op, 4)))
-      redis.call('HSET', KEYS[op[3]], 'poison_id', id)
-    elseif code == 'Q' then
-      local entry = KEYS[op[3]]
-      local id = redis.call('HGET', entry, 'poison_id')
-      if id then
-        redis.call('XDEL', key, id)
-        redis.call('HDEL', entry, 'poison_id')
-      end
-    end
-  end
-end
-
-local last = tostring(expected - 1)
-redis.call('HSET', meta, 'applied_seq', last)
-return {'ok', last}
+local applied_now = tostring(last)
+redis.call('HSET', meta, 'applied_seq', applied_now)
+return {'ok', applied_now}
