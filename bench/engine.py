@@ -58,7 +58,7 @@ from tollway.wal.snapshot import list_snapshots
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable for bench.*
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.machine import emit, loadavg, machine_facts, scratch_dir
+from bench.machine import emit, loadavg, machine_facts, scratch_dir, wakeup_latency
 from bench.redis_projection import catch_up_s, evalsha_per_s, lag_report, projecting, redis_usage
 
 TARGETS: Final[dict[str, float]] = {
@@ -223,7 +223,7 @@ def run_ceiling(directory: Path, seconds: float) -> dict[str, Any]:
         "group_commit_p99_us": percentile_us(batch_ns, 99),
         "record_bytes": len(codec.frame(body)),
         "seconds_each": seconds,
-    }
+    } | wakeup_latency(seconds)
 
 
 # -- load: concurrent reserve → commit pairs, durability fsync -------------------------------
@@ -730,6 +730,7 @@ def table_rows(out: dict[str, Any]) -> Iterator[tuple[str, str, str, str]]:
         "",
     )
     yield ("ceiling: group_commit_records_per_s", fmt(ceiling.get("group_commit_records_per_s")), "", "")
+    yield ("ceiling: wake-up late p99 (ms)", fmt(ceiling.get("wakeup_p99_ms")), "", "")
 
 
 def fmt(value: object) -> str:

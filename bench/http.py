@@ -53,12 +53,14 @@ from tollway.config import Settings
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable for bench.*
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.machine import emit, loadavg, machine_facts, scratch_dir
+from bench.machine import emit, loadavg, machine_facts, scratch_dir, wakeup_latency
 
 TARGETS: Final[dict[str, float]] = {"billing_ratio_min": 0.5, "reserve_p99_ms_max_at_80pct": 10}
 SERVER_CPU: Final = 0
 GENERATOR_CPU: Final = 1
 OPEN_LOOP_SHARE: Final = 0.8
+WAKEUP_PROBE_S: Final = 2.0
+WAKEUP_PROBE_S_QUICK: Final = 0.2
 FUNDING_MICRO: Final = 10**12  # per account: far more than any run can spend
 ESTIMATE_MICRO: Final = 20_000
 ACTUAL_MICRO: Final = 12_345
@@ -815,6 +817,9 @@ NOTES: Final = [
     "open_loop_curve: --curve shares (e.g. 0.5,0.65), each an open-loop phase like the 80 % one",
     "wal_batches, wal_events_per_batch: group commits (syncs) during a phase, from /metrics; a pair pays "
     "for more syncs in the open loop than in the closed loop, and each costs the core CPU",
+    "ceiling.wakeup_*: how late the server's core woke a thread sleeping 0.5 ms, before the server started "
+    "(bench/machine.py wakeup_latency); a reserve waits for several wake-ups (server, sync helper, server, "
+    "generator), so its p99 cannot be far below a few times wakeup_p99_ms",
     "wal_events, snapshots: WAL events written during a phase and periodic snapshots due in it (each one "
     "briefly stalls the event loop, which shows in that phase's tail latency)",
 ]
@@ -897,12 +902,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     pinned = can_pin()
     before, started = loadavg(), time.perf_counter()
+    wakeup = wakeup_latency(WAKEUP_PROBE_S_QUICK if args.quick else WAKEUP_PROBE_S, SERVER_CPU if pinned else None)
     with (
         asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner,
         served(root, args.log_level, pinned, args.wal_syncer, args.projection_pump) as server,
     ):
         measured = measure(runner, server, root, args)
     out = summary(args, measured, server)
+    out["ceiling"] |= wakeup
     out["machine"] = machine(root, pinned) | {
         "loadavg_before": before,
         "loadavg_after": loadavg(),
@@ -924,6 +931,7 @@ def print_table(out: dict[str, Any]) -> None:
             out["reserve_p99_ms"],
             "ok" if met["reserve_p99_ms_max_at_80pct"] else "MISS",
         ),
+        ("ceiling.wakeup_p99_ms", out["ceiling"]["wakeup_p99_ms"], ""),
         ("server CPU busy (billing)", out["billing"]["server_cpu_busy"], ""),
         ("generator CPU busy (billing)", out["billing"]["generator_cpu_busy"], ""),
     ]

@@ -69,6 +69,45 @@ def python_speed_ms(repeat: int = 5) -> float:
     return round(best * 1000, 1)
 
 
+WAKEUP_SLEEP_S = 0.0005
+
+
+def wakeup_latency(seconds: float, cpu: int | None = None) -> dict[str, Any]:
+    """How late this machine wakes a thread that sleeps 0.5 ms, nothing else running (on ``cpu`` if given).
+
+    Every request waits for a few such wake-ups (a server wakes on the request, the WAL's sync
+    helper on the sync, the server on its answer, the client on the response), so on a machine
+    whose wake-ups are often late — a VM whose virtual CPU the host deschedules — no tail
+    latency can be low, whatever the code does. ``wakeup_p99_ms`` is that floor for each hop.
+    """
+    pinned = cpu is not None and hasattr(os, "sched_setaffinity") and cpu in os.sched_getaffinity(0)
+    previous = os.sched_getaffinity(0) if pinned else None
+    if cpu is not None and pinned:
+        os.sched_setaffinity(0, {cpu})
+    late_ns: list[int] = []
+    try:
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            started = time.perf_counter_ns()
+            time.sleep(WAKEUP_SLEEP_S)
+            late_ns.append(time.perf_counter_ns() - started - int(WAKEUP_SLEEP_S * 1e9))
+    finally:
+        if previous is not None:
+            os.sched_setaffinity(0, previous)
+    late_ns.sort()
+
+    def at(share: float) -> float:
+        return round(late_ns[min(len(late_ns) - 1, int(share * len(late_ns)))] / 1e6, 3)
+
+    return {
+        "wakeup_p50_ms": at(0.5),
+        "wakeup_p99_ms": at(0.99),
+        "wakeup_p999_ms": at(0.999),
+        "wakeup_max_ms": at(1.0),
+        "wakeup_cpu": cpu if pinned else None,
+    }
+
+
 @contextlib.contextmanager
 def scratch_dir(parent: Path | None, prefix: str, keep: bool) -> Iterator[Path]:
     """A fresh directory in ``parent`` (default: the current directory), removed afterwards unless ``keep``."""
