@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from pathlib import Path
 
@@ -178,3 +179,25 @@ async def test_flushed_redis_requeues_pending_and_nothing_is_finalized_twice(loo
     assert dict.fromkeys(first + second, S.FINALIZE_ACKED) == loop.states()
     assert all(calls == 1 for _, calls in finalized(loop).values())
     assert 8 == len(finalized(loop))
+
+
+async def test_a_full_redis_does_not_stop_the_worker(loop: Loop) -> None:
+    """At maxmemory the worker cannot even create its consumer group: it waits, then finalizes as usual."""
+    await funded(loop)
+    await loop.client.flushall()
+    await loop.client.config_set("maxmemory", "1")  # every write that may grow memory is refused now
+    task = asyncio.create_task(loop.worker.run())
+    try:
+        await asyncio.sleep(0.5)
+        assert not task.done()
+        await loop.client.config_set("maxmemory", "0")
+        entry = await commit(loop, "acct", "after", 5_000, 1_000)
+        async with asyncio.timeout(20):
+            while loop.states()[entry] is not S.FINALIZE_ACKED:
+                await loop.project()
+                await asyncio.sleep(0.05)
+        assert {entry: (1_000, 1)} == finalized(loop)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

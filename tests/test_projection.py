@@ -365,3 +365,95 @@ async def test_a_caught_up_projector_gathers_batches_for_coalesce_ms(rig: Rig, c
         assert calls <= 2
     else:
         assert calls >= 5
+
+
+async def pauses_while_redis_refuses_writes(rig: Rig, *, flushed: bool) -> None:
+    """Redis at maxmemory takes no batch (nor a rebuild, if ``flushed``); billing goes on, the projection resumes."""
+    await rig.projector.sync()
+    await workload(rig.engine, rig.clock, 14, 30)
+    await rig.projector.sync()
+    if flushed:
+        await rig.client.flushall()  # the next sync rebuilds, with plain commands
+    await rig.client.config_set("maxmemory", "1")  # every write that may grow memory is refused now
+    task = asyncio.create_task(rig.projector.run())
+    try:
+        await workload(rig.engine, rig.clock, 15, 60)  # billing goes on
+        await asyncio.sleep(0.3)
+        assert rig.projector.violation is None
+        assert not task.done()
+        assert rig.projector.applied_seq is not None
+        assert rig.projector.applied_seq < rig.engine.durable_sequence
+        assert "maxmemory" in (rig.projector.status().redis_error or "")
+        await rig.client.config_set("maxmemory", "0")
+        for _ in range(1000):
+            if rig.projector.applied_seq == rig.engine.durable_sequence:
+                break
+            await asyncio.sleep(0.01)
+        assert rig.engine.durable_sequence == rig.projector.applied_seq
+        assert [] == await differences(rig.client, KEYS, rig.engine.state)
+        assert rig.projector.status().redis_error is None
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+@pytest.mark.parametrize("flushed", [False, True])
+async def test_a_full_redis_pauses_the_projection_and_is_not_a_violation(rig: Rig, flushed: bool) -> None:
+    """A full Redis is an outage, not a conservation violation (which would stop new holds until an admin reset)."""
+    await pauses_while_redis_refuses_writes(rig, flushed=flushed)
+
+
+async def test_any_error_answer_pauses_the_projection_instead_of_ending_it(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error Redis answers to a rebuild (here MISCONF: it cannot persist) is waited out, not fatal."""
+    real_rebuild = rig.projector.rebuild
+    answers = iter([redis.exceptions.ResponseError("MISCONF Redis is configured to save RDB snapshots")])
+
+    async def rebuild_once_refused() -> int:
+        for error in answers:
+            raise error
+        return await real_rebuild()
+
+    monkeypatch.setattr(rig.projector, "rebuild", rebuild_once_refused)
+    await rig.engine.execute(cmd.Credit("alice", "m", CreditKind.MINT, 100))
+    task = asyncio.create_task(rig.projector.run())
+    try:
+        for _ in range(1000):
+            if rig.projector.applied_seq == rig.engine.durable_sequence:
+                break
+            await asyncio.sleep(0.01)
+        assert rig.engine.durable_sequence == rig.projector.applied_seq
+        assert not task.done()
+        assert rig.projector.status().redis_error is None
+        assert [] == await differences(rig.client, KEYS, rig.engine.state)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+@pytest.mark.parametrize("money", [True, False])
+async def test_a_full_redis_answers_the_script_unwritable(rig: Rig, money: bool) -> None:
+    """Whether the batch's first write is a balance or an entry hash, the script says so and changes nothing."""
+    await rig.engine.execute(cmd.Credit("alice", "m", CreditKind.MINT, 1_000))
+    hold = await rig.engine.execute(cmd.Reserve("alice", "r", 100, ttl_s=30))
+    assert isinstance(hold, EntryResult)
+    await rig.projector.sync()
+    command: cmd.Command = (
+        cmd.Release(hold.entry.billing_entry_id, "user_cancel")
+        if money
+        else cmd.Extend(hold.entry.billing_entry_id, 60)
+    )
+    await rig.engine.execute(command)
+    events = list(iter_events(rig.engine.settings.wal_dir))
+    batch = encode_batch(KEYS, events[-1:])
+    before = await dump(rig.client)
+    await rig.client.config_set("maxmemory", "1")
+    try:
+        reply = await rig.client.register_script(load_script("apply_batch.lua"))(keys=batch.keys, args=batch.argv)
+    finally:
+        await rig.client.config_set("maxmemory", "0")
+    assert b"unwritable" == reply[0]
+    assert before == await dump(rig.client)

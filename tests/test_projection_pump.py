@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from tests.test_projection import KEYS, Rig, workload
+from tests.test_projection import KEYS, Rig, pauses_while_redis_refuses_writes, workload
 from tollway import Engine, Settings
 from tollway.metrics import Metrics
 from tollway.redis.parity import differences
@@ -120,6 +120,13 @@ async def test_redis_away_and_back_with_the_pump(rig: PumpRig) -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_a_full_redis_pauses_the_projection_through_the_pump(rig: PumpRig) -> None:
+    """The pump's answer for a Redis at maxmemory pauses the projection as the in-process path does."""
+    await pauses_while_redis_refuses_writes(rig, flushed=False)
+    assert rig.projector.pump is rig.pump
+    assert rig.pump.batches > 0
 
 
 async def test_the_pump_answers_in_order_and_reports_redis_errors(rig: PumpRig) -> None:

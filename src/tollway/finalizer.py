@@ -199,7 +199,7 @@ class FinalizeWorker:
     async def _ensure_group(self) -> None:
         try:
             await self.queue.ensure_group()
-        except REDIS_ERRORS as exc:
+        except (*REDIS_ERRORS, redis.exceptions.ResponseError) as exc:  # e.g. maxmemory reached
             raise_if_cancelled()
             log.warning("finalize worker: cannot create the consumer group yet: %s", exc)
 

@@ -72,6 +72,10 @@ def load_script(name: str) -> str:
     return resources.files("tollway.redis").joinpath("lua", name).read_text()
 
 
+class RedisRefused(TollwayError):
+    """Redis is reachable but answered an error (maxmemory reached, a read-only replica, …): nothing was applied."""
+
+
 class ProjectionViolation(TollwayError):
     """The script refused a batch: applying it would break a projection invariant."""
 
@@ -88,6 +92,7 @@ class ProjectorStatus:
     rebuilds: int
     violation: str | None
     pump: str  # "on", "off" (not configured), or "failed" (dropped: batches are encoded in the event loop)
+    redis_error: str | None = None  # what Redis answers while it takes no batch (maxmemory, read-only, …)
 
 
 class Projector:
@@ -118,6 +123,7 @@ class Projector:
         self.connected = False
         self.rebuilds = 0
         self.violation: str | None = None
+        self.redis_error: str | None = None
         engine.subscribe(self.on_durable)
 
     # -- feeding ---------------------------------------------------------------------------
@@ -154,7 +160,15 @@ class Projector:
                 lag_ms = max(0, self.engine.now_ms() - oldest.timestamp_ms)
         pump = "on" if self.pump is not None else ("failed" if self._pump_failed else "off")
         return ProjectorStatus(
-            self.connected, self.applied_seq, durable, durable - applied, lag_ms, self.rebuilds, self.violation, pump
+            self.connected,
+            self.applied_seq,
+            durable,
+            durable - applied,
+            lag_ms,
+            self.rebuilds,
+            self.violation,
+            pump,
+            self.redis_error,
         )
 
     def _first_after(self, applied: int) -> Event | None:
@@ -168,13 +182,14 @@ class Projector:
         failures = 0
         while self.violation is None:
             try:
-                await self.sync()
-                self.connected, failures = True, 0
-            except REDIS_ERRORS as exc:
+                try:
+                    await self.sync()
+                except redis.exceptions.ResponseError as exc:  # e.g. a rebuild's plain commands at maxmemory
+                    raise RedisRefused(f"{type(exc).__name__}: {exc}") from exc
+                self.connected, failures, self.redis_error = True, 0, None
+            except (RedisRefused, *REDIS_ERRORS) as exc:
                 raise_if_cancelled()
-                if self.connected or failures == 0:
-                    log.warning("redis unavailable, projection paused (billing continues): %s", exc)
-                self.connected = False
+                self._pause(exc, first=failures == 0)
                 await asyncio.sleep(RETRY_DELAY_MS[min(failures, len(RETRY_DELAY_MS) - 1)] / 1000)
                 failures += 1
                 continue
@@ -189,6 +204,17 @@ class Projector:
                     await self._wake.wait()
                     if self.coalesce_s > 0:  # let a few batches gather: one call instead of one per batch
                         await asyncio.sleep(self.coalesce_s)
+
+    def _pause(self, exc: Exception, *, first: bool) -> None:
+        """Note why the projection waits (logged once per outage): Redis away, or answering an error."""
+        if isinstance(exc, RedisRefused):
+            if self.redis_error is None:
+                log.warning("redis answers an error, projection paused (billing continues): %s", exc)
+            self.connected, self.redis_error = True, str(exc).strip()
+            return
+        if self.connected or first:
+            log.warning("redis unavailable, projection paused (billing continues): %s", exc)
+        self.connected = False
 
     async def sync(self) -> int:
         """Bring the projection up to the engine's durable sequence; returns the applied one."""
@@ -221,6 +247,8 @@ class Projector:
             return int(rest[0])
         if status == "missing":
             return await self.rebuild()
+        if status == "unwritable":
+            raise RedisRefused(rest[0])
         if status == "gap":
             log.warning("projection gap: applied %s, batch starts at %s; re-reading", rest[0], rest[1])
             return int(rest[0])

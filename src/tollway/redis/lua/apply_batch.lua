@@ -26,6 +26,8 @@
 --   {"ok", last_applied}                 the events were applied
 --   {"duplicate", applied}               every event was applied before: nothing changed
 --   {"missing"}                          no applied_seq: the projection must be rebuilt first
+--   {"unwritable", error}                Redis refused the first write (maxmemory reached, read-only
+--                                        replica): nothing changed; apply the batch again later
 --   {"gap", applied, first_seq}          the batch does not start right after applied_seq (a hole,
 --                                        or an overlap with what was applied): nothing changed
 --   {"violation", seq, key, field, msg}  a balance would go negative (or overflow): nothing applied
@@ -38,11 +40,11 @@
 -- result, never for amounts.
 
 local meta = KEYS[1]
-local applied = redis.call('HGET', meta, 'applied_seq')
-if not applied then
+local applied_text = redis.call('HGET', meta, 'applied_seq')
+if not applied_text then
   return {'missing'}
 end
-applied = tonumber(applied)
+local applied = tonumber(applied_text)
 
 local batch = cmsgpack.unpack(ARGV[1])
 local first, last, ops = batch[1], batch[2], batch[3]
@@ -51,6 +53,15 @@ if last <= applied then
 end
 if first ~= applied + 1 then
   return {'gap', tostring(applied), tostring(first)}
+end
+
+-- The script's first write rewrites applied_seq unchanged. Redis refuses a script's first write
+-- at maxmemory (noeviction), or on a read-only replica, and lets every later one through (a
+-- script is never stopped half-way): a Redis that cannot take the batch is found here, before
+-- anything changed, and the projector waits for it instead of reading a violation.
+local probe = redis.pcall('HSET', meta, 'applied_seq', applied_text)
+if type(probe) == 'table' and probe.err then
+  return {'unwritable', probe.err}
 end
 
 local function negate(delta)
