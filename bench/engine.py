@@ -53,6 +53,7 @@ from tollway.config import PumpMode, WalSyncer
 from tollway.core import events as ev
 from tollway.core.ids import UlidGenerator
 from tollway.core.observer import NoopObserver
+from tollway.redis.projector import Projector
 from tollway.wal import codec
 from tollway.wal.snapshot import list_snapshots
 
@@ -353,6 +354,7 @@ async def run_load(data_dir: Path, plan: LoadPlan) -> dict[str, Any]:
         async with Engine.open(settings=settings, observer=observer) as engine, contextlib.AsyncExitStack() as stack:
             projection = await stack.enter_async_context(projecting(engine, data_dir / "redis")) if plan.redis else None
             await fund(engine, names)
+            memory_at_start = await memory_usage(engine, projection[0] if projection else None)
             tasks = [asyncio.create_task(load_worker(engine, w, names, window)) for w in range(plan.concurrency)]
             tasks.append(asyncio.create_task(watch_loop(window)))
             await asyncio.sleep(plan.warmup_s)
@@ -373,6 +375,9 @@ async def run_load(data_dir: Path, plan: LoadPlan) -> dict[str, Any]:
             await asyncio.gather(*tasks)
             if projection:
                 extra = lag_report(projection[1], after.wall_s - before.wall_s, await catch_up_s(projection[0], engine))
+            extra["memory"] = memory_report(
+                memory_at_start, await memory_usage(engine, projection[0] if projection else None)
+            )
     finally:
         gc.callbacks.remove(pauses)
     if observer.refusals:
@@ -385,6 +390,31 @@ async def run_load(data_dir: Path, plan: LoadPlan) -> dict[str, Any]:
             "gc": pauses.report(after.wall_s - before.wall_s),
         }
     )
+
+
+def resident_bytes() -> int:
+    """Resident memory of the running process (Linux ``/proc/self/statm``)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def memory_usage(engine: Engine, projector: Projector | None) -> tuple[int, int, int | None]:
+    """Entries in the engine's state, this process's resident memory, and Redis's ``used_memory`` (bytes)."""
+    resident = resident_bytes()
+    used = None if projector is None else int((await projector.redis.info("memory"))["used_memory"])
+    return len(engine.state.entries), resident, used
+
+
+def memory_report(start: tuple[int, int, int | None], end: tuple[int, int, int | None]) -> dict[str, Any]:
+    """What each entry the load created costs in memory: this process, and the Redis projection."""
+    entries = end[0] - start[0]
+    if entries <= 0:
+        return {"entries_created": entries}
+    redis_bytes = None if start[2] is None or end[2] is None else round((end[2] - start[2]) / entries)
+    return {
+        "entries_created": entries,
+        "rss_growth_bytes_per_entry": round((end[1] - start[1]) / entries),
+        "redis_bytes_per_entry": redis_bytes,
+    }
 
 
 def load_report(plan: LoadPlan, window: LoadWindow, before: Counters, after: Counters) -> dict[str, Any]:
@@ -717,6 +747,9 @@ def table_rows(out: dict[str, Any]) -> Iterator[tuple[str, str, str, str]]:
     load = out["load"] or {}
     yield ("loop CPU per event (us)", fmt(load.get("loop_cpu_us_per_event")), "", "")
     yield ("loop stall max (ms)", fmt(load.get("loop_lag_max_ms")), "", "")
+    memory = load.get("memory") or {}
+    yield ("memory per entry: RSS growth (bytes)", fmt(memory.get("rss_growth_bytes_per_entry")), "", "")
+    yield ("memory per entry: Redis (bytes)", fmt(memory.get("redis_bytes_per_entry")), "", "")
     yield ("replay_events_per_s", fmt(out["replay_events_per_s"]), ">= 250000", verdict(met["replay_events_per_s"]))
     events = fmt(out["recovery_events"])
     yield (f"recovery_s ({events} events)", fmt(out["recovery_s_1m"]), "<= 5", verdict(met["recovery_s_1m"]))
