@@ -21,7 +21,7 @@ from tollway.core.commands import CreditKind, EntryResult
 from tollway.redis import projector as projector_module
 from tollway.redis.keys import Keys
 from tollway.redis.parity import differences
-from tollway.redis.projection import Batch, encode_batch
+from tollway.redis.projection import HSET_ARGS_MAX, Batch, encode_batch
 from tollway.redis.projector import Projector, load_script
 from tollway.redis.server import EmbeddedRedis
 from tollway.testing import FakeClock
@@ -144,6 +144,23 @@ def test_a_batch_carries_the_net_effect_of_a_hold_and_its_commit() -> None:
     assert ["N", KEYS.counters, "COMMITTED", "1"] in ops
     entry = next(op for op in ops if op[0] == "H")
     assert "COMMITTED" == dict(zip(entry[2::2], entry[3::2], strict=True))["state"]
+
+
+async def test_an_entry_written_many_times_in_one_batch_is_one_short_hset(rig: Rig) -> None:
+    """Hundreds of extensions of one hold in a batch: its HSET keeps each field once, and applies."""
+    await rig.engine.execute(cmd.Credit("alice", "m", CreditKind.MINT, 1_000))
+    hold = await rig.engine.execute(cmd.Reserve("alice", "r", 100, ttl_s=30))
+    assert isinstance(hold, EntryResult)
+    await rig.projector.sync()
+    for ttl in range(31, 331):
+        await rig.engine.execute(cmd.Extend(hold.entry.billing_entry_id, ttl))
+    events = list(iter_events(rig.engine.settings.wal_dir))[-300:]
+    batch = encode_batch(KEYS, events)
+    (entry,) = [op for op in folded(batch) if op[0] == "H"]
+    assert len(entry) <= HSET_ARGS_MAX + 2
+    reply = await rig.client.register_script(load_script("apply_batch.lua"))(keys=batch.keys, args=batch.argv)
+    assert b"ok" == reply[0]
+    assert [] == await differences(rig.client, KEYS, rig.engine.state)
 
 
 async def test_a_balance_that_dips_below_zero_inside_a_batch_is_refused(rig: Rig) -> None:

@@ -327,6 +327,10 @@ class Batch:
     last_seq: int = 0
 
 
+HSET_ARGS_MAX: Final = 256
+"""A merged HSET longer than this keeps each field once (Lua's ``unpack`` takes at most ~8,000 values)."""
+
+
 class _Fold:
     """The net effect of many events' operations: what one script call has to do for all of them.
 
@@ -372,6 +376,9 @@ class _Fold:
                 self.hashes[key] = op
             else:
                 merged += op[2:]
+                if len(merged) > HSET_ARGS_MAX:  # one hash written over and over: keep each field once
+                    items = iter(merged[2:])
+                    merged[2:] = [item for pair in dict(zip(items, items, strict=True)).items() for item in pair]
         elif code in ("N", "C"):
             sums = (self.counts if code == "N" else self.unchecked).setdefault(key, {})
             for i in range(2, len(op), 2):
