@@ -10,8 +10,10 @@ outcome a gateway must handle.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
+
+import msgspec
 
 from tollway.core.events import Payload, RateSnapshot
 from tollway.core.money import DEFAULT_CREDIT_UNITS_PER_USD, MAX_REQUEST_COST_MICRO, PPM
@@ -63,8 +65,7 @@ class Policy:
 # -- commands ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Reserve:
+class Reserve(msgspec.Struct, frozen=True, gc=False):
     """Hold ``estimated_cost_micro`` for one model call, keyed by ``request_id``."""
 
     account_id: str
@@ -75,8 +76,7 @@ class Reserve:
     basis: str = ""  # how the estimate was made (model and tokens); part of the key's identity
 
 
-@dataclass(frozen=True, slots=True)
-class Commit:
+class Commit(msgspec.Struct, frozen=True, gc=False):
     """Charge the actual cost of a held entry; optionally store the gateway's response."""
 
     billing_entry_id: str
@@ -84,31 +84,27 @@ class Commit:
     response_json: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Release:
+class Release(msgspec.Struct, frozen=True, gc=False):
     """Return a hold: the request failed before streaming, or the user cancelled."""
 
     billing_entry_id: str
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class Extend:
+class Extend(msgspec.Struct, frozen=True, gc=False):
     """Push a hold's expiry to ``ttl_s`` seconds from now."""
 
     billing_entry_id: str
     ttl_s: int
 
 
-@dataclass(frozen=True, slots=True)
-class Expire:
+class Expire(msgspec.Struct, frozen=True, gc=False):
     """Release a hold whose expiry passed (the sweeper's command)."""
 
     billing_entry_id: str
 
 
-@dataclass(frozen=True, slots=True)
-class Charge:
+class Charge(msgspec.Struct, frozen=True, gc=False):
     """A single-phase charge without a hold, keyed by ``request_id``."""
 
     account_id: str
@@ -118,8 +114,7 @@ class Charge:
     correlation_id: str = "untraced"
 
 
-@dataclass(frozen=True, slots=True)
-class Void:
+class Void(msgspec.Struct, frozen=True, gc=False):
     """An admin refund of a committed (or settlement-failed) charge."""
 
     billing_entry_id: str
@@ -127,8 +122,7 @@ class Void:
     admin_id: str
 
 
-@dataclass(frozen=True, slots=True)
-class FinalizeAck:
+class FinalizeAck(msgspec.Struct, frozen=True, gc=False):
     """The settlement service confirmed the charge."""
 
     billing_entry_id: str
@@ -136,8 +130,7 @@ class FinalizeAck:
     attempt: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class FinalizeFail:
+class FinalizeFail(msgspec.Struct, frozen=True, gc=False):
     """Settlement gave up on the charge."""
 
     billing_entry_id: str
@@ -145,8 +138,7 @@ class FinalizeFail:
     attempts: int
 
 
-@dataclass(frozen=True, slots=True)
-class Credit:
+class Credit(msgspec.Struct, frozen=True, gc=False):
     """Mint, deduct or credit-note ``amount_micro``, keyed by ``credit_id``."""
 
     account_id: str
@@ -158,8 +150,7 @@ class Credit:
     correlation_id: str = "untraced"
 
 
-@dataclass(frozen=True, slots=True)
-class Note:
+class Note(msgspec.Struct, frozen=True, gc=False):
     """Record an operator action or finding in the log; no money moves."""
 
     payload: Payload
@@ -188,17 +179,15 @@ class RefusalCode(enum.Enum):
     GUARD_UNAVAILABLE = "BILLING_EVALUATOR_UNAVAILABLE"
 
 
-@dataclass(frozen=True, slots=True)
-class Refusal:
+class Refusal(msgspec.Struct, frozen=True):
     """A command that was not done, and nothing was written."""
 
     code: RefusalCode
     message: str
-    details: dict[str, object] = field(default_factory=dict)
+    details: dict[str, object] = msgspec.field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class EntryResult:
+class EntryResult(msgspec.Struct, frozen=True, gc=False):
     """An entry after a command: ``created`` on a new hold or charge, ``replayed`` on a repeat."""
 
     entry: Entry
@@ -207,8 +196,7 @@ class EntryResult:
     response_json: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class CreditResult:
+class CreditResult(msgspec.Struct, frozen=True, gc=False):
     """The account after a credit operation."""
 
     account_id: str
@@ -220,8 +208,7 @@ class CreditResult:
     replayed: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class NoteResult:
+class NoteResult(msgspec.Struct, frozen=True, gc=False):
     """The sequence at which a note was recorded."""
 
     wal_sequence: int

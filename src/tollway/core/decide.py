@@ -16,7 +16,8 @@ the id factory as arguments, so the same inputs give the same answer.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+
+import msgspec
 
 from tollway.core import commands as cmd
 from tollway.core import events as ev
@@ -28,8 +29,7 @@ from tollway.core.state import Entry, State, credit_fingerprint, request_key
 S = EntryState
 
 
-@dataclass(frozen=True, slots=True)
-class Write:
+class Write(msgspec.Struct, frozen=True, gc=False):
     """Append ``payloads`` for ``billing_entry_id``; the result is read from state after."""
 
     billing_entry_id: str
@@ -38,8 +38,7 @@ class Write:
     created: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Replay:
+class Replay(msgspec.Struct, frozen=True, gc=False):
     """Answer with ``outcome``, once the event at ``wal_sequence`` is durable."""
 
     outcome: cmd.EntryResult | cmd.CreditResult
