@@ -82,3 +82,25 @@ async def test_rebuild_needs_an_external_redis(tmp_path: Path) -> None:
     code, output = await tollway("rebuild", "--data-dir", str(settings.data_dir))
     assert 2 == code
     assert "give --redis-url" in output
+
+
+async def test_rebuild_against_an_unreachable_or_full_redis_is_a_clear_error(
+    tmp_path: Path, redis_server: EmbeddedRedis
+) -> None:
+    """No traceback: one line naming the Redis and the cause, exit 2 (the WAL is not touched)."""
+    settings = Settings(data_dir=tmp_path / "data")
+    await stopped_service(settings, redis_server.url)
+    code, output = await tollway("rebuild", "--data-dir", str(settings.data_dir), "--redis-url", "redis://127.0.0.1:1")
+    assert 2 == code, output
+    assert "could not rebuild the projection in the redis at redis://127.0.0.1:1" in output
+    assert "Traceback" not in output
+    client = aioredis.Redis.from_url(redis_server.url)
+    await client.config_set("maxmemory", "1")
+    try:
+        code, output = await tollway("rebuild", "--data-dir", str(settings.data_dir), "--redis-url", redis_server.url)
+    finally:
+        await client.config_set("maxmemory", "0")
+        await client.aclose()
+    assert 2 == code, output
+    assert "maxmemory" in output
+    assert "Traceback" not in output

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import msgspec
 import redis.asyncio as aioredis
+import redis.exceptions
 import typer
 from rich.console import Console
 
@@ -20,7 +21,7 @@ from tollway import audit as auditing
 from tollway.audit_live import redis_section, settlement_section
 from tollway.cli.common import ConfigFile, DataDir, clean_errors, existing_data_dir
 from tollway.config import Settings
-from tollway.core.errors import InvalidInput
+from tollway.core.errors import InvalidInput, TollwayError
 from tollway.core.events import BILLING_WAL_SCHEMA_VERSION, Event, Unknown
 from tollway.core.ids import UNTRACED
 from tollway.engine import Engine
@@ -233,8 +234,14 @@ async def _rebuild(settings: Settings, url: str) -> tuple[int, list[str]]:
             sequence = await projector.rebuild()
             await projector.sync()
             return sequence, await differences(client, redis_keys(settings), engine.state)
+    except redis.exceptions.RedisError as exc:  # unreachable, full (maxmemory), read-only, …
+        raise RebuildFailed(f"could not rebuild the projection in the redis at {url}: {exc}") from exc
     finally:
         await client.aclose()
+
+
+class RebuildFailed(TollwayError):
+    """Redis could not take the rebuild; the WAL is untouched, so it can simply be run again."""
 
 
 def register(app: typer.Typer) -> None:
