@@ -56,6 +56,9 @@ def test_strings_are_converted_by_field_type() -> None:
         ({"durability": "sometimes"}, "invalid value for durability"),
         ({"reserve_ttl_s": 4000}, "reserve_ttl_s must be between 1 and 3600"),
         ({"sweep_batch_max": True}, "expected an integer"),
+        ({"redis_url": "localhost:6379"}, "redis_url must be a URL starting with redis://, rediss://, unix://"),
+        ({"redis_url": "redis://"}, "redis_url must be a URL starting with"),
+        ({"settlement_url": "settlement.internal"}, "settlement_url must be a URL starting with http://, https://"),
     ],
 )
 def test_bad_settings_are_startup_errors(mapping: dict[str, object], message: str) -> None:

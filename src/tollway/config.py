@@ -142,6 +142,8 @@ class Settings:
         _check_range("breaker_probe_timeout_ms", self.breaker_probe_timeout_ms, 100, 600_000)
         _check_range("http_port", self.http_port, 0, 65_535)
         _check_range("http_body_bytes_max", self.http_body_bytes_max, 1024, 64 << 20)
+        _check_url("redis_url", self.redis_url, ("redis://", "rediss://", "unix://"))
+        _check_url("settlement_url", self.settlement_url, ("http://", "https://"))
         for name in ("redis_prefix", "shard"):
             value = getattr(self, name)
             if not value or any(c in value for c in "{}: "):
@@ -183,6 +185,11 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes``, validated like any other."""
         return load_settings({**_as_mapping(self), **changes})
+
+
+def _check_url(name: str, value: str | None, schemes: tuple[str, ...]) -> None:
+    if value is not None and not (value.startswith(schemes) and len(value) > len(value.split("//", 1)[0]) + 2):
+        raise ConfigError(f"{name} must be a URL starting with {', '.join(schemes)}, got {value!r}")
 
 
 def _check_range(name: str, value: int, low: int, high: int) -> None:
