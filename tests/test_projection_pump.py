@@ -39,7 +39,7 @@ async def rig(tmp_path: Path, redis_server: EmbeddedRedis, clock: FakeClock) -> 
     client = aioredis.Redis.from_url(redis_server.url)
     pump = await ProjectionPump.start(redis_server.url, KEYS)
     async with Engine.open(settings=settings, clock=clock) as engine:
-        projector = Projector(engine, client, KEYS, batch_events_max=7, pump=pump)
+        projector = Projector(engine, client, KEYS, batch_events_max=7, pump_batch_events_max=7, pump=pump)
         try:
             yield PumpRig(engine, projector, client, redis_server, clock, pump)
         finally:

@@ -14,7 +14,9 @@ event loop far more than an event does); under load it never waits, the batches 
 With a :class:`~tollway.redis.pump.ProjectionPump` (the service starts one unless
 ``projection_pump`` rules it out), the projector keeps each buffered event's WAL record and hands
 runs of them to the pump, a child process that encodes and applies them: two batches in
-flight, so the pump encodes one while Redis runs the other. Events read back from the WAL are
+flight, so the pump encodes one while Redis runs the other, of up to 1,024 events (256 when
+encoding here, where a batch stalls the event loop): the larger the batch, the more holds
+meet their commits in it and fold into one write. Events read back from the WAL are
 applied here as before, and a pump that fails is dropped for good (encoding here from then on).
 
 Redis going away never stops billing: the engine does not wait for the projector. The task
@@ -58,7 +60,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tollway.projector")
 
-BATCH_EVENTS_MAX: Final = 256
+BATCH_EVENTS_MAX: Final = 256  # encoded in the event loop: a batch of 256 stalls it for a few ms
+PUMP_BATCH_EVENTS_MAX: Final = 1024  # encoded by the pump: larger batches fold more holds with their commits
 PUMP_IN_FLIGHT: Final = 2  # the pump encodes one batch while Redis runs the one before
 BUFFER_EVENTS_MAX: Final = 200_000
 WAL_READ_EVENTS_MAX: Final = 100_000
@@ -105,6 +108,7 @@ class Projector:
         keys: Keys,
         *,
         batch_events_max: int = BATCH_EVENTS_MAX,
+        pump_batch_events_max: int = PUMP_BATCH_EVENTS_MAX,
         coalesce_ms: int = 0,
         pump: ProjectionPump | None = None,
     ) -> None:
@@ -112,6 +116,7 @@ class Projector:
         self.redis = client
         self.keys = keys
         self.batch_events_max = batch_events_max
+        self.pump_batch_events_max = pump_batch_events_max
         self.coalesce_s = coalesce_ms / 1000
         self._apply = client.register_script(load_script("apply_batch.lua"))
         self._buffer: collections.deque[Event] = collections.deque()
@@ -272,7 +277,7 @@ class Projector:
         try:
             while True:
                 while len(in_flight) < PUMP_IN_FLIGHT and sent < self.engine.durable_sequence:
-                    events = self._buffered_after(sent)
+                    events = self._buffered_after(sent, self.pump_batch_events_max)
                     records = self._records_of(events)
                     if records is None:
                         break
@@ -303,13 +308,13 @@ class Projector:
         self.pump = None
         self._pump_failed = True
 
-    def _buffered_after(self, applied: int) -> list[Event]:
-        """Up to ``batch_events_max`` durable events after ``applied`` from memory ([] if not there)."""
+    def _buffered_after(self, applied: int, limit: int) -> list[Event]:
+        """Up to ``limit`` durable events after ``applied`` from memory ([] if not there)."""
         durable, buffer = self.engine.durable_sequence, self._buffer
         if not buffer or not buffer[0].wal_sequence <= applied + 1 <= buffer[-1].wal_sequence:
             return []
         start = applied + 1 - buffer[0].wal_sequence
-        return [e for e in itertools.islice(buffer, start, start + self.batch_events_max) if e.wal_sequence <= durable]
+        return [e for e in itertools.islice(buffer, start, start + limit) if e.wal_sequence <= durable]
 
     def _records_of(self, events: list[Event]) -> bytes | None:
         """The WAL records of ``events`` joined, if every one of them is kept."""
@@ -334,7 +339,7 @@ class Projector:
 
     async def _events_after(self, applied: int) -> list[Event]:
         """Up to ``batch_events_max`` durable events after ``applied``: from memory, else the WAL."""
-        buffered = self._buffered_after(applied)
+        buffered = self._buffered_after(applied, self.batch_events_max)
         if buffered:
             return buffered
         limit, durable = self.batch_events_max, self.engine.durable_sequence
