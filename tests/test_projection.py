@@ -140,8 +140,8 @@ def test_a_batch_carries_the_net_effect_of_a_hold_and_its_commit() -> None:
     ops = folded(encode_batch(KEYS, events))
     assert ["C", "C", "H", "I", "I", "N", "R"] == sorted(str(op[0]) for op in ops)
     alice = KEYS.account("alice")
-    assert ["I", alice, "available", "0", "880", 0] in ops  # +1000 -300 +180: never below the start
-    assert ["I", alice, "charged", "0", "120", 0] in ops  # held: +300 -300, nothing to do
+    assert ["I", alice, "available", "0", "880", 1] in ops  # +1000 -300 +180: never below the start
+    assert ["I", alice, "charged", "0", "120", 3] in ops  # held: +300 -300, nothing to do
     assert ["N", KEYS.counters, "COMMITTED", "1"] in ops
     entry = next(op for op in ops if op[0] == "H")
     assert "COMMITTED" == dict(zip(entry[2::2], entry[3::2], strict=True))["state"]

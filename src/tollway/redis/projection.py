@@ -341,7 +341,8 @@ class _Fold:
 
     - Money (``I``, ``C``): per hash field, the sum of the deltas. A checked field (``I``) also
       keeps its *low point*, the most negative running sum (0 if it never dips) and the
-      sequence of the event that reached it: the script adds the low point first and checks
+      sequence of the event that reached it (else of the first event that moved the field),
+      which a refusal names: the script adds the low point first and checks
       the balance, then adds the rest (``total - low``, never negative). The balance went
       negative somewhere in the batch exactly when it is negative at the low point, so the
       script refuses what the event-by-event check refused.
@@ -398,7 +399,7 @@ class _Fold:
             delta = int(op[i + 1])
             found = fields.get(op[i])
             if found is None:
-                fields[op[i]] = [delta, delta, seq] if delta < 0 else [delta, 0, 0]
+                fields[op[i]] = [delta, min(delta, 0), seq]  # seq: the low point's event, else the first
             else:
                 found[0] += delta
                 if found[0] < found[1]:

@@ -11,7 +11,8 @@
 -- Opcodes:
 --   I key field low rest seq   a user balance that must stay >= 0: HINCRBY by low (the most negative
 --                              running sum of the batch's deltas, reached at event seq; "0" if it never
---                              dips), check, then HINCRBY by rest (total - low); a "0" step is skipped
+--                              dips, and seq the first event that moved it), check, then HINCRBY by
+--                              rest (total - low); a "0" step is skipped; a refusal names seq
 --   C key field delta          HINCRBY that may go negative (the system ledger)
 --   N key f1 d1 [f2 d2 ...]    counts (entries per state): HINCRBY of each, once every money change passed
 --   H key f1 v1 [f2 v2 ...]    HSET
