@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
 from collections.abc import AsyncIterator
@@ -124,10 +125,12 @@ HOLD = "01ARZ3NDEKTSV4RRFFQ69G5FAV"
 
 
 def folded(batch: Batch) -> list[list[object]]:
-    """The ops a batch carries, with each op's (first) key index turned back into its name."""
-    first, last, ops = msgspec.msgpack.decode(batch.argv[0])
+    """The ops a batch carries (money first), with each op's (first) key index turned back into its name."""
+    first, last, money, rest = msgspec.msgpack.decode(batch.argv[0])
     assert (batch.first_seq, batch.last_seq) == (first, last)
-    return [[op[0], batch.keys[op[1] - 1], *op[2:]] for op in ops]
+    assert {"I", "C"} >= {op[0] for op in money}
+    assert not {"I", "C"} & {op[0] for op in rest}
+    return [[op[0], batch.keys[op[1] - 1], *op[2:]] for op in [*money, *rest]]
 
 
 def test_a_batch_carries_the_net_effect_of_a_hold_and_its_commit() -> None:
@@ -387,6 +390,28 @@ async def test_a_caught_up_projector_gathers_batches_for_coalesce_ms(rig: Rig, c
         assert calls >= 5
 
 
+@contextlib.asynccontextmanager
+async def projecting(rig: Rig) -> AsyncIterator[asyncio.Task[None]]:
+    """The projector's run() as a task for the block; cancelled (and seen to stop) after it."""
+    task = asyncio.create_task(rig.projector.run())
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def caught_up(rig: Rig) -> None:
+    """Wait (at most 10 s) until the running projector applied every durable event; then check parity."""
+    for _ in range(1000):
+        if rig.projector.applied_seq == rig.engine.durable_sequence:
+            break
+        await asyncio.sleep(0.01)
+    assert rig.engine.durable_sequence == rig.projector.applied_seq
+    assert [] == await differences(rig.client, KEYS, rig.engine.state)
+
+
 async def pauses_while_redis_refuses_writes(rig: Rig, *, flushed: bool) -> None:
     """Redis at maxmemory takes no batch (nor a rebuild, if ``flushed``); billing goes on, the projection resumes."""
     await rig.projector.sync()
@@ -395,8 +420,7 @@ async def pauses_while_redis_refuses_writes(rig: Rig, *, flushed: bool) -> None:
     if flushed:
         await rig.client.flushall()  # the next sync rebuilds, with plain commands
     await rig.client.config_set("maxmemory", "1")  # every write that may grow memory is refused now
-    task = asyncio.create_task(rig.projector.run())
-    try:
+    async with projecting(rig) as task:
         await workload(rig.engine, rig.clock, 15, 60)  # billing goes on
         await asyncio.sleep(0.3)
         assert rig.projector.violation is None
@@ -405,17 +429,8 @@ async def pauses_while_redis_refuses_writes(rig: Rig, *, flushed: bool) -> None:
         assert rig.projector.applied_seq < rig.engine.durable_sequence
         assert "maxmemory" in (rig.projector.status().redis_error or "")
         await rig.client.config_set("maxmemory", "0")
-        for _ in range(1000):
-            if rig.projector.applied_seq == rig.engine.durable_sequence:
-                break
-            await asyncio.sleep(0.01)
-        assert rig.engine.durable_sequence == rig.projector.applied_seq
-        assert [] == await differences(rig.client, KEYS, rig.engine.state)
+        await caught_up(rig)
         assert rig.projector.status().redis_error is None
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
 
 
 @pytest.mark.parametrize("flushed", [False, True])
@@ -438,20 +453,10 @@ async def test_any_error_answer_pauses_the_projection_instead_of_ending_it(
 
     monkeypatch.setattr(rig.projector, "rebuild", rebuild_once_refused)
     await rig.engine.execute(cmd.Credit("alice", "m", CreditKind.MINT, 100))
-    task = asyncio.create_task(rig.projector.run())
-    try:
-        for _ in range(1000):
-            if rig.projector.applied_seq == rig.engine.durable_sequence:
-                break
-            await asyncio.sleep(0.01)
-        assert rig.engine.durable_sequence == rig.projector.applied_seq
+    async with projecting(rig) as task:
+        await caught_up(rig)
         assert not task.done()
         assert rig.projector.status().redis_error is None
-        assert [] == await differences(rig.client, KEYS, rig.engine.state)
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
 
 
 @pytest.mark.parametrize("money", [True, False])

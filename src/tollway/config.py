@@ -188,7 +188,7 @@ class Settings:
 
 
 def _check_url(name: str, value: str | None, schemes: tuple[str, ...]) -> None:
-    if value is not None and not (value.startswith(schemes) and len(value) > len(value.split("//", 1)[0]) + 2):
+    if value is not None and not any(value.startswith(scheme) and value != scheme for scheme in schemes):
         raise ConfigError(f"{name} must be a URL starting with {', '.join(schemes)}, got {value!r}")
 
 

@@ -14,6 +14,7 @@ Amounts are written as canonical decimal strings; balances change only by HINCRB
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
@@ -405,8 +406,8 @@ class _Fold:
                 if found[0] < found[1]:
                     found[1], found[2] = found[0], seq
 
-    def ops(self) -> list[Op]:
-        """The folded ops: money (``I`` key field low rest seq, ``C`` key field delta), then the rest."""
+    def money(self) -> list[Op]:
+        """The money ops: ``I`` key field low rest seq, then ``C`` key field delta."""
         out: list[Op] = [
             ["I", key, name, str(low), str(total - low), seq]
             for key, fields in self.checked.items()
@@ -419,6 +420,11 @@ class _Fold:
             for name, total in sums.items()
             if total
         )
+        return out
+
+    def rest(self) -> list[Op]:
+        """Every other op: counts, hashes, expiry members, responses, then the stream ops in order."""
+        out: list[Op] = []
         for key, sums in self.counts.items():
             op: Op = ["N", key]
             for name, total in sums.items():
@@ -439,8 +445,10 @@ _PACK: Final = msgspec.msgpack.Encoder()
 def encode_batch(keys: Keys, events: Iterable[ev.Event]) -> Batch:
     """Pack the net operations of ``events`` (consecutive sequences) for ``apply_batch.lua``.
 
-    ARGV[1] is one msgpack array ``[first_seq, last_seq, [[opcode, arg, …], …]]``: the
-    events' operations folded into their net effect (:class:`_Fold`), in which key arguments
+    ARGV[1] is one msgpack array ``[first_seq, last_seq, money, rest]``, each of the last two a
+    list of ``[opcode, arg, …]``: the events' operations folded into their net effect
+    (:class:`_Fold`), the money ops apart so that the script's money pass reads nothing else.
+    Key arguments
     are indexes into KEYS and every other argument is a string (a sequence where an ``I`` op
     names the event of its low point). A few arguments per call instead of ~50 per event (the
     client packs each argument in Python), and fewer Redis commands than events.
@@ -455,8 +463,8 @@ def encode_batch(keys: Keys, events: Iterable[ev.Event]) -> Batch:
     names = [keys.meta]
     index: dict[str | int, int] = {keys.meta: 1}
     known = index.get
-    ops = fold.ops()
-    for op in ops:  # key names become KEYS indexes in place (every op is a fresh list)
+    money, rest = fold.money(), fold.rest()
+    for op in itertools.chain(money, rest):  # key names become KEYS indexes in place (fresh lists)
         for at in _KEYS_AT.get(op[0], _FIRST):
             name = op[at]
             found = known(name)
@@ -464,7 +472,7 @@ def encode_batch(keys: Keys, events: Iterable[ev.Event]) -> Batch:
                 names.append(str(name))
                 found = index[name] = len(names)
             op[at] = found
-    return Batch(names, [_PACK.encode([first, last, ops])], first, last)
+    return Batch(names, [_PACK.encode([first, last, money, rest])], first, last)
 
 
 # -- rebuild -------------------------------------------------------------------------------

@@ -3,10 +3,11 @@
 -- KEYS[1]      the shard's meta hash (field applied_seq: the last WAL sequence applied)
 -- KEYS[2..n]   every other key the operations touch (operations refer to them by index)
 --
--- ARGV[1]      msgpack: [first_seq, last_seq, [[opcode, arg, ...], ...]] — the net effect of the
---              consecutive events first_seq..last_seq (the encoder folds them: one HSET per hash,
---              one op per expiry member, summed deltas). Key arguments are integer indexes into
---              KEYS; every other argument is a string, but for the sequence of an I op.
+-- ARGV[1]      msgpack: [first_seq, last_seq, money, rest], money and rest each a list of
+--              [opcode, arg, ...] — the net effect of the consecutive events first_seq..last_seq
+--              (the encoder folds them: one HSET per hash, one op per expiry member, summed
+--              deltas); money holds the I and C ops, rest every other. Key arguments are integer
+--              indexes into KEYS; every other argument is a string, but for the sequence of an I op.
 --
 -- Opcodes:
 --   I key field low rest seq   a user balance that must stay >= 0: HINCRBY by low (the most negative
@@ -47,13 +48,18 @@ if not applied_text then
 end
 local applied = tonumber(applied_text)
 
+-- Sequences as decimal text (a Lua number's default text turns to exponent notation past 1e14).
+local function seq_text(seq)
+  return string.format('%d', seq)
+end
+
 local batch = cmsgpack.unpack(ARGV[1])
-local first, last, ops = batch[1], batch[2], batch[3]
+local first, last, money, rest = batch[1], batch[2], batch[3], batch[4]
 if last <= applied then
-  return {'duplicate', tostring(applied)}
+  return {'duplicate', applied_text}
 end
 if first ~= applied + 1 then
-  return {'gap', tostring(applied), tostring(first)}
+  return {'gap', applied_text, seq_text(first)}
 end
 
 -- The script's first write rewrites applied_seq unchanged. Redis refuses a script's first write
@@ -91,20 +97,19 @@ local function add(key, field, delta, checked, seq)
   end
   if failed or (checked and after < 0) then
     undo(done)
-    return {'violation', tostring(seq), key, field, failed or 'balance would go negative'}
+    return {'violation', seq_text(seq), key, field, failed or 'balance would go negative'}
   end
 end
 
-for _, op in ipairs(ops) do
-  local code = op[1]
-  if code == 'I' then
+for _, op in ipairs(money) do
+  if op[1] == 'I' then
     local key, field, low, remainder = KEYS[op[2]], op[3], op[4], op[5]
     local refused = (low ~= '0' and add(key, field, low, true, op[6]))
       or (remainder ~= '0' and add(key, field, remainder, true, op[6]))
     if refused then
       return refused
     end
-  elseif code == 'C' then
+  else -- C
     local refused = add(KEYS[op[2]], op[3], op[4], false, first)
     if refused then
       return refused
@@ -113,7 +118,7 @@ for _, op in ipairs(ops) do
 end
 
 -- Pass 2: everything that is not money.
-for _, op in ipairs(ops) do
+for _, op in ipairs(rest) do
   local code = op[1]
   local key = KEYS[op[2]]
   if code == 'N' then
@@ -143,6 +148,6 @@ for _, op in ipairs(ops) do
   end
 end
 
-local applied_now = tostring(last)
+local applied_now = seq_text(last)
 redis.call('HSET', meta, 'applied_seq', applied_now)
 return {'ok', applied_now}
