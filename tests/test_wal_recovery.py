@@ -474,6 +474,40 @@ async def test_periodic_snapshots_match_the_log(tmp_path: Path) -> None:
     assert 0 < sequences[0] < sequences[1] < last  # the older ones were written while running
 
 
+async def test_failed_periodic_snapshot_is_logged_and_tried_again_an_interval_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full disk fails the periodic snapshot: billing goes on, and the next try waits a whole interval.
+
+    Before, the failed task was started again by the very next batch, so every command re-encoded
+    the whole state while the disk stayed full.
+    """
+    every = 10
+    settings = Settings(data_dir=tmp_path / "data", snapshot_every_events=every)
+    attempts: list[int] = []
+
+    def full_disk(snap_dir: Path, sequence: int, *args: object, **kwargs: object) -> Path:
+        attempts.append(sequence)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    caplog.set_level(logging.ERROR, logger="tollway.engine")
+    async with Engine.open(settings=settings) as engine:
+        monkeypatch.setattr("tollway.engine.write_snapshot", full_disk)
+        await _traffic(engine, 60)  # sequential: one or two events per batch
+        last = engine.state.last_sequence
+        assert engine._snapshot_task is not None
+        await engine._snapshot_task
+        monkeypatch.undo()  # the disk has room again
+    assert 2 <= len(attempts) <= last // every  # one per interval, not one per batch after the first failure
+    failures = [r for r in caplog.records if "snapshot failed" in r.getMessage()]
+    assert len(attempts) == len(failures)
+    assert failures[0].exc_info is not None
+    assert "No space left on device" in str(failures[0].exc_info[1])
+    sequence, snap = decode_snapshot(list_snapshots(settings.snapshot_dir)[-1].read_bytes())
+    assert last == sequence  # close() still wrote one, the disk having room again
+    assert _snapshot_of(_events(settings)) == snap
+
+
 @pytest.fixture
 async def crash_image(tmp_path: Path) -> tuple[Settings, Snapshot, tuple[int, int]]:
     """A copy of a running engine's data directory (snapshots at two sequences, then 5 more records).
