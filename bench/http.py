@@ -688,7 +688,7 @@ class WalWatch:
     snapshot_every: int = field(default_factory=lambda: Settings().snapshot_every_events)
 
     def around(self, phase: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """Run ``phase`` and add ``wal_events`` and ``snapshots`` (a periodic snapshot stalls the loop briefly)."""
+        """Run ``phase`` and add ``wal_events`` and ``snapshots`` (a snapshot takes up to a fifth of the loop)."""
         before, batches_before = self.runner.run(last_sequence(self.target)), self.runner.run(wal_batches(self.target))
         result = phase()
         after, batches_after = self.runner.run(last_sequence(self.target)), self.runner.run(wal_batches(self.target))
@@ -821,7 +821,8 @@ NOTES: Final = [
     "(bench/machine.py wakeup_latency); a reserve waits for several wake-ups (server, sync helper, server, "
     "generator), so its p99 cannot be far below a few times wakeup_p99_ms",
     "wal_events, snapshots: WAL events written during a phase and periodic snapshots due in it (each one "
-    "briefly stalls the event loop, which shows in that phase's tail latency)",
+    "takes up to a fifth of the event loop for about a second while it is encoded, which can show in that "
+    "phase's tail latency)",
 ]
 
 
