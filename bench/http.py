@@ -800,6 +800,7 @@ CURVE_KEYS: Final = (
     "server_children_cpu_busy",
     "server_cpu_us_per_pair",
     "wal_events_per_batch",
+    "snapshots",
 )
 NOTES: Final = [
     "billing_requests_per_s = 2 x pairs_per_s (a pair is POST /v1/reservations then POST .../commit)",
