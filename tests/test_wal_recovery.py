@@ -31,7 +31,7 @@ from tollway import (
     WalIOFailure,
     WalLocked,
 )
-from tollway.config import WalSyncer
+from tollway.config import Durability, WalSyncer
 from tollway.core.events import Event
 from tollway.core.ledger import Ledger, check_invariants
 from tollway.core.state import Snapshot
@@ -506,6 +506,39 @@ async def test_failed_periodic_snapshot_is_logged_and_tried_again_an_interval_la
     sequence, snap = decode_snapshot(list_snapshots(settings.snapshot_dir)[-1].read_bytes())
     assert last == sequence  # close() still wrote one, the disk having room again
     assert _snapshot_of(_events(settings)) == snap
+
+
+async def test_close_hurries_a_background_snapshot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A periodic snapshot paces its encoder (at most a fifth of the loop) until close() waits for it.
+
+    Shutting down, the loop has nothing else to do: the encoder stops pausing between slices.
+    """
+    settings = Settings(data_dir=tmp_path / "data", durability=Durability.NONE, snapshot_every_events=10**9)
+    pauses: list[tuple[bool, float]] = []  # (closing, requested pause) of each sleep of the encoder
+    real_sleep = asyncio.sleep
+
+    async def recording_sleep(delay: float, result: object = None) -> object:
+        pauses.append((engine._closing, delay))
+        return await real_sleep(delay, result)
+
+    async with Engine.open(settings=settings) as engine:
+        await _mint(engine, "funds", 10**12)
+        for start in range(0, 12_000, 1_000):  # 12,000 entries: several slices to encode
+            await asyncio.gather(*(engine.execute(Reserve(ACCOUNT, f"r{i}", 5)) for i in range(start, start + 1_000)))
+        monkeypatch.setattr(asyncio, "sleep", recording_sleep)
+        engine._snapshot_task = asyncio.get_running_loop().create_task(engine._periodic_snapshot())
+        while not pauses:  # the encoder has taken its first slice and paused
+            await real_sleep(0.001)
+    monkeypatch.undo()
+    paced = [delay for closing, delay in pauses if not closing]
+    hurried = [delay for closing, delay in pauses if closing]
+    assert paced, "the encoder never paused while paced"
+    assert all(delay > 0 for delay in paced)
+    assert hurried, "close() found the snapshot already done: nothing to hurry"
+    assert all(delay == 0 for delay in hurried)
+    sequence, snap = decode_snapshot(list_snapshots(settings.snapshot_dir)[-1].read_bytes())
+    assert 12_001 == sequence == snap.last_sequence
+    assert 12_000 == len(snap.entries)
 
 
 @pytest.fixture

@@ -144,6 +144,7 @@ class Engine:
         self._snapshot_task: asyncio.Task[None] | None = None
         self._failure: TollwayError | None = None
         self._closed = False
+        self._closing = False  # close() waits for a background snapshot: it runs at full speed from then on
         self._listeners: list[Listener] = []
         self.on_fatal: Callable[[BaseException], None] | None = None
 
@@ -210,6 +211,7 @@ class Engine:
             if self._failure is None:
                 await self._wait_durable(self.state.last_sequence)
                 if self._snapshot_task is not None:
+                    self._closing = True
                     await self._snapshot_task
                 if self.state.last_sequence > self._snapshot_seq:
                     await self._snapshot()
@@ -424,8 +426,8 @@ class Engine:
         event loop it stalled every command for that long. The copy is cheap (immutable
         entries are shared), and each slice takes about two milliseconds. In the ``background``
         the encoder waits after each slice so that it takes at most
-        :data:`SNAPSHOT_BACKGROUND_SHARE` of the loop; otherwise (on close, on request) it only
-        lets waiting callbacks run between slices.
+        :data:`SNAPSHOT_BACKGROUND_SHARE` of the loop, until :meth:`close` waits for it;
+        otherwise (on close, on request) it only lets waiting callbacks run between slices.
         """
         pause_per_busy = 1 / SNAPSHOT_BACKGROUND_SHARE - 1 if background else 0.0
         frozen = self.state.freeze()
@@ -435,7 +437,7 @@ class Engine:
             chunks.append(chunk)
             busy_s = time.perf_counter() - since_yield
             if busy_s > SNAPSHOT_SLICE_S:
-                await asyncio.sleep(busy_s * pause_per_busy)
+                await asyncio.sleep(0 if self._closing else busy_s * pause_per_busy)
                 since_yield = time.perf_counter()
         return frozen.last_sequence, chunks  # framed (checksummed) by the writing thread
 
