@@ -448,10 +448,9 @@ def encode_batch(keys: Keys, events: Iterable[ev.Event]) -> Batch:
     ARGV[1] is one msgpack array ``[first_seq, last_seq, money, rest]``, each of the last two a
     list of ``[opcode, arg, …]``: the events' operations folded into their net effect
     (:class:`_Fold`), the money ops apart so that the script's money pass reads nothing else.
-    Key arguments
-    are indexes into KEYS and every other argument is a string (a sequence where an ``I`` op
-    names the event of its low point). A few arguments per call instead of ~50 per event (the
-    client packs each argument in Python), and fewer Redis commands than events.
+    Key arguments are indexes into KEYS and every other argument is a string (a sequence where
+    an ``I`` op names the event of its low point). A few arguments per call instead of ~50 per
+    event (the client packs each argument in Python), and fewer Redis commands than events.
     """
     fold = _Fold()
     first = last = 0

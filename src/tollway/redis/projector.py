@@ -79,6 +79,10 @@ class RedisRefused(TollwayError):
     """Redis is reachable but answered an error (maxmemory reached, a read-only replica, …): nothing was applied."""
 
 
+REFUSALS: Final = (RedisRefused, redis.exceptions.ResponseError)
+"""Redis answered but took nothing (a script's ``unwritable``, a rebuild's plain commands at maxmemory)."""
+
+
 class ProjectionViolation(TollwayError):
     """The script refused a batch: applying it would break a projection invariant."""
 
@@ -187,12 +191,9 @@ class Projector:
         failures = 0
         while self.violation is None:
             try:
-                try:
-                    await self.sync()
-                except redis.exceptions.ResponseError as exc:  # e.g. a rebuild's plain commands at maxmemory
-                    raise RedisRefused(f"{type(exc).__name__}: {exc}") from exc
+                await self.sync()
                 self.connected, failures, self.redis_error = True, 0, None
-            except (RedisRefused, *REDIS_ERRORS) as exc:
+            except (*REFUSALS, *REDIS_ERRORS) as exc:
                 raise_if_cancelled()
                 self._pause(exc, first=failures == 0)
                 await asyncio.sleep(RETRY_DELAY_MS[min(failures, len(RETRY_DELAY_MS) - 1)] / 1000)
@@ -212,10 +213,11 @@ class Projector:
 
     def _pause(self, exc: Exception, *, first: bool) -> None:
         """Note why the projection waits (logged once per outage): Redis away, or answering an error."""
-        if isinstance(exc, RedisRefused):
+        if isinstance(exc, REFUSALS):
+            error = str(exc) if isinstance(exc, RedisRefused) else f"{type(exc).__name__}: {exc}"
             if self.redis_error is None:
-                log.warning("redis answers an error, projection paused (billing continues): %s", exc)
-            self.connected, self.redis_error = True, str(exc).strip()
+                log.warning("redis answers an error, projection paused (billing continues): %s", error)
+            self.connected, self.redis_error = True, error.strip()
             return
         if self.connected or first:
             log.warning("redis unavailable, projection paused (billing continues): %s", exc)
