@@ -242,3 +242,28 @@ async def test_a_thousand_concurrent_reserves_against_funds_for_a_hundred(api: A
     assert {201: 100, 402: 900} == {status: statuses.count(status) for status in set(statuses)}
     balance = await api.http.get("/v1/accounts/acct-1", headers=headers)
     assert ("0", "100000") == (balance.json()["available_micro"], balance.json()["held_micro"])
+
+
+async def test_an_archived_entry_is_not_found_and_its_request_id_is_new_again(api: Api) -> None:
+    """Past the retention an entry is gone from the API: 404 on reads and actions, a new hold on a retry."""
+    await api.mint("acct-1", 100_000)
+    entry_id = await api.held("acct-1", "req-1", 5_000)
+    done = await api.http.post(
+        f"/v1/reservations/{entry_id}/commit", json={"actual_cost_micro": "3000"}, headers=api.auth(GATEWAY)
+    )
+    assert 200 == done.status_code, done.text
+    api.clock.advance(8 * 24 * 3_600_000)  # past the default retention of 7 days
+    assert 1 == await api.service.engine.archive_once()
+    read = await api.http.get(f"/v1/reservations/{entry_id}", headers=api.auth(READ))
+    assert "archived past the retention" in check_error(read, 404, "not_found")["message"]
+    again = await api.http.post(
+        f"/v1/reservations/{entry_id}/commit", json={"actual_cost_micro": "3000"}, headers=api.auth(GATEWAY)
+    )
+    check_error(again, 404, "not_found")
+    retry = await api.reserve("acct-1", "req-1", 5_000)
+    assert 201 == retry.status_code, retry.text
+    assert entry_id != retry.json()["billing_entry_id"]
+    listed = await api.http.get("/v1/accounts/acct-1/entries", headers=api.auth(READ))
+    assert [retry.json()["billing_entry_id"]] == [item["billing_entry_id"] for item in listed.json()["items"]]
+    balance = (await api.http.get("/v1/accounts/acct-1", headers=api.auth(READ))).json()
+    assert ("92000", "5000", "3000") == (balance["available_micro"], balance["held_micro"], balance["charged_micro"])

@@ -76,3 +76,22 @@ async def test_acked_here_but_missing_at_settlement_is_a_problem(loop: Loop) -> 
     report = audit(loop.engine.settings.data_dir)
     section = await settlement_section(report, loop.settlement)
     assert (f"{done[0]} is FINALIZE_ACKED but settlement has no record of it",) == section.problems
+
+
+async def test_finalized_charges_archived_here_still_reconcile(loop: Loop) -> None:
+    """Settlement's list keeps charges tollway archived past the retention: amounts are still compared."""
+    done = await settled_loop(loop)
+    loop.clock.advance(8 * 24 * 3_600_000)  # past the default 7-day retention
+    assert 3 == await loop.engine.archive_once()
+    assert not set(done) & set(loop.engine.state.entries)
+    report = audit(loop.engine.settings.data_dir)
+    section = await settlement_section(report, loop.settlement)
+    assert () == section.problems
+    assert "3 of them acknowledged and since archived here (past the retention)" in section.notes
+    book = FinalizedBook()  # settlement recorded another amount for the first archived charge
+    for entry_id in done:
+        book.finalize(FinalizeRequest(entry_id, "acct", report.archived_acked[entry_id] + (entry_id == done[0])), 0)
+    loop.simulator.state.book = book
+    section = await settlement_section(report, loop.settlement)
+    charged = report.archived_acked[done[0]]
+    assert (f"{done[0]}: settlement has {charged + 1}, tollway charged {charged}",) == section.problems

@@ -38,7 +38,7 @@ from tollway.config import Durability
 from tollway.core import commands as cmd
 from tollway.core.commands import CreditKind, EntryResult, Refusal, RefusalCode
 from tollway.core.ledger import Ledger, check_invariants
-from tollway.core.lifecycle import EntryState
+from tollway.core.lifecycle import ARCHIVABLE, EntryState
 from tollway.redis.keys import Keys
 from tollway.redis.parity import differences
 from tollway.redis.projector import Projector
@@ -60,6 +60,7 @@ class ModelEntry:
     state: EntryState = S.RESERVE_HELD
     actual: int | None = None
     charged: int = 0
+    archived: bool = False  # past the retention: the engine forgot it
 
 
 class EngineModel(RuleBasedStateMachine):
@@ -79,6 +80,7 @@ class EngineModel(RuleBasedStateMachine):
             durability=Durability.FSYNC,
             segment_bytes=4096,
             snapshot_every_events=7,
+            entry_retention_hours=24,
             settlement_url="http://settlement.invalid" if self.SETTLEMENT else None,
         )
         self.engine = self.run(Engine.start(self.settings, clock=self.clock, random80=self.randomness))
@@ -100,6 +102,15 @@ class EngineModel(RuleBasedStateMachine):
 
     def execute(self, command: cmd.Command) -> cmd.Outcome:
         return self.run(self.engine.execute(command))
+
+    def gone(self, entry_id: str, command: cmd.Command) -> bool:
+        """Whether ``entry_id`` was archived; if so ``command`` on it must be refused as not found."""
+        if not self.model[entry_id].archived:
+            return False
+        result = self.execute(command)
+        assert isinstance(result, Refusal)
+        assert RefusalCode.NOT_FOUND == result.code
+        return True
 
     def held_total(self, account: str) -> int:
         return sum(e.estimate for e in self.model.values() if e.account == account and e.state is S.RESERVE_HELD)
@@ -161,6 +172,8 @@ class EngineModel(RuleBasedStateMachine):
 
     @rule(entry_id=entries, actual=st.integers(0, 10_000))
     def commit(self, entry_id: str, actual: int) -> None:
+        if self.gone(entry_id, cmd.Commit(entry_id, actual)):
+            return
         entry = self.model[entry_id]
         result = self.execute(cmd.Commit(entry_id, actual))
         if entry.state is S.RESERVE_HELD and self.clock.now < entry.expires_at:
@@ -186,6 +199,8 @@ class EngineModel(RuleBasedStateMachine):
 
     @rule(entry_id=entries)
     def release(self, entry_id: str) -> None:
+        if self.gone(entry_id, cmd.Release(entry_id, "pre_stream_failure")):
+            return
         entry = self.model[entry_id]
         result = self.execute(cmd.Release(entry_id, "pre_stream_failure"))
         if entry.state is S.RESERVE_HELD and self.clock.now < entry.expires_at:
@@ -213,6 +228,8 @@ class EngineModel(RuleBasedStateMachine):
     @precondition(lambda self: not self.SETTLEMENT)
     @rule(entry_id=entries)
     def void(self, entry_id: str) -> None:
+        if self.gone(entry_id, cmd.Void(entry_id, "refund", "admin-1")):
+            return
         entry = self.model[entry_id]
         result = self.execute(cmd.Void(entry_id, "refund", "admin-1"))
         if entry.state in (S.COMMITTED, S.FINALIZE_FAILED):
@@ -231,6 +248,8 @@ class EngineModel(RuleBasedStateMachine):
     def settlement_outcome(self, entry_id: str, ack: bool) -> None:
         entry = self.model[entry_id]
         command: cmd.Command = cmd.FinalizeAck(entry_id) if ack else cmd.FinalizeFail(entry_id, "gave up", 5)
+        if self.gone(entry_id, command):
+            return
         result = self.execute(command)
         target = S.FINALIZE_ACKED if ack else S.FINALIZE_FAILED
         legal = {S.FINALIZE_PENDING} | ({S.FINALIZE_FAILED} if ack else set())
@@ -246,6 +265,8 @@ class EngineModel(RuleBasedStateMachine):
     @precondition(lambda self: self.SETTLEMENT)
     @rule(entry_id=consumes(entries))
     def admin_voids_failed(self, entry_id: str) -> None:
+        if self.gone(entry_id, cmd.Void(entry_id, "written off", "admin-2")):
+            return
         entry = self.model[entry_id]
         result = self.execute(cmd.Void(entry_id, "written off", "admin-2"))
         if entry.state is S.FINALIZE_FAILED:
@@ -254,6 +275,16 @@ class EngineModel(RuleBasedStateMachine):
             self.available[entry.account] += entry.charged
         else:
             assert isinstance(result, Refusal) or (isinstance(result, EntryResult) and result.replayed)
+
+    @rule()
+    def a_day_passes_and_the_archiver_runs(self) -> None:
+        """25 hours later every settled entry is past the 24 h retention; holds and unsettled charges stay."""
+        self.clock.advance(25 * 3_600_000)
+        due = [e for e in self.model.values() if not e.archived and e.state in ARCHIVABLE]
+        assert len(due) == self.run(self.engine.archive_once())
+        for entry in due:
+            entry.archived = True
+            del self.keys[(entry.account, entry.request_id)]  # the request id is new again
 
     @rule()
     def crash_and_replay(self) -> None:
@@ -287,7 +318,10 @@ class EngineModel(RuleBasedStateMachine):
             )
             assert balance.available_micro >= 0
         for entry_id, entry in self.model.items():
-            assert entry.state == self.engine.state.entries[entry_id].state
+            if entry.archived:
+                assert entry_id not in self.engine.state.entries
+            else:
+                assert entry.state == self.engine.state.entries[entry_id].state
 
 
 class SettlementEngineModel(EngineModel):

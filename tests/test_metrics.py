@@ -372,3 +372,19 @@ def _declines_when_anything_else_listens(json_logging: io.StringIO, line: list[d
         assert not direct_json_lines("tollway.transitions", TRANSITION_EVENT, line)
     configure_logging("info", json=False, stream=json_logging)
     assert not direct_json_lines("tollway.transitions", TRANSITION_EVENT, line)
+
+
+async def test_entries_kept_and_archived_are_gauged(settings: Settings, clock: FakeClock, metrics: Metrics) -> None:
+    """``billing_entries`` counts what the engine keeps, ``billing_entries_archived`` what retention dropped."""
+    async with Engine.open(settings=settings.replace(entry_retention_hours=24), clock=clock) as engine:
+        await drive(engine)
+        await metrics.collect_from(engine=engine)
+        _, before = scrape(metrics)
+        kept = len(engine.state.entries)
+        clock.advance(25 * 3_600_000)
+        archived = await engine.archive_once()
+        await metrics.collect_from(engine=engine)
+    _, after = scrape(metrics)
+    assert (kept, 0) == (value(before, "billing_entries"), value(before, "billing_entries_archived"))
+    assert archived > 0
+    assert (kept - archived, archived) == (value(after, "billing_entries"), value(after, "billing_entries_archived"))

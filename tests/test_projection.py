@@ -20,10 +20,11 @@ from tollway.config import Durability
 from tollway.core import commands as cmd
 from tollway.core import events as ev
 from tollway.core.commands import CreditKind, EntryResult
+from tollway.core.state import State
 from tollway.redis import projector as projector_module
 from tollway.redis.keys import Keys
 from tollway.redis.parity import differences
-from tollway.redis.projection import HSET_ARGS_MAX, Batch, encode_batch
+from tollway.redis.projection import HSET_ARGS_MAX, Batch, encode_batch, entry_fields
 from tollway.redis.projector import Projector, load_script
 from tollway.redis.server import EmbeddedRedis
 from tollway.testing import FakeClock
@@ -521,3 +522,132 @@ async def test_any_split_into_batches_leaves_redis_the_same(rig: Rig) -> None:
         sizes = [rng.randint(1, 60) for _ in range(rng.randint(1, 8))]
         assert one_by_one == await project(sizes), sizes
     assert one_by_one == await project([len(events)])
+
+
+ENTRY_A, ENTRY_B, ENTRY_C, ENTRY_D = (f"01ARZ3NDEKTSV4RRFFQ69G5FB{letter}" for letter in "ABCD")
+CUTOFF_MS = 1_500_000_000_000  # after the time part of these ids (2016-07-30): they were made before it
+
+
+def archive_events() -> list[ev.Event]:
+    """A commit with a stored response (A), a release (B), a hold left alone (C), then A and B archived."""
+
+    def event(seq: int, entry_id: str, payload: ev.Payload) -> ev.Event:
+        return ev.Event(seq, seq * 10, entry_id, f"c{seq}", payload)
+
+    return [
+        event(1, "01ARZ3NDEKTSV4RRFFQ69G5FAA", ev.CreditMint("alice", "m", 10_000)),
+        event(2, ENTRY_A, ev.BillingReserve("alice", "ra", 300, 60_000, RATE, "f")),
+        event(3, ENTRY_A, ev.BillingCommit("alice", 300, 120, 120, 0, "cap", False, RATE)),
+        event(4, ENTRY_A, ev.RequestComplete("alice", "ra", '{"ok": true}')),
+        event(5, ENTRY_B, ev.BillingReserve("alice", "rb", 200, 60_000, RATE, "f")),
+        event(6, ENTRY_B, ev.BillingRelease("alice", 200, "user_cancel")),
+        event(7, ENTRY_C, ev.BillingReserve("alice", "rc", 100, 60_000, RATE, "f")),
+        event(
+            8,
+            "01ARZ3NDEKTSV4RRFFQ69G5FAB",
+            ev.EntriesArchived(
+                1_000,
+                (
+                    ev.ArchivedEntry(ENTRY_A, "alice", "ra", "COMMITTED"),
+                    ev.ArchivedEntry(ENTRY_B, "alice", "rb", "RELEASED"),
+                ),
+            ),
+        ),
+    ]
+
+
+def test_entries_created_and_archived_in_one_batch_are_only_deleted() -> None:
+    """Created, settled, answered and archived in one batch: DELs of their keys, no HSET or SET, counts net out."""
+    ops = folded(encode_batch(KEYS, [event for event in archive_events() if event.billing_entry_id != ENTRY_C]))
+    assert not [op for op in ops if op[0] in ("H", "S", "N")]  # RESERVE_HELD, COMMITTED, RELEASED: +1 -1 each
+    deletes = [op for op in ops if op[0] == "D"]
+    assert [["D", KEYS.entry(ENTRY_A)], ["D", KEYS.response(ENTRY_A)]] == deletes[:2]
+    assert [["D", KEYS.entry(ENTRY_B)], ["D", KEYS.response(ENTRY_B)]] == deletes[2:]
+    assert deletes == ops[-4:]  # after everything else
+    alice = KEYS.account("alice")
+    assert ["I", alice, "available", "0", "9880", 1] in ops  # the archive moved no money
+    assert ["I", alice, "charged", "0", "120", 3] in ops
+
+
+def test_an_archived_entry_written_again_in_the_batch_is_refused() -> None:
+    """Entry ids are never reused: a hash written after its entry was archived is a broken log, not a fold."""
+    events = archive_events()
+    again = ev.Event(9, 90, ENTRY_A, "x", ev.BillingReserve("alice", "ra2", 1, 60_000, RATE, "f"))
+    with pytest.raises(ValueError, match="deleted"):
+        encode_batch(KEYS, [*events, again])
+
+
+async def project_events(client: aioredis.Redis, events: list[ev.Event], sizes: list[int]) -> None:
+    """Apply ``events`` to an empty projection in batches of ``sizes`` (the last size repeated)."""
+    await client.hset(KEYS.meta, "applied_seq", "0")
+    script = client.register_script(load_script("apply_batch.lua"))
+    start = 0
+    for size in itertools.chain(sizes, itertools.repeat(sizes[-1])):
+        if start >= len(events):
+            break
+        batch = encode_batch(KEYS, events[start : start + size])
+        assert b"ok" == (await script(keys=batch.keys, args=batch.argv))[0]
+        start += size
+
+
+def folded_state(events: list[ev.Event]) -> State:
+    """The engine's state after ``events`` (from the first sequence)."""
+    state = State()
+    for event in events:
+        state.apply(event)
+    return state
+
+
+@pytest.mark.parametrize("sizes", [[1], [7, 1], [8]], ids=["one_by_one", "archive_apart", "one_batch"])
+async def test_archived_entries_leave_the_projection(redis_client: aioredis.Redis, sizes: list[int]) -> None:
+    """Their hashes and stored response are deleted, the live hold and every balance stay, and parity holds."""
+    events = archive_events()
+    await project_events(redis_client, events, sizes)
+    state = folded_state(events)
+    assert [ENTRY_C] == list(state.entries)
+    for key in (KEYS.entry(ENTRY_A), KEYS.response(ENTRY_A), KEYS.entry(ENTRY_B), KEYS.response(ENTRY_B)):
+        assert 0 == await redis_client.exists(key)
+    held = {k.encode(): v.encode() for k, v in entry_fields(state.entries[ENTRY_C]).items()}
+    assert held == await redis_client.hgetall(KEYS.entry(ENTRY_C))
+    balances = {b"available": b"9780", b"held": b"100", b"charged": b"120"}
+    assert balances == {k: v for k, v in (await redis_client.hgetall(KEYS.account("alice"))).items() if v != b"0"}
+    assert {b"revenue": b"120", b"funding": b"-10000"} == await redis_client.hgetall(KEYS.ledger)
+    counts = {k: v for k, v in (await redis_client.hgetall(KEYS.counters)).items() if v != b"0"}
+    assert {b"RESERVE_HELD": b"1"} == counts  # a count back to 0 may stay as "0" (one by one)
+    assert [ENTRY_C.encode()] == await redis_client.zrange(KEYS.expiry, 0, -1)
+    assert [] == await differences(redis_client, KEYS, state)
+
+
+@pytest.mark.parametrize("ending", ["void", "ack"])
+@pytest.mark.parametrize(
+    "sizes", [[1], [5, 1], [4, 2], [6]], ids=["one_by_one", "archive_apart", "settled_with_archive", "one_batch"]
+)
+async def test_a_dead_letter_settled_then_archived_leaves_no_letter(
+    redis_client: aioredis.Redis, sizes: list[int], ending: str
+) -> None:
+    """The void's (or ack's) XDEL of the letter reads the entry's poison_id before the archive deletes the hash."""
+
+    def event(seq: int, payload: ev.Payload) -> ev.Event:
+        return ev.Event(seq, seq * 10, ENTRY_D if seq > 1 else "01ARZ3NDEKTSV4RRFFQ69G5FAA", f"c{seq}", payload)
+
+    final = "VOIDED" if ending == "void" else "FINALIZE_ACKED"
+    events = [
+        event(1, ev.CreditMint("alice", "m", 1_000)),
+        event(2, ev.BillingCharge("alice", "rd", 50, 50, False, True, RATE, "f")),
+        event(3, ev.RequestComplete("alice", "rd", '{"ok": true}')),
+        event(4, ev.BillingFinalizeFail("alice", 50, "gave up", 5)),
+        event(5, ev.BillingVoid("alice", 50, "refund", "admin", "FINALIZE_FAILED"))
+        if ending == "void"
+        else event(5, ev.BillingFinalizeAck("alice", 50, "admin", 6, "FINALIZE_FAILED")),
+        event(6, ev.EntriesArchived(CUTOFF_MS, (ev.ArchivedEntry(ENTRY_D, "alice", "rd", final),))),
+    ]
+    await project_events(redis_client, events, sizes)
+    assert [] == await redis_client.xrange(KEYS.poison)
+    assert 0 == await redis_client.exists(KEYS.entry(ENTRY_D), KEYS.response(ENTRY_D))
+    assert 1 == await redis_client.xlen(KEYS.finalize)  # the charge's message: no worker finished it here
+    state = folded_state(events)
+    assert [] == await differences(redis_client, KEYS, state)  # stale: its entry was made before the cutoff
+    stranger = {"billing_entry_id": "01ARZ3NDEKTSV4RRFFQ69G5FBZ".replace("01ARZ3NDEK", "7ZZZZZZZZZ")}
+    await redis_client.xadd(KEYS.finalize, stranger)  # type: ignore[arg-type]
+    problems = await differences(redis_client, KEYS, state)
+    assert ["finalize queue: 0 pending entries not queued [], 1 extra ['7ZZZZZZZZZTSV4RRFFQ69G5FBZ']"] == problems

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tollway import Settings
+from tollway.audit import audit
 from tollway.core import commands as cmd
 from tollway.core import events as ev
 from tollway.core.commands import CreditKind, EntryResult
@@ -15,6 +16,7 @@ from tollway.redis.parity import differences
 from tollway.service import Service, settlement_signing_key
 from tollway.settlement.sim_config import SimulatorConfig
 from tollway.settlement.simulator import SimulatorServer
+from tollway.testing import FakeClock
 from tollway.wal.segments import iter_events
 
 
@@ -79,3 +81,29 @@ async def test_guard_bypass_is_recorded_in_the_wal(tmp_path: Path) -> None:
         assert "bypassed" == service.guard.status().to_dict()["state"]
     actions = [e.payload.action for e in iter_events(settings.wal_dir) if isinstance(e.payload, ev.Audit)]
     assert ["guard_bypass"] == actions
+
+
+async def test_the_archiver_task_drops_old_entries_from_the_engine_and_redis(tmp_path: Path) -> None:
+    """Past the retention the background archiver removes settled entries everywhere; parity holds."""
+    clock = FakeClock()
+    settings = Settings(data_dir=tmp_path / "data", entry_retention_hours=24, archive_interval_s=1)
+    async with Service.running(settings, clock=clock) as service:
+        engine = service.engine
+        await engine.execute(cmd.Credit("acct", "m", CreditKind.MINT, 10_000))
+        held = await engine.execute(cmd.Reserve("acct", "old", 3_000))
+        assert isinstance(held, EntryResult)
+        old = held.entry.billing_entry_id
+        await engine.execute(cmd.Commit(old, 1_000, response_json='{"ok": true}'))
+        await eventually(lambda: service.projector.applied_seq == engine.durable_sequence)
+        assert await service.redis.exists(service.keys.entry(old), service.keys.response(old)) == 2
+        clock.advance(25 * 3_600_000)
+        live = await engine.execute(cmd.Reserve("acct", "new", 1_000))
+        assert isinstance(live, EntryResult)
+        await eventually(lambda: old not in engine.state.entries, timeout_s=5)
+        archived_at = engine.state.last_sequence  # the archive event (applied; maybe not yet durable)
+        await eventually(lambda: service.projector.applied_seq == archived_at)
+        assert await service.redis.exists(service.keys.entry(old), service.keys.response(old)) == 0
+        assert [live.entry.billing_entry_id] == list(engine.state.entries)
+        assert [] == await differences(service.redis, service.keys, engine.state)
+    report = audit(settings.data_dir)
+    assert (True, 1) == (report.ok, report.state.archived_entries), report.problems

@@ -34,7 +34,7 @@ from rich.text import Text
 
 from tollway.config import Settings
 from tollway.core.errors import InvariantViolation
-from tollway.core.events import Event
+from tollway.core.events import EntriesArchived, Event
 from tollway.core.ledger import CREDIT_NOTES, FUNDING, REVENUE, Ledger, check_invariants
 from tollway.core.lifecycle import EntryState
 from tollway.core.money import format_usd
@@ -89,6 +89,8 @@ class AuditReport:
     uncollected_micro: int  # overruns the policy could not collect, over every entry
     sections: tuple[Section, ...]
     state: State = field(repr=False, compare=False)  # the fold, for sections added by callers
+    # Archived FINALIZE_ACKED entries (id → charged), for the settlement comparison: the state forgot them.
+    archived_acked: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -124,6 +126,7 @@ class _Fold:
         self.apply_failure: str | None = None  # the state refused an event: it folded no further
         self.snapshot_problems: list[str] | None = None  # None: the snapshot's sequence was never reached
         self._snapshot = snapshot
+        self.archived_acked: dict[str, int] = {}
         if snapshot is not None and snapshot.sequence == 0:  # a snapshot of the empty state
             self.snapshot_problems = _snapshot_differences(self.state, snapshot.state.to_snapshot())
 
@@ -133,6 +136,8 @@ class _Fold:
         if self.apply_failure is not None:
             return
         try:
+            if isinstance(event.payload, EntriesArchived):
+                self._remember_archived(event.payload)
             self.state.apply(event)
         except InvariantViolation as exc:
             self.apply_failure = f"seq {event.wal_sequence} ({event.event_type}): {exc}"
@@ -140,6 +145,12 @@ class _Fold:
         snapshot = self._snapshot
         if snapshot is not None and event.wal_sequence == snapshot.sequence:
             self.snapshot_problems = _snapshot_differences(self.state, snapshot.state.to_snapshot())
+
+    def _remember_archived(self, payload: EntriesArchived) -> None:
+        for item in payload.entries:
+            entry = self.state.entries.get(item.billing_entry_id)
+            if entry is not None and entry.state is EntryState.FINALIZE_ACKED:
+                self.archived_acked[entry.billing_entry_id] = entry.charged_micro
 
 
 def audit(data_dir: Path | str) -> AuditReport:
@@ -161,9 +172,11 @@ def audit(data_dir: Path | str) -> AuditReport:
         snapshot_sequence=snapshot.sequence if snapshot.path is not None else None,
         entries_by_state=_count_states(state),
         balances_micro=_ordered_balances(fold.ledger),
-        uncollected_micro=sum(entry.uncollected_micro for entry in state.entries.values()),
+        uncollected_micro=state.archived_uncollected_micro
+        + sum(entry.uncollected_micro for entry in state.entries.values()),
         sections=(wal, _conservation_section(fold), _snapshot_section(snapshot, fold, verified.last_seq, wal.ok)),
         state=state,
+        archived_acked=fold.archived_acked,
     )
 
 
@@ -258,7 +271,11 @@ def states_table(report: AuditReport) -> Table:
     table.add_column("entries", justify="right")
     for state, count in report.entries_by_state.items():
         table.add_row(state.value, f"{count:,}")
-    table.add_row(Text("total", style="bold"), f"{sum(report.entries_by_state.values()):,}", end_section=True)
+    archived = report.state.archived_entries
+    if archived:
+        table.add_row("archived (past retention)", f"{archived:,}")
+    total = sum(report.entries_by_state.values()) + archived
+    table.add_row(Text("total", style="bold"), f"{total:,}", end_section=True)
     return table
 
 

@@ -62,9 +62,15 @@ async def settlement_section(report: AuditReport, client: SettlementClient) -> S
     entries = report.state.entries
     problems: list[str] = []
     unrecorded: list[str] = []
+    archived = 0
     for reservation_id, item in finalized.items():
         entry = entries.get(reservation_id)
-        if entry is None or entry.state not in _CHARGED_STATES:
+        charged = report.archived_acked.get(reservation_id) if entry is None else None
+        if charged is not None:  # acknowledged, then archived past the retention
+            archived += 1
+            if item.actual_cost_micro != charged:
+                problems.append(f"{reservation_id}: settlement has {item.actual_cost_micro}, tollway charged {charged}")
+        elif entry is None or entry.state not in _CHARGED_STATES:
             state = "unknown" if entry is None else entry.state.value
             problems.append(f"settlement finalized {reservation_id}, which is {state} here")
         elif item.actual_cost_micro != entry.charged_micro:
@@ -81,6 +87,8 @@ async def settlement_section(report: AuditReport, client: SettlementClient) -> S
     notes = [f"{len(finalized):,} charge(s) finalized at settlement"]
     if unrecorded:
         notes.append(f"{len(unrecorded)} finalized at settlement but not yet acked here (the worker acks them)")
+    if archived:
+        notes.append(f"{archived:,} of them acknowledged and since archived here (past the retention)")
     return Section("settlement", tuple(problems), tuple(notes))
 
 

@@ -34,6 +34,8 @@ from tollway.core.money import DEFAULT_CREDIT_UNITS_PER_USD, INT64_MAX, MAX_REQU
 from tollway.wal.log import DEFAULT_SEGMENT_BYTES, MAX_WAL_FILE_BYTES
 
 ENV_PREFIX: Final = "TOLLWAY_"
+MIN_RETENTION_HOURS: Final = 24
+"""Shortest entry retention (0 aside): idempotency records must survive at least a day (SPEC §6)."""
 
 
 class Durability(enum.Enum):
@@ -72,6 +74,8 @@ class Settings:
     batch_bytes_max: int = 8 << 20
     sweep_interval_ms: int = 1000  # how often the expiry sweeper runs
     sweep_batch_max: int = 1000  # holds expired per sweeper tick, at most
+    entry_retention_hours: int = 168  # settled entries are archived this long after their last change; 0: never
+    archive_interval_s: int = 60  # how often the archiver looks for entries past the retention
     settlement_url: str | None = None  # None: standalone mode (tollway is the final ledger)
     overrun_policy: OverrunPolicy = OverrunPolicy.DEBIT_AVAILABLE
     max_request_cost_micro: int = MAX_REQUEST_COST_MICRO
@@ -122,6 +126,9 @@ class Settings:
         _check_range("batch_bytes_max", self.batch_bytes_max, 1 << 20, MAX_WAL_FILE_BYTES)
         _check_range("sweep_interval_ms", self.sweep_interval_ms, 1, 3_600_000)
         _check_range("sweep_batch_max", self.sweep_batch_max, 1, 1_000_000)
+        if self.entry_retention_hours != 0:  # idempotency records must outlive retries: SPEC §6, >= 24 h
+            _check_range("entry_retention_hours", self.entry_retention_hours, MIN_RETENTION_HOURS, 10 * 365 * 24)
+        _check_range("archive_interval_s", self.archive_interval_s, 1, 86_400)
         _check_range("max_request_cost_micro", self.max_request_cost_micro, 1, INT64_MAX)
         _check_range("reserve_ttl_s_max", self.reserve_ttl_s_max, 1, 7 * 86_400)
         _check_range("reserve_ttl_s", self.reserve_ttl_s, 1, self.reserve_ttl_s_max)

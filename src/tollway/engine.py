@@ -53,6 +53,8 @@ from tollway.wal.syncer import SyncProcess
 
 log = logging.getLogger("tollway.engine")
 
+ARCHIVE_BATCH: Final = 500
+"""Entries one ``entries_archived`` event lists, at most (a record of about 65 KB)."""
 SNAPSHOT_SLICE_S: Final = 0.002
 """Longest the snapshot encoder holds the event loop before letting commands in."""
 SNAPSHOT_BACKGROUND_SHARE: Final = 0.2
@@ -492,6 +494,37 @@ class Engine:
             return 0
         results = await asyncio.gather(*(self.execute(cmd.Expire(entry_id)) for entry_id in due))
         return sum(1 for result in results if isinstance(result, cmd.EntryResult))
+
+    # -- the archiver -----------------------------------------------------------------------
+
+    async def archive_once(self) -> int:
+        """Archive entries past the retention, at most :data:`ARCHIVE_BATCH` per event; how many were.
+
+        Runs until none is left, one event at a time, so billing gets in between. Returns 0 when
+        retention is off (``entry_retention_hours`` 0).
+        """
+        hours = self.settings.entry_retention_hours
+        if hours == 0:
+            return 0
+        archived = 0
+        while True:
+            older_than_ms = self._clock() - hours * 3_600_000
+            if not self.state.archivable(older_than_ms, 1):  # the usual answer: no command, no refusal counted
+                return archived
+            result = await self.execute(cmd.Archive(older_than_ms, ARCHIVE_BATCH))
+            if not isinstance(result, cmd.ArchiveResult):  # nothing (more) is old enough
+                return archived
+            archived += result.archived
+            if result.archived < ARCHIVE_BATCH:
+                return archived
+
+    async def run_archiver(self) -> None:
+        """Archive forever, every ``archive_interval_s``; cancel the task to stop it."""
+        while True:
+            archived = await self.archive_once()
+            if archived:
+                log.info("archived %d entries past the %d h retention", archived, self.settings.entry_retention_hours)
+            await asyncio.sleep(self.settings.archive_interval_s)
 
     async def run_sweeper(self) -> None:
         """Sweep forever, every ``sweep_interval_ms``; cancel the task to stop it."""

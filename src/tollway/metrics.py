@@ -196,6 +196,10 @@ class Metrics:
         self.wal_appended_records = Counter("wal_appended_records_total", "WAL records written.", registry=r)
         self.wal_appended_bytes = Counter("wal_appended_bytes_total", "WAL bytes written.", registry=r)
         self.wal_durable_sequence = Gauge("wal_durable_sequence", "Highest WAL sequence on disk.", registry=r)
+        self.entries_kept = Gauge("billing_entries", "Entries the engine keeps (in memory and in Redis).", registry=r)
+        self.entries_archived = Gauge(
+            "billing_entries_archived", "Entries archived past the retention, over the log's life.", registry=r
+        )
 
     def _initialize_labels(self) -> None:
         """Create every known label combination at zero, so rates and dashboards start at once."""
@@ -250,6 +254,8 @@ class Metrics:
         if engine is not None:
             self.pending_reconciliation.set(engine.state.finalize_failed_count)
             self.wal_durable_sequence.set(engine.durable_sequence)
+            self.entries_kept.set(len(engine.state.entries))
+            self.entries_archived.set(engine.state.archived_entries)
         if worker is not None:
             self.breaker_state.set(worker.breaker_state().value)
         if projector is not None:

@@ -7,7 +7,7 @@ factory are the other half: they read configuration and call this). It opens the
 
 - the projector (Redis catches up from the WAL; Redis being down never stops billing);
 - the finalize worker, in settlement mode only (a ``settlement_url`` is configured);
-- the expiry sweeper;
+- the expiry sweeper, and the archiver (entries past ``entry_retention_hours`` leave memory and Redis);
 - the conservation guard, which gates new holds until its startup checks pass.
 
 Metrics are collected by a :class:`~tollway.metrics.MetricsObserver` on the engine and by
@@ -209,6 +209,7 @@ class Service:
     def _start_background(self) -> None:
         self._spawn(self.projector.run(), "projector")
         self._spawn(self.engine.run_sweeper(), "sweeper")
+        self._spawn(self.engine.run_archiver(), "archiver")
         if self.worker is not None:
             self._spawn(self.worker.run(), "finalize-worker")
 

@@ -35,6 +35,7 @@ from tollway.api.schemas import (
 from tollway.api.translate import charge_command, commit_command, reserve_command
 from tollway.api.wire import entry_body, json_response
 from tollway.core import commands as cmd
+from tollway.core.decide import GONE
 from tollway.core.ids import check_entry_id
 
 router = APIRouter()
@@ -136,7 +137,7 @@ async def get_reservation(billing_entry_id: EntryId, principal: Reader, request:
     check_entry_id(billing_entry_id)
     entry = await ctx.engine.get_entry(billing_entry_id)
     if entry is None:
-        raise ApiError("not_found", f"no billing entry {billing_entry_id}", billing_entry_id=billing_entry_id)
+        raise ApiError("not_found", f"no billing entry {billing_entry_id}{GONE}", billing_entry_id=billing_entry_id)
     principal.require(Scope.READ, entry.account_id)
     response_json = ctx.engine.state.responses.get(billing_entry_id)
     return json_response(entry_body(entry, response_json=response_json))

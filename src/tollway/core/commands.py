@@ -158,7 +158,16 @@ class Note(msgspec.Struct, frozen=True, gc=False):
     billing_entry_id: str | None = None  # the entry the note is about; a fresh id when None
 
 
-Command = Reserve | Commit | Release | Extend | Expire | Charge | Void | FinalizeAck | FinalizeFail | Credit | Note
+class Archive(msgspec.Struct, frozen=True, gc=False):
+    """Archive up to ``limit`` entries whose last change is before ``older_than_ms`` (the archiver's command)."""
+
+    older_than_ms: int
+    limit: int
+
+
+Command = (
+    Reserve | Commit | Release | Extend | Expire | Charge | Void | FinalizeAck | FinalizeFail | Credit | Note | Archive
+)
 
 
 # -- outcomes ------------------------------------------------------------------------------
@@ -214,4 +223,11 @@ class NoteResult(msgspec.Struct, frozen=True, gc=False):
     wal_sequence: int
 
 
-Outcome = EntryResult | CreditResult | NoteResult | Refusal
+class ArchiveResult(msgspec.Struct, frozen=True, gc=False):
+    """How many entries were archived, by the event at ``wal_sequence``."""
+
+    archived: int
+    wal_sequence: int
+
+
+Outcome = EntryResult | CreditResult | NoteResult | ArchiveResult | Refusal

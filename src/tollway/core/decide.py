@@ -16,6 +16,7 @@ the id factory as arguments, so the same inputs give the same answer.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final
 
 import msgspec
 
@@ -27,6 +28,8 @@ from tollway.core.money import INT64_MAX, MICRO_PER_USD, Rounding, micro_to_cu
 from tollway.core.state import Entry, State, credit_fingerprint, request_key
 
 S = EntryState
+GONE: Final = " (never made, or archived past the retention)"
+"""Why an entry id is unknown: the end of every ``not_found`` message about one."""
 
 
 class Write(msgspec.Struct, frozen=True, gc=False):
@@ -49,7 +52,9 @@ Decision = Write | Replay | Refusal
 NewId = Callable[[], str]
 
 
-def decide(state: State, command: cmd.Command, now_ms: int, policy: Policy, new_id: NewId) -> Decision:
+def decide(  # noqa: C901 - one flat case per command type
+    state: State, command: cmd.Command, now_ms: int, policy: Policy, new_id: NewId
+) -> Decision:
     """Judge ``command`` against ``state`` at ``now_ms``."""
     match command:
         case cmd.Reserve():
@@ -70,6 +75,8 @@ def decide(state: State, command: cmd.Command, now_ms: int, policy: Policy, new_
             return _credit(state, command, policy, new_id)
         case cmd.Note():
             return Write(command.billing_entry_id or new_id(), (command.payload,), command.correlation_id)
+        case cmd.Archive():
+            return _archive(state, command, new_id)
 
 
 def outcome(state: State, write: Write, command: cmd.Command) -> cmd.Outcome:
@@ -82,11 +89,26 @@ def outcome(state: State, write: Write, command: cmd.Command) -> cmd.Outcome:
         )
     if isinstance(command, cmd.Note):
         return cmd.NoteResult(state.last_sequence)
+    if isinstance(command, cmd.Archive):
+        archived: ev.EntriesArchived = write.payloads[0]  # type: ignore[assignment]
+        return cmd.ArchiveResult(len(archived.entries), state.last_sequence)
     entry = state.entries[write.billing_entry_id]
     return cmd.EntryResult(entry, created=write.created, response_json=state.responses.get(entry.billing_entry_id))
 
 
 # -- helpers -------------------------------------------------------------------------------
+
+
+def _archive(state: State, command: cmd.Archive, new_id: NewId) -> Write | Refusal:
+    """One ``entries_archived`` event listing the oldest archivable entries; NOT_FOUND when there are none."""
+    found = state.archivable(command.older_than_ms, command.limit)
+    if not found:
+        return _refuse(RefusalCode.NOT_FOUND, "no entry is old enough to archive")
+    items = tuple(
+        ev.ArchivedEntry(entry.billing_entry_id, entry.account_id, entry.request_id, entry.state.value)
+        for entry in found
+    )
+    return Write(new_id(), (ev.EntriesArchived(command.older_than_ms, items),), "archiver")
 
 
 def _refuse(code: RefusalCode, message: str, **details: object) -> Refusal:
@@ -128,7 +150,7 @@ def _insufficient(available_micro: int, requested_micro: int, rate: int) -> Refu
 def _lookup(state: State, entry_id: str) -> Entry | Refusal:
     entry = state.entries.get(entry_id)
     if entry is None:
-        return _refuse(RefusalCode.NOT_FOUND, f"no billing entry {entry_id}", billing_entry_id=entry_id)
+        return _refuse(RefusalCode.NOT_FOUND, f"no billing entry {entry_id}{GONE}", billing_entry_id=entry_id)
     return entry
 
 

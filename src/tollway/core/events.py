@@ -236,6 +236,30 @@ class Audit(Payload, frozen=True):
     detail: str
 
 
+class ArchivedEntry(msgspec.Struct, frozen=True, gc=False):
+    """One entry an :class:`EntriesArchived` event removes: enough to drop its keys and counts."""
+
+    billing_entry_id: str
+    account_id: str
+    request_id: str
+    state: str  # its state when archived: COMMITTED, FINALIZE_ACKED, RELEASED or VOIDED
+
+
+class EntriesArchived(Payload, frozen=True):
+    """Entries whose last change is older than the retention, dropped from the state. No postings.
+
+    The entries stay in the log (segments are never deleted); the engine forgets them, with
+    their idempotency keys and stored responses, so its memory, its snapshots and the Redis
+    projection stop growing with every request ever made. Their charges stay in the account
+    balances; ``older_than_ms`` is the cutoff the archiver used (informational).
+    """
+
+    EVENT_TYPE: ClassVar[str] = "entries_archived"
+
+    older_than_ms: int
+    entries: tuple[ArchivedEntry, ...]
+
+
 class Unknown(Payload, frozen=True):
     """An event type this reader does not know: skipped (forward compatibility), sequence kept."""
 
@@ -261,6 +285,7 @@ PAYLOAD_TYPES: Final[tuple[type[Payload], ...]] = (
     RequestStart,
     RequestComplete,
     Audit,
+    EntriesArchived,
 )
 PAYLOAD_BY_TYPE: Final[dict[str, type[Payload]]] = {cls.EVENT_TYPE: cls for cls in PAYLOAD_TYPES}
 EVENT_TYPES: Final = frozenset(PAYLOAD_BY_TYPE)

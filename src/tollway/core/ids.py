@@ -97,6 +97,11 @@ class UlidGenerator:
         self._last_ms, self._last_random, self._prefix = ms, random, _encode_time(ms)
 
 
+def ulid_floor(ms: int) -> str:
+    """The smallest ULID of millisecond ``ms``: every id made earlier sorts below it."""
+    return _encode_time(ms) + "0" * 16
+
+
 def is_ulid(value: str) -> bool:
     """Whether ``value`` is a well-formed ULID string."""
     return _ULID_RE.fullmatch(value) is not None

@@ -120,11 +120,15 @@ def check_invariants(state: State, ledger: Ledger | None = None) -> list[str]:
 
 
 def _entry_sums(state: State) -> list[str]:
-    """Each account's held, unsettled and charged balances equal the sums of its entries."""
+    """Each account's held, unsettled and charged balances equal the sums of its entries.
+
+    Archived entries are no longer in the state; what they charged is in ``archived_charged``
+    (they held nothing and were settled, so they add nothing to held or unsettled).
+    """
     problems: list[str] = []
     held_by_account: dict[str, int] = defaultdict(int)
     unsettled_by_account: dict[str, int] = defaultdict(int)
-    charged_by_account: dict[str, int] = defaultdict(int)
+    charged_by_account: dict[str, int] = defaultdict(int, state.archived_charged)
     for entry in state.entries.values():
         if entry.state is EntryState.RESERVE_HELD:
             held_by_account[entry.account_id] += entry.estimated_cost_micro

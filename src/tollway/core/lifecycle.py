@@ -65,6 +65,13 @@ TRANSITIONS: Final[dict[EntryState, frozenset[EntryState]]] = {
 TERMINAL: Final = frozenset(state for state, targets in TRANSITIONS.items() if not targets)
 UNSETTLED: Final = frozenset({S.FINALIZE_PENDING, S.FINALIZE_FAILED})
 """States whose charge the settlement service has not confirmed: the account's exposure."""
+ARCHIVABLE: Final = frozenset({S.COMMITTED, S.FINALIZE_ACKED, S.RELEASED, S.VOIDED})
+"""States an entry may be archived in (dropped from the state once older than the retention).
+
+Everything but a live hold and an unsettled charge. ``COMMITTED`` is not terminal (an admin may
+void it), so archiving one ends its void window: the retention is also how long a charge stays
+voidable in standalone mode.
+"""
 
 
 def can_transition(current: EntryState, target: EntryState) -> bool:

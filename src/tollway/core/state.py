@@ -25,7 +25,7 @@ import msgspec
 
 from tollway.core import events as ev
 from tollway.core.errors import InvariantViolation, ensure
-from tollway.core.lifecycle import TRANSITIONS, UNSETTLED, EntryState
+from tollway.core.lifecycle import ARCHIVABLE, TRANSITIONS, UNSETTLED, EntryState
 
 S = EntryState
 
@@ -91,6 +91,11 @@ class Snapshot(msgspec.Struct, frozen=True):
     revenue_micro: int
     funding_micro: int
     credit_notes_micro: int
+    # What archived entries leave behind (snapshots from before retention lack these: zeros).
+    archived_charged: dict[str, int] = {}  # account → net charges of its archived entries
+    archived_uncollected_micro: int = 0
+    archived_entries: int = 0
+    archived_before_ms: int = 0  # the newest archiver cutoff: only entries created before it may be gone
 
 
 class Transition(msgspec.Struct, frozen=True, gc=False):
@@ -112,6 +117,10 @@ class State:
     __slots__ = (
         "_expiry_heap",
         "accounts",
+        "archived_before_ms",
+        "archived_charged",
+        "archived_entries",
+        "archived_uncollected_micro",
         "credit_notes_micro",
         "credits",
         "entries",
@@ -140,6 +149,10 @@ class State:
         self.finalize_failed_count = 0
         self.finalize_pending_count = 0
         self.held_count = 0
+        self.archived_charged: dict[str, int] = {}
+        self.archived_uncollected_micro = 0
+        self.archived_entries = 0
+        self.archived_before_ms = 0
         self._expiry_heap: list[tuple[int, str]] = []
 
     # -- snapshots -------------------------------------------------------------------------
@@ -157,6 +170,10 @@ class State:
             self.revenue_micro,
             self.funding_micro,
             self.credit_notes_micro,
+            self.archived_charged,
+            self.archived_uncollected_micro,
+            self.archived_entries,
+            self.archived_before_ms,
         )
 
     def freeze(self) -> Snapshot:
@@ -178,6 +195,10 @@ class State:
             self.revenue_micro,
             self.funding_micro,
             self.credit_notes_micro,
+            dict(self.archived_charged),
+            self.archived_uncollected_micro,
+            self.archived_entries,
+            self.archived_before_ms,
         )
 
     @classmethod
@@ -194,6 +215,10 @@ class State:
         state.revenue_micro = snap.revenue_micro
         state.funding_micro = snap.funding_micro
         state.credit_notes_micro = snap.credit_notes_micro
+        state.archived_charged = dict(snap.archived_charged)
+        state.archived_uncollected_micro = snap.archived_uncollected_micro
+        state.archived_entries = snap.archived_entries
+        state.archived_before_ms = snap.archived_before_ms
         for entry in state.entries.values():
             state._count(entry.state, +1)
             if entry.state is S.RESERVE_HELD and entry.expires_at_ms is not None:
@@ -221,6 +246,21 @@ class State:
             heapq.heappop(heap)
             due.append(entry_id)
         return due
+
+    def archivable(self, older_than_ms: int, limit: int) -> list[Entry]:
+        """Up to ``limit`` entries in an archivable state whose last change is before ``older_than_ms``.
+
+        Oldest first. Entries are kept in creation order, so the scan stops at the first one
+        created at or after the cutoff: it reads only the old entries that must stay (live
+        holds, unsettled charges) and the ones it returns.
+        """
+        found: list[Entry] = []
+        for entry in self.entries.values():
+            if entry.created_at_ms >= older_than_ms or len(found) >= limit:
+                break
+            if entry.state in ARCHIVABLE and entry.updated_at_ms < older_than_ms:
+                found.append(entry)
+        return found
 
     def iter_entries(self, account_id: str | None = None) -> Iterator[Entry]:
         """Entries in id (creation) order, optionally of one account."""
@@ -490,6 +530,39 @@ def _request_complete(state: State, event: ev.Event) -> None:
     state.responses[event.billing_entry_id] = p.response_json
 
 
+def _archive(state: State, event: ev.Event) -> None:
+    """Forget the listed entries with their idempotency keys and stored responses.
+
+    Balances do not change: an archivable entry holds nothing, and its charge stays in its
+    account's ``charged_micro``, which the conservation checks now compare with the live
+    entries plus ``archived_charged``.
+    """
+    p: ev.EntriesArchived = event.payload  # type: ignore[assignment]
+    state.archived_before_ms = max(state.archived_before_ms, p.older_than_ms)
+    for item in p.entries:
+        entry = state.entries.get(item.billing_entry_id)
+        if entry is None:
+            raise InvariantViolation(f"archive of unknown entry {item.billing_entry_id}")
+        ensure(entry.state in ARCHIVABLE, "archive of %s entry %s", entry.state.value, entry.billing_entry_id)
+        ensure(
+            (entry.account_id, entry.request_id, entry.state.value) == (item.account_id, item.request_id, item.state),
+            "archive record of %s does not match the entry",
+            entry.billing_entry_id,
+        )
+    for item in p.entries:
+        entry = state.entries.pop(item.billing_entry_id)
+        key = request_key(entry.account_id, entry.request_id)
+        if state.requests.get(key) == entry.billing_entry_id:
+            del state.requests[key]
+        state.responses.pop(entry.billing_entry_id, None)
+        state.escalations.pop(entry.billing_entry_id, None)
+        if entry.state is not S.VOIDED:
+            charged = state.archived_charged.get(entry.account_id, 0) + entry.charged_micro
+            state.archived_charged[entry.account_id] = charged
+        state.archived_uncollected_micro += entry.uncollected_micro
+        state.archived_entries += 1
+
+
 _Handler = Callable[[State, ev.Event], Transition | None]
 _HANDLERS: Final[dict[type[ev.Payload], _Handler]] = {
     ev.BillingReserve: _reserve,
@@ -506,5 +579,6 @@ _HANDLERS: Final[dict[type[ev.Payload], _Handler]] = {
     ev.X402CreditNote: _credit,
     ev.RequestComplete: _request_complete,
     ev.Audit: _audit,
+    ev.EntriesArchived: _archive,
 }
 """Event types not listed (request_start, reconciliation) change nothing but the sequence."""

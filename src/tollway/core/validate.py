@@ -16,6 +16,8 @@ from tollway.core.ids import check_account_id, check_correlation_id, check_entry
 from tollway.core.money import check_micro
 
 MAX_TEXT_LENGTH: Final = 1024
+ARCHIVE_LIMIT_MAX: Final = 1000
+"""Most entries one ``entries_archived`` event may list (a record of about 130 KB)."""
 NOTE_PAYLOADS: Final = (ev.Audit, ev.BillingReconciliation, ev.RequestStart)
 """The only events a :class:`~tollway.core.commands.Note` may record: none of them moves money."""
 """Longest reason, admin id or note text accepted."""
@@ -34,7 +36,14 @@ def _count(value: int | None, field: str) -> None:
         raise InvalidInput(f"{field} must be a non-negative integer", field=field)
 
 
-def validate(command: cmd.Command) -> None:  # noqa: C901 - one flat case per command type
+def _archive_bounds(command: cmd.Archive) -> None:
+    _count(command.older_than_ms, "older_than_ms")
+    limit = command.limit
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= ARCHIVE_LIMIT_MAX:
+        raise InvalidInput(f"limit must be an integer between 1 and {ARCHIVE_LIMIT_MAX}", field="limit")
+
+
+def validate(command: cmd.Command) -> None:  # noqa: C901, PLR0912 - one flat case per command type
     """Raise :class:`InvalidInput` if ``command`` is malformed."""
     match command:
         case cmd.Reserve():
@@ -70,6 +79,8 @@ def validate(command: cmd.Command) -> None:  # noqa: C901 - one flat case per co
             if command.paid_micro_usdc is not None:
                 check_micro(command.paid_micro_usdc, field="paid_micro_usdc")
             _text(command.reason, "reason", required=False)
+        case cmd.Archive():
+            _archive_bounds(command)
         case cmd.Note():
             if not isinstance(command.payload, NOTE_PAYLOADS):
                 raise InvalidInput(

@@ -16,6 +16,7 @@ from typing import Final
 import msgspec
 import redis.asyncio as aioredis
 
+from tollway.core.ids import ulid_floor
 from tollway.core.lifecycle import EntryState
 from tollway.core.state import State
 from tollway.redis.keys import Keys
@@ -119,15 +120,19 @@ async def _entries(client: aioredis.Redis, keys: Keys, state: State) -> list[str
 
 async def _queues(client: aioredis.Redis, keys: Keys, state: State) -> list[str]:
     pending = {e.billing_entry_id for e in state.entries.values() if e.state is EntryState.FINALIZE_PENDING}
-    # A message whose entry has left FINALIZE_PENDING is stale: the outcome is in the WAL and the
-    # worker finishes such a message without calling settlement. Only unknown entries are wrong.
-    settled = {entry_id for entry_id in state.entries if entry_id not in pending}
     failed = {e.billing_entry_id for e in state.entries.values() if e.state is EntryState.FINALIZE_FAILED}
     queued = _stream_ids(await client.xrange(keys.finalize))
     delayed = [msgspec.json.decode(_text(m))["billing_entry_id"] for m in await client.zrange(keys.delayed, 0, -1)]
     letters = _stream_ids(await client.xrange(keys.poison))
     problems = []
     waiting = queued + delayed
+    # A message whose entry has left FINALIZE_PENDING is stale: the outcome is in the WAL and the
+    # worker finishes such a message without calling settlement. So is one whose entry was since
+    # archived (the worker drops messages of entries it does not know): an id the state lacks but
+    # made before the archiver's newest cutoff. Only an unknown entry newer than that is wrong.
+    floor = ulid_floor(state.archived_before_ms) if state.archived_before_ms else ""
+    settled = {entry_id for entry_id in state.entries if entry_id not in pending}
+    settled |= {entry_id for entry_id in waiting if entry_id < floor and entry_id not in state.entries}
     if len(waiting) != len(set(waiting)):
         problems.append("an entry is queued for finalize more than once")
     if set(waiting) - settled != pending:

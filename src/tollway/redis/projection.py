@@ -4,7 +4,9 @@
 ``lua/apply_batch.lua``); :func:`encode_batch` packs many events' operations into the
 script's KEYS and ARGV. The operations are derived from the event alone — its payload
 carries every amount and the state it leaves — so the projector can apply events it reads
-back from the WAL long after the engine has moved on.
+back from the WAL long after the engine has moved on. Archived entries (``entries_archived``)
+leave the projection: their entry hashes and stored responses are deleted, their counts
+decremented; no balance moves.
 
 :func:`rebuild_commands` describes the whole projection of a state (balances, entries, the
 expiry index, stored responses, and both finalize queues) for a rebuild after Redis lost it.
@@ -284,6 +286,22 @@ def _credit(keys: Keys, p: ev.CreditMint | ev.CreditDeduct | ev.X402CreditNote) 
     return [*_incr(acct, (AVAILABLE, amount)), *_incr(keys.ledger, (system, -amount), checked=False)]
 
 
+def _archive(keys: Keys, p: ev.EntriesArchived) -> list[Op]:
+    """One count op for the archived entries' states, then a DEL of each one's hash and stored response."""
+    counts: dict[str, int] = {}
+    deletes: list[Op] = []
+    for item in p.entries:
+        counts[item.state] = counts.get(item.state, 0) - 1
+        deletes.append(["D", keys.entry(item.billing_entry_id)])
+        deletes.append(["D", keys.response(item.billing_entry_id)])
+    if not counts:
+        return []
+    tally: Op = ["N", keys.counters]
+    for name, delta in counts.items():
+        tally += (name, delta)
+    return [tally, *deletes]
+
+
 def event_ops(keys: Keys, event: ev.Event) -> list[Op]:  # noqa: C901 - one flat case per event type
     """The projection operations of one event (empty for events with no projection)."""
     p = event.payload
@@ -315,6 +333,8 @@ def event_ops(keys: Keys, event: ev.Event) -> list[Op]:  # noqa: C901 - one flat
             return _credit(keys, p)
         case ev.RequestComplete():
             return [["S", keys.response(event.billing_entry_id), p.response_json]]
+        case ev.EntriesArchived():
+            return _archive(keys, p)
     return []
 
 
@@ -354,9 +374,13 @@ class _Fold:
     - Expiry index (``Z``, ``R``): the last op per member wins. Stored responses (``S``): the
       last value per key.
     - Stream ops (``X``, ``P``, ``Q``) are kept, in order.
+    - Deletes (``D``, of an archived entry's hash and stored response): each drops the pending
+      HSET or SET of its key and comes last, after the stream ops (a ``Q`` reads the entry's
+      ``poison_id`` before the hash goes). An archived entry is never written again: an ``H``
+      after a ``D`` of its key is refused; an ``S`` after one replaces it (SET needs no DEL).
     """
 
-    __slots__ = ("checked", "counts", "hashes", "members", "streams", "unchecked", "values")
+    __slots__ = ("checked", "counts", "deletes", "hashes", "members", "streams", "unchecked", "values")
 
     def __init__(self) -> None:
         self.checked: dict[str | int, dict[str | int, list[int]]] = {}  # key -> field -> [total, low, seq]
@@ -366,6 +390,7 @@ class _Fold:
         self.members: dict[tuple[str | int, str | int], Op] = {}
         self.values: dict[str | int, Op] = {}
         self.streams: list[Op] = []
+        self.deletes: dict[str | int, Op] = {}
 
     def add(self, op: Op, seq: int) -> None:
         """Fold one op of the event at ``seq`` into the net effect."""
@@ -387,10 +412,20 @@ class _Fold:
                 sums[op[i]] = sums.get(op[i], 0) + int(op[i + 1])
         elif code in ("Z", "R"):
             self.members[key, op[-1]] = op  # the member is the last argument of both
-        elif code == "S":
-            self.values[key] = op
+        elif code in ("S", "D"):
+            self._replace(key, op)
         else:
             self.streams.append(op)
+
+    def _replace(self, key: str | int, op: Op) -> None:
+        """A SET (replaces a DEL before it) or a DEL (drops the HSET or SET before it)."""
+        if op[0] == "S":
+            self.values[key] = op
+            self.deletes.pop(key, None)
+        else:
+            self.hashes.pop(key, None)
+            self.values.pop(key, None)
+            self.deletes[key] = op
 
     def _checked(self, key: str | int, op: Op, seq: int) -> None:
         fields = self.checked.get(key)
@@ -423,7 +458,9 @@ class _Fold:
         return out
 
     def rest(self) -> list[Op]:
-        """Every other op: counts, hashes, expiry members, responses, then the stream ops in order."""
+        """Every other op: counts, hashes, expiry members, responses, the stream ops in order, then deletes."""
+        if self.deletes and not self.deletes.keys().isdisjoint(self.hashes):
+            raise ValueError("an entry hash is written after it was deleted in the same batch")
         out: list[Op] = []
         for key, sums in self.counts.items():
             op: Op = ["N", key]
@@ -436,6 +473,7 @@ class _Fold:
         out += self.members.values()
         out += self.values.values()
         out += self.streams
+        out += self.deletes.values()
         return out
 
 

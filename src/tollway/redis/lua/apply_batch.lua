@@ -6,8 +6,9 @@
 -- ARGV[1]      msgpack: [first_seq, last_seq, money, rest], money and rest each a list of
 --              [opcode, arg, ...] — the net effect of the consecutive events first_seq..last_seq
 --              (the encoder folds them: one HSET per hash, one op per expiry member, summed
---              deltas); money holds the I and C ops, rest every other. Key arguments are integer
---              indexes into KEYS; every other argument is a string, but for the sequence of an I op.
+--              deltas, no HSET or SET of a key the batch deletes, deletes last); money holds the
+--              I and C ops, rest every other. Key arguments are integer indexes into KEYS; every
+--              other argument is a string, but for the sequence of an I op.
 --
 -- Opcodes:
 --   I key field low rest seq   a user balance that must stay >= 0: HINCRBY by low (the most negative
@@ -23,6 +24,7 @@
 --   X key f1 v1 [...]          XADD key * f1 v1 ...
 --   P stream entry f1 v1 ...   XADD stream * ..., then HSET entry poison_id <new id>
 --   Q stream entry             XDEL stream <entry's poison_id>, then HDEL entry poison_id
+--   D key                      DEL (an archived entry's hash or stored response; it may be missing)
 --
 -- Returns one of:
 --   {"ok", last_applied}                 the events were applied
@@ -145,6 +147,8 @@ for _, op in ipairs(rest) do
       redis.call('XDEL', key, id)
       redis.call('HDEL', entry, 'poison_id')
     end
+  elseif code == 'D' then
+    redis.call('DEL', key)
   end
 end
 

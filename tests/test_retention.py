@@ -1,0 +1,260 @@
+"""Entry retention: settled entries past ``entry_retention_hours`` leave the state (and its snapshots).
+
+The archiver writes ``entries_archived`` events; the fold drops the listed entries with their
+idempotency keys and stored responses, and the conservation checks account for what they charged.
+"""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from tollway import (
+    Charge,
+    Commit,
+    Credit,
+    CreditKind,
+    Engine,
+    EntryResult,
+    EntryState,
+    Refusal,
+    RefusalCode,
+    Reserve,
+    Settings,
+)
+from tollway import engine as engine_module
+from tollway.audit import audit
+from tollway.core import events as ev
+from tollway.core.commands import Archive, ArchiveResult, FinalizeAck, FinalizeFail, Policy, Release, Void
+from tollway.core.decide import decide
+from tollway.core.errors import ConfigError, InvalidInput, InvariantViolation
+from tollway.core.ledger import Ledger, check_invariants
+from tollway.core.state import State, request_key
+from tollway.core.validate import validate
+from tollway.testing import FakeClock
+from tollway.wal.segments import iter_events
+from tollway.wal.snapshot import decode_snapshot, frame_snapshot
+
+HOUR_MS = 3_600_000
+
+
+async def mint(engine: Engine, account: str, amount: int) -> None:
+    assert not isinstance(await engine.execute(Credit(account, f"mint-{account}", CreditKind.MINT, amount)), Refusal)
+
+
+async def held(engine: Engine, account: str, request_id: str, estimate: int, **kwargs: object) -> str:
+    result = await engine.execute(Reserve(account, request_id, estimate, **kwargs))  # type: ignore[arg-type]
+    assert isinstance(result, EntryResult), result
+    return result.entry.billing_entry_id
+
+
+def ledger_problems(engine: Engine) -> list[str]:
+    return check_invariants(engine.state, Ledger().post_all(iter_events(engine.settings.wal_dir)))
+
+
+def balances(engine: Engine, account: str) -> tuple[int, int, int, int]:
+    a = engine.balance(account)
+    return a.available_micro, a.held_micro, a.charged_micro, a.unsettled_micro
+
+
+async def test_settled_entries_past_retention_are_archived_and_live_ones_kept(
+    settings: Settings, clock: FakeClock
+) -> None:
+    """Committed, released, charged and voided entries go after 24 h; a live hold stays; money stays."""
+    async with Engine.open(settings=settings.replace(entry_retention_hours=24), clock=clock) as engine:
+        await mint(engine, "acct", 100_000)
+        committed = await held(engine, "acct", "r-commit", 1_000)
+        assert isinstance(await engine.execute(Commit(committed, 700, response_json='{"n": 1}')), EntryResult)
+        released = await held(engine, "acct", "r-release", 500)
+        assert isinstance(await engine.execute(Release(released, "user_cancel")), EntryResult)
+        charge = await engine.execute(Charge("acct", "r-charge", 300))
+        assert isinstance(charge, EntryResult)
+        voided = await held(engine, "acct", "r-void", 200)
+        assert isinstance(await engine.execute(Commit(voided, 200)), EntryResult)
+        assert isinstance(await engine.execute(Void(voided, "refund", "admin")), EntryResult)
+        live = await held(engine, "acct", "r-live", 400, ttl_s=3600)
+        before = balances(engine, "acct")
+
+        clock.advance(23 * HOUR_MS)
+        assert 0 == await engine.archive_once()  # not old enough yet: idempotency keys still answer
+        replay = await engine.execute(Reserve("acct", "r-commit", 1_000))
+        assert isinstance(replay, EntryResult)
+        assert replay.replayed
+        assert '{"n": 1}' == replay.response_json
+
+        clock.advance(2 * HOUR_MS)
+        assert 4 == await engine.archive_once()
+        assert 0 == await engine.archive_once()
+        state = engine.state
+        assert {live} == set(state.entries)
+        assert EntryState.RESERVE_HELD is state.entries[live].state
+        assert [request_key("acct", "r-live")] == list(state.requests)
+        assert {} == state.responses
+        assert (4, {"acct": 700 + 300}) == (state.archived_entries, state.archived_charged)
+        assert before == balances(engine, "acct")  # archiving moves no money
+        assert [] == ledger_problems(engine)  # charged = live entries + archived_charged
+
+        gone = await engine.execute(Commit(committed, 700))
+        assert isinstance(gone, Refusal)
+        assert RefusalCode.NOT_FOUND is gone.code
+        assert await engine.get_entry(committed) is None
+        again = await engine.execute(Reserve("acct", "r-commit", 1_000))  # past retention: a new request
+        assert isinstance(again, EntryResult)
+        assert again.created
+        assert again.entry.billing_entry_id != committed
+
+    archived = [e for e in iter_events(settings.wal_dir) if isinstance(e.payload, ev.EntriesArchived)]
+    assert 1 == len(archived)
+    assert {(committed, "COMMITTED"), (released, "RELEASED"), (charge.entry.billing_entry_id, "COMMITTED")} | {
+        (voided, "VOIDED")
+    } == {(item.billing_entry_id, item.state) for item in archived[0].payload.entries}  # type: ignore[attr-defined]
+    report = audit(settings.data_dir)
+    assert report.ok, report.problems
+    assert 4 == report.state.archived_entries
+
+
+async def test_archived_state_survives_restart_from_snapshot_and_from_the_log(
+    settings: Settings, clock: FakeClock
+) -> None:
+    """Reopening gives the same state whether it starts from the snapshot or replays every event."""
+    retained = settings.replace(entry_retention_hours=24)
+    async with Engine.open(settings=retained, clock=clock) as engine:
+        await mint(engine, "acct", 10_000)
+        for i in range(5):
+            entry_id = await held(engine, "acct", f"r{i}", 100)
+            assert isinstance(await engine.execute(Commit(entry_id, 60 + i)), EntryResult)
+        clock.advance(25 * HOUR_MS)
+        await held(engine, "acct", "fresh", 100)
+        assert 5 == await engine.archive_once()
+        expected = engine.state.to_snapshot()
+    async with Engine.open(settings=retained, clock=clock) as engine:  # from the snapshot close() wrote
+        assert expected == engine.state.to_snapshot()
+    for snapshot in settings.snapshot_dir.iterdir():
+        snapshot.unlink()
+    async with Engine.open(settings=retained, clock=clock) as engine:  # the whole log replayed
+        assert expected == engine.state.to_snapshot()
+        assert [] == ledger_problems(engine)
+
+
+async def test_unsettled_charges_and_dead_letters_are_never_archived(settings: Settings, clock: FakeClock) -> None:
+    """In settlement mode only confirmed charges go; pending and failed ones wait however old they are."""
+    finalizing = settings.replace(entry_retention_hours=24, settlement_url="http://settlement.invalid")
+    async with Engine.open(settings=finalizing, clock=clock) as engine:
+        await mint(engine, "acct", 10_000)
+        pending = await held(engine, "acct", "pending", 100)
+        failed = await held(engine, "acct", "failed", 100)
+        acked = await held(engine, "acct", "acked", 100)
+        for entry_id in (pending, failed, acked):
+            assert isinstance(await engine.execute(Commit(entry_id, 50)), EntryResult)
+        assert isinstance(await engine.execute(FinalizeFail(failed, "gave up", 8)), EntryResult)
+        assert isinstance(await engine.execute(FinalizeAck(acked)), EntryResult)
+        clock.advance(30 * 24 * HOUR_MS)
+        assert 1 == await engine.archive_once()
+        assert {pending: EntryState.FINALIZE_PENDING, failed: EntryState.FINALIZE_FAILED} == {
+            entry_id: entry.state for entry_id, entry in engine.state.entries.items()
+        }
+        assert isinstance(await engine.execute(FinalizeAck(failed, source="admin")), EntryResult)
+        assert 0 == await engine.archive_once()  # just acknowledged: its retention starts now
+        clock.advance(25 * HOUR_MS)
+        assert 1 == await engine.archive_once()
+        assert [pending] == list(engine.state.entries)
+        assert (100, 50) == (engine.state.archived_charged["acct"], engine.balance("acct").unsettled_micro)
+        assert [] == ledger_problems(engine)
+
+
+async def test_a_backlog_is_archived_in_bounded_events(
+    settings: Settings, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each event lists at most ARCHIVE_BATCH entries, oldest first; one call drains the backlog."""
+    monkeypatch.setattr(engine_module, "ARCHIVE_BATCH", 3)
+    async with Engine.open(settings=settings.replace(entry_retention_hours=24), clock=clock) as engine:
+        await mint(engine, "acct", 10_000)
+        ids = []
+        for i in range(7):
+            ids.append(await held(engine, "acct", f"r{i}", 10))
+            assert isinstance(await engine.execute(Release(ids[-1], "user_cancel")), EntryResult)
+            clock.advance(1)
+        clock.advance(25 * HOUR_MS)
+        assert 7 == await engine.archive_once()
+    events = [e.payload for e in iter_events(settings.wal_dir) if isinstance(e.payload, ev.EntriesArchived)]
+    assert [ids[:3], ids[3:6], ids[6:]] == [[item.billing_entry_id for item in p.entries] for p in events]
+
+
+async def test_retention_zero_keeps_every_entry(settings: Settings, clock: FakeClock) -> None:
+    """``entry_retention_hours = 0`` turns the archiver off."""
+    async with Engine.open(settings=settings.replace(entry_retention_hours=0), clock=clock) as engine:
+        await mint(engine, "acct", 1_000)
+        entry_id = await held(engine, "acct", "r", 10)
+        assert isinstance(await engine.execute(Release(entry_id, "user_cancel")), EntryResult)
+        clock.advance(10 * 365 * 24 * HOUR_MS)
+        assert 0 == await engine.archive_once()
+        assert [entry_id] == list(engine.state.entries)
+
+
+def _state_with_a_hold() -> tuple[State, str]:
+    state = State()
+    rate = ev.RateSnapshot(1000, 1_000_000, 0)
+    state.apply(ev.Event(1, 0, "mint", "c", ev.CreditMint("acct", "m", 1_000)))
+    state.apply(ev.Event(2, 0, "e1", "c", ev.BillingReserve("acct", "r1", 100, 60_000, rate, "f")))
+    return state, "e1"
+
+
+def test_the_fold_refuses_to_archive_a_live_hold_or_a_mismatched_record() -> None:
+    """Archiving what must stay, or a record that does not describe the entry, is an invariant violation."""
+    state, entry_id = _state_with_a_hold()
+    hold = ev.EntriesArchived(0, (ev.ArchivedEntry(entry_id, "acct", "r1", "RESERVE_HELD"),))
+    with pytest.raises(InvariantViolation, match="archive of RESERVE_HELD"):
+        state.apply(ev.Event(3, 0, "a1", "archiver", hold))
+    assert entry_id in state.entries
+    state, entry_id = _state_with_a_hold()
+    state.apply(ev.Event(3, 0, entry_id, "c", ev.BillingRelease("acct", 100, "user_cancel")))
+    wrong = ev.EntriesArchived(0, (ev.ArchivedEntry(entry_id, "other", "r1", "RELEASED"),))
+    with pytest.raises(InvariantViolation, match="does not match"):
+        state.apply(ev.Event(4, 0, "a1", "archiver", wrong))
+    assert entry_id in state.entries
+    state, entry_id = _state_with_a_hold()
+    unknown = ev.EntriesArchived(0, (ev.ArchivedEntry("nope", "acct", "r1", "RELEASED"),))
+    with pytest.raises(InvariantViolation, match="unknown entry"):
+        state.apply(ev.Event(3, 0, "a1", "archiver", unknown))
+
+
+@pytest.mark.parametrize("limit", [0, -1, 1001, True])
+def test_an_archive_command_out_of_bounds_is_refused(limit: int) -> None:
+    with pytest.raises(InvalidInput):
+        validate(Archive(0, limit))
+
+
+def test_an_archive_command_with_nothing_to_archive_is_not_found() -> None:
+    state, _ = _state_with_a_hold()
+    decision = decide(state, Archive(10**12, 10), 10**12, Policy(), lambda: "id")
+    assert isinstance(decision, Refusal)
+    assert RefusalCode.NOT_FOUND is decision.code
+    assert not isinstance(decision, ArchiveResult)
+
+
+@pytest.mark.parametrize(("hours", "ok"), [(0, True), (24, True), (23, False), (1, False), (168, True)])
+def test_retention_is_off_or_at_least_a_day(hours: int, ok: bool) -> None:
+    """Idempotency records must outlive retries (SPEC §6: at least 24 h)."""
+    if ok:
+        assert hours == Settings(entry_retention_hours=hours).entry_retention_hours
+    else:
+        with pytest.raises(ConfigError, match="entry_retention_hours"):
+            Settings(entry_retention_hours=hours)
+
+
+def test_a_snapshot_from_before_retention_reads_as_nothing_archived() -> None:
+    """Snapshot files without the archive fields (written by earlier versions) still load: empty and zero."""
+    state, _ = _state_with_a_hold()
+    old = msgspec.to_builtins(state.to_snapshot())
+    for name in ("archived_charged", "archived_uncollected_micro", "archived_entries", "archived_before_ms"):
+        del old[name]
+    sequence, snap = decode_snapshot(frame_snapshot(state.last_sequence, [msgspec.msgpack.encode(old)]))
+    loaded = State.from_snapshot(snap)
+    assert (2, {}, 0, 0, 0) == (
+        sequence,
+        loaded.archived_charged,
+        loaded.archived_uncollected_micro,
+        loaded.archived_entries,
+        loaded.archived_before_ms,
+    )
+    assert state.to_snapshot() == loaded.to_snapshot()
