@@ -660,15 +660,20 @@ def measure(runner: asyncio.Runner, server: Server, root: Path, args: argparse.N
     runner.run(closed_loop(target, conc, args.warmup, 0.0, billing_step(target, "warm", args.accounts)))
     settle_s = 0.0 if args.quick else 0.5
     wal = WalWatch(runner, target)
+    script = root / "pairs.lua"
+    script.write_text(WRK_PAIRS_LUA)
+
+    def billing_max(run: str) -> dict[str, Any]:
+        if use_wrk(args.generator):
+            return wal.around(lambda: wrk_pairs(target, conc, args.seconds, args.accounts, script))
+        step = billing_step(target, run, args.accounts)
+        return wal.around(lambda: runner.run(closed_loop(target, conc, args.seconds, settle_s, step)))
+
     if use_wrk(args.generator):
-        script = root / "pairs.lua"
-        script.write_text(WRK_PAIRS_LUA)
         bare = wal.around(lambda: wrk_bare(target, conc, args.seconds))
-        billing = wal.around(lambda: wrk_pairs(target, conc, args.seconds, args.accounts, script))
     else:
         bare = wal.around(lambda: runner.run(closed_loop(target, conc, args.seconds, settle_s, bare_step(target))))
-        max_step = billing_step(target, "max", args.accounts)
-        billing = wal.around(lambda: runner.run(closed_loop(target, conc, args.seconds, settle_s, max_step)))
+    billing = billing_max("max")
     top = billing["done"] / billing["window_s"]
 
     def at(share: float) -> dict[str, Any]:
@@ -676,7 +681,10 @@ def measure(runner: asyncio.Runner, server: Server, root: Path, args: argparse.N
         return {"share": share} | phase | {"server_cpu_us_per_pair": cpu_us_per_request(phase, share * top)}
 
     opened = at(OPEN_LOOP_SHARE)
-    return {"bare": bare, "billing": billing, "open_loop": opened, "curve": [at(share) for share in args.curve]}
+    curve = [at(share) for share in args.curve]
+    again = billing_max("again")  # the maximum once more: did the machine's speed drift during the run?
+    again.pop("reserve_ns", None)
+    return {"bare": bare, "billing": billing, "open_loop": opened, "curve": curve, "billing_again": again}
 
 
 @dataclass
@@ -731,6 +739,8 @@ def summary(args: argparse.Namespace, measured: dict[str, Any], server: Server) 
     pairs_per_s = billing["done"] / billing["window_s"]
     bare_per_s = bare["done"] / bare["window_s"]
     ratio = 2 * pairs_per_s / bare_per_s
+    again = measured["billing_again"]
+    again_per_s = again["done"] / again["window_s"]
     p99 = opened["reserve_p99_ms"]
     closed_generator = "wrk" if use_wrk(args.generator) else "python"
     reserve_ns = billing.pop("reserve_ns")
@@ -755,6 +765,13 @@ def summary(args: argparse.Namespace, measured: dict[str, Any], server: Server) 
             "reserve_p99_ms_closed_loop": percentile_ms(reserve_ns, 99),
         },
         "open_loop": opened,
+        "max_again": {
+            "pairs_per_s": round(again_per_s, 1),
+            "drift": round(again_per_s / pairs_per_s - 1, 3),
+            "open_loop_share_of_it": round(opened["rate_pairs_per_s"] / again_per_s, 3),
+            "server_cpu_us_per_request": cpu_us_per_request(again, 2 * again_per_s),
+            "snapshots": again["snapshots"],
+        },
         "open_loop_curve": [
             {key: point[key] for key in CURVE_KEYS} for point in sorted(measured["curve"], key=lambda p: p["share"])
         ],
@@ -816,6 +833,9 @@ NOTES: Final = [
     "request: a pair costs more CPU at a lower rate (smaller batches, colder caches), so 80 % of the closed-loop "
     "maximum can keep the core busier than 80 %",
     "open_loop_curve: --curve shares (e.g. 0.5,0.65), each an open-loop phase like the 80 % one",
+    "max_again: the closed-loop maximum measured once more after the open-loop phases; drift is its change "
+    "from pairs_per_s (a VM's speed moves during a run), and open_loop_share_of_it what the 80 % phase was "
+    "of it: above 0.8, the open loop ran closer to the machine's limit than intended",
     "wal_batches, wal_events_per_batch: group commits (syncs) during a phase, from /metrics; a pair pays "
     "for more syncs in the open loop than in the closed loop, and each costs the core CPU",
     "ceiling.wakeup_*: how late the server's core woke a thread sleeping 0.5 ms, before the server started "

@@ -113,3 +113,14 @@ def test_the_open_loop_curve_has_each_share_asked_for(report: dict[str, object])
     assert isinstance(curve, list)
     assert [0.5] == [point["share"] for point in curve]
     assert all(_is_number(curve[0][key]) for key in ("rate_pairs_per_s", "reserve_p99_ms", "server_cpu_us_per_pair"))
+
+
+@pytest.mark.slow
+def test_the_maximum_is_measured_again_after_the_open_loop(report: dict[str, object]) -> None:
+    """The closed-loop maximum is measured a second time, with its drift and the open loop's share of it."""
+    again = report["max_again"]
+    assert isinstance(again, dict)
+    assert all(_is_number(again[key]) for key in ("pairs_per_s", "drift", "open_loop_share_of_it"))
+    pairs = report["pairs_per_s"]
+    assert isinstance(pairs, float)
+    assert again["drift"] == pytest.approx(again["pairs_per_s"] / pairs - 1, abs=0.001)
