@@ -213,6 +213,12 @@ def test_the_fold_refuses_to_archive_a_live_hold_or_a_mismatched_record() -> Non
         state.apply(ev.Event(4, 0, "a1", "archiver", wrong))
     assert entry_id in state.entries
     state, entry_id = _state_with_a_hold()
+    state.apply(ev.Event(3, 0, entry_id, "c", ev.BillingRelease("acct", 100, "user_cancel")))
+    twice = ev.EntriesArchived(0, (ev.ArchivedEntry(entry_id, "acct", "r1", "RELEASED"),) * 2)
+    with pytest.raises(InvariantViolation, match="twice"):
+        state.apply(ev.Event(4, 0, "a1", "archiver", twice))
+    assert entry_id in state.entries
+    state, entry_id = _state_with_a_hold()
     unknown = ev.EntriesArchived(0, (ev.ArchivedEntry("nope", "acct", "r1", "RELEASED"),))
     with pytest.raises(InvariantViolation, match="unknown entry"):
         state.apply(ev.Event(3, 0, "a1", "archiver", unknown))

@@ -538,7 +538,7 @@ def _archive(state: State, event: ev.Event) -> None:
     entries plus ``archived_charged``.
     """
     p: ev.EntriesArchived = event.payload  # type: ignore[assignment]
-    state.archived_before_ms = max(state.archived_before_ms, p.older_than_ms)
+    ensure(len({item.billing_entry_id for item in p.entries}) == len(p.entries), "an archive lists an entry twice")
     for item in p.entries:
         entry = state.entries.get(item.billing_entry_id)
         if entry is None:
@@ -549,6 +549,7 @@ def _archive(state: State, event: ev.Event) -> None:
             "archive record of %s does not match the entry",
             entry.billing_entry_id,
         )
+    state.archived_before_ms = max(state.archived_before_ms, p.older_than_ms)
     for item in p.entries:
         entry = state.entries.pop(item.billing_entry_id)
         key = request_key(entry.account_id, entry.request_id)
