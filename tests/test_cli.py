@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.test_audit import ENTRY_1, RATE, mint_and_hold, run_traffic, write_log
-from tollway import Settings
+from tollway import Engine, Settings
 from tollway.cli import app
 from tollway.core import events as ev
 from tollway.testing import FakeClock
@@ -147,3 +147,25 @@ def test_console_script_exit_code_in_a_real_process(tmp_path: Path) -> None:
     )
     assert 2 == completed.returncode
     assert f"tollway: error: no WAL in {tmp_path} (expected {tmp_path / 'wal'})\n" == completed.stderr
+
+
+def test_inspect_text_shows_how_many_entries_an_archive_drops(runner: CliRunner, tmp_path: Path) -> None:
+    """A list in a payload (an archive's entries) shows as its length in the text form."""
+    settings = Settings(data_dir=tmp_path / "data", entry_retention_hours=24)
+    clock = FakeClock()
+
+    async def archive() -> int:
+        await run_traffic(settings, clock)
+        clock.advance(25 * 3_600_000)
+        async with Engine.open(settings=settings, clock=clock) as engine:
+            return await engine.archive_once()
+
+    archived = asyncio.run(archive())
+    result = runner.invoke(
+        app, ["wal", "inspect", "--data-dir", str(settings.data_dir), "--from-seq", str(RECORDS + 1)]
+    )
+    assert 0 == result.exit_code
+    [line] = result.output.splitlines()
+    assert archived > 0
+    assert "entries_archived" == line.split()[2]
+    assert f"entries=[{archived}]" in line.split()

@@ -81,8 +81,9 @@ def wal_inspect(
     """Print WAL records, one line each, oldest first.
 
     The text form shows the sequence, time (UTC), event type, entry id and the payload's
-    scalar fields; --json prints each record as stored (money as decimal strings of
-    micro-USD). Stops with an error at a corrupt record.
+    scalar fields (a list as its length in brackets, e.g. the entries an archive event drops);
+    --json prints each record as stored (money as decimal strings of micro-USD). Stops with an
+    error at a corrupt record.
     """
     wal_dir = existing_data_dir(data_dir, config).wal_dir
     for event in itertools.islice(iter_events(wal_dir, from_seq), limit):
@@ -114,7 +115,9 @@ def _text_line(event: Event) -> str:
     record = _record(event)
     ms = event.timestamp_ms
     when = datetime.fromtimestamp(ms // 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{ms % 1000:03d}Z"
-    fields = [f"{name}={_scalar(value)}" for name, value in (record["payload"] or {}).items() if _shown(name, value)]
+    payload = record["payload"] or {}
+    fields = [f"{name}={_scalar(value)}" for name, value in payload.items() if _shown(name, value)]
+    fields += [f"{name}=[{len(value)}]" for name, value in payload.items() if isinstance(value, list)]
     if event.correlation_id != UNTRACED:
         fields.append(f"correlation_id={_scalar(event.correlation_id)}")
     return f"{event.wal_sequence:>10} {when} {record['event_type']:<24} {event.billing_entry_id} {' '.join(fields)}"
