@@ -152,6 +152,7 @@ async def test_health_and_readiness(api: Api) -> None:
     body = ReadyOut.model_validate(ready.json())
     assert (200, True, "ready") == (ready.status_code, body.ready, body.guard.state if body.guard else None)
     assert {"stream": 0, "pending": 0, "delayed": 0, "poison": 0} == body.queues
+    assert {"kept": 0, "archived": 0, "retention_hours": 168} == body.entries
     api.service.engine.set_holds_allowed(False)
     unready = await api.http.get("/readyz")
     assert (503, False, "30") == (unready.status_code, unready.json()["ready"], unready.headers["retry-after"])

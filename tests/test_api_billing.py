@@ -267,3 +267,5 @@ async def test_an_archived_entry_is_not_found_and_its_request_id_is_new_again(ap
     assert [retry.json()["billing_entry_id"]] == [item["billing_entry_id"] for item in listed.json()["items"]]
     balance = (await api.http.get("/v1/accounts/acct-1", headers=api.auth(READ))).json()
     assert ("92000", "5000", "3000") == (balance["available_micro"], balance["held_micro"], balance["charged_micro"])
+    ready = (await api.http.get("/readyz")).json()
+    assert {"kept": 1, "archived": 1, "retention_hours": 168} == ready["entries"]

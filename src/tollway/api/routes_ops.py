@@ -4,7 +4,8 @@ Settlement operations need the finalize worker, which exists only in settlement 
 standalone mode they answer 409 ``settlement_not_configured`` (the dead-letter list still
 answers — it is simply empty). ``/readyz`` is 200 while new holds are allowed (the conservation
 guard is ready or bypassed) and 503 otherwise; either way its body shows the guard, the
-breaker, the WAL's sequences, the projection's lag and the queue depths. Redis being down does
+breaker, the WAL's sequences, the projection's lag, the queue depths and the entries kept and
+archived (retention). Redis being down does
 not make the service unready: billing continues from the WAL (SPEC §7).
 """
 
@@ -172,6 +173,11 @@ async def readyz(request: Request) -> Response:
         "wal": {"last_sequence": engine.state.last_sequence, "durable_sequence": engine.durable_sequence},
         "projection": dataclasses.asdict(ctx.service.projector.status()),
         "queues": await _depths(ctx),
+        "entries": {
+            "kept": len(engine.state.entries),
+            "archived": engine.state.archived_entries,
+            "retention_hours": engine.settings.entry_retention_hours,
+        },
     }
     return json_response(body, 200 if body["ready"] else 503, {"Retry-After": "30"} if not body["ready"] else None)
 

@@ -283,6 +283,7 @@ class ReadyOut(BaseModel):
     wal: dict[str, int]
     projection: dict[str, Any]
     queues: dict[str, int] | None
+    entries: dict[str, int]  # kept (in memory and Redis), archived (past the retention), retention_hours
 
 
 class PricesOut(BaseModel):
