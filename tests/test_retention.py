@@ -199,29 +199,26 @@ def _state_with_a_hold() -> tuple[State, str]:
     return state, "e1"
 
 
-def test_the_fold_refuses_to_archive_a_live_hold_or_a_mismatched_record() -> None:
-    """Archiving what must stay, or a record that does not describe the entry, is an invariant violation."""
+@pytest.mark.parametrize(
+    ("released", "items", "refusal"),
+    [
+        (False, [("e1", "acct", "r1", "RESERVE_HELD")], "archive of RESERVE_HELD"),
+        (True, [("e1", "other", "r1", "RELEASED")], "does not match"),
+        (True, [("e1", "acct", "r1", "RELEASED")] * 2, "twice"),
+        (False, [("nope", "acct", "r1", "RELEASED")], "unknown entry"),
+    ],
+    ids=["live_hold", "mismatched_record", "listed_twice", "unknown_entry"],
+)
+def test_the_fold_refuses_an_unsound_archive(released: bool, items: list[tuple[str, ...]], refusal: str) -> None:
+    """Archiving what must stay, a record that does not describe its entry, a repeat or a stranger: a violation."""
     state, entry_id = _state_with_a_hold()
-    hold = ev.EntriesArchived(0, (ev.ArchivedEntry(entry_id, "acct", "r1", "RESERVE_HELD"),))
-    with pytest.raises(InvariantViolation, match="archive of RESERVE_HELD"):
-        state.apply(ev.Event(3, 0, "a1", "archiver", hold))
+    if released:
+        state.apply(ev.Event(3, 0, entry_id, "c", ev.BillingRelease("acct", 100, "user_cancel")))
+    archive = ev.EntriesArchived(0, tuple(ev.ArchivedEntry(*item) for item in items))
+    with pytest.raises(InvariantViolation, match=refusal):
+        state.apply(ev.Event(state.last_sequence + 1, 0, "a1", "archiver", archive))
     assert entry_id in state.entries
-    state, entry_id = _state_with_a_hold()
-    state.apply(ev.Event(3, 0, entry_id, "c", ev.BillingRelease("acct", 100, "user_cancel")))
-    wrong = ev.EntriesArchived(0, (ev.ArchivedEntry(entry_id, "other", "r1", "RELEASED"),))
-    with pytest.raises(InvariantViolation, match="does not match"):
-        state.apply(ev.Event(4, 0, "a1", "archiver", wrong))
-    assert entry_id in state.entries
-    state, entry_id = _state_with_a_hold()
-    state.apply(ev.Event(3, 0, entry_id, "c", ev.BillingRelease("acct", 100, "user_cancel")))
-    twice = ev.EntriesArchived(0, (ev.ArchivedEntry(entry_id, "acct", "r1", "RELEASED"),) * 2)
-    with pytest.raises(InvariantViolation, match="twice"):
-        state.apply(ev.Event(4, 0, "a1", "archiver", twice))
-    assert entry_id in state.entries
-    state, entry_id = _state_with_a_hold()
-    unknown = ev.EntriesArchived(0, (ev.ArchivedEntry("nope", "acct", "r1", "RELEASED"),))
-    with pytest.raises(InvariantViolation, match="unknown entry"):
-        state.apply(ev.Event(3, 0, "a1", "archiver", unknown))
+    assert 0 == state.archived_before_ms
 
 
 @pytest.mark.parametrize("limit", [0, -1, 1001, True])

@@ -503,16 +503,13 @@ class Engine:
         Runs until none is left, one event at a time, so billing gets in between. Returns 0 when
         retention is off (``entry_retention_hours`` 0).
         """
-        hours = self.settings.entry_retention_hours
-        if hours == 0:
-            return 0
+        retention_ms = self.settings.entry_retention_hours * 3_600_000
+        if retention_ms == 0 or not self.state.archivable(self._clock() - retention_ms, 1):
+            return 0  # the usual answer: no command written, no refusal counted
         archived = 0
         while True:
-            older_than_ms = self._clock() - hours * 3_600_000
-            if not self.state.archivable(older_than_ms, 1):  # the usual answer: no command, no refusal counted
-                return archived
-            result = await self.execute(cmd.Archive(older_than_ms, ARCHIVE_BATCH))
-            if not isinstance(result, cmd.ArchiveResult):  # nothing (more) is old enough
+            result = await self.execute(cmd.Archive(self._clock() - retention_ms, ARCHIVE_BATCH))
+            if not isinstance(result, cmd.ArchiveResult):  # exactly a full batch was left: nothing more
                 return archived
             archived += result.archived
             if result.archived < ARCHIVE_BATCH:

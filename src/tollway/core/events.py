@@ -251,7 +251,8 @@ class EntriesArchived(Payload, frozen=True):
     The entries stay in the log (segments are never deleted); the engine forgets them, with
     their idempotency keys and stored responses, so its memory, its snapshots and the Redis
     projection stop growing with every request ever made. Their charges stay in the account
-    balances; ``older_than_ms`` is the cutoff the archiver used (informational).
+    balances. ``older_than_ms`` is the archiver's cutoff: the state keeps the newest one, so a
+    reader knows that an unknown entry made before it may have been archived.
     """
 
     EVENT_TYPE: ClassVar[str] = "entries_archived"

@@ -16,11 +16,11 @@ from tollway.core.ids import check_account_id, check_correlation_id, check_entry
 from tollway.core.money import check_micro
 
 MAX_TEXT_LENGTH: Final = 1024
+"""Longest reason, admin id or note text accepted."""
 ARCHIVE_LIMIT_MAX: Final = 1000
 """Most entries one ``entries_archived`` event may list (a record of about 130 KB)."""
 NOTE_PAYLOADS: Final = (ev.Audit, ev.BillingReconciliation, ev.RequestStart)
 """The only events a :class:`~tollway.core.commands.Note` may record: none of them moves money."""
-"""Longest reason, admin id or note text accepted."""
 
 
 def _text(value: str, field: str, *, required: bool = True) -> None:
