@@ -55,6 +55,7 @@ def test_strings_are_converted_by_field_type() -> None:
         ({"segment_bytes": 2 << 30}, "segment_bytes must be between"),
         ({"durability": "sometimes"}, "invalid value for durability"),
         ({"reserve_ttl_s": 4000}, "reserve_ttl_s must be between 1 and 3600"),
+        ({"wal_sync_gap_ms": 101}, "wal_sync_gap_ms must be between 0 and 100"),
         ({"sweep_batch_max": True}, "expected an integer"),
         ({"redis_url": "localhost:6379"}, "redis_url must be a URL starting with redis://, rediss://, unix://"),
         ({"redis_url": "redis://"}, "redis_url must be a URL starting with"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -59,6 +60,86 @@ async def test_concurrent_records_share_a_sync(engine: Engine, observer: Recordi
     await asyncio.gather(*(engine.execute(Reserve("acct", f"r{i}", 10)) for i in range(200)))
     assert 200 == sum(records for records, _ in observer.batches)
     assert len(observer.batches) < 20
+
+
+GAP_MS = 100  # the longest sync gap: far longer than a sync, so waiting for it shows
+
+
+async def test_a_batch_starts_no_sooner_than_the_sync_gap(settings: Settings, clock: FakeClock) -> None:
+    """Commands one after another each wait for the gap since the previous batch started."""
+    async with Engine.open(settings=settings.replace(wal_sync_gap_ms=GAP_MS), clock=clock) as engine:
+        started = time.perf_counter()
+        await mint(engine, "acct", 1_000)  # its batch starts at once: nothing was written before
+        for number in range(2):
+            assert isinstance(await engine.execute(Reserve("acct", f"r{number}", 10)), EntryResult)
+        assert time.perf_counter() - started >= 2 * GAP_MS / 1000 - 0.005  # the loop's timers are per millisecond
+
+
+async def test_commands_arriving_within_the_gap_share_one_batch(settings: Settings, clock: FakeClock) -> None:
+    """Commands made while the gap runs collect in one batch, whatever the moment each came."""
+    observer = RecordingObserver()
+    gap = settings.replace(wal_sync_gap_ms=GAP_MS)
+    async with Engine.open(settings=gap, clock=clock, observer=observer) as engine:
+        await mint(engine, "acct", 1_000)
+        observer.batches.clear()
+        tasks = []
+        for number in range(5):
+            tasks.append(asyncio.create_task(engine.execute(Reserve("acct", f"r{number}", 10))))
+            await asyncio.sleep(0.005)  # each in a loop iteration of its own, well inside the gap
+        await asyncio.gather(*tasks)
+        assert [5] == [records for records, _ in observer.batches]
+
+
+async def test_after_a_pause_a_batch_starts_at_once(settings: Settings, clock: FakeClock) -> None:
+    """The gap counts from the previous batch's start: an engine idle longer than it waits for nothing."""
+    async with Engine.open(settings=settings.replace(wal_sync_gap_ms=GAP_MS), clock=clock) as engine:
+        await mint(engine, "acct", 1_000)
+        await asyncio.sleep(GAP_MS / 1000 + 0.01)
+        task = asyncio.create_task(engine.execute(Reserve("acct", "r1", 10)))
+        await settle_loop()
+        assert engine._gap_timer is None
+        assert engine._inflight is not None or task.done()  # writing (or written) without a timer
+        await task
+
+
+async def test_closing_writes_a_batch_waiting_for_the_gap(settings: Settings, clock: FakeClock) -> None:
+    """A batch still waiting for the gap when the engine closes is written, synced and recovered."""
+    gap = settings.replace(wal_sync_gap_ms=GAP_MS)
+    async with Engine.open(settings=gap, clock=clock) as engine:
+        await mint(engine, "acct", 1_000)
+        task = asyncio.create_task(engine.execute(Reserve("acct", "r1", 10)))
+        await settle_loop()
+        assert engine._gap_timer is not None  # waiting for the gap
+    assert isinstance(await task, EntryResult)
+    async with Engine.open(settings=gap, clock=clock) as reopened:
+        assert 10 == reopened.balance("acct").held_micro
+
+
+async def test_an_abort_during_the_gap_writes_nothing_more(settings: Settings, clock: FakeClock) -> None:
+    """Aborting while a batch waits for the gap fails its callers; the timer writes nothing after."""
+    gap = settings.replace(wal_sync_gap_ms=GAP_MS)
+    async with Engine.open(settings=gap, clock=clock) as engine:
+        await mint(engine, "acct", 1_000)
+        task = asyncio.create_task(engine.execute(Reserve("acct", "r1", 10)))
+        await settle_loop()
+        await engine.abort()
+        with pytest.raises(EngineStopped):
+            await task
+        await asyncio.sleep(GAP_MS / 1000 + 0.02)  # the gap's timer has fired
+        assert engine._inflight is None
+    async with Engine.open(settings=gap, clock=clock) as reopened:
+        assert (1_000, 0) == (reopened.balance("acct").available_micro, reopened.balance("acct").held_micro)
+
+
+async def test_without_fsync_there_is_no_gap(settings: Settings, clock: FakeClock) -> None:
+    """``durability = none`` never syncs, so nothing waits for a gap."""
+    unsynced = settings.replace(durability=Durability.NONE, wal_sync_gap_ms=GAP_MS)
+    async with Engine.open(settings=unsynced, clock=clock) as engine:
+        await mint(engine, "acct", 1_000)
+        task = asyncio.create_task(engine.execute(Reserve("acct", "r1", 10)))
+        await settle_loop()
+        assert engine._gap_timer is None
+        await task
 
 
 class GatedWrites:

@@ -36,6 +36,8 @@ from tollway.wal.log import DEFAULT_SEGMENT_BYTES, MAX_WAL_FILE_BYTES
 ENV_PREFIX: Final = "TOLLWAY_"
 MIN_RETENTION_HOURS: Final = 24
 """Shortest entry retention (0 aside): idempotency records must survive at least a day (SPEC §6)."""
+WAL_SYNC_GAP_MS_MAX: Final = 100
+"""Longest ``wal_sync_gap_ms``: every durable answer can wait this long for its sync to start."""
 
 
 class Durability(enum.Enum):
@@ -72,6 +74,7 @@ class Settings:
     snapshots_kept: int = 2
     batch_records_max: int = 8192  # records in one group-commit batch; callers wait beyond
     batch_bytes_max: int = 8 << 20
+    wal_sync_gap_ms: int = 2  # least time between the starts of two WAL syncs (fsync); 0: back to back
     sweep_interval_ms: int = 1000  # how often the expiry sweeper runs
     sweep_batch_max: int = 1000  # holds expired per sweeper tick, at most
     entry_retention_hours: int = 168  # settled entries are archived this long after their last change; 0: never
@@ -124,6 +127,7 @@ class Settings:
         _check_range("snapshots_kept", self.snapshots_kept, 1, 100)
         _check_range("batch_records_max", self.batch_records_max, 1, 1_000_000)
         _check_range("batch_bytes_max", self.batch_bytes_max, 1 << 20, MAX_WAL_FILE_BYTES)
+        _check_range("wal_sync_gap_ms", self.wal_sync_gap_ms, 0, WAL_SYNC_GAP_MS_MAX)
         _check_range("sweep_interval_ms", self.sweep_interval_ms, 1, 3_600_000)
         _check_range("sweep_batch_max", self.sweep_batch_max, 1, 1_000_000)
         if self.entry_retention_hours != 0:  # idempotency records must outlive retries: SPEC §6, >= 24 h
