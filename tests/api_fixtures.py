@@ -24,10 +24,10 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
 
 from tollway import Settings
 from tollway.api import Authenticator, create_app
+from tollway.api.app import TollwayAPI
 from tollway.api.auth import development_key, token_claims
 from tollway.api.schemas import EntryOut, ErrorOut
 from tollway.service import Service
@@ -45,7 +45,7 @@ class Api:
     """A running service, its app, a client without credentials, and the signing key."""
 
     service: Service
-    app: FastAPI
+    app: TollwayAPI
     http: httpx.AsyncClient
     key: SigningKey
     settings: Settings

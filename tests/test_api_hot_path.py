@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
+from starlette.types import Receive, Scope, Send
 
-from tests.api_fixtures import ADMIN, BASE_URL, GATEWAY, READ, Api
+from tests.api_fixtures import ADMIN, BASE_URL, GATEWAY, READ, Api, open_api
 from tollway import Settings
-from tollway.api import Authenticator, create_app
+from tollway.api import Authenticator, create_app, hot
 from tollway.api.auth import development_key
+from tollway.api.hot import HotPath
 from tollway.service import Service
 from tollway.testing import FakeClock
 
@@ -147,3 +150,81 @@ async def test_hot_path_answers_like_the_router(tmp_path: Path, redis_url: str) 
             json={"credit_id": "x", "kind": "mint", "amount_micro": "1"},
             headers_for=lambda a: a.auth(ADMIN),
         )
+
+
+async def test_bodies_without_a_usable_length_go_to_the_app(tmp_path: Path, redis_url: str) -> None:
+    """A chunked body (no Content-Length) is the app's to count; the answer is the same either way."""
+    async with app_pair(tmp_path, redis_url) as pair:
+        for api in pair:
+            await api.mint("acct", 100_000)
+
+        async def chunked() -> AsyncIterator[bytes]:
+            yield b'{"account_id": "acct", "request_id": "r1", '
+            yield b'"estimated_cost_micro": "5000"}'
+
+        for api in pair:
+            response = await api.http.post(
+                "/v1/reservations", content=chunked(), headers={**gateway(api), "content-type": "application/json"}
+            )
+            assert "content-length" not in response.request.headers
+            assert 201 == response.status_code
+
+
+@contextlib.asynccontextmanager
+async def one_app(tmp_path: Path, redis_url: str) -> AsyncIterator[Api]:
+    async with open_api(Settings(data_dir=tmp_path / "data", redis_url=redis_url), FakeClock()) as api:
+        await api.mint("acct", 100_000)
+        yield api
+
+
+async def test_a_hot_request_never_enters_the_middleware_stack(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reserve and commit are answered in front of FastAPI; anything else still goes through it."""
+    async with one_app(tmp_path, redis_url) as api:
+        await _hot_and_not(api, monkeypatch)
+
+
+async def _hot_and_not(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    entered: list[str] = []
+    full = api.app.full
+
+    async def watched(scope: Scope, receive: Receive, send: Send) -> None:
+        entered.append(scope["path"])
+        await full(scope, receive, send)
+
+    assert isinstance(api.app.front, HotPath)
+    monkeypatch.setattr(api.app.front, "app", watched)
+    reserved = await api.reserve("acct", "r1", 5_000)
+    assert 201 == reserved.status_code
+    entry = reserved.json()["billing_entry_id"]
+    committed = await api.http.post(
+        f"/v1/reservations/{entry}/commit", json={"actual_cost_micro": "4000"}, headers=api.auth(GATEWAY)
+    )
+    assert 200 == committed.status_code
+    assert [] == entered
+    assert 200 == (await api.http.get(f"/v1/reservations/{entry}", headers=api.auth(READ))).status_code
+    assert [f"/v1/reservations/{entry}"] == entered
+
+
+async def test_a_bug_after_the_engine_gets_the_500_body_and_is_raised(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected exception answering a hot request: the error table's 500, then raised on to the server."""
+    async with one_app(tmp_path, redis_url) as api:
+        await _bug_after_the_engine(api, monkeypatch)
+
+
+async def _bug_after_the_engine(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    def bug(*_: Any) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(hot, "entry_outcome", bug)
+    transport = httpx.ASGITransport(app=api.app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
+        body = {"account_id": "acct", "request_id": "r1", "estimated_cost_micro": "5000"}
+        response = await http.post("/v1/reservations", json=body, headers=api.auth(GATEWAY))
+    assert (500, "internal_error") == (response.status_code, response.json()["error"])
+    with pytest.raises(RuntimeError, match="a bug"):
+        await api.reserve("acct", "r2", 5_000)
+    assert 0 < api.service.engine.balance("acct").held_micro  # both were executed: the bug came after

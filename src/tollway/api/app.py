@@ -6,9 +6,10 @@ metrics), the :class:`~tollway.api.auth.Authenticator`, and optionally a price t
 only wires them to routes; it opens nothing and reads no
 environment, so tests build an app around a service on ``tmp_path`` and call it in-process.
 
-Middleware, outermost first: the body limit (413 before parsing), then the hot path
-(:mod:`tollway.api.hot`: the gateway's billing routes answered without the router's per-request
-machinery, the same way the routes answer them). Errors of every kind are turned into the
+In front of everything, the hot path (:mod:`tollway.api.hot`: the gateway's billing routes
+answered without the middleware stack and the router's per-request machinery, the same way the
+routes answer them); then FastAPI's own middleware and the body limit (413 before parsing).
+Errors of every kind are turned into the
 stable body by :mod:`tollway.api.errors`. ``/openapi.json`` is generated from the handlers and
 the pydantic schemas; ``/docs`` renders it.
 """
@@ -19,6 +20,7 @@ from typing import Final
 
 from fastapi import FastAPI
 from fastapi.telemetry import TelemetryConfig
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tollway.api import routes_accounts, routes_billing, routes_ops
 from tollway.api.auth import Authenticator
@@ -48,6 +50,24 @@ Authenticate with `Authorization: Bearer <JWT>` carrying the scopes `billing:rea
 """
 
 
+class TollwayAPI(FastAPI):
+    """FastAPI with a front door: ``front`` (the hot path) sees each request before the middleware stack."""
+
+    front: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Hand the request to ``front`` when there is one (it passes what it does not answer to :meth:`full`)."""
+        if self.front is None:
+            await self.full(scope, receive, send)
+            return
+        scope["app"] = self  # what Starlette sets; the hot path finds the service through it
+        await self.front(scope, receive, send)
+
+    async def full(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The whole FastAPI app: middleware stack, router, error handlers."""
+        await super().__call__(scope, receive, send)
+
+
 def create_app(
     service: Service,
     *,
@@ -56,13 +76,13 @@ def create_app(
     guard: GuardRunner | None = None,
     metrics: Metrics | None = None,
     hot_path: bool = True,
-) -> FastAPI:
+) -> TollwayAPI:
     """The HTTP API over ``service``.
 
     ``pricing`` defaults to the shipped price table; ``guard`` and ``metrics`` to the service's own.
     ``hot_path=False`` leaves every request to the router (the differential test compares both).
     """
-    app = FastAPI(
+    app = TollwayAPI(
         title=API_TITLE,
         version=API_VERSION,
         description=API_DESCRIPTION,
@@ -82,7 +102,7 @@ def create_app(
     for module in (routes_billing, routes_accounts, routes_ops):
         app.include_router(module.router)
     install_error_handlers(app)
-    if hot_path:
-        app.add_middleware(HotPath)  # added first: inside the body limit
     app.add_middleware(BodyLimit, limit_bytes=service.settings.http_body_bytes_max)
+    if hot_path:
+        app.front = HotPath(app.full, service.settings.http_body_bytes_max)
     return app

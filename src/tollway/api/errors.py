@@ -195,7 +195,8 @@ async def _redis_down(_: Request, exc: Exception) -> Response:
     return error_response("redis_unavailable", f"Redis is unavailable: {type(exc).__name__}")
 
 
-async def _unexpected(_: Request, exc: Exception) -> Response:
+async def unexpected_response(_: Request, exc: Exception) -> Response:
+    """The 500 ``internal_error`` answer to an exception no row of the table takes (it is logged)."""
     log.error("unexpected error answering a request", exc_info=exc)
     return error_response("internal_error", "an unexpected error occurred; it was logged")
 
@@ -211,7 +212,7 @@ HANDLERS: Final[Mapping[type[Exception], Handler]] = {
     WalIOFailure: _stopped,
     redis.exceptions.RedisError: _redis_down,
 }
-"""Every exception type above, by its row of the table (anything else is ``_unexpected``: a 500)."""
+"""Every exception type above, by its row of the table (anything else is :func:`unexpected_response`: a 500)."""
 
 
 async def handled_response(request: Request, exc: Exception) -> Response | None:
@@ -231,4 +232,4 @@ def install_error_handlers(app: FastAPI) -> None:
     """Route every exception type above to its row of the table, and anything else to a 500."""
     for exc_type, handler in HANDLERS.items():
         app.add_exception_handler(exc_type, handler)
-    app.add_exception_handler(Exception, _unexpected)
+    app.add_exception_handler(Exception, unexpected_response)

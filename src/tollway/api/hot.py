@@ -1,11 +1,13 @@
 """The hot path: the gateway's billing routes answered before FastAPI's router.
 
 A gateway calls reserve and commit (or release) around every model call, so those requests are
-most of the traffic. Answering them through FastAPI's router costs more than authenticating,
-parsing and executing them together: matching, the request object, solving the dependencies,
-two exit stacks and two exception wrappers per request (``bench/http.py`` and a profile of
-``tollway serve`` under load show it). :class:`HotPath` is a middleware inside the body limit
-that answers ``POST`` on
+most of the traffic. Answering them through FastAPI costs more than authenticating, parsing and
+executing them together: matching, the request object, solving the dependencies, two exit
+stacks and two exception wrappers per request, and before all that the middleware stack every
+request crosses (Starlette's and FastAPI's error and telemetry wrappers, FastAPI's body limit,
+tollway's own), each wrapping ``receive`` and ``send`` again (``bench/http.py`` and a profile of
+``tollway serve`` under load show it). :class:`HotPath` sits in front of the whole app
+(:class:`~tollway.api.app.TollwayAPI` calls it first) and answers ``POST`` on
 
 - ``/v1/reservations`` and ``/v1/charges``,
 - ``/v1/reservations/{billing_entry_id}/commit``, ``/release`` and ``/extend``
@@ -15,14 +17,15 @@ with the same parts the routes use, minus the machinery: the bearer token as
 route's own pydantic model, validating the raw body in JSON mode; the same command builder
 (:data:`~tollway.api.routes_billing.GATEWAY_COMMANDS`); the same :func:`entry_outcome`.
 
-The invariant: **the hot path only answers a request the router would answer the same way**.
+The invariant: **the hot path only answers a request the app would answer the same way**.
 Whatever it does not take as it is — no bearer token, a content type other than
-``application/json``, a token or an account refused, a body that does not validate, a
-``root_path`` — goes to the router unchanged, with the body it read replayed, and gets the
-answer it always got (error bodies included). A request is never handed over after its command
-reached the engine: from there on, an exception gets the error table's answer here
-(:func:`~tollway.api.errors.handled_response`), and anything else propagates to the app's 500
-handler, as it would from a route.
+``application/json``, no ``Content-Length`` or one over the body limit, a token or an account
+refused, a body that does not validate, a ``root_path`` — goes to the app unchanged, with the
+body it read replayed, and gets the answer it always got (413 and error bodies included). A
+request is never handed over after its command reached the engine: from there on, an exception
+gets the error table's answer here (:func:`~tollway.api.errors.handled_response`), and anything
+else the app's 500 answer (:func:`~tollway.api.errors.unexpected_response`) before it is
+raised on to the server, as the app's outermost middleware does.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tollway.api.auth import Scope as TokenScope
 from tollway.api.context import AppContext
-from tollway.api.errors import ApiError, handled_response
+from tollway.api.errors import ApiError, handled_response, unexpected_response
+from tollway.api.limits import content_length
 from tollway.api.routes_billing import GATEWAY_COMMANDS, entry_outcome
 from tollway.core.errors import InvalidInput
 
@@ -106,31 +110,41 @@ def replaying(body: bytes, cut: Message | None, receive: Receive) -> Receive:
 
 
 class HotPath:
-    """Answer the gateway's billing routes directly; hand everything else to ``app`` unchanged."""
+    """Answer the gateway's billing routes directly; hand everything else to ``app`` unchanged.
 
-    def __init__(self, app: ASGIApp) -> None:
+    ``limit_bytes`` is the app's body limit: a body declared larger (or not declared) is the
+    app's to refuse, so the hot path never reads more than the limit.
+    """
+
+    def __init__(self, app: ASGIApp, limit_bytes: int) -> None:
         self.app = app
+        self.limit_bytes = limit_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer a hot route, or pass the request on (replaying a body already read)."""
         found = match(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
         token, is_json = bearer_token(scope["headers"]) if found is not None else (None, False)
-        if found is None or token is None or not is_json or scope.get("root_path"):
+        if found is None or token is None or not is_json or scope.get("root_path") or not self._fits(scope):
             await self.app(scope, receive, send)
             return
         try:
             body, cut = await read_body(receive)
-        except HTTPException as exc:  # the body limit
-            await _answer_error(scope, receive, send, exc)
-            return
         except Exception as exc:  # noqa: BLE001 - FastAPI answers any failure to read the body with this 400
             await _answer_error(scope, receive, send, HTTPException(400, _BODY_UNREADABLE), exc)
             return
-        response = None if cut is not None else await answer(scope, found, token, body)
+        try:
+            response = None if cut is not None else await answer(scope, found, token, body)
+        except Exception as exc:
+            await (await unexpected_response(Request(scope), exc))(scope, receive, send)
+            raise
         if response is None:
             await self.app(scope, replaying(body, cut, receive), send)
             return
         await response(scope, receive, send)
+
+    def _fits(self, scope: Scope) -> bool:
+        declared = content_length(scope)
+        return declared is not None and declared <= self.limit_bytes
 
 
 async def answer(scope: Scope, found: tuple[str, str], token: str, body: bytes) -> Response | None:

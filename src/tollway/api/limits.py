@@ -43,7 +43,7 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = _content_length(scope)
+        declared = content_length(scope)
         if declared is not None and declared > self.limit_bytes:
             message = f"the request body ({declared} bytes) is larger than {self.limit_bytes} bytes"
             await error_response("payload_too_large", message)(scope, receive, send)
@@ -66,7 +66,8 @@ class BodyLimit:
         return counted
 
 
-def _content_length(scope: Scope) -> int | None:
+def content_length(scope: Scope) -> int | None:
+    """The request's declared ``Content-Length``; None when there is none or it is not a plain number."""
     for name, value in scope.get("headers", ()):
         if name == b"content-length":
             text = value.decode("latin-1").strip()
