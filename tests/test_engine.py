@@ -27,6 +27,7 @@ from tollway import (
 from tollway.config import Durability, WalSyncer
 from tollway.core.commands import Release
 from tollway.core.ledger import Ledger, check_invariants
+from tollway.engine import SYNC_GAP_BATCH_RECORDS
 from tollway.testing import FakeClock, RecordingObserver
 from tollway.wal.segments import iter_events
 
@@ -88,6 +89,24 @@ async def test_commands_arriving_within_the_gap_share_one_batch(settings: Settin
             await asyncio.sleep(0.005)  # each in a loop iteration of its own, well inside the gap
         await asyncio.gather(*tasks)
         assert [5] == [records for records, _ in observer.batches]
+
+
+async def test_a_large_batch_does_not_wait_for_the_gap(settings: Settings, clock: FakeClock) -> None:
+    """A batch that reaches SYNC_GAP_BATCH_RECORDS starts at once, even while the gap's timer runs."""
+    observer = RecordingObserver()
+    async with Engine.open(settings=settings.replace(wal_sync_gap_ms=GAP_MS), clock=clock, observer=observer) as engine:
+        await mint(engine, "acct", 10**9)
+        few = [asyncio.create_task(engine.execute(Reserve("acct", f"a{i}", 10))) for i in range(5)]
+        await settle_loop()
+        assert engine._gap_timer is not None  # a small batch waits
+        many = [
+            asyncio.create_task(engine.execute(Reserve("acct", f"b{i}", 10))) for i in range(SYNC_GAP_BATCH_RECORDS)
+        ]
+        await settle_loop()
+        assert engine._gap_timer is None
+        assert engine._inflight is not None or all(task.done() for task in few + many)  # started without the timer
+        await asyncio.gather(*few, *many)
+        assert [5 + SYNC_GAP_BATCH_RECORDS] == [records for records, _ in observer.batches[1:]]
 
 
 async def test_after_a_pause_a_batch_starts_at_once(settings: Settings, clock: FakeClock) -> None:
