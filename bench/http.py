@@ -49,7 +49,8 @@ from typing import Any, Final, cast
 
 import uvloop
 
-from tollway.config import Settings
+from tollway.config import ENV_PREFIX, Settings, load_settings
+from tollway.core.errors import ConfigError
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable for bench.*
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -566,8 +567,19 @@ class Server:
 
 
 @contextlib.contextmanager
-def served(root: Path, log_level: str, pin: bool, wal_syncer: str = "process", pump: str = "auto") -> Iterator[Server]:
-    """``tollway serve`` in ``root/data`` on a free port of 127.0.0.1 (on CPU 0 when ``pin``); SIGTERM at the end."""
+def served(
+    root: Path,
+    log_level: str,
+    pin: bool,
+    wal_syncer: str = "process",
+    pump: str = "auto",
+    *,
+    settings: dict[str, str] | None = None,
+) -> Iterator[Server]:
+    """``tollway serve`` in ``root/data`` on a free port of 127.0.0.1 (on CPU 0 when ``pin``); SIGTERM at the end.
+
+    ``settings`` (name → value) reach the server as ``TOLLWAY_*`` variables; nothing else does.
+    """
     data = root / "data"
     admin, gateway = issue_token(data, "admin"), issue_token(data, "gateway")
     command = cli("serve", "--data-dir", str(data), "--host", "127.0.0.1", "--port", "0", "--log-level", log_level)
@@ -579,7 +591,9 @@ def served(root: Path, log_level: str, pin: bool, wal_syncer: str = "process", p
             stdout=subprocess.PIPE,
             stderr=log,
             text=True,
-            env=clean_environment() | {"TOLLWAY_WAL_SYNCER": wal_syncer, "TOLLWAY_PROJECTION_PUMP": pump},
+            env=clean_environment()
+            | {"TOLLWAY_WAL_SYNCER": wal_syncer, "TOLLWAY_PROJECTION_PUMP": pump}
+            | {ENV_PREFIX + name.upper(): value for name, value in (settings or {}).items()},
         )
         if pin:
             os.sched_setaffinity(0, {GENERATOR_CPU})
@@ -781,6 +795,7 @@ def summary(args: argparse.Namespace, measured: dict[str, Any], server: Server) 
             "durability": "fsync",
             "wal_syncer": args.wal_syncer,
             "projection_pump": args.projection_pump,
+            "settings": args.setting,
             "redis": "embedded",
             "settlement": "standalone",
             "exit_code": server.exit_code,
@@ -878,6 +893,13 @@ def _shares(text: str) -> list[float]:
     return shares
 
 
+def _setting(text: str) -> tuple[str, str]:
+    name, equals, value = text.partition("=")
+    if not equals or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name.strip().lower(), value.strip()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Benchmark tollway's HTTP API against the bare server stack.")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -901,6 +923,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="the server's projection_pump setting (default auto: off on the one CPU the server is pinned to)",
     )
+    parser.add_argument(
+        "--setting",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="another server setting (repeatable), e.g. wal_sync_gap_ms=0 to compare with the default",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     parser.add_argument(
         "--curve",
@@ -911,6 +941,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, default=None, help="parent of the scratch dir (default: cwd)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (data and server.log)")
     args = parser.parse_args(argv)
+    args.setting = dict(args.setting)
+    try:
+        load_settings(args.setting)
+    except ConfigError as exc:
+        parser.error(f"--setting: {exc}")
     quick = args.quick
     args.seconds = args.seconds if args.seconds is not None else (1.0 if quick else 10.0)
     args.warmup = args.warmup if args.warmup is not None else (0.3 if quick else 3.0)
@@ -927,7 +962,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     wakeup = wakeup_latency(WAKEUP_PROBE_S_QUICK if args.quick else WAKEUP_PROBE_S, SERVER_CPU if pinned else None)
     with (
         asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner,
-        served(root, args.log_level, pinned, args.wal_syncer, args.projection_pump) as server,
+        served(root, args.log_level, pinned, args.wal_syncer, args.projection_pump, settings=args.setting) as server,
     ):
         measured = measure(runner, server, root, args)
     out = summary(args, measured, server)

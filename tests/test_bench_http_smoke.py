@@ -38,6 +38,7 @@ def report(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
             request.param,
             "--curve",
             "0.5",
+            *(["--setting", "wal_sync_gap_ms=0"] if request.param == "python" else []),
         ],
         capture_output=True,
         text=True,
@@ -124,3 +125,24 @@ def test_the_maximum_is_measured_again_after_the_open_loop(report: dict[str, obj
     pairs = report["pairs_per_s"]
     assert isinstance(pairs, float)
     assert again["drift"] == pytest.approx(again["pairs_per_s"] / pairs - 1, abs=0.001)
+
+
+def test_server_settings_are_passed_and_reported(report: dict[str, object]) -> None:
+    server = report["server"]
+    assert isinstance(server, dict)
+    generator = report["generator"]
+    assert isinstance(generator, dict)
+    expected = {"wal_sync_gap_ms": "0"} if generator["closed_loop"] == "python" else {}
+    assert expected == server["settings"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [("nope=1", "unknown setting(s): nope"), ("wal_sync_gap_ms=500", "must be between 0 and 100"), ("x", "NAME=VALUE")],
+)
+def test_a_bad_server_setting_is_refused_before_anything_starts(setting: str, message: str) -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--setting", setting], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert 2 == done.returncode
+    assert message in done.stderr
