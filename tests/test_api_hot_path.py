@@ -182,29 +182,25 @@ async def test_a_hot_request_never_enters_the_middleware_stack(
 ) -> None:
     """Reserve and commit are answered in front of FastAPI; anything else still goes through it."""
     async with one_app(tmp_path, redis_url) as api:
-        await _hot_and_not(api, monkeypatch)
+        entered: list[str] = []
+        full = api.app.full
 
+        async def watched(scope: Scope, receive: Receive, send: Send) -> None:
+            entered.append(scope["path"])
+            await full(scope, receive, send)
 
-async def _hot_and_not(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
-    entered: list[str] = []
-    full = api.app.full
-
-    async def watched(scope: Scope, receive: Receive, send: Send) -> None:
-        entered.append(scope["path"])
-        await full(scope, receive, send)
-
-    assert isinstance(api.app.front, HotPath)
-    monkeypatch.setattr(api.app.front, "app", watched)
-    reserved = await api.reserve("acct", "r1", 5_000)
-    assert 201 == reserved.status_code
-    entry = reserved.json()["billing_entry_id"]
-    committed = await api.http.post(
-        f"/v1/reservations/{entry}/commit", json={"actual_cost_micro": "4000"}, headers=api.auth(GATEWAY)
-    )
-    assert 200 == committed.status_code
-    assert [] == entered
-    assert 200 == (await api.http.get(f"/v1/reservations/{entry}", headers=api.auth(READ))).status_code
-    assert [f"/v1/reservations/{entry}"] == entered
+        assert isinstance(api.app.front, HotPath)
+        monkeypatch.setattr(api.app.front, "app", watched)
+        reserved = await api.reserve("acct", "r1", 5_000)
+        assert 201 == reserved.status_code
+        entry = reserved.json()["billing_entry_id"]
+        committed = await api.http.post(
+            f"/v1/reservations/{entry}/commit", json={"actual_cost_micro": "4000"}, headers=api.auth(GATEWAY)
+        )
+        assert 200 == committed.status_code
+        assert [] == entered
+        assert 200 == (await api.http.get(f"/v1/reservations/{entry}", headers=api.auth(READ))).status_code
+        assert [f"/v1/reservations/{entry}"] == entered
 
 
 async def test_a_bug_after_the_engine_gets_the_500_body_and_is_raised(
@@ -212,19 +208,16 @@ async def test_a_bug_after_the_engine_gets_the_500_body_and_is_raised(
 ) -> None:
     """An unexpected exception answering a hot request: the error table's 500, then raised on to the server."""
     async with one_app(tmp_path, redis_url) as api:
-        await _bug_after_the_engine(api, monkeypatch)
 
+        def bug(*_: Any) -> None:
+            raise RuntimeError("a bug")
 
-async def _bug_after_the_engine(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
-    def bug(*_: Any) -> None:
-        raise RuntimeError("a bug")
-
-    monkeypatch.setattr(hot, "entry_outcome", bug)
-    transport = httpx.ASGITransport(app=api.app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
-        body = {"account_id": "acct", "request_id": "r1", "estimated_cost_micro": "5000"}
-        response = await http.post("/v1/reservations", json=body, headers=api.auth(GATEWAY))
-    assert (500, "internal_error") == (response.status_code, response.json()["error"])
-    with pytest.raises(RuntimeError, match="a bug"):
-        await api.reserve("acct", "r2", 5_000)
-    assert 0 < api.service.engine.balance("acct").held_micro  # both were executed: the bug came after
+        monkeypatch.setattr(hot, "entry_outcome", bug)
+        transport = httpx.ASGITransport(app=api.app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
+            body = {"account_id": "acct", "request_id": "r1", "estimated_cost_micro": "5000"}
+            response = await http.post("/v1/reservations", json=body, headers=api.auth(GATEWAY))
+        assert (500, "internal_error") == (response.status_code, response.json()["error"])
+        with pytest.raises(RuntimeError, match="a bug"):
+            await api.reserve("acct", "r2", 5_000)
+        assert 10_000 == api.service.engine.balance("acct").held_micro  # both were executed: the bug came after
