@@ -341,22 +341,22 @@ class Engine:
     def _kick(self) -> None:
         """Start writing the pending batch unless a write is in flight or the sync gap has not passed.
 
-        The sync gap (``wal_sync_gap_ms``, fsync durability only): a batch starts no sooner than
-        the gap after the previous one started, so a busy engine syncs at most ``1 / gap`` times
-        a second, whatever the load. A sync is not cheap on the engine's core: the helper's
-        ``fdatasync`` itself (about 130 us of CPU on a VM's virtio disk), two context switches,
-        and the caches they leave cold. At partial load, syncs back to back made small batches
-        that cost more CPU per request than at full load. Measured with ``tollway serve``
-        pinned to one core, reserve/commit pairs on a fixed open-loop schedule of 3,600 a second
-        (``bench/http.py``'s 80 % phase on that machine), 6 phases per setting, alternating
-        servers: with no gap, 763-1,034 syncs a second, the core 98 % busy, reserve p50 4.6 ms
-        and p99 28 ms (medians); with a 2 ms gap, 435-461 syncs a second, 84 % busy (233 us of
-        CPU per pair instead of 272), p50 2.3 ms and p99 9.0 ms. Larger gaps saved little more
-        CPU (222 us at 4 ms) and added their wait to every answer. An idle engine is not slowed:
-        the first batch after a pause starts at once; nor is a busy one with many callers: a
-        batch of :data:`SYNC_GAP_BATCH_RECORDS` starts without waiting for the gap.
+        The sync gap (``wal_sync_gap_ms``, fsync durability only): a small batch starts no sooner
+        than the gap after the previous one started, so an engine busy with few callers at a
+        time syncs at most ``1 / gap`` times a second. A sync is not cheap on the engine's core:
+        the helper's ``fdatasync`` itself (about 130 us of CPU on a VM's virtio disk), two
+        context switches, and the caches they leave cold. At partial load, syncs back to back
+        made small batches that cost more CPU per request than at full load. Measured with
+        ``tollway serve`` pinned to one core, reserve/commit pairs on a fixed open-loop schedule
+        of 3,600 a second (``bench/http.py``'s 80 % phase on that machine), servers alternating,
+        eight 10 s phases per setting (medians): with no gap, 1,176 syncs a second, the core
+        97 % busy (268 us of CPU per pair), reserve p50 2.9 ms and p99 9.8 ms; with a 2 ms gap,
+        521 syncs a second, 85 % busy (235 us), p50 2.5 ms and p99 8.3 ms. Longer gaps saved
+        little more CPU (222 us at 4 ms, in another run) and added their wait to every answer.
+        An idle engine is not slowed: the first batch after a pause starts at once; nor are many
+        callers: a batch of :data:`SYNC_GAP_BATCH_RECORDS` starts without waiting for the gap.
         """
-        if self._inflight is not None or not self._pending.chunks or self._failure is not None or self._closed:
+        if not self._may_write():
             return
         if self._sync_gap_s:
             wait_s = self._next_write_at - time.perf_counter()
@@ -373,10 +373,14 @@ class Engine:
     def _gap_passed(self) -> None:
         """The sync gap's timer: start the pending batch (the loop's timers may fire a little early)."""
         self._gap_timer = None
-        if self._inflight is not None or not self._pending.chunks or self._failure is not None or self._closed:
+        if not self._may_write():
             return
         self._next_write_at = time.perf_counter() + self._sync_gap_s
         self._start_write()
+
+    def _may_write(self) -> bool:
+        """Whether a pending batch could start now: records wait, no write is in flight, the engine runs."""
+        return self._inflight is None and bool(self._pending.chunks) and self._failure is None and not self._closed
 
     def _start_write(self) -> None:
         """Write the pending batch and sync it; the next batch collects meanwhile."""
