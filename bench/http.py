@@ -691,7 +691,8 @@ def measure(runner: asyncio.Runner, server: Server, root: Path, args: argparse.N
     top = billing["done"] / billing["window_s"]
 
     def at(share: float) -> dict[str, Any]:
-        phase = wal.around(lambda: runner.run(open_loop(target, share * top, args.seconds, conc, args.accounts)))
+        pool = args.open_connections
+        phase = wal.around(lambda: runner.run(open_loop(target, share * top, args.seconds, pool, args.accounts)))
         return {"share": share} | phase | {"server_cpu_us_per_pair": cpu_us_per_request(phase, share * top)}
 
     opened = at(OPEN_LOOP_SHARE)
@@ -805,6 +806,7 @@ def summary(args: argparse.Namespace, measured: dict[str, Any], server: Server) 
             "seconds": args.seconds,
             "warmup": args.warmup,
             "concurrency": args.concurrency,
+            "open_connections": args.open_connections,
             "accounts": args.accounts,
             "generator": args.generator,
             "quick": args.quick,
@@ -906,6 +908,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=None, help="each measured phase (default 10; quick 1)")
     parser.add_argument("--warmup", type=float, default=None, help="billing warm-up (default 3; quick 0.3)")
     parser.add_argument("--concurrency", type=int, default=None, help="connections (default 64; quick 8)")
+    parser.add_argument(
+        "--open-connections",
+        type=int,
+        default=None,
+        help="connections of the open-loop phases, at most (default: --concurrency)",
+    )
     parser.add_argument("--accounts", type=int, default=None, help="funded accounts (default 1000; quick 20)")
     parser.add_argument(
         "--generator", choices=("auto", "wrk", "python"), default="auto", help="closed loops (auto: wrk if installed)"
@@ -950,9 +958,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.seconds = args.seconds if args.seconds is not None else (1.0 if quick else 10.0)
     args.warmup = args.warmup if args.warmup is not None else (0.3 if quick else 3.0)
     args.concurrency = args.concurrency if args.concurrency is not None else (8 if quick else 64)
+    args.open_connections = args.open_connections if args.open_connections is not None else args.concurrency
     args.accounts = args.accounts if args.accounts is not None else (20 if quick else 1000)
-    if args.concurrency < 1 or args.accounts < 1 or args.seconds <= 0:
-        parser.error("--concurrency, --accounts and --seconds must be positive")
+    if args.concurrency < 1 or args.open_connections < 1 or args.accounts < 1 or args.seconds <= 0:
+        parser.error("--concurrency, --open-connections, --accounts and --seconds must be positive")
     return args
 
 

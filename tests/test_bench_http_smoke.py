@@ -38,7 +38,7 @@ def report(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
             request.param,
             "--curve",
             "0.5",
-            *(["--setting", "wal_sync_gap_ms=0"] if request.param == "python" else []),
+            *(["--setting", "wal_sync_gap_ms=0", "--open-connections", "12"] if request.param == "python" else []),
         ],
         capture_output=True,
         text=True,
@@ -127,13 +127,15 @@ def test_the_maximum_is_measured_again_after_the_open_loop(report: dict[str, obj
     assert again["drift"] == pytest.approx(again["pairs_per_s"] / pairs - 1, abs=0.001)
 
 
-def test_server_settings_are_passed_and_reported(report: dict[str, object]) -> None:
-    server = report["server"]
+def test_server_settings_and_open_connections_are_passed_and_reported(report: dict[str, object]) -> None:
+    server, generator, options, opened = report["server"], report["generator"], report["options"], report["open_loop"]
     assert isinstance(server, dict)
-    generator = report["generator"]
     assert isinstance(generator, dict)
-    expected = {"wal_sync_gap_ms": "0"} if generator["closed_loop"] == "python" else {}
-    assert expected == server["settings"]
+    assert isinstance(options, dict)
+    assert isinstance(opened, dict)
+    python = generator["closed_loop"] == "python"
+    assert ({"wal_sync_gap_ms": "0"} if python else {}) == server["settings"]
+    assert (12 if python else options["concurrency"]) == options["open_connections"] == opened["connections"]
 
 
 @pytest.mark.parametrize(
