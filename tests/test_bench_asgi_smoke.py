@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "asgi.py"
+from tests.bench_run import quick_report
 
 
 def test_quick_run_reports_the_cost_of_each_arm(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--json", "--data-dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert 0 == done.returncode, done.stderr
-    report = json.loads(done.stdout)
+    report = quick_report("asgi.py", tmp_path)
     assert (200, 1) == (report["pairs"], report["rounds"])
     assert {"engine", "hot_path", "router"} == set(report["samples"])
     assert all(len(values) == 1 and values[0] > 0 for values in report["samples"].values())

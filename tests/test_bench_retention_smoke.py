@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "retention.py"
+from tests.bench_run import quick_report
 
 
 def test_quick_run_archives_everything_and_reports_its_figures(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--json", "--data-dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert 0 == done.returncode, done.stderr
-    report = json.loads(done.stdout)
+    report = quick_report("retention.py", tmp_path)
     assert (2_000, 2_000, 0) == (report["entries"], report["archived"], report["entries_left"])
     assert report["archive_entries_per_s"] > 0
     assert report["ceiling"]["create_entries_per_s"] > 0

@@ -367,27 +367,25 @@ class Engine:
             if self._gap_timer is not None:
                 self._gap_timer.cancel()
                 self._gap_timer = None
-            self._next_write_at = time.perf_counter() + self._sync_gap_s
         self._start_write()
 
     def _gap_passed(self) -> None:
         """The sync gap's timer: start the pending batch (the loop's timers may fire a little early)."""
         self._gap_timer = None
-        if not self._may_write():
-            return
-        self._next_write_at = time.perf_counter() + self._sync_gap_s
-        self._start_write()
+        if self._may_write():
+            self._start_write()
 
     def _may_write(self) -> bool:
         """Whether a pending batch could start now: records wait, no write is in flight, the engine runs."""
         return self._inflight is None and bool(self._pending.chunks) and self._failure is None and not self._closed
 
     def _start_write(self) -> None:
-        """Write the pending batch and sync it; the next batch collects meanwhile."""
+        """Write the pending batch and sync it; the next batch collects meanwhile (and waits out the gap)."""
         batch = self._inflight = self._pending
         self._pending = _Batch(self._loop)
         data = b"".join(batch.chunks)
         started = time.perf_counter()
+        self._next_write_at = started + self._sync_gap_s
         if self._syncer is None:
             future = self._loop.run_in_executor(self._io, self._writer.write_batch, data, batch.first_seq)
         else:

@@ -41,7 +41,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tollway.api.auth import Scope as TokenScope
 from tollway.api.context import AppContext
 from tollway.api.errors import ApiError, handled_response, unexpected_response
-from tollway.api.limits import content_length
+from tollway.api.limits import parse_length
 from tollway.api.routes_billing import GATEWAY_COMMANDS, entry_outcome
 from tollway.core.errors import InvalidInput
 
@@ -66,14 +66,15 @@ def match(path: str) -> tuple[str, str] | None:
     return None
 
 
-def bearer_token(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, bool]:
-    """The bearer token, and whether the body is declared ``application/json``.
+def request_headers(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, bool, int | None]:
+    """The bearer token, whether the body is declared ``application/json``, and its declared length.
 
-    The token as HTTPBearer reads it: the first Authorization header, ``Bearer <credentials>``
-    with the scheme in any case. The first Content-Type counts, parameters allowed.
+    One pass over the headers. The token as HTTPBearer reads it: the first Authorization header,
+    ``Bearer <credentials>`` with the scheme in any case. The first Content-Type counts,
+    parameters allowed; the first Content-Length, as the body limit reads it.
     """
     token: str | None = None
-    authorization = content_type = None
+    authorization = content_type = length = None
     for name, value in headers:
         if name == b"authorization" and authorization is None:
             authorization = value.decode("latin-1")
@@ -82,7 +83,10 @@ def bearer_token(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, bool]:
             token = credentials if scheme and credentials and scheme.lower() == "bearer" else None
         elif name == b"content-type" and content_type is None:
             content_type = value
-    return token, content_type is not None and content_type.partition(b";")[0] == _JSON
+        elif name == b"content-length" and length is None:
+            length = value
+    is_json = content_type is not None and content_type.partition(b";")[0] == _JSON
+    return token, is_json, None if length is None else parse_length(length)
 
 
 async def read_body(receive: Receive) -> tuple[bytes, Message | None]:
@@ -123,8 +127,9 @@ class HotPath:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer a hot route, or pass the request on (replaying a body already read)."""
         found = match(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        token, is_json = bearer_token(scope["headers"]) if found is not None else (None, False)
-        if found is None or token is None or not is_json or scope.get("root_path") or not self._fits(scope):
+        token, is_json, declared = request_headers(scope["headers"]) if found is not None else (None, False, None)
+        fits = declared is not None and declared <= self.limit_bytes
+        if found is None or token is None or not is_json or not fits or scope.get("root_path"):
             await self.app(scope, receive, send)
             return
         try:
@@ -141,10 +146,6 @@ class HotPath:
             await self.app(scope, replaying(body, cut, receive), send)
             return
         await response(scope, receive, send)
-
-    def _fits(self, scope: Scope) -> bool:
-        declared = content_length(scope)
-        return declared is not None and declared <= self.limit_bytes
 
 
 async def answer(scope: Scope, found: tuple[str, str], token: str, body: bytes) -> Response | None:

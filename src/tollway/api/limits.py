@@ -70,6 +70,11 @@ def content_length(scope: Scope) -> int | None:
     """The request's declared ``Content-Length``; None when there is none or it is not a plain number."""
     for name, value in scope.get("headers", ()):
         if name == b"content-length":
-            text = value.decode("latin-1").strip()
-            return int(text) if text.isascii() and text.isdigit() and len(text) <= _LENGTH_DIGITS_MAX else None
+            return parse_length(value)
     return None
+
+
+def parse_length(value: bytes) -> int | None:
+    """A ``Content-Length`` header's value as a number; None when it is not a plain one."""
+    text = value.decode("latin-1").strip()
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= _LENGTH_DIGITS_MAX else None
