@@ -56,6 +56,8 @@ def test_strings_are_converted_by_field_type() -> None:
         ({"durability": "sometimes"}, "invalid value for durability"),
         ({"reserve_ttl_s": 4000}, "reserve_ttl_s must be between 1 and 3600"),
         ({"wal_sync_gap_ms": 101}, "wal_sync_gap_ms must be between 0 and 100"),
+        ({"redis_nice": -1}, "redis_nice must be between 0 and 19"),
+        ({"redis_nice": 20}, "redis_nice must be between 0 and 19"),
         ({"sweep_batch_max": True}, "expected an integer"),
         ({"redis_url": "localhost:6379"}, "redis_url must be a URL starting with redis://, rediss://, unix://"),
         ({"redis_url": "redis://"}, "redis_url must be a URL starting with"),

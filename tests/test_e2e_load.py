@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 from tests.e2e_support import audit, sdk, serving
 from tollway.client import AsyncClient, Entry, InsufficientFunds
+from tollway.config import REDIS_NICE
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc to follow the embedded redis-server")
 
@@ -43,6 +45,9 @@ async def test_1000_concurrent_reserves_over_http_exactly_100_succeed(tmp_path: 
     """1,000 reserves at once on 1,000 connections for an account funded for 100: 100 × 201, 900 × 402, 0 left."""
     data = tmp_path / "d"
     async with serving(data, tmp_path, "serve") as serve:
+        service_nice = os.getpriority(os.PRIO_PROCESS, serve.process.pid)
+        redis_nice = os.getpriority(os.PRIO_PROCESS, serve.redis_pids[0])
+        assert min(19, service_nice + REDIS_NICE) == redis_nice, "the embedded Redis yields to the billing path"
         async with sdk(serve.url, serve.printed_token("admin")) as admin:
             await admin.credit(ACCOUNT, "fund", FUNDED_FOR * ESTIMATE_MICRO)
             pool = httpx.Limits(max_connections=RESERVES, max_keepalive_connections=RESERVES)

@@ -117,6 +117,32 @@ async def test_persistence_is_off(
     assert ["redis.log"] == sorted(path.name for path in redis_server.directory.iterdir())
 
 
+def _thread_nice_values(pid: int) -> list[int]:
+    """The nice value of each thread of ``pid`` (field 19 of /proc/<pid>/task/<tid>/stat)."""
+    values = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        fields = (task / "stat").read_text().rsplit(")", 1)[-1].split()
+        values.append(int(fields[16]))  # fields[0] is field 3 (state), so field 19 is fields[16]
+    return values
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads threads from /proc")
+@pytest.mark.parametrize("nice", [0, 7])
+async def test_runs_nice_above_its_parent_in_every_thread(tmp_path: Path, nice: int) -> None:
+    """The server and every thread it starts (bio threads included) run ``nice`` above this process, restarted too."""
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    server = await EmbeddedRedis.start(tmp_path / "redis", nice=nice)
+    try:
+        for _ in range(2):
+            assert server.pid is not None
+            values = _thread_nice_values(server.pid)
+            assert len(values) > 1, "redis-server starts its background threads at startup"
+            assert {min(19, own + nice)} == set(values)
+            await server.restart()
+    finally:
+        await server.stop()
+
+
 async def test_stop_is_idempotent_and_ends_the_process(redis_server: EmbeddedRedis) -> None:
     """Stopping twice is fine; the process is gone and its socket file removed."""
     pid = redis_server.pid

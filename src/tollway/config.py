@@ -38,6 +38,10 @@ MIN_RETENTION_HOURS: Final = 24
 """Shortest entry retention (0 aside): idempotency records must survive at least a day (SPEC §6)."""
 WAL_SYNC_GAP_MS_MAX: Final = 100
 """Longest ``wal_sync_gap_ms``: every durable answer can wait this long for its sync to start."""
+REDIS_NICE: Final = 10
+"""Default ``redis_nice``: on a shared core the embedded Redis gets about a tenth of the CPU the
+service gets while both want it (Linux weights nice 10 at 110 against 1024 for nice 0)."""
+REDIS_NICE_MAX: Final = 19
 
 
 class Durability(enum.Enum):
@@ -94,6 +98,7 @@ class Settings:
     redis_prefix: str = "tw"
     shard: str = "0"  # the hash tag of every key of this engine
     redis_memory_bytes_max: int = 1 << 30  # maxmemory of the embedded server (noeviction)
+    redis_nice: int = REDIS_NICE  # the embedded server's nice value above the service's (billing first)
     projection_coalesce_ms: int = 10  # once caught up, the projector gathers this long before its next call
     projection_pump: PumpMode = PumpMode.AUTO  # encode and apply projection batches in a child process
     # -- settlement --
@@ -142,6 +147,7 @@ class Settings:
         _check_range("max_pending_reconciliation", self.max_pending_reconciliation, 1, 1_000_000)
         _check_range("max_response_bytes", self.max_response_bytes, 0, 1 << 20)
         _check_range("redis_memory_bytes_max", self.redis_memory_bytes_max, 16 << 20, 1 << 40)
+        _check_range("redis_nice", self.redis_nice, 0, REDIS_NICE_MAX)
         _check_range("projection_coalesce_ms", self.projection_coalesce_ms, 0, 1000)
         _check_range("settlement_timeout_ms", self.settlement_timeout_ms, 10, 60_000)
         _check_range("worker_concurrency", self.worker_concurrency, 1, 256)

@@ -130,7 +130,9 @@ class Service:
         try:
             if settings.redis_url is None:
                 embedded = await EmbeddedRedis.start(
-                    settings.data_dir / "redis", memory_bytes_max=settings.redis_memory_bytes_max
+                    settings.data_dir / "redis",
+                    memory_bytes_max=settings.redis_memory_bytes_max,
+                    nice=settings.redis_nice,
                 )
             url = settings.redis_url or (embedded.url if embedded else "")
             client = aioredis.Redis.from_url(url, socket_timeout=REDIS_SOCKET_TIMEOUT_S)

@@ -15,6 +15,9 @@ Invariants of a server started here:
   a ``finally`` (or use ``async with``); an ``atexit`` hook kills any server still running; and
   on Linux the kernel SIGKILLs it if the parent dies without running any of that
   (``PR_SET_PDEATHSIG``; note that Linux ties this to the *thread* that started the server).
+- It runs ``nice`` above its parent (the service passes its ``redis_nice`` setting): it holds
+  only the projection and the queues, which may lag, so on a shared core it yields to the
+  billing path and catches up when the core is free.
 - A socket file left by a crash is removed; a socket a live server answers on is never taken
   over (that server would be orphaned), it is an error.
 
@@ -131,6 +134,7 @@ class EmbeddedRedis:
         binary: Path | None = None,
         memory_bytes_max: int = DEFAULT_MEMORY_BYTES_MAX,
         startup_timeout_ms: int = STARTUP_TIMEOUT_MS,
+        nice: int = 0,
     ) -> None:
         self.directory = Path(directory).absolute()
         self.socket_path = _socket_path(self.directory)
@@ -138,6 +142,7 @@ class EmbeddedRedis:
         self.binary = binary
         self.memory_bytes_max = memory_bytes_max
         self.startup_timeout_ms = startup_timeout_ms
+        self.nice = nice
         self._process: subprocess.Popen[bytes] | None = None
 
     @classmethod
@@ -148,9 +153,16 @@ class EmbeddedRedis:
         binary: Path | None = None,
         memory_bytes_max: int = DEFAULT_MEMORY_BYTES_MAX,
         startup_timeout_ms: int = STARTUP_TIMEOUT_MS,
+        nice: int = 0,
     ) -> Self:
         """Start a server in ``directory`` and return it once its socket answers PING."""
-        server = cls(directory, binary=binary, memory_bytes_max=memory_bytes_max, startup_timeout_ms=startup_timeout_ms)
+        server = cls(
+            directory,
+            binary=binary,
+            memory_bytes_max=memory_bytes_max,
+            startup_timeout_ms=startup_timeout_ms,
+            nice=nice,
+        )
         await server._boot()
         return server
 
@@ -214,7 +226,7 @@ class EmbeddedRedis:
         await self._prepare_directory()
         try:
             argv = server_argv(binary, self.directory, self.memory_bytes_max, self.socket_path)
-            self._process = _spawn(argv, self.log_path)
+            self._process = _spawn(argv, self.log_path, self.nice)
         except OSError as exc:
             raise RedisUnavailable(f"could not run {binary}: {exc}; {INSTALL_HINT}") from exc
         try:
@@ -305,8 +317,8 @@ def _private_directory(path: Path) -> None:
         raise RedisUnavailable(f"{path} must be a directory owned by this user with mode 0700")
 
 
-def _spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
-    """Start ``argv`` in its own process group, output appended to ``log_path``."""
+def _spawn(argv: list[str], log_path: Path, nice: int = 0) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in its own process group, ``nice`` above this process, output appended to ``log_path``."""
     with log_path.open("ab") as log:
         process = subprocess.Popen(  # noqa: S603 -- a fixed argv naming a resolved binary; no shell
             argv,
@@ -315,22 +327,27 @@ def _spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
             stderr=subprocess.STDOUT,
             cwd=log_path.parent,
             process_group=0,
-            # The hook runs in the forked child and only calls prctl(2): no Python locks taken.
-            preexec_fn=_die_with_parent_hook(),  # noqa: PLW1509
+            preexec_fn=_child_hook(nice),  # noqa: PLW1509 - system calls only, see _child_hook
         )
     _LIVE[process] = os.getpid()
     return process
 
 
-def _die_with_parent_hook() -> Callable[[], None] | None:
-    """On Linux, a pre-exec hook making the kernel SIGKILL the child when its parent dies."""
+def _child_hook(nice: int) -> Callable[[], None] | None:
+    """A pre-exec hook: raise the child's nice value by ``nice``; on Linux, die with the parent.
+
+    It runs in the forked child before ``exec``, so every thread the server starts inherits the
+    nice value; it only makes system calls (``nice(2)``, ``prctl(2)``): no Python locks taken.
+    """
     if sys.platform != "linux":
-        return None
+        return (lambda: os.nice(nice)) if nice else None
     prctl = ctypes.CDLL(None, use_errno=True).prctl
     parent_pid = os.getpid()
     sigkill = int(signal.SIGKILL)
 
     def hook() -> None:
+        if nice:
+            os.nice(nice)
         prctl(_PR_SET_PDEATHSIG, sigkill)
         if os.getppid() != parent_pid:  # the parent died before prctl took effect
             os.kill(os.getpid(), sigkill)
