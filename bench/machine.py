@@ -15,10 +15,11 @@ from typing import Any
 
 
 def machine_facts(data_dir: Path) -> dict[str, Any]:
-    """What every benchmark reports of its machine: CPUs, pure-Python speed, Python, platform, filesystem."""
+    """What every benchmark reports of its machine: CPUs and their idle states, Python speed, platform, filesystem."""
     return {
         "cpu_count": os.cpu_count(),
         "cpu_model": cpu_model(),
+        "cpuidle": cpuidle(),
         "python_sum_5m_ms": python_speed_ms(),
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -40,6 +41,30 @@ def cpu_model() -> str | None:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or None
+
+
+def cpuidle() -> dict[str, str | int | None] | None:
+    """How an idle CPU waits (Linux): the cpuidle driver and governor, and a VM's guest halt-polling.
+
+    With the ``haltpoll`` driver and ``guest_halt_poll_ns`` 0, an idle vCPU halts at once (a VM
+    exit), so every wake-up of a process on it pays for the VM's scheduling: the wake-up probe
+    (``ceiling.wakeup_*`` in ``http.py``) shows what that costs.
+    """
+    base = Path("/sys/devices/system/cpu/cpuidle")
+    if not base.is_dir():
+        return None
+
+    def read(path: Path) -> str | None:
+        with contextlib.suppress(OSError):
+            return path.read_text().strip()
+        return None
+
+    poll_ns = read(Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns"))
+    return {
+        "driver": read(base / "current_driver"),
+        "governor": read(base / "current_governor"),
+        "guest_halt_poll_ns": int(poll_ns) if poll_ns is not None and poll_ns.isdigit() else None,
+    }
 
 
 def filesystem_type(path: Path) -> str | None:

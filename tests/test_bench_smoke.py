@@ -80,6 +80,8 @@ def test_machine_facts_and_command(report: dict[str, object]) -> None:
     assert facts["cpu_count"] > 0
     assert isinstance(facts["python"], str)
     assert facts["python"].count(".") == 2
+    idle = facts["cpuidle"]  # None where the kernel exposes no cpuidle (not Linux, some containers)
+    assert idle is None or {"driver", "governor", "guest_halt_poll_ns"} == set(idle)
     command = report["command"]
     assert isinstance(command, str)
     assert "--quick" in command
