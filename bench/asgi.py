@@ -33,7 +33,7 @@ from typing import Any, Final
 if __package__ in (None, ""):  # run as a script: the repository root instead of bench/, where
     sys.path[0] = str(Path(__file__).resolve().parent.parent)  # http.py would shadow the stdlib's http
 
-from bench.machine import emit, loadavg, machine_facts, scratch_dir
+from bench.machine import add_scratch_arguments, emit, loadavg, machine_facts, scratch_dir
 from tollway import Settings
 from tollway.api import Authenticator, create_app
 from tollway.api.auth import Scope, development_key, token_claims
@@ -202,8 +202,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the three arms (default 3)")
     parser.add_argument("--quick", action="store_true", help="200 pairs, one round: a smoke test, not a measurement")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--data-dir", type=Path, default=None, help="parent of the scratch directory (default: cwd)")
-    parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    add_scratch_arguments(parser)
     args = parser.parse_args()
     pairs, warmup, rounds = (200, 20, 1) if args.quick else (args.pairs, args.warmup, args.rounds)
     with scratch_dir(args.data_dir, "tollway-asgi-", args.keep) as scratch:

@@ -59,7 +59,7 @@ from tollway.wal.snapshot import list_snapshots
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable for bench.*
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.machine import emit, loadavg, machine_facts, scratch_dir, wakeup_latency
+from bench.machine import add_scratch_arguments, emit, loadavg, machine_facts, scratch_dir, wakeup_latency
 from bench.redis_projection import catch_up_s, evalsha_per_s, lag_report, projecting, redis_usage
 
 TARGETS: Final[dict[str, float]] = {
@@ -833,8 +833,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="with --redis: encode projection batches in the event loop instead of the projection pump process",
     )
-    parser.add_argument("--data-dir", type=Path, default=None, help="parent of the scratch dirs (default: cwd)")
-    parser.add_argument("--keep", action="store_true", help="keep the scratch data directories")
+    add_scratch_arguments(parser, "the scratch data directories")
     parser.add_argument("--only", action="append", choices=PHASES, help="run only these phases (repeatable)")
     parser.add_argument("--phase", choices=("load", "build", "open"), help=argparse.SUPPRESS)
     parser.add_argument("--phase-dir", help=argparse.SUPPRESS)

@@ -54,7 +54,7 @@ from tollway.core.errors import ConfigError
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable for bench.*
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.machine import emit, loadavg, machine_facts, scratch_dir, wakeup_latency
+from bench.machine import add_scratch_arguments, emit, loadavg, machine_facts, scratch_dir, wakeup_latency
 
 TARGETS: Final[dict[str, float]] = {"billing_ratio_min": 0.5, "reserve_p99_ms_max_at_80pct": 10}
 SERVER_CPU: Final = 0
@@ -946,8 +946,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         help="more open-loop phases at these shares of the maximum, comma-separated (e.g. 0.5,0.65)",
     )
-    parser.add_argument("--data-dir", type=Path, default=None, help="parent of the scratch dir (default: cwd)")
-    parser.add_argument("--keep", action="store_true", help="keep the scratch directory (data and server.log)")
+    add_scratch_arguments(parser, "the scratch directory (data and server.log)")
     args = parser.parse_args(argv)
     args.setting = dict(args.setting)
     try:

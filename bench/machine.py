@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -131,6 +132,12 @@ def wakeup_latency(seconds: float, cpu: int | None = None) -> dict[str, Any]:
         "wakeup_max_ms": at(1.0),
         "wakeup_cpu": cpu if pinned else None,
     }
+
+
+def add_scratch_arguments(parser: argparse.ArgumentParser, keeps: str = "the scratch directory") -> None:
+    """``--data-dir`` and ``--keep``, the options every benchmark hands to :func:`scratch_dir`."""
+    parser.add_argument("--data-dir", type=Path, default=None, help="parent of the scratch directory (default: cwd)")
+    parser.add_argument("--keep", action="store_true", help=f"keep {keeps}")
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: the repository root instead of bench/, where
     sys.path[0] = str(Path(__file__).resolve().parent.parent)  # http.py would shadow the stdlib's http
 
-from bench.machine import emit, loadavg, machine_facts, scratch_dir
+from bench.machine import add_scratch_arguments, emit, loadavg, machine_facts, scratch_dir
 from tollway import Settings
 from tollway.core import commands as cmd
 from tollway.service import Service
@@ -110,8 +110,7 @@ def main() -> int:
     parser.add_argument("--entries", type=int, default=50_000, help="entries to create and archive (default 50000)")
     parser.add_argument("--quick", action="store_true", help="2,000 entries: a smoke test, not a measurement")
     parser.add_argument("--json", action="store_true", help="print one JSON object (the default: indented)")
-    parser.add_argument("--data-dir", type=Path, default=None, help="parent of the scratch directory (default: cwd)")
-    parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    add_scratch_arguments(parser)
     args = parser.parse_args()
     with scratch_dir(args.data_dir, "tollway-retention-", args.keep) as scratch:
         result = asyncio.run(run(scratch / "data", 2_000 if args.quick else args.entries))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -25,7 +26,7 @@ from tollway import (
     Settings,
 )
 from tollway.config import Durability, WalSyncer
-from tollway.core.commands import Release
+from tollway.core.commands import Outcome, Release
 from tollway.core.ledger import Ledger, check_invariants
 from tollway.engine import SYNC_GAP_BATCH_RECORDS
 from tollway.testing import FakeClock, RecordingObserver
@@ -121,14 +122,24 @@ async def test_after_a_pause_a_batch_starts_at_once(settings: Settings, clock: F
         await task
 
 
+@contextlib.asynccontextmanager
+async def reserve_waiting_for_the_gap(
+    gap: Settings, clock: FakeClock
+) -> AsyncIterator[tuple[Engine, asyncio.Task[Outcome]]]:
+    """An engine with ``gap``, a funded account, and a reserve whose batch waits for the gap's timer."""
+    async with Engine.open(settings=gap, clock=clock) as engine:
+        await mint(engine, "acct", 1_000)  # this batch starts at once; the next one waits for the gap
+        task = asyncio.create_task(engine.execute(Reserve("acct", "r1", 10)))
+        await settle_loop()
+        assert engine._gap_timer is not None
+        yield engine, task
+
+
 async def test_closing_writes_a_batch_waiting_for_the_gap(settings: Settings, clock: FakeClock) -> None:
     """A batch still waiting for the gap when the engine closes is written, synced and recovered."""
     gap = settings.replace(wal_sync_gap_ms=GAP_MS)
-    async with Engine.open(settings=gap, clock=clock) as engine:
-        await mint(engine, "acct", 1_000)
-        task = asyncio.create_task(engine.execute(Reserve("acct", "r1", 10)))
-        await settle_loop()
-        assert engine._gap_timer is not None  # waiting for the gap
+    async with reserve_waiting_for_the_gap(gap, clock) as (_, task):
+        pass
     assert isinstance(await task, EntryResult)
     async with Engine.open(settings=gap, clock=clock) as reopened:
         assert 10 == reopened.balance("acct").held_micro
@@ -137,10 +148,7 @@ async def test_closing_writes_a_batch_waiting_for_the_gap(settings: Settings, cl
 async def test_an_abort_during_the_gap_writes_nothing_more(settings: Settings, clock: FakeClock) -> None:
     """Aborting while a batch waits for the gap fails its callers; the timer writes nothing after."""
     gap = settings.replace(wal_sync_gap_ms=GAP_MS)
-    async with Engine.open(settings=gap, clock=clock) as engine:
-        await mint(engine, "acct", 1_000)
-        task = asyncio.create_task(engine.execute(Reserve("acct", "r1", 10)))
-        await settle_loop()
+    async with reserve_waiting_for_the_gap(gap, clock) as (engine, task):
         await engine.abort()
         with pytest.raises(EngineStopped):
             await task
