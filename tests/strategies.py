@@ -48,6 +48,21 @@ payloads: st.SearchStrategy[ev.Payload] = st.one_of(
     st.builds(ev.RequestStart, account_ids, request_ids),
     st.builds(ev.RequestComplete, account_ids, request_ids, st.just('{"ok": true}')),
     st.builds(ev.Audit, texts, texts, texts),
+    st.builds(
+        ev.EntriesArchived,
+        timestamps,
+        st.lists(
+            st.builds(
+                ev.ArchivedEntry,
+                ulids,
+                account_ids,
+                request_ids,
+                st.sampled_from(["COMMITTED", "FINALIZE_ACKED", "RELEASED", "VOIDED"]),
+            ),
+            max_size=3,
+        ).map(tuple),
+        st.lists(st.builds(ev.ArchivedCredit, account_ids, request_ids, ulids), max_size=3).map(tuple),
+    ),
 )
 
 events = st.builds(ev.Event, st.integers(1, INT64_MAX), timestamps, ulids, st.text(max_size=128), payloads)

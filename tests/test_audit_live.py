@@ -82,7 +82,7 @@ async def test_finalized_charges_archived_here_still_reconcile(loop: Loop) -> No
     """Settlement's list keeps charges tollway archived past the retention: amounts are still compared."""
     done = await settled_loop(loop)
     loop.clock.advance(8 * 24 * 3_600_000)  # past the default 7-day retention
-    assert 3 == await loop.engine.archive_once()
+    assert 3 == (await loop.engine.archive_once()).entries
     assert not set(done) & set(loop.engine.state.entries)
     report = audit(loop.engine.settings.data_dir)
     section = await settlement_section(report, loop.settlement)

@@ -158,7 +158,7 @@ def test_inspect_text_shows_how_many_entries_an_archive_drops(runner: CliRunner,
         await run_traffic(settings, clock)
         clock.advance(25 * 3_600_000)
         async with Engine.open(settings=settings, clock=clock) as engine:
-            return await engine.archive_once()
+            return (await engine.archive_once()).entries
 
     archived = asyncio.run(archive())
     result = runner.invoke(

@@ -88,6 +88,7 @@ class EngineModel(RuleBasedStateMachine):
         self.model: dict[str, ModelEntry] = {}
         self.keys: dict[tuple[str, str], str] = {}
         self.credit_seq = 0
+        self.credits: dict[tuple[str, str], int] = {}  # the credit ids the engine still knows → amount
 
     def randomness(self) -> int:
         return self.rng.getrandbits(80)
@@ -122,6 +123,7 @@ class EngineModel(RuleBasedStateMachine):
         for account in ("alice", "bob"):
             self.execute(cmd.Credit(account, "initial", CreditKind.MINT, amount + 1))
             self.available[account] += amount + 1
+            self.credits[(account, "initial")] = amount + 1
 
     @rule(account=ACCOUNTS, amount=st.integers(1, 20_000), repeat=st.booleans())
     def mint(self, account: str, amount: int, repeat: bool) -> None:
@@ -129,12 +131,16 @@ class EngineModel(RuleBasedStateMachine):
             self.credit_seq += 1
         credit_id = f"mint-{account}-{self.credit_seq}"
         result = self.execute(cmd.Credit(account, credit_id, CreditKind.MINT, amount))
-        if isinstance(result, Refusal):  # a repeat with another amount reuses the key
+        known = self.credits.get((account, credit_id))
+        if known is not None and known != amount:  # a repeat with another amount reuses the key
+            assert isinstance(result, Refusal)
             assert RefusalCode.IDEMPOTENCY_KEY_REUSED == result.code
             return
         assert isinstance(result, cmd.CreditResult)
+        assert result.replayed == (known is not None)  # an archived credit id is new again
         if not result.replayed:
             self.available[account] += amount
+            self.credits[(account, credit_id)] = amount
 
     @rule(
         target=entries,
@@ -281,7 +287,8 @@ class EngineModel(RuleBasedStateMachine):
         """25 hours later every settled entry is past the 24 h retention; holds and unsettled charges stay."""
         self.clock.advance(25 * 3_600_000)
         due = [e for e in self.model.values() if not e.archived and e.state in ARCHIVABLE]
-        assert len(due) == self.run(self.engine.archive_once())
+        assert (len(due), len(self.credits)) == self.run(self.engine.archive_once())
+        self.credits.clear()  # every credit was made before the cutoff
         for entry in due:
             entry.archived = True
             del self.keys[(entry.account, entry.request_id)]  # the request id is new again

@@ -382,7 +382,7 @@ async def test_entries_kept_and_archived_are_gauged(settings: Settings, clock: F
         _, before = scrape(metrics)
         kept = len(engine.state.entries)
         clock.advance(25 * 3_600_000)
-        archived = await engine.archive_once()
+        archived = (await engine.archive_once()).entries
         await metrics.collect_from(engine=engine)
     _, after = scrape(metrics)
     assert (kept, 0) == (value(before, "billing_entries"), value(before, "billing_entries_archived"))

@@ -81,8 +81,8 @@ class Settings:
     wal_sync_gap_ms: int = 2  # least time between the starts of two WAL syncs (fsync); 0: back to back
     sweep_interval_ms: int = 1000  # how often the expiry sweeper runs
     sweep_batch_max: int = 1000  # holds expired per sweeper tick, at most
-    entry_retention_hours: int = 168  # settled entries are archived this long after their last change; 0: never
-    archive_interval_s: int = 60  # how often the archiver looks for entries past the retention
+    entry_retention_hours: int = 168  # settled entries (and credit records) are archived this long after; 0: never
+    archive_interval_s: int = 60  # how often the archiver looks for entries and credit records past the retention
     settlement_url: str | None = None  # None: standalone mode (tollway is the final ledger)
     overrun_policy: OverrunPolicy = OverrunPolicy.DEBIT_AVAILABLE
     max_request_cost_micro: int = MAX_REQUEST_COST_MICRO

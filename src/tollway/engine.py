@@ -34,7 +34,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import Final, NamedTuple, TypeVar
 
 from tollway.config import Durability, Settings, WalSyncer
 from tollway.core import commands as cmd
@@ -55,7 +55,7 @@ from tollway.wal.syncer import SyncProcess
 log = logging.getLogger("tollway.engine")
 
 ARCHIVE_BATCH: Final = 500
-"""Entries one ``entries_archived`` event lists, at most (a record of about 65 KB)."""
+"""Entries and credit records one ``entries_archived`` event lists, at most (a record of about 65 KB)."""
 SYNC_GAP_BATCH_RECORDS: Final = 32
 """A batch holding this many records starts at once, sync gap or not: its sync is already cheap per record.
 
@@ -91,6 +91,13 @@ def system_clock_ms() -> int:
 
 def _random80() -> int:
     return int.from_bytes(os.urandom(10), "big")
+
+
+class Archived(NamedTuple):
+    """What :meth:`Engine.archive_once` dropped: settled entries and credit idempotency records."""
+
+    entries: int = 0
+    credits: int = 0
 
 
 class _Durable(asyncio.Future[None]):
@@ -553,30 +560,40 @@ class Engine:
 
     # -- the archiver -----------------------------------------------------------------------
 
-    async def archive_once(self) -> int:
-        """Archive entries past the retention, at most :data:`ARCHIVE_BATCH` per event; how many were.
+    async def archive_once(self) -> Archived:
+        """Archive what is past the retention, at most :data:`ARCHIVE_BATCH` records per event.
 
-        Runs until none is left, one event at a time, so billing gets in between. Returns 0 when
-        retention is off (``entry_retention_hours`` 0).
+        Settled entries (with their idempotency keys and stored responses) and the idempotency
+        records of credits, oldest first. Runs until none is left, one event at a time, so billing
+        gets in between. Returns zeros when retention is off (``entry_retention_hours`` 0).
         """
         retention_ms = self.settings.entry_retention_hours * 3_600_000
-        if retention_ms == 0 or not self.state.archivable(self._clock() - retention_ms, 1):
-            return 0  # the usual answer: no command written, no refusal counted
-        archived = 0
+        if retention_ms == 0:
+            return Archived()
+        cutoff_ms = self._clock() - retention_ms
+        if not self.state.archivable(cutoff_ms, 1) and not self.state.archivable_credits(cutoff_ms, 1):
+            return Archived()  # the usual answer: no command written, no refusal counted
+        entries = credit_records = 0
         while True:
             result = await self.execute(cmd.Archive(self._clock() - retention_ms, ARCHIVE_BATCH))
             if not isinstance(result, cmd.ArchiveResult):  # exactly a full batch was left: nothing more
-                return archived
-            archived += result.archived
-            if result.archived < ARCHIVE_BATCH:
-                return archived
+                return Archived(entries, credit_records)
+            entries += result.archived
+            credit_records += result.credits
+            if result.archived + result.credits < ARCHIVE_BATCH:
+                return Archived(entries, credit_records)
 
     async def run_archiver(self) -> None:
         """Archive forever, every ``archive_interval_s``; cancel the task to stop it."""
         while True:
             archived = await self.archive_once()
-            if archived:
-                log.info("archived %d entries past the %d h retention", archived, self.settings.entry_retention_hours)
+            if any(archived):
+                log.info(
+                    "archived %d entries and %d credit records past the %d h retention",
+                    archived.entries,
+                    archived.credits,
+                    self.settings.entry_retention_hours,
+                )
             await asyncio.sleep(self.settings.archive_interval_s)
 
     async def run_sweeper(self) -> None:

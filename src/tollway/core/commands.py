@@ -159,7 +159,10 @@ class Note(msgspec.Struct, frozen=True, gc=False):
 
 
 class Archive(msgspec.Struct, frozen=True, gc=False):
-    """Archive up to ``limit`` entries whose last change is before ``older_than_ms`` (the archiver's command)."""
+    """The archiver's command: up to ``limit`` old entries and credit records.
+
+    Entries whose last change is before ``older_than_ms``, then credit records made before it.
+    """
 
     older_than_ms: int
     limit: int
@@ -224,10 +227,11 @@ class NoteResult(msgspec.Struct, frozen=True, gc=False):
 
 
 class ArchiveResult(msgspec.Struct, frozen=True, gc=False):
-    """How many entries were archived, by the event at ``wal_sequence``."""
+    """How many entries (``archived``) and credit records were archived, by the event at ``wal_sequence``."""
 
     archived: int
     wal_sequence: int
+    credits: int = 0
 
 
 Outcome = EntryResult | CreditResult | NoteResult | ArchiveResult | Refusal

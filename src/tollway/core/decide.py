@@ -91,7 +91,7 @@ def outcome(state: State, write: Write, command: cmd.Command) -> cmd.Outcome:
         return cmd.NoteResult(state.last_sequence)
     if isinstance(command, cmd.Archive):
         archived: ev.EntriesArchived = write.payloads[0]  # type: ignore[assignment]
-        return cmd.ArchiveResult(len(archived.entries), state.last_sequence)
+        return cmd.ArchiveResult(len(archived.entries), state.last_sequence, len(archived.credits))
     entry = state.entries[write.billing_entry_id]
     return cmd.EntryResult(entry, created=write.created, response_json=state.responses.get(entry.billing_entry_id))
 
@@ -100,15 +100,23 @@ def outcome(state: State, write: Write, command: cmd.Command) -> cmd.Outcome:
 
 
 def _archive(state: State, command: cmd.Archive, new_id: NewId) -> Write | Refusal:
-    """One ``entries_archived`` event listing the oldest archivable entries; NOT_FOUND when there are none."""
+    """One ``entries_archived`` event: the oldest archivable entries, then credit records; NOT_FOUND if none.
+
+    ``limit`` bounds the two together.
+    """
     found = state.archivable(command.older_than_ms, command.limit)
-    if not found:
-        return _refuse(RefusalCode.NOT_FOUND, "no entry is old enough to archive")
+    old_credits = state.archivable_credits(command.older_than_ms, command.limit - len(found))
+    if not found and not old_credits:
+        return _refuse(RefusalCode.NOT_FOUND, "no entry or credit record is old enough to archive")
     items = tuple(
         ev.ArchivedEntry(entry.billing_entry_id, entry.account_id, entry.request_id, entry.state.value)
         for entry in found
     )
-    return Write(new_id(), (ev.EntriesArchived(command.older_than_ms, items),), "archiver")
+    credit_items = tuple(
+        ev.ArchivedCredit(record.account_id, key.partition(" ")[2], record.credit_event_id)
+        for key, record in old_credits
+    )
+    return Write(new_id(), (ev.EntriesArchived(command.older_than_ms, items, credit_items),), "archiver")
 
 
 def _refuse(code: RefusalCode, message: str, **details: object) -> Refusal:

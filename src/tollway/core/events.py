@@ -245,20 +245,32 @@ class ArchivedEntry(msgspec.Struct, frozen=True, gc=False):
     state: str  # its state when archived: COMMITTED, FINALIZE_ACKED, RELEASED or VOIDED
 
 
+class ArchivedCredit(msgspec.Struct, frozen=True, gc=False):
+    """One credit idempotency record an :class:`EntriesArchived` event removes."""
+
+    account_id: str
+    credit_id: str
+    credit_event_id: str  # the id of the credit's own event, so the fold checks it drops that record
+
+
 class EntriesArchived(Payload, frozen=True):
-    """Entries whose last change is older than the retention, dropped from the state. No postings.
+    """Entries and credit records older than the retention, dropped from the state. No postings.
 
     The entries stay in the log (segments are never deleted); the engine forgets them, with
     their idempotency keys and stored responses, so its memory, its snapshots and the Redis
     projection stop growing with every request ever made. Their charges stay in the account
-    balances. ``older_than_ms`` is the archiver's cutoff: the state keeps the newest one, so a
-    reader knows that an unknown entry made before it may have been archived.
+    balances. ``credits`` are the idempotency records of mints, deducts and credit notes made
+    before the cutoff: the money they moved stays where it is, only their ``credit_id`` stops
+    answering (events written before credits were archived lack the field: none). ``older_than_ms``
+    is the archiver's cutoff: the state keeps the newest one, so a reader knows that an unknown
+    entry made before it may have been archived.
     """
 
     EVENT_TYPE: ClassVar[str] = "entries_archived"
 
     older_than_ms: int
     entries: tuple[ArchivedEntry, ...]
+    credits: tuple[ArchivedCredit, ...] = ()
 
 
 class Unknown(Payload, frozen=True):

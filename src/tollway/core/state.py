@@ -67,7 +67,7 @@ class Entry(msgspec.Struct, frozen=True, gc=False):
 
 
 class CreditRecord(msgspec.Struct, frozen=True, gc=False):
-    """An idempotency record of a mint, deduct or credit note."""
+    """An idempotency record of a mint, deduct or credit note (kept for the entry retention)."""
 
     credit_event_id: str
     account_id: str
@@ -260,6 +260,19 @@ class State:
                 break
             if entry.state in ARCHIVABLE and entry.updated_at_ms < older_than_ms:
                 found.append(entry)
+        return found
+
+    def archivable_credits(self, older_than_ms: int, limit: int) -> list[tuple[str, CreditRecord]]:
+        """Up to ``limit`` credit idempotency records (key, record) made before ``older_than_ms``.
+
+        Oldest first: records are kept in the order their events were written, so the scan stops
+        at the first one at or after the cutoff.
+        """
+        found: list[tuple[str, CreditRecord]] = []
+        for key, record in self.credits.items():
+            if record.timestamp_ms >= older_than_ms or len(found) >= limit:
+                break
+            found.append((key, record))
         return found
 
     def iter_entries(self, account_id: str | None = None) -> Iterator[Entry]:
@@ -531,7 +544,7 @@ def _request_complete(state: State, event: ev.Event) -> None:
 
 
 def _archive(state: State, event: ev.Event) -> None:
-    """Forget the listed entries with their idempotency keys and stored responses.
+    """Forget the listed entries with their idempotency keys and stored responses, and the listed credit records.
 
     Balances do not change: an archivable entry holds nothing, and its charge stays in its
     account's ``charged_micro``, which the conservation checks now compare with the live
@@ -549,7 +562,16 @@ def _archive(state: State, event: ev.Event) -> None:
             "archive record of %s does not match the entry",
             entry.billing_entry_id,
         )
+    credit_keys = [request_key(item.account_id, item.credit_id) for item in p.credits]
+    ensure(len(set(credit_keys)) == len(credit_keys), "an archive lists a credit twice")
+    for key, credit in zip(credit_keys, p.credits, strict=True):
+        record = state.credits.get(key)
+        if record is None:
+            raise InvariantViolation(f"archive of unknown credit {credit.credit_id!r} of {credit.account_id}")
+        ensure(record.credit_event_id == credit.credit_event_id, "archive record of credit %s does not match", key)
     state.archived_before_ms = max(state.archived_before_ms, p.older_than_ms)
+    for key in credit_keys:
+        del state.credits[key]
     for item in p.entries:
         entry = state.entries.pop(item.billing_entry_id)
         key = request_key(entry.account_id, entry.request_id)
