@@ -54,7 +54,15 @@ from tollway.core.errors import ConfigError
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable for bench.*
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.machine import add_scratch_arguments, emit, loadavg, machine_facts, scratch_dir, wakeup_latency
+from bench.machine import (
+    add_scratch_arguments,
+    emit,
+    idle_cost,
+    loadavg,
+    machine_facts,
+    scratch_dir,
+    wakeup_latency,
+)
 
 TARGETS: Final[dict[str, float]] = {"billing_ratio_min": 0.5, "reserve_p99_ms_max_at_80pct": 10}
 SERVER_CPU: Final = 0
@@ -62,6 +70,8 @@ GENERATOR_CPU: Final = 1
 OPEN_LOOP_SHARE: Final = 0.8
 WAKEUP_PROBE_S: Final = 2.0
 WAKEUP_PROBE_S_QUICK: Final = 0.2
+IDLE_COST_ROUNDS: Final = 100  # about 1.5 s: each round sleeps 14.5 ms
+IDLE_COST_ROUNDS_QUICK: Final = 10
 FUNDING_MICRO: Final = 10**12  # per account: far more than any run can spend
 ESTIMATE_MICRO: Final = 20_000
 ACTUAL_MICRO: Final = 12_345
@@ -858,6 +868,11 @@ NOTES: Final = [
     "ceiling.wakeup_*: how late the server's core woke a thread sleeping 0.5 ms, before the server started "
     "(bench/machine.py wakeup_latency); a reserve waits for several wake-ups (server, sync helper, server, "
     "generator), so its p99 cannot be far below a few times wakeup_p99_ms",
+    "ceiling.idle_cost_*: on the server's core before the server started (bench/machine.py idle_cost), the "
+    "thread CPU time of a small piece of Python work right after the core sat idle 0.5, 1, 3 or 10 ms, over "
+    "the same work at once again (idle_cost_work_us); near 1 on real hardware, larger where an idle CPU "
+    "comes back cold (a VM halting into its hypervisor): at partial load the server idles between requests, "
+    "so each one costs more CPU than at full load",
     "wal_events, snapshots: WAL events written during a phase and periodic snapshots due in it (each one "
     "takes up to a fifth of the event loop for about a second while it is encoded, which can show in that "
     "phase's tail latency)",
@@ -968,6 +983,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     pinned = can_pin()
     before, started = loadavg(), time.perf_counter()
     wakeup = wakeup_latency(WAKEUP_PROBE_S_QUICK if args.quick else WAKEUP_PROBE_S, SERVER_CPU if pinned else None)
+    wakeup |= idle_cost(IDLE_COST_ROUNDS_QUICK if args.quick else IDLE_COST_ROUNDS, SERVER_CPU if pinned else None)
     with (
         asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner,
         served(root, args.log_level, pinned, args.wal_syncer, args.projection_pump, settings=args.setting) as server,
@@ -997,6 +1013,7 @@ def print_table(out: dict[str, Any]) -> None:
             "ok" if met["reserve_p99_ms_max_at_80pct"] else "MISS",
         ),
         ("ceiling.wakeup_p99_ms", out["ceiling"]["wakeup_p99_ms"], ""),
+        ("ceiling.idle_cost_ratio (3 ms)", out["ceiling"]["idle_cost_ratio"]["3ms"], ""),
         ("server CPU busy (billing)", out["billing"]["server_cpu_busy"], ""),
         ("generator CPU busy (billing)", out["billing"]["generator_cpu_busy"], ""),
     ]

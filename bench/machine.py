@@ -8,11 +8,12 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 
 def machine_facts(data_dir: Path) -> dict[str, Any]:
@@ -98,6 +99,20 @@ def python_speed_ms(repeat: int = 5) -> float:
 WAKEUP_SLEEP_S = 0.0005
 
 
+@contextlib.contextmanager
+def pinned_to(cpu: int | None) -> Iterator[bool]:
+    """Run the calling thread on ``cpu`` inside the block (when given and allowed); yields whether it is."""
+    pinned = cpu is not None and hasattr(os, "sched_setaffinity") and cpu in os.sched_getaffinity(0)
+    previous = os.sched_getaffinity(0) if pinned else None
+    if cpu is not None and pinned:
+        os.sched_setaffinity(0, {cpu})
+    try:
+        yield pinned
+    finally:
+        if previous is not None:
+            os.sched_setaffinity(0, previous)
+
+
 def wakeup_latency(seconds: float, cpu: int | None = None) -> dict[str, Any]:
     """How late this machine wakes a thread that sleeps 0.5 ms, nothing else running (on ``cpu`` if given).
 
@@ -106,20 +121,13 @@ def wakeup_latency(seconds: float, cpu: int | None = None) -> dict[str, Any]:
     whose wake-ups are often late — a VM whose virtual CPU the host deschedules — no tail
     latency can be low, whatever the code does. ``wakeup_p99_ms`` is that floor for each hop.
     """
-    pinned = cpu is not None and hasattr(os, "sched_setaffinity") and cpu in os.sched_getaffinity(0)
-    previous = os.sched_getaffinity(0) if pinned else None
-    if cpu is not None and pinned:
-        os.sched_setaffinity(0, {cpu})
     late_ns: list[int] = []
-    try:
+    with pinned_to(cpu) as pinned:
         deadline = time.perf_counter() + seconds
         while time.perf_counter() < deadline:
             started = time.perf_counter_ns()
             time.sleep(WAKEUP_SLEEP_S)
             late_ns.append(time.perf_counter_ns() - started - int(WAKEUP_SLEEP_S * 1e9))
-    finally:
-        if previous is not None:
-            os.sched_setaffinity(0, previous)
     late_ns.sort()
 
     def at(share: float) -> float:
@@ -131,6 +139,51 @@ def wakeup_latency(seconds: float, cpu: int | None = None) -> dict[str, Any]:
         "wakeup_p999_ms": at(0.999),
         "wakeup_max_ms": at(1.0),
         "wakeup_cpu": cpu if pinned else None,
+    }
+
+
+IDLE_GAPS_MS: Final = (0.5, 1.0, 3.0, 10.0)
+_IDLE_WORK: Final = [{"id": i, "name": f"item-{i}", "values": [i] * 5} for i in range(15)]
+
+
+def _idle_work_unit() -> int:
+    """A few tens of microseconds of ordinary Python: JSON out and back, as a request handler does."""
+    return len(json.loads(json.dumps(_IDLE_WORK)))
+
+
+def idle_cost(rounds: int, cpu: int | None = None) -> dict[str, Any]:
+    """How much more CPU the same small piece of work takes right after the CPU sat idle (on ``cpu`` if given).
+
+    Each round sleeps for each of :data:`IDLE_GAPS_MS` in turn, then times one work unit (cold:
+    the CPU was idle for the gap) and at once another (warm), in thread CPU time; the gaps are
+    interleaved so a drift of the machine's speed touches them alike. ``idle_cost_ratio`` maps
+    each gap to median cold over median warm. On real hardware it stays near 1; on a VM whose
+    idle virtual CPU halts into the hypervisor, caches and branch predictors go cold while it
+    waits, and the ratio grows with the gap. A server at partial load idles between requests,
+    so there each request costs more than at full load: CPU per request rises as the rate
+    falls, and 80 % of the closed-loop maximum can fill the core.
+    """
+    cold: dict[float, list[int]] = {gap: [] for gap in IDLE_GAPS_MS}
+    warm: dict[float, list[int]] = {gap: [] for gap in IDLE_GAPS_MS}
+    with pinned_to(cpu) as pinned:
+        _idle_work_unit()
+        for _ in range(rounds):
+            for gap in IDLE_GAPS_MS:
+                time.sleep(gap / 1000)
+                started = time.thread_time_ns()
+                _idle_work_unit()
+                middle = time.thread_time_ns()
+                _idle_work_unit()
+                cold[gap].append(middle - started)
+                warm[gap].append(time.thread_time_ns() - middle)
+    warm_all = statistics.median(sample for samples in warm.values() for sample in samples)
+    return {
+        "idle_cost_work_us": round(warm_all / 1000, 1),
+        "idle_cost_ratio": {
+            f"{gap:g}ms": round(statistics.median(cold[gap]) / max(1.0, statistics.median(warm[gap])), 2)
+            for gap in IDLE_GAPS_MS
+        },
+        "idle_cost_cpu": cpu if pinned else None,
     }
 
 

@@ -71,6 +71,20 @@ def test_the_bare_ceiling_is_measured_in_the_same_run(report: dict[str, object])
 
 
 @pytest.mark.slow
+def test_the_machine_probes_come_with_the_figures(report: dict[str, object]) -> None:
+    """How late the server's core wakes, and how much more CPU work costs on it right after idling."""
+    ceiling = report["ceiling"]
+    assert isinstance(ceiling, dict)
+    ratios = ceiling["idle_cost_ratio"]
+    assert ["0.5ms", "1ms", "3ms", "10ms"] == list(ratios)
+    assert all(_is_number(value) and value > 0 for value in ratios.values())
+    assert _is_number(ceiling["idle_cost_work_us"])
+    assert ceiling["idle_cost_work_us"] > 0
+    assert _is_number(ceiling["wakeup_p99_ms"])
+    assert ceiling["idle_cost_cpu"] == ceiling["wakeup_cpu"]
+
+
+@pytest.mark.slow
 def test_targets_and_verdicts(report: dict[str, object]) -> None:
     """Both targets are stated and each has a boolean verdict."""
     targets, met = report["targets"], report["meets_targets"]
