@@ -529,7 +529,7 @@ CUTOFF_MS = 1_500_000_000_000  # after the time part of these ids (2016-07-30): 
 
 
 def archive_events() -> list[ev.Event]:
-    """A commit with a stored response (A), a release (B), a hold left alone (C), then A and B archived."""
+    """A commit with a stored response (A), a release (B), a hold left alone (C), then A, B and the mint archived."""
 
     def event(seq: int, entry_id: str, payload: ev.Payload) -> ev.Event:
         return ev.Event(seq, seq * 10, entry_id, f"c{seq}", payload)
@@ -551,6 +551,7 @@ def archive_events() -> list[ev.Event]:
                     ev.ArchivedEntry(ENTRY_A, "alice", "ra", "COMMITTED"),
                     ev.ArchivedEntry(ENTRY_B, "alice", "rb", "RELEASED"),
                 ),
+                (ev.ArchivedCredit("alice", "m", "01ARZ3NDEKTSV4RRFFQ69G5FAA"),),  # Redis holds no credit records
             ),
         ),
     ]
@@ -604,7 +605,7 @@ async def test_archived_entries_leave_the_projection(redis_client: aioredis.Redi
     events = archive_events()
     await project_events(redis_client, events, sizes)
     state = folded_state(events)
-    assert [ENTRY_C] == list(state.entries)
+    assert ([ENTRY_C], {}) == (list(state.entries), state.credits)
     for key in (KEYS.entry(ENTRY_A), KEYS.response(ENTRY_A), KEYS.entry(ENTRY_B), KEYS.response(ENTRY_B)):
         assert 0 == await redis_client.exists(key)
     held = {k.encode(): v.encode() for k, v in entry_fields(state.entries[ENTRY_C]).items()}
