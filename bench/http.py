@@ -61,6 +61,7 @@ from bench.machine import (
     loadavg,
     machine_facts,
     scratch_dir,
+    slow_windows,
     wakeup_latency,
 )
 
@@ -72,6 +73,8 @@ WAKEUP_PROBE_S: Final = 2.0
 WAKEUP_PROBE_S_QUICK: Final = 0.2
 IDLE_COST_ROUNDS: Final = 100  # about 1.5 s: each round sleeps 14.5 ms
 IDLE_COST_ROUNDS_QUICK: Final = 10
+SLOW_PROBE_S: Final = 6.0  # the slow windows seen on a shared VM came every 1.3-1.7 s
+SLOW_PROBE_S_QUICK: Final = 0.3
 FUNDING_MICRO: Final = 10**12  # per account: far more than any run can spend
 ESTIMATE_MICRO: Final = 20_000
 ACTUAL_MICRO: Final = 12_345
@@ -873,6 +876,11 @@ NOTES: Final = [
     "the same work at once again (idle_cost_work_us); near 1 on real hardware, larger where an idle CPU "
     "comes back cold (a VM halting into its hypervisor): at partial load the server idles between requests, "
     "so each one costs more CPU than at full load",
+    "ceiling.slow_*: the same small work back to back on the server's core for a few seconds before the server "
+    "started (bench/machine.py slow_windows), in 20 ms windows: slow_share is the share of windows at least twice "
+    "as slow as the median one, slow_worst the slowest over the median; on a shared VM the CPU can run several "
+    "times slower for tens of milliseconds without stopping, and requests answered then are late at any load, so "
+    "a slow_share of a few per cent puts a p99 out of reach",
     "wal_events, snapshots: WAL events written during a phase and periodic snapshots due in it (each one "
     "takes up to a fifth of the event loop for about a second while it is encoded, which can show in that "
     "phase's tail latency)",
@@ -984,6 +992,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     before, started = loadavg(), time.perf_counter()
     wakeup = wakeup_latency(WAKEUP_PROBE_S_QUICK if args.quick else WAKEUP_PROBE_S, SERVER_CPU if pinned else None)
     wakeup |= idle_cost(IDLE_COST_ROUNDS_QUICK if args.quick else IDLE_COST_ROUNDS, SERVER_CPU if pinned else None)
+    wakeup |= slow_windows(SLOW_PROBE_S_QUICK if args.quick else SLOW_PROBE_S, SERVER_CPU if pinned else None)
     with (
         asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner,
         served(root, args.log_level, pinned, args.wal_syncer, args.projection_pump, settings=args.setting) as server,
@@ -1014,6 +1023,7 @@ def print_table(out: dict[str, Any]) -> None:
         ),
         ("ceiling.wakeup_p99_ms", out["ceiling"]["wakeup_p99_ms"], ""),
         ("ceiling.idle_cost_ratio (3 ms)", out["ceiling"]["idle_cost_ratio"]["3ms"], ""),
+        ("ceiling.slow_share", out["ceiling"]["slow_share"], ""),
         ("server CPU busy (billing)", out["billing"]["server_cpu_busy"], ""),
         ("generator CPU busy (billing)", out["billing"]["generator_cpu_busy"], ""),
     ]

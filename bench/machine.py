@@ -187,6 +187,38 @@ def idle_cost(rounds: int, cpu: int | None = None) -> dict[str, Any]:
     }
 
 
+SLOW_BIN_MS: Final = 20
+SLOW_FACTOR: Final = 2.0
+
+
+def slow_windows(seconds: float, cpu: int | None = None) -> dict[str, Any]:
+    """Whether this CPU runs at an even speed: the same small work back to back, timed in 20 ms windows.
+
+    Nothing else of the benchmark runs meanwhile, so on real hardware every window's mean work
+    time is about the same. On a VM sharing its host, some windows can be several times slower
+    (a busy neighbour, the host's own work) although the virtual CPU never stops. A request
+    answered in such a window is late however light the load, so ``slow_share`` (the share of
+    windows whose mean is at least twice the median window's) bounds the tail: with a few per
+    cent of the time slow, a p99 lands in it. ``slow_worst`` is the slowest window over the median.
+    """
+    bins: dict[int, list[int]] = {}
+    with pinned_to(cpu) as pinned:
+        _idle_work_unit()
+        start = time.perf_counter_ns()
+        end = start + int(seconds * 1e9)
+        while (now := time.perf_counter_ns()) < end:
+            _idle_work_unit()
+            bins.setdefault((now - start) // (SLOW_BIN_MS * 1_000_000), []).append(time.perf_counter_ns() - now)
+    means = [sum(samples) / len(samples) for samples in bins.values() if samples]
+    median = statistics.median(means)
+    return {
+        "slow_share": round(sum(1 for mean in means if mean >= SLOW_FACTOR * median) / len(means), 4),
+        "slow_worst": round(max(means) / median, 1),
+        "slow_windows": len(means),
+        "slow_cpu": cpu if pinned else None,
+    }
+
+
 def add_scratch_arguments(parser: argparse.ArgumentParser, keeps: str = "the scratch directory") -> None:
     """``--data-dir`` and ``--keep``, the options every benchmark hands to :func:`scratch_dir`."""
     parser.add_argument("--data-dir", type=Path, default=None, help="parent of the scratch directory (default: cwd)")

@@ -72,7 +72,7 @@ def test_the_bare_ceiling_is_measured_in_the_same_run(report: dict[str, object])
 
 @pytest.mark.slow
 def test_the_machine_probes_come_with_the_figures(report: dict[str, object]) -> None:
-    """How late the server's core wakes, and how much more CPU work costs on it right after idling."""
+    """How late the server's core wakes, how much more work costs on it after idling, and how evenly it runs."""
     ceiling = report["ceiling"]
     assert isinstance(ceiling, dict)
     ratios = ceiling["idle_cost_ratio"]
@@ -81,7 +81,10 @@ def test_the_machine_probes_come_with_the_figures(report: dict[str, object]) -> 
     assert _is_number(ceiling["idle_cost_work_us"])
     assert ceiling["idle_cost_work_us"] > 0
     assert _is_number(ceiling["wakeup_p99_ms"])
-    assert ceiling["idle_cost_cpu"] == ceiling["wakeup_cpu"]
+    assert ceiling["idle_cost_cpu"] == ceiling["wakeup_cpu"] == ceiling["slow_cpu"]
+    assert 0 <= ceiling["slow_share"] <= 1
+    assert ceiling["slow_worst"] >= 1  # the slowest window over the median one
+    assert ceiling["slow_windows"] > 0
 
 
 @pytest.mark.slow
