@@ -925,6 +925,28 @@ def _setting(text: str) -> tuple[str, str]:
     return name.strip().lower(), value.strip()
 
 
+def add_setting_argument(parser: argparse.ArgumentParser) -> None:
+    """``--setting NAME=VALUE`` (repeatable): a server setting; check them with :func:`checked_settings`."""
+    parser.add_argument(
+        "--setting",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="another server setting (repeatable), e.g. wal_sync_gap_ms=0 to compare with the default",
+    )
+
+
+def checked_settings(parser: argparse.ArgumentParser, pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """The ``--setting`` pairs as a dict, after tollway's own validation (a parser error if one is wrong)."""
+    settings = dict(pairs)
+    try:
+        load_settings(settings)
+    except ConfigError as exc:
+        parser.error(f"--setting: {exc}")
+    return settings
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Benchmark tollway's HTTP API against the bare server stack.")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -954,14 +976,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="the server's projection_pump setting (default auto: off on the one CPU the server is pinned to)",
     )
-    parser.add_argument(
-        "--setting",
-        type=_setting,
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="another server setting (repeatable), e.g. wal_sync_gap_ms=0 to compare with the default",
-    )
+    add_setting_argument(parser)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     parser.add_argument(
         "--curve",
@@ -971,11 +986,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_scratch_arguments(parser, "the scratch directory (data and server.log)")
     args = parser.parse_args(argv)
-    args.setting = dict(args.setting)
-    try:
-        load_settings(args.setting)
-    except ConfigError as exc:
-        parser.error(f"--setting: {exc}")
+    args.setting = checked_settings(parser, args.setting)
     quick = args.quick
     args.seconds = args.seconds if args.seconds is not None else (1.0 if quick else 10.0)
     args.warmup = args.warmup if args.warmup is not None else (0.3 if quick else 3.0)

@@ -24,15 +24,13 @@ from typing import Any, Final
 
 import uvloop
 
-from tollway.config import load_settings
-from tollway.core.errors import ConfigError
-
 if __package__ in (None, ""):  # run as a script: make the repository root importable for bench.*
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.http import (
-    _setting,
+    add_setting_argument,
     billing_step,
     can_pin,
+    checked_settings,
     closed_loop,
     fund,
     machine,
@@ -194,21 +192,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rates", type=_rates, default=list(DEFAULT_RATES), help="pairs per second, comma-separated")
     parser.add_argument("--seconds", type=float, default=8.0, help="each phase (default 8)")
     parser.add_argument("--warmup", type=float, default=3.0, help="closed-loop warm-up (default 3)")
-    parser.add_argument(
-        "--setting",
-        type=_setting,
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="a server setting (repeatable), as in bench/http.py",
-    )
+    add_setting_argument(parser)
     add_scratch_arguments(parser, "the scratch directory (data and server.log)")
     args = parser.parse_args(argv)
-    args.setting = dict(args.setting)
-    try:
-        load_settings(args.setting)
-    except ConfigError as exc:
-        parser.error(f"--setting: {exc}")
+    args.setting = checked_settings(parser, args.setting)
     if args.seconds <= 0 or args.warmup < 0:
         parser.error("--seconds must be positive and --warmup not negative")
     if not sys.platform.startswith("linux"):

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from bench.ab import Arm, parse_args, parse_arm, summarize
 
-AB = Path(__file__).resolve().parents[1] / "bench" / "ab.py"
+from tests.bench_run import bench_report
+
 RUN_TIMEOUT_S = 90
 
 
@@ -68,38 +66,9 @@ def test_the_summary_gives_every_run_and_the_median() -> None:
 def test_two_arms_run_alternately_and_every_report_is_kept(tmp_path: Path) -> None:
     """One quick run per arm, end to end: both reports saved, both summarised, nothing failed."""
     out = tmp_path / "ab"
-    environment = {key: value for key, value in os.environ.items() if not key.startswith("TOLLWAY_")}
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(AB),
-            "--arm",
-            "base=",
-            "--arm",
-            "gap0=--setting wal_sync_gap_ms=0",
-            "--runs",
-            "1",
-            "--out",
-            str(out),
-            "--json",
-            "--",
-            "--quick",
-            "--generator",
-            "python",
-            "--open-connections",
-            "12",
-            "--data-dir",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-        env=environment,
-        check=False,
-        cwd=tmp_path,
-    )
-    assert 0 == done.returncode, done.stderr
-    result = json.loads(done.stdout)
+    arms = ("--arm", "base=", "--arm", "gap0=--setting wal_sync_gap_ms=0", "--runs", "1", "--out", str(out))
+    common = ("--quick", "--generator", "python", "--open-connections", "12", "--data-dir", str(tmp_path))
+    result = bench_report("ab.py", *arms, "--json", "--", *common, timeout_s=RUN_TIMEOUT_S, cwd=tmp_path)
     assert ([], {"base": {"args": []}, "gap0": {"args": ["--setting", "wal_sync_gap_ms=0"]}}) == (
         result["failed"],
         result["arms"],

@@ -6,15 +6,10 @@ falls back to, so both paths keep working whichever the machine has.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "http.py"
+from tests.bench_run import bench_report, run_bench
+
 RUN_TIMEOUT_S = 60
 
 NUMBERS = ("pairs_per_s", "billing_requests_per_s", "reserve_p50_ms", "reserve_p99_ms", "ratio")
@@ -25,30 +20,14 @@ TARGET_KEYS = {"billing_ratio_min", "reserve_p99_ms_max_at_80pct"}
 def report(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """One quick run of the benchmark per load generator, shared by the checks below."""
     scratch = tmp_path_factory.mktemp("bench-http")
-    environment = {key: value for key, value in os.environ.items() if not key.startswith("TOLLWAY_")}
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH),
-            "--quick",
-            "--json",
-            "--data-dir",
-            str(scratch),
-            "--generator",
-            request.param,
-            "--curve",
-            "0.5",
-            *(["--setting", "wal_sync_gap_ms=0", "--open-connections", "12"] if request.param == "python" else []),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-        env=environment,
-        check=False,
+    python_only = ["--setting", "wal_sync_gap_ms=0", "--open-connections", "12"] if request.param == "python" else []
+    result = bench_report(
+        "http.py",
+        *("--quick", "--json", "--data-dir", str(scratch), "--generator", request.param, "--curve", "0.5"),
+        *python_only,
+        timeout_s=RUN_TIMEOUT_S,
     )
-    assert 0 == done.returncode, done.stderr
     assert [] == list(scratch.iterdir())  # the scratch data directory is removed afterwards
-    result: dict[str, object] = json.loads(done.stdout)
     return result
 
 
@@ -160,8 +139,6 @@ def test_server_settings_and_open_connections_are_passed_and_reported(report: di
     [("nope=1", "unknown setting(s): nope"), ("wal_sync_gap_ms=500", "must be between 0 and 100"), ("x", "NAME=VALUE")],
 )
 def test_a_bad_server_setting_is_refused_before_anything_starts(setting: str, message: str) -> None:
-    done = subprocess.run(
-        [sys.executable, str(BENCH), "--setting", setting], capture_output=True, text=True, timeout=30, check=False
-    )
+    done = run_bench("http.py", "--setting", setting, timeout_s=30)
     assert 2 == done.returncode
     assert message in done.stderr

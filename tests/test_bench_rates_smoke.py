@@ -2,45 +2,25 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "rates.py"
+from tests.bench_run import bench_report, run_bench
+
 RUN_TIMEOUT_S = 60
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
 def test_each_rate_reports_the_cpu_of_every_part_of_the_server(tmp_path: Path) -> None:
-    environment = {key: value for key, value in os.environ.items() if not key.startswith("TOLLWAY_")}
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH),
-            "--json",
-            "--rates",
-            "40,80",
-            "--seconds",
-            "1",
-            "--warmup",
-            "0.3",
-            "--data-dir",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-        env=environment,
-        check=False,
+    report = bench_report(
+        "rates.py",
+        *("--json", "--rates", "40,80", "--seconds", "1", "--warmup", "0.3", "--data-dir", str(tmp_path)),
+        timeout_s=RUN_TIMEOUT_S,
     )
-    assert 0 == done.returncode, done.stderr
     assert [] == list(tmp_path.iterdir())  # the scratch directory is removed afterwards
-    report = json.loads(done.stdout)
     assert [40, 80] == [phase["rate_pairs_per_s"] for phase in report["phases"]]
     for phase in report["phases"]:
         parts = phase["parts"]
@@ -53,12 +33,6 @@ def test_each_rate_reports_the_cpu_of_every_part_of_the_server(tmp_path: Path) -
 
 @pytest.mark.parametrize("rates", ["0", "a,b", ",", "-5"])
 def test_rates_must_be_positive_numbers(rates: str) -> None:
-    done = subprocess.run(
-        [sys.executable, str(BENCH), "--rates", rates],
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-        check=False,
-    )
+    done = run_bench("rates.py", "--rates", rates, timeout_s=RUN_TIMEOUT_S)
     assert 2 == done.returncode
     assert "--rates" in done.stderr
