@@ -72,6 +72,7 @@ FIGURES: Final[dict[str, Callable[[dict[str, Any]], Any]]] = {
     "open_loop.wal_events_per_batch": _path("open_loop", "wal_events_per_batch"),
     "max_again.drift": _path("max_again", "drift"),
     "ceiling.idle_cost_ratio.3ms": _path("ceiling", "idle_cost_ratio", "3ms"),
+    "ceiling.slow_share": _path("ceiling", "slow_share"),
 }
 """The figures the summary compares: name → how to read it from a report (None when absent)."""
 

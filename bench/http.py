@@ -357,12 +357,17 @@ def process_cpu_s(pid: int) -> float | None:
     return None
 
 
+def child_pids(pid: int) -> list[int] | None:
+    """The live child processes of ``pid``, from ``/proc`` (Linux); None when it cannot be read."""
+    with contextlib.suppress(OSError, ValueError):
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return None
+
+
 def children_cpu_s(pid: int) -> float | None:
     """CPU seconds of the live child processes of ``pid`` (the server's embedded redis-server)."""
-    with contextlib.suppress(OSError, ValueError):
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        return sum(process_cpu_s(int(child)) or 0.0 for child in children)
-    return None
+    children = child_pids(pid)
+    return None if children is None else sum(process_cpu_s(child) or 0.0 for child in children)
 
 
 @dataclass(frozen=True)

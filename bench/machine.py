@@ -143,12 +143,12 @@ def wakeup_latency(seconds: float, cpu: int | None = None) -> dict[str, Any]:
 
 
 IDLE_GAPS_MS: Final = (0.5, 1.0, 3.0, 10.0)
-_IDLE_WORK: Final = [{"id": i, "name": f"item-{i}", "values": [i] * 5} for i in range(15)]
+_WORK: Final = [{"id": i, "name": f"item-{i}", "values": [i] * 5} for i in range(15)]
 
 
-def _idle_work_unit() -> int:
+def _work_unit() -> int:
     """A few tens of microseconds of ordinary Python: JSON out and back, as a request handler does."""
-    return len(json.loads(json.dumps(_IDLE_WORK)))
+    return len(json.loads(json.dumps(_WORK)))
 
 
 def idle_cost(rounds: int, cpu: int | None = None) -> dict[str, Any]:
@@ -166,14 +166,14 @@ def idle_cost(rounds: int, cpu: int | None = None) -> dict[str, Any]:
     cold: dict[float, list[int]] = {gap: [] for gap in IDLE_GAPS_MS}
     warm: dict[float, list[int]] = {gap: [] for gap in IDLE_GAPS_MS}
     with pinned_to(cpu) as pinned:
-        _idle_work_unit()
+        _work_unit()
         for _ in range(rounds):
             for gap in IDLE_GAPS_MS:
                 time.sleep(gap / 1000)
                 started = time.thread_time_ns()
-                _idle_work_unit()
+                _work_unit()
                 middle = time.thread_time_ns()
-                _idle_work_unit()
+                _work_unit()
                 cold[gap].append(middle - started)
                 warm[gap].append(time.thread_time_ns() - middle)
     warm_all = statistics.median(sample for samples in warm.values() for sample in samples)
@@ -203,11 +203,11 @@ def slow_windows(seconds: float, cpu: int | None = None) -> dict[str, Any]:
     """
     bins: dict[int, list[int]] = {}
     with pinned_to(cpu) as pinned:
-        _idle_work_unit()
+        _work_unit()
         start = time.perf_counter_ns()
         end = start + int(seconds * 1e9)
         while (now := time.perf_counter_ns()) < end:
-            _idle_work_unit()
+            _work_unit()
             bins.setdefault((now - start) // (SLOW_BIN_MS * 1_000_000), []).append(time.perf_counter_ns() - now)
     means = [sum(samples) / len(samples) for samples in bins.values() if samples]
     median = statistics.median(means)

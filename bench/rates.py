@@ -31,6 +31,7 @@ from bench.http import (
     billing_step,
     can_pin,
     checked_settings,
+    child_pids,
     closed_loop,
     fund,
     machine,
@@ -52,13 +53,9 @@ SCHED_FIELDS: Final = {
 Counters = dict[str, dict[str, float]]
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    found = [int(child) for child in text.split()]
-    return found + [grandchild for child in found for grandchild in _children(child)]
+def _descendants(pid: int) -> list[int]:
+    found = child_pids(pid) or []
+    return found + [grandchild for child in found for grandchild in _descendants(child)]
 
 
 def _role(pid: int, server_pid: int) -> str:
@@ -92,7 +89,7 @@ def _sched(path: Path) -> dict[str, float]:
 def counters(server_pid: int) -> Counters:
     """Cumulative CPU and switches of the server's tree: ``"<role>"`` its main thread, ``"<role> threads"`` the rest."""
     totals: Counters = defaultdict(lambda: dict.fromkeys(SCHED_FIELDS.values(), 0.0))
-    for pid in [server_pid, *_children(server_pid)]:
+    for pid in [server_pid, *_descendants(server_pid)]:
         role = _role(pid, server_pid)
         try:
             tids = [int(entry.name) for entry in Path(f"/proc/{pid}/task").iterdir() if entry.name.isdigit()]

@@ -25,7 +25,7 @@ from tollway.core import events as ev
 from tollway.core.commands import Policy, Refusal, RefusalCode
 from tollway.core.lifecycle import EntryState, can_transition
 from tollway.core.money import INT64_MAX, MICRO_PER_USD, Rounding, micro_to_cu
-from tollway.core.state import Entry, State, credit_fingerprint, request_key
+from tollway.core.state import Entry, State, credit_fingerprint, request_key, split_request_key
 
 S = EntryState
 GONE: Final = " (never made, or archived past the retention)"
@@ -113,8 +113,7 @@ def _archive(state: State, command: cmd.Archive, new_id: NewId) -> Write | Refus
         for entry in found
     )
     credit_items = tuple(
-        ev.ArchivedCredit(record.account_id, key.partition(" ")[2], record.credit_event_id)
-        for key, record in old_credits
+        ev.ArchivedCredit(*split_request_key(key), record.credit_event_id) for key, record in old_credits
     )
     return Write(new_id(), (ev.EntriesArchived(command.older_than_ms, items, credit_items),), "archiver")
 

@@ -111,6 +111,12 @@ def request_key(account_id: str, request_id: str) -> str:
     return f"{account_id} {request_id}"
 
 
+def split_request_key(key: str) -> tuple[str, str]:
+    """``(account_id, request_id)`` of a key made by :func:`request_key`."""
+    account_id, _, request_id = key.partition(" ")
+    return account_id, request_id
+
+
 class State:
     """The authoritative state: a fold of the WAL."""
 
