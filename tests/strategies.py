@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
+from tollway.core import commands as cmd
 from tollway.core import events as ev
 from tollway.core.money import INT64_MAX
 
@@ -66,3 +67,66 @@ payloads: st.SearchStrategy[ev.Payload] = st.one_of(
 )
 
 events = st.builds(ev.Event, st.integers(1, INT64_MAX), timestamps, ulids, st.text(max_size=128), payloads)
+
+
+# -- commands as a careless caller might build them (tests/test_command_input.py) ------------
+
+HELD_ENTRY = "01HELDHELDHELDHELDHELDHELD"
+"""Stands for the id of a hold the test took first; the test swaps in the real one."""
+
+surrogates = st.text(st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), min_size=1, max_size=3)
+junk: st.SearchStrategy[object] = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.floats(allow_nan=True),
+    st.integers(min_value=-(2**80), max_value=2**80),
+    st.text(max_size=8),
+    surrogates,
+    st.lists(st.integers(), max_size=2),
+    st.just("x" * 2_000),
+    st.just("y" * (1 << 20)),
+)
+
+
+def either(valid: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
+    """A valid value or junk of any type and size."""
+    return st.one_of(valid, junk)
+
+
+_accounts = either(st.just("acct-1"))
+_requests = either(st.text("abcdef", min_size=1, max_size=4))
+_entries = either(st.just(HELD_ENTRY))
+_money = either(st.integers(0, 5_000))
+_counts = either(st.none() | st.integers(1, 100))
+_texts = either(st.sampled_from(["pre_stream_failure", "user_cancel", "note", ""]))
+_correlations = either(st.sampled_from(["trace-1", "", None]))
+_responses = either(st.none() | st.just('{"text": "hi"}') | st.just('"' + "z" * (1 << 20) + '"'))
+_note_payloads = st.one_of(
+    st.builds(ev.Audit, _texts, _texts, _texts),
+    st.builds(ev.BillingReconciliation, _texts, _texts),
+    st.builds(ev.RequestStart, _accounts, _requests),
+    st.builds(ev.CreditMint, _accounts, _requests, _money),  # money never moves through a note
+)
+careless_commands = st.one_of(
+    st.builds(cmd.Reserve, _accounts, _requests, _money, _counts, _correlations, _texts),
+    st.builds(cmd.Commit, _entries, _money, _responses),
+    st.builds(cmd.Release, _entries, _texts),
+    st.builds(cmd.Extend, _entries, _counts),
+    st.builds(cmd.Expire, _entries),
+    st.builds(cmd.Charge, _accounts, _requests, _money, either(st.booleans()), _correlations),
+    st.builds(cmd.Void, _entries, _texts, _texts),
+    st.builds(cmd.FinalizeAck, _entries, _texts, _counts),
+    st.builds(cmd.FinalizeFail, _entries, _texts, _counts),
+    st.builds(
+        cmd.Credit,
+        _accounts,
+        _requests,
+        either(st.sampled_from(list(cmd.CreditKind))),
+        _money,
+        _texts,
+        either(st.none() | st.integers(0, 5_000)),
+        _correlations,
+    ),
+    st.builds(cmd.Note, _note_payloads, _correlations, either(st.none() | st.just(HELD_ENTRY))),
+    st.builds(cmd.Archive, either(st.integers(0, 10**13)), _counts),
+)

@@ -295,7 +295,7 @@ class Engine:
     async def execute(self, command: cmd.Command) -> cmd.Outcome:
         """Validate, decide, write and answer one command. Raises on bad input or failure."""
         self._check_running()
-        validate(command)
+        command = validate(command)
         started = time.perf_counter()
         while (
             self._pending.size >= self.settings.batch_bytes_max
@@ -320,13 +320,14 @@ class Engine:
     def _write(self, decision: Write, command: cmd.Command, now_ms: int) -> tuple[_Batch, cmd.Outcome]:
         """Sequence, apply and enqueue the events of ``decision``. Never awaits."""
         batch = self._pending
+        events = [
+            Event(self.state.last_sequence + 1 + i, now_ms, decision.billing_entry_id, decision.correlation_id, payload)
+            for i, payload in enumerate(decision.payloads)
+        ]
+        records = [codec.encode(event) for event in events]  # InvalidInput before anything changes
         try:
-            for payload in decision.payloads:
-                event = Event(
-                    self.state.last_sequence + 1, now_ms, decision.billing_entry_id, decision.correlation_id, payload
-                )
+            for event, record in zip(events, records, strict=True):
                 change = self.state.apply(event)
-                record = codec.encode(event)
                 if not batch.chunks:
                     batch.first_seq = event.wal_sequence
                     self._loop.call_soon(self._kick)

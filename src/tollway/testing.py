@@ -19,6 +19,7 @@ from tollway.core.ids import UlidGenerator
 from tollway.core.ledger import Ledger
 from tollway.core.state import State, Transition
 from tollway.core.validate import validate
+from tollway.wal import codec
 
 
 class FakeClock:
@@ -82,17 +83,20 @@ class MemoryEngine:
 
     def execute(self, command: cmd.Command) -> cmd.Outcome:
         """Validate, decide and apply ``command``; the same answers the real engine gives."""
-        validate(command)
+        command = validate(command)
         now_ms = self.clock()
         decision = decide(self.state, command, now_ms, self.policy, self._ids.new)
         if isinstance(decision, cmd.Refusal):
             return decision
         if isinstance(decision, Replay):
             return decision.outcome
-        for payload in decision.payloads:
-            event = Event(
-                self.state.last_sequence + 1, now_ms, decision.billing_entry_id, decision.correlation_id, payload
-            )
+        events = [
+            Event(self.state.last_sequence + 1 + i, now_ms, decision.billing_entry_id, decision.correlation_id, payload)
+            for i, payload in enumerate(decision.payloads)
+        ]
+        for event in events:
+            codec.encode(event)  # the real engine refuses what its log could not hold, before anything changes
+        for event in events:
             self.state.apply(event)
             self.events.append(event)
         return outcome(self.state, decision, command)

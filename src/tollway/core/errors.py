@@ -8,7 +8,8 @@ to handle (insufficient funds, an expired hold, a reused idempotency key) are *v
 
     TollwayError
     ├── InvalidInput            bad input; nothing was changed
-    │   └── InvalidAmount       a MicroUSD string or int that breaks the strict rules
+    │   ├── InvalidAmount       a MicroUSD string or int that breaks the strict rules
+    │   └── RecordTooLarge      a command whose record would exceed the log's record limit
     ├── InvariantViolation      the engine's state broke a rule; the engine stops
     ├── ConfigError             unknown or invalid setting; a startup error
     ├── WalError                the write-ahead log
@@ -39,6 +40,10 @@ class InvalidInput(TollwayError, ValueError):
 
 class InvalidAmount(InvalidInput):
     """A MicroUSD amount that is malformed, negative or out of bounds."""
+
+
+class RecordTooLarge(InvalidInput):
+    """A command whose log record would be larger than a reader accepts; nothing was written."""
 
 
 class InvariantViolation(TollwayError):

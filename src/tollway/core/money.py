@@ -72,7 +72,9 @@ def parse_micro(value: object, *, field: str = "amount_micro") -> int:
 
 
 def check_micro(value: int, *, field: str = "amount_micro") -> int:
-    """Return ``value`` if it is a valid public amount: 0 ≤ value ≤ INT64_MAX."""
+    """Return ``value`` if it is a valid public amount: an ``int`` (never a bool or float), 0 ≤ value ≤ INT64_MAX."""
+    if type(value) is not int:  # a bool is an int subclass, a float compares like one: neither is money
+        raise InvalidAmount(f"{field} must be an integer of MicroUSD, not {type(value).__name__}", field=field)
     if value < 0:
         raise InvalidAmount(f"{field} must not be negative", field=field)
     if value > INT64_MAX:

@@ -28,7 +28,7 @@ from typing import Any, Final
 import msgspec
 
 from tollway.core import events as ev
-from tollway.core.errors import WalUnsupported
+from tollway.core.errors import InvalidInput, RecordTooLarge, WalUnsupported
 
 HEADER: Final = struct.Struct("<II")
 HEADER_BYTES: Final = HEADER.size
@@ -120,14 +120,24 @@ def encode_body(event: ev.Event) -> bytes:
 
 
 def frame(body: bytes) -> bytes:
-    """Frame a body: CRC-32 over length and body, length, body."""
+    """Frame a body: CRC-32 over length and body, length, body.
+
+    Refuses (:class:`RecordTooLarge`) a body the reader would refuse: one limit,
+    :data:`MAX_RECORD_BYTES`, for both, so no acknowledged record is ever cut off as a torn tail.
+    """
+    if len(body) > MAX_RECORD_BYTES:
+        raise RecordTooLarge(f"the record would be {len(body)} bytes; the log accepts at most {MAX_RECORD_BYTES}")
     length = len(body).to_bytes(4, "little")
     return zlib.crc32(body, zlib.crc32(length)).to_bytes(4, "little") + length + body
 
 
 def encode(event: ev.Event) -> bytes:
-    """The complete framed record of ``event``."""
-    return frame(encode_body(event))
+    """The complete framed record of ``event``; :class:`InvalidInput` if it cannot be recorded as it is."""
+    try:
+        body = encode_body(event)
+    except (msgspec.EncodeError, UnicodeEncodeError, OverflowError, TypeError) as exc:
+        raise InvalidInput(f"{event.event_type} cannot be recorded: {exc}") from exc
+    return frame(body)
 
 
 def decode_body(body: bytes | memoryview) -> ev.Event:
