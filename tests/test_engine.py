@@ -378,3 +378,33 @@ async def test_a_cancelled_caller_does_not_cancel_its_batch(engine: Engine) -> N
     assert isinstance(results[0], asyncio.CancelledError)
     assert all(isinstance(r, EntryResult) for r in results[1:])
     assert 3 == sum(1 for e in engine.state.entries.values())  # the cancelled command was written too
+
+
+class _SteppingClock(FakeClock):
+    """A clock that steps back by ``back_ms`` right after its next reading (an NTP correction mid-sweep)."""
+
+    back_ms = 0
+
+    def __call__(self) -> int:
+        now, self.back_ms, self.now = self.now, 0, self.now - self.back_ms
+        return now
+
+
+async def test_a_clock_step_back_mid_sweep_leaves_the_hold_in_the_sweepers_queue(settings: Settings) -> None:
+    """The sweeper finds a hold due, the clock steps back before its Expire: refused, and swept once due again."""
+    clock = _SteppingClock()
+    async with Engine.open(settings=settings, clock=clock) as engine:
+        await mint(engine, "acct", 1_000)
+        held = await engine.execute(Reserve("acct", "r1", 100, ttl_s=1))
+        assert isinstance(held, EntryResult)
+        clock.advance(1_500)
+        clock.back_ms = 1_000  # due_holds reads +1.5 s, the Expire command +0.5 s: not yet expired
+        assert 0 == await engine.sweep_once()
+        clock.advance(1_000)
+        assert 1 == await engine.sweep_once()
+        entry = engine.state.entries[held.entry.billing_entry_id]
+        assert (EntryState.RELEASED, "expired", 1_000) == (
+            entry.state,
+            entry.reason,
+            engine.balance("acct").available_micro,
+        )

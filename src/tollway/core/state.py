@@ -239,19 +239,25 @@ class State:
         return self.accounts.get(account_id) or Account()
 
     def due_holds(self, now_ms: int, limit: int) -> list[str]:
-        """Entry ids of held entries due to expire, in (expires_at, entry id) order."""
-        heap, due = self._expiry_heap, list[str]()
+        """Entry ids of held entries due to expire, in (expires_at, entry id) order.
+
+        Only stale items leave the expiry index here (committed, released or extended since);
+        a due hold stays in it until its expiry is applied, so one whose ``Expire`` is refused
+        (the clock stepped back between this call and the command) is found again next time.
+        """
+        heap, due = self._expiry_heap, list[tuple[int, str]]()
         while heap and len(due) < limit:
             expires_at_ms, entry_id = heap[0]
             entry = self.entries.get(entry_id)
             if entry is None or entry.state is not S.RESERVE_HELD or entry.expires_at_ms != expires_at_ms:
-                heapq.heappop(heap)  # stale: committed, released or extended since
+                heapq.heappop(heap)  # stale
                 continue
             if expires_at_ms > now_ms:
                 break
-            heapq.heappop(heap)
-            due.append(entry_id)
-        return due
+            due.append(heapq.heappop(heap))
+        for item in due:
+            heapq.heappush(heap, item)
+        return [entry_id for _, entry_id in due]
 
     def archivable(self, older_than_ms: int, limit: int) -> list[Entry]:
         """Up to ``limit`` entries in an archivable state whose last change is before ``older_than_ms``.
