@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from tollway.core import commands as cmd
@@ -396,3 +397,59 @@ def test_a_note_cannot_move_money() -> None:
     with pytest.raises(InvalidInput):
         engine.execute(cmd.Note(forged))
     assert count == len(engine.events)
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"paid_micro_usdc": 2_000},  # another payment
+        {"reason": "another top-up"},
+        {"paid_micro_usdc": None},
+    ],
+)
+def test_every_field_of_a_credit_is_part_of_its_key(other: dict[str, object]) -> None:
+    """A credit_id repeated with any other field (payment, reason) is 422; the same fields replay."""
+    engine = MemoryEngine()
+    first = cmd.Credit("acct", "topup", CreditKind.MINT, 1_000, reason="top-up", paid_micro_usdc=1_000)
+    assert isinstance(engine.execute(first), cmd.CreditResult)
+    replay = engine.execute(first)
+    assert isinstance(replay, cmd.CreditResult)
+    assert replay.replayed
+    fields = {"reason": "top-up", "paid_micro_usdc": 1_000, **other}
+    changed = cmd.Credit("acct", "topup", CreditKind.MINT, 1_000, **fields)  # type: ignore[arg-type]
+    assert RefusalCode.IDEMPOTENCY_KEY_REUSED == refusal(engine.execute(changed))
+    assert 1_000 == engine.state.account("acct").available_micro
+
+
+def test_a_mint_credits_exactly_what_its_payment_converts_to() -> None:
+    """SPEC §3: a mint paid in USDC converts at the rate; 5,000,000 µUSD against 1 µUSDC is refused, nothing written."""
+    engine = MemoryEngine(Policy(usd_usdc_rate_ppm=1_000_000))
+    result = engine.execute(cmd.Credit("acct", "m1", CreditKind.MINT, 5_000_000, paid_micro_usdc=1))
+    assert isinstance(result, Refusal)
+    assert (RefusalCode.INVALID_REQUEST, "amount_micro", 1, 0) == (
+        result.code,
+        result.details["field"],
+        result.details["converted_micro"],
+        len(engine.events),
+    )
+    ok = engine.execute(cmd.Credit("acct", "m2", CreditKind.MINT, 1, paid_micro_usdc=1))
+    assert isinstance(ok, cmd.CreditResult)
+
+
+def test_a_payment_belongs_to_a_mint_only() -> None:
+    """paid_micro_usdc on a deduct or a credit note is refused."""
+    engine = funded(5_000)
+    result = engine.execute(cmd.Credit("acct", "d1", CreditKind.DEDUCT, 100, paid_micro_usdc=100))
+    assert (RefusalCode.INVALID_REQUEST, "paid_micro_usdc") == (refusal(result), result.details["field"])  # type: ignore[union-attr]
+
+
+def test_a_credit_record_from_an_older_snapshot_is_matched_on_what_it_kept() -> None:
+    """A record whose fingerprint is the old event:amount replays the same amount and refuses another."""
+    engine = MemoryEngine()
+    engine.execute(cmd.Credit("acct", "old", CreditKind.MINT, 700))
+    key = next(iter(engine.state.credits))
+    engine.state.credits[key] = msgspec.structs.replace(engine.state.credits[key], fingerprint="credit_mint:700")
+    again = engine.execute(cmd.Credit("acct", "old", CreditKind.MINT, 700))
+    assert isinstance(again, cmd.CreditResult)
+    assert again.replayed
+    assert RefusalCode.IDEMPOTENCY_KEY_REUSED == refusal(engine.execute(cmd.Credit("acct", "old", CreditKind.MINT, 70)))

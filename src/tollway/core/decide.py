@@ -24,8 +24,8 @@ from tollway.core import commands as cmd
 from tollway.core import events as ev
 from tollway.core.commands import Policy, Refusal, RefusalCode
 from tollway.core.lifecycle import EntryState, can_transition
-from tollway.core.money import INT64_MAX, MICRO_PER_USD, Rounding, micro_to_cu
-from tollway.core.state import Entry, State, credit_fingerprint, request_key, split_request_key
+from tollway.core.money import INT64_MAX, MICRO_PER_USD, Rounding, micro_to_cu, usdc_to_usd_micro
+from tollway.core.state import CreditRecord, Entry, State, credit_fingerprint, request_key, split_request_key
 
 S = EntryState
 GONE: Final = " (never made, or archived past the retention)"
@@ -415,11 +415,42 @@ _CREDIT_EVENT = {
 }
 
 
+def _credit_matches(record: CreditRecord, event_type: str, c: cmd.Credit) -> bool:
+    """Whether ``c`` repeats the credit ``record`` keeps: every field of it the same.
+
+    A record from before reasons and payments were part of the key (``event:amount``, in an
+    older snapshot) is matched on what it kept.
+    """
+    if record.fingerprint.count(":") == 1:
+        return record.fingerprint == f"{event_type}:{c.amount_micro}"
+    return record.fingerprint == credit_fingerprint(event_type, c.amount_micro, c.paid_micro_usdc, c.reason)
+
+
+def _payment_mismatch(c: cmd.Credit, policy: Policy) -> Refusal | None:
+    """A payment must be a mint's, and the mint must credit exactly what it converts to (SPEC §3)."""
+    if c.paid_micro_usdc is None:
+        return None
+    if c.kind is not cmd.CreditKind.MINT:
+        return _invalid("paid_micro_usdc belongs to a mint only", "paid_micro_usdc")
+    converted = usdc_to_usd_micro(c.paid_micro_usdc, policy.usd_usdc_rate_ppm)
+    if c.amount_micro != converted:
+        return _refuse(
+            RefusalCode.INVALID_REQUEST,
+            f"amount_micro {c.amount_micro} does not match the payment: {c.paid_micro_usdc} micro-USDC at "
+            f"usd_usdc_rate_ppm {policy.usd_usdc_rate_ppm} is {converted} micro-USD",
+            field="amount_micro",
+            paid_micro_usdc=c.paid_micro_usdc,
+            usd_usdc_rate_ppm=policy.usd_usdc_rate_ppm,
+            converted_micro=converted,
+        )
+    return None
+
+
 def _credit(state: State, c: cmd.Credit, policy: Policy, new_id: NewId) -> Decision:
     event_type = _CREDIT_EVENT[c.kind]
     record = state.credits.get(request_key(c.account_id, c.credit_id))
     if record is not None:
-        if record.fingerprint != credit_fingerprint(event_type, c.amount_micro):
+        if not _credit_matches(record, event_type, c):
             return _refuse(RefusalCode.IDEMPOTENCY_KEY_REUSED, "credit_id was used before with different parameters")
         result = cmd.CreditResult(
             c.account_id, c.credit_id, c.kind, c.amount_micro, record.wal_sequence, state.account(c.account_id), True
@@ -427,6 +458,9 @@ def _credit(state: State, c: cmd.Credit, policy: Policy, new_id: NewId) -> Decis
         return Replay(result, record.wal_sequence)
     if c.amount_micro <= 0:
         return _invalid("amount_micro must be positive", "amount_micro")
+    mismatch = _payment_mismatch(c, policy)
+    if mismatch is not None:
+        return mismatch
     account = state.account(c.account_id)
     if c.kind is cmd.CreditKind.DEDUCT:
         if account.available_micro < c.amount_micro:
@@ -437,7 +471,9 @@ def _credit(state: State, c: cmd.Credit, policy: Policy, new_id: NewId) -> Decis
     if account.available_micro + c.amount_micro > INT64_MAX or total_out + c.amount_micro > INT64_MAX:
         return _invalid("the credit would overflow a 64-bit balance", "amount_micro")
     if c.kind is cmd.CreditKind.MINT:
-        payload = ev.CreditMint(c.account_id, c.credit_id, c.amount_micro, c.paid_micro_usdc, policy.usd_usdc_rate_ppm)
+        payload = ev.CreditMint(
+            c.account_id, c.credit_id, c.amount_micro, c.paid_micro_usdc, policy.usd_usdc_rate_ppm, c.reason
+        )
     else:
         payload = ev.X402CreditNote(c.account_id, c.credit_id, c.amount_micro, c.reason)
     return Write(new_id(), (payload,), c.correlation_id, created=True)

@@ -181,6 +181,7 @@ class CreditMint(Payload, frozen=True):
     amount_micro: int
     paid_micro_usdc: int | None = None  # metadata only; the ledger posts amount_micro
     usd_usdc_rate_ppm: int | None = None
+    reason: str = ""  # absent in records written before mints kept their reason
 
 
 class CreditDeduct(Payload, frozen=True):

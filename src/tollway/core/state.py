@@ -529,15 +529,17 @@ def _credit(state: State, event: ev.Event) -> None:
         p.account_id,
         p.EVENT_TYPE,
         p.amount_micro,
-        credit_fingerprint(p.EVENT_TYPE, p.amount_micro),
+        credit_fingerprint(
+            p.EVENT_TYPE, p.amount_micro, p.paid_micro_usdc if isinstance(p, ev.CreditMint) else None, p.reason
+        ),
         event.wal_sequence,
         event.timestamp_ms,
     )
 
 
-def credit_fingerprint(event_type: str, amount_micro: int) -> str:
-    """What makes two credit requests with one ``credit_id`` the same operation."""
-    return f"{event_type}:{amount_micro}"
+def credit_fingerprint(event_type: str, amount_micro: int, paid_micro_usdc: int | None, reason: str) -> str:
+    """What makes two credit requests with one ``credit_id`` the same operation: every field of it."""
+    return f"{event_type}:{amount_micro}:{'' if paid_micro_usdc is None else paid_micro_usdc}:{reason}"
 
 
 ESCALATED: Final = "finalize_escalated"
