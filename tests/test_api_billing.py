@@ -269,3 +269,24 @@ async def test_an_archived_entry_is_not_found_and_its_request_id_is_new_again(ap
     assert ("92000", "5000", "3000") == (balance["available_micro"], balance["held_micro"], balance["charged_micro"])
     ready = (await api.http.get("/readyz")).json()
     assert {"kept": 1, "archived": 1, "retention_hours": 168} == ready["entries"]
+
+
+async def test_a_void_is_refused_while_settlement_is_being_called_for_the_entry(tmp_path: Path, redis_url: str) -> None:
+    """409 settlement_call_in_flight while the worker calls settlement for the entry; the void goes through after."""
+    settings = Settings(data_dir=tmp_path / "data", redis_url=redis_url, settlement_url="http://127.0.0.1:9")
+    async with open_api(settings, FakeClock()) as api:
+        await api.mint("acct-1", 10_000)
+        entry_id = await api.held("acct-1", "r", 1_000)
+        await api.http.post(
+            f"/v1/reservations/{entry_id}/commit", json={"actual_cost_micro": 800}, headers=api.auth(GATEWAY)
+        )
+        await api.service.engine.execute(cmd.FinalizeFail(entry_id, "test", 5))
+        worker = api.service.worker
+        assert worker is not None
+        worker.in_flight.add(entry_id)  # the worker is between its request and settlement's answer
+        body = {"reason": "refund"}
+        refused = await api.http.post(f"/v1/entries/{entry_id}/void", json=body, headers=api.auth(ADMIN))
+        assert entry_id == check_error(refused, 409, "settlement_call_in_flight")["billing_entry_id"]
+        worker.in_flight.discard(entry_id)
+        voided = await api.http.post(f"/v1/entries/{entry_id}/void", json=body, headers=api.auth(ADMIN))
+        assert (200, "VOIDED") == (voided.status_code, voided.json()["state"])

@@ -59,6 +59,10 @@ async def _codes_of_a_settlement_mode_app(api: Api) -> list[tuple[int, str]]:
     seen.append(await api.reserve("rich", "r3", 1))  # pending_settlement_limit (risk cap 0)
     await api.service.engine.execute(cmd.FinalizeFail(first, "test", 5))
     seen.append(await api.reserve("poor", "r4", 1))  # billing_service_unavailable (cap 1)
+    assert api.service.worker is not None
+    api.service.worker.in_flight.add(first)  # a settlement call for it is under way
+    seen.append(await api.http.post(f"/v1/entries/{first}/void", json={"reason": "x"}, headers=admin))  # in flight
+    api.service.worker.in_flight.clear()
     api.clock.advance(3_600_000)
     seen.append(await api.http.post(f"/v1/reservations/{expiring}/release", json={"reason": "user_cancel"}, headers=gw))
     api.service.engine.set_holds_allowed(False)

@@ -12,12 +12,14 @@ import msgspec
 from tests.settlement_fixtures import KEYS, Loop, S, commit, finalized, funded, loop
 from tollway import Engine
 from tollway.core import commands as cmd
+from tollway.core import events as ev
 from tollway.core.breaker import BreakerState
 from tollway.core.commands import EntryResult, Refusal, RefusalCode
 from tollway.finalizer import ESCALATION_WINDOW_MS
 from tollway.redis.parity import differences
 from tollway.redis.queue import FinalizeQueue
 from tollway.redis.server import EmbeddedRedis
+from tollway.wal.segments import iter_events
 
 __all__ = ["loop"]
 
@@ -201,3 +203,32 @@ async def test_a_full_redis_does_not_stop_the_worker(loop: Loop) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_a_void_during_a_replays_settlement_call_is_recorded_as_a_discrepancy(loop: Loop) -> None:
+    """Settlement confirms a dead letter voided mid-call: the ack is refused, counted apart, recorded and alerted."""
+    await funded(loop)
+    entry_id = await commit(loop, "acct", "r", 5_000, 3_000)
+    loop.faults(status_override=422)
+    await loop.drain()
+    assert S.FINALIZE_FAILED == loop.states()[entry_id]
+    loop.faults(latency_ms=300)
+    replay = asyncio.create_task(loop.worker.replay_dead_letters())
+    for _ in range(200):
+        if entry_id in loop.worker.in_flight:
+            break
+        await asyncio.sleep(0.005)
+    assert {entry_id} == loop.worker.in_flight
+    voided = await loop.engine.execute(cmd.Void(entry_id, "customer refund", "ops"))
+    assert isinstance(voided, EntryResult)
+    report = await replay
+    assert (1, 0, 0, 0, 1) == (report.examined, report.acked, report.still_failing, report.skipped, report.refused)
+    assert S.VOIDED == loop.states()[entry_id]
+    assert {entry_id: (3_000, 1)} == finalized(loop)  # settled there, refunded here: the discrepancy
+    notes = [
+        event.payload
+        for event in iter_events(loop.engine.settings.wal_dir)
+        if isinstance(event.payload, ev.BillingReconciliation) and event.billing_entry_id == entry_id
+    ]
+    assert ["settled_after_void"] == [note.kind for note in notes]
+    assert ("finalize_discrepancy", entry_id) == (loop.alerts[-1][0], loop.alerts[-1][1]["billing_entry_id"])

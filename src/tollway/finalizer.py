@@ -20,6 +20,16 @@ escalation alert per dead letter ``ESCALATION_WINDOW_MS`` after it failed (recor
 so it survives restarts), and performs the admin's bulk replay of every dead letter.
 Because every step's outcome is durable before the queue moves on, a crash at any point only
 causes a repeat, which settlement answers with 409.
+
+**A void while settlement may be finalizing.** An admin may void a ``FINALIZE_FAILED`` entry
+(refund it) at any time: tollway's ledger follows the admin. The HTTP API refuses a void while
+this worker has a settlement call for the entry in flight (409 ``settlement_call_in_flight``),
+which closes the common race; a call that settled before a timeout, or a void through the
+library, can still meet a refund. So whenever settlement confirms a charge whose entry can no
+longer take the acknowledgement (voided meanwhile), the worker records the discrepancy in the
+WAL (a ``billing_reconciliation`` event of kind ``settled_after_void``), raises the alert
+``finalize_discrepancy`` and counts it apart (``ReplayReport.refused``); the operator resolves
+it by charging the account again or having settlement reverse the charge, as the alert says.
 """
 
 from __future__ import annotations
@@ -37,7 +47,8 @@ from tollway.core import commands as cmd
 from tollway.core import events as ev
 from tollway.core.lifecycle import EntryState
 from tollway.core.retry import Verdict, after_attempt
-from tollway.core.state import ESCALATED
+from tollway.core.state import ESCALATED, Entry
+from tollway.core.validate import MAX_TEXT_LENGTH
 from tollway.engine import Engine
 from tollway.redis.projector import REDIS_ERRORS, raise_if_cancelled
 from tollway.redis.queue import FinalizeQueue, parse_message
@@ -62,6 +73,10 @@ def log_alert(kind: str, details: dict[str, object]) -> None:
     log.error("ALERT %s %s", kind, details)
 
 
+SETTLED_AFTER_VOID: Final = "settled_after_void"
+"""The reconciliation kind recorded when settlement finalized a charge tollway had refunded."""
+
+
 @dataclass(frozen=True, slots=True)
 class ReplayReport:
     """What a bulk replay of the dead letters did."""
@@ -70,6 +85,7 @@ class ReplayReport:
     acked: int
     still_failing: int
     skipped: int  # not FINALIZE_FAILED any more, or the breaker was open
+    refused: int = 0  # settlement finalized it, but the entry was voided meanwhile: a discrepancy recorded
 
 
 class FinalizeWorker:
@@ -94,6 +110,7 @@ class FinalizeWorker:
         self.claim_idle_ms = claim_idle_ms
         self.alert = alert
         self.calls = 0  # settlement calls made (for tests and metrics)
+        self.in_flight: set[str] = set()  # entries with a settlement call under way
 
     # -- breaker ---------------------------------------------------------------------------
 
@@ -113,7 +130,11 @@ class FinalizeWorker:
         if not permit.allowed:
             return permit.retry_in_ms
         self.calls += 1
-        attempt = await self.settlement.finalize(request)
+        self.in_flight.add(request.billing_entry_id)
+        try:
+            attempt = await self.settlement.finalize(request)
+        finally:
+            self.in_flight.discard(request.billing_entry_id)
         now = self.engine.now_ms()
         healthy = attempt.verdict is not Verdict.RETRY  # a 4xx is an answer: the service is up
         self.breaker = brk.record_success(self.breaker, now) if healthy else brk.record_failure(self.breaker, now)
@@ -139,7 +160,7 @@ class FinalizeWorker:
             return
         step = after_attempt(outcome.verdict, message.attempt, outcome.reason)
         if step.verdict is Verdict.ACK:
-            await self.engine.execute(cmd.FinalizeAck(entry.billing_entry_id, "worker", message.attempt))
+            await self._acknowledge(entry, "worker", message.attempt)
             await self.queue.done(message_id)
         elif step.verdict is Verdict.RETRY:
             await self.queue.retry_later(message, self.engine.now_ms() + step.delay_ms, step.reason)
@@ -230,7 +251,7 @@ class FinalizeWorker:
     async def replay_dead_letters(self, concurrency: int = REPLAY_CONCURRENCY) -> ReplayReport:
         """Admin bulk replay: every dead letter (all pages), ``concurrency`` calls at a time."""
         semaphore = asyncio.Semaphore(concurrency)
-        counts = {"acked": 0, "failing": 0, "skipped": 0}
+        counts = {"acked": 0, "failing": 0, "skipped": 0, "refused": 0}
 
         async def one(entry_id: str) -> None:
             async with semaphore:
@@ -241,7 +262,7 @@ class FinalizeWorker:
             examined += len(page)
             after = page[-1].message_id
             await asyncio.gather(*(one(letter.billing_entry_id) for letter in page))
-        return ReplayReport(examined, counts["acked"], counts["failing"], counts["skipped"])
+        return ReplayReport(examined, counts["acked"], counts["failing"], counts["skipped"], counts["refused"])
 
     async def _replay_one(self, entry_id: str) -> str:
         entry = self.engine.state.entries.get(entry_id)
@@ -253,5 +274,30 @@ class FinalizeWorker:
             return "skipped"
         if outcome.verdict is not Verdict.ACK:
             return "failing"
-        await self.engine.execute(cmd.FinalizeAck(entry_id, "replay", 0))
-        return "acked"
+        return "acked" if await self._acknowledge(entry, "replay", 0) else "refused"
+
+    async def _acknowledge(self, entry: Entry, source: str, attempt: int) -> bool:
+        """Record settlement's confirmation; if the entry can no longer take it, record the discrepancy."""
+        result = await self.engine.execute(cmd.FinalizeAck(entry.billing_entry_id, source, attempt))
+        if not isinstance(result, cmd.Refusal):
+            return True
+        now = self.engine.state.entries.get(entry.billing_entry_id)
+        state = "archived" if now is None else now.state.value
+        detail = (
+            f"settlement finalized {entry.billing_entry_id} ({entry.charged_micro} micro-USD of {entry.account_id}) "
+            f"but the entry is {state} here ({result.message}); resolve by charging the account again "
+            "or having settlement reverse the charge"
+        )
+        note = ev.BillingReconciliation(SETTLED_AFTER_VOID, detail[:MAX_TEXT_LENGTH])
+        await self.engine.execute(cmd.Note(note, entry.correlation_id, entry.billing_entry_id))
+        log.error("finalize discrepancy: %s", detail)
+        self.alert(
+            "finalize_discrepancy",
+            {
+                "billing_entry_id": entry.billing_entry_id,
+                "account_id": entry.account_id,
+                "charged_micro": entry.charged_micro,
+                "state": state,
+            },
+        )
+        return False

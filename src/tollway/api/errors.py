@@ -16,6 +16,7 @@ code                                   status  raised by
 ``request_in_progress``                409     the same ``request_id`` is still held
 ``invalid_transition``                 409     the entry's ``current_state`` forbids it
 ``settlement_not_configured``          409     a settlement operation in standalone mode
+``settlement_call_in_flight``          409     a void while settlement is being called for the entry
 ``reservation_expired``                410     the hold's ``expires_at_ms`` passed
 ``payload_too_large``                  413     a body over ``http_body_bytes_max``, never parsed
 ``idempotency_key_reused``             422     the same key with other parameters
@@ -64,6 +65,7 @@ ERROR_STATUS: Final[Mapping[str, int]] = {
     "request_in_progress": 409,
     "invalid_transition": 409,
     "settlement_not_configured": 409,
+    "settlement_call_in_flight": 409,
     "reservation_expired": 410,
     "payload_too_large": 413,
     "idempotency_key_reused": 422,

@@ -207,12 +207,23 @@ async def create_charge(body: ChargeRequest, principal: Gateway, request: Reques
     tags=["entries"],
     response_model=EntryOut,
     summary="Void (refund) a charge — admin",
-    responses=errors_doc("not_found", "invalid_transition"),
+    responses=errors_doc("not_found", "invalid_transition", "settlement_call_in_flight"),
 )
 async def void_entry(billing_entry_id: EntryId, body: VoidRequest, principal: Admin, request: Request) -> Response:
-    """Refund a committed (or settlement-failed) charge; the token's subject is recorded as ``admin_id``."""
+    """Refund a committed (or settlement-failed) charge; the token's subject is recorded as ``admin_id``.
+
+    Refused (409 ``settlement_call_in_flight``) while the finalize worker is calling settlement for
+    the entry, so a refund never races a settlement that is confirming the charge; retry shortly.
+    """
     ctx = context(request)
     ctx.entry_for(principal, Scope.ADMIN, billing_entry_id)
+    worker = ctx.service.worker
+    if worker is not None and billing_entry_id in worker.in_flight:
+        raise ApiError(
+            "settlement_call_in_flight",
+            "settlement is being called for this entry right now; retry the void once the call ends",
+            billing_entry_id=billing_entry_id,
+        )
     return entry_outcome(await ctx.engine.execute(cmd.Void(billing_entry_id, body.reason, principal.subject)))
 
 

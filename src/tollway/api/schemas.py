@@ -236,6 +236,7 @@ class ReplayOut(BaseModel):
     acked: int
     still_failing: int
     skipped: int
+    refused: int = Field(description="settlement finalized it but the entry was voided meanwhile (alerted)")
 
 
 class BreakerOut(BaseModel):

@@ -208,7 +208,7 @@ def dlq_replay(
         return
     typer.echo(
         f"examined {report.examined}, acked {report.acked}, still failing {report.still_failing}, "
-        f"skipped {report.skipped}"
+        f"skipped {report.skipped}, refused {report.refused} (settled after a void: see the alerts)"
     )
 
 

@@ -163,6 +163,7 @@ class ReplayReport:
     acked: int
     still_failing: int
     skipped: int
+    refused: int = 0  # settlement finalized it but the entry was voided meanwhile: a discrepancy, alerted
 
 
 @dataclass(frozen=True, slots=True)
