@@ -69,7 +69,7 @@ async def projecting(engine: Engine, directory: Path) -> AsyncIterator[tuple[Pro
     async with EmbeddedRedis(directory) as server:
         client = aioredis.Redis.from_url(server.url)
         keys, settings = Keys("bench", "0"), engine.settings
-        pump = await ProjectionPump.start(server.url, keys) if settings.uses_pump else None
+        pump = await ProjectionPump.start(server.url, keys, engine.identity) if settings.uses_pump else None
         projector = Projector(engine, client, keys, coalesce_ms=settings.projection_coalesce_ms, pump=pump)
         samples, stop = LagSamples(), asyncio.Event()
         tasks = [asyncio.create_task(projector.run()), asyncio.create_task(_sample(projector, samples, stop))]

@@ -120,7 +120,7 @@ async def test_dead_letters_replay_and_breaker_in_settlement_mode(tmp_path: Path
             page = (await api.http.get("/v1/settlement/poison?limit=1", headers=api.auth(ADMIN))).json()
             assert [entry_id] == [item["billing_entry_id"] for item in page["items"]]
             replay = await api.http.post("/v1/settlement/poison/replay", headers=api.auth(ADMIN))
-            assert {"examined": 1, "acked": 1, "still_failing": 0, "skipped": 0} == replay.json()
+            assert {"examined": 1, "acked": 1, "still_failing": 0, "skipped": 0, "refused": 0} == replay.json()
             assert "FINALIZE_ACKED" == api.service.engine.state.entries[entry_id].state.value
             breaker = await api.http.get("/v1/settlement/breaker", headers=api.auth(ADMIN))
             reset = await api.http.post("/v1/settlement/breaker/reset", headers=api.auth(ADMIN))

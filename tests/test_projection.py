@@ -31,6 +31,7 @@ from tollway.testing import FakeClock
 from tollway.wal.segments import iter_events
 
 KEYS = Keys("tw", "t1")
+OWNER = "0123456789abcdef0123456789abcdef"  # the identity of a data directory that writes
 
 
 @dataclass
@@ -141,7 +142,7 @@ def test_a_batch_carries_the_net_effect_of_a_hold_and_its_commit() -> None:
         ev.Event(2, 5, HOLD, "x", ev.BillingReserve("alice", "r", 300, 60_000, RATE, "f")),
         ev.Event(3, 9, HOLD, "x", ev.BillingCommit("alice", 300, 120, 120, 0, "cap", False, RATE)),
     ]
-    ops = folded(encode_batch(KEYS, events))
+    ops = folded(encode_batch(KEYS, events, OWNER))
     assert ["C", "C", "H", "I", "I", "N", "R"] == sorted(str(op[0]) for op in ops)
     alice = KEYS.account("alice")
     assert ["I", alice, "available", "0", "880", 1] in ops  # +1000 -300 +180: never below the start
@@ -160,7 +161,7 @@ async def test_an_entry_written_many_times_in_one_batch_is_one_short_hset(rig: R
     for ttl in range(31, 331):
         await rig.engine.execute(cmd.Extend(hold.entry.billing_entry_id, ttl))
     events = list(iter_events(rig.engine.settings.wal_dir))[-300:]
-    batch = encode_batch(KEYS, events)
+    batch = encode_batch(KEYS, events, rig.projector.owner)
     (entry,) = [op for op in folded(batch) if op[0] == "H"]
     assert len(entry) <= HSET_ARGS_MAX + 2
     reply = await rig.client.register_script(load_script("apply_batch.lua"))(keys=batch.keys, args=batch.argv)
@@ -176,7 +177,7 @@ async def test_a_balance_that_dips_below_zero_inside_a_batch_is_refused(rig: Rig
     first = ev.Event(seq + 1, 0, "01ARZ3NDEKTSV4RRFFQ69G5FAA", "x", ev.CreditMint("alice", "m1", 100))
     dip = ev.Event(seq + 2, 0, HOLD, "x", ev.BillingReserve("alice", "r", 500, 9, RATE, "f"))
     mint = ev.Event(seq + 3, 0, "01ARZ3NDEKTSV4RRFFQ69G5FAW", "x", ev.CreditMint("alice", "m2", 10_000))
-    batch = encode_batch(KEYS, [first, dip, mint])
+    batch = encode_batch(KEYS, [first, dip, mint], rig.projector.owner)
     # +100, -500 (the low point: -400, at the hold), +10,000: ends at 9,600
     assert ["I", KEYS.account("alice"), "available", "-400", "10000", seq + 2] in folded(batch)
     reply = await rig.client.register_script(load_script("apply_batch.lua"))(keys=batch.keys, args=batch.argv)
@@ -192,7 +193,9 @@ async def test_a_batch_overlapping_the_applied_sequence_is_a_gap(rig: Rig) -> No
     await rig.projector.sync()
     await rig.engine.execute(cmd.Credit("alice", "o", CreditKind.MINT, 100))
     before = await dump(rig.client)
-    batch = encode_batch(KEYS, [*events[-1:], *list(iter_events(rig.engine.settings.wal_dir))[-1:]])
+    batch = encode_batch(
+        KEYS, [*events[-1:], *list(iter_events(rig.engine.settings.wal_dir))[-1:]], rig.projector.owner
+    )
     reply = await rig.client.register_script(load_script("apply_batch.lua"))(keys=batch.keys, args=batch.argv)
     applied = str(rig.engine.durable_sequence - 1).encode()
     assert [b"gap", applied, str(events[-1].wal_sequence).encode()] == reply
@@ -207,7 +210,7 @@ async def test_applying_the_same_batch_twice_changes_nothing(rig: Rig) -> None:
     await rig.projector.sync()
     before = await dump(rig.client)
     events = list(iter_events(rig.engine.settings.wal_dir))
-    batch = encode_batch(KEYS, events[-10:])
+    batch = encode_batch(KEYS, events[-10:], rig.projector.owner)
     script = rig.client.register_script(load_script("apply_batch.lua"))
     reply = await script(keys=batch.keys, args=batch.argv)
     assert [b"duplicate", str(events[-1].wal_sequence).encode()] == reply
@@ -223,7 +226,7 @@ async def test_a_batch_that_would_overdraw_is_refused_whole(rig: Rig) -> None:
     rate = ev.RateSnapshot(100, 1_000_000, 0)
     good = ev.Event(seq + 1, 0, "01ARZ3NDEKTSV4RRFFQ69G5FAV", "x", ev.CreditMint("bob", "m", 10))
     bad = ev.Event(seq + 2, 0, "01ARZ3NDEKTSV4RRFFQ69G5FAW", "x", ev.BillingReserve("alice", "r", 500, 9, rate, "f"))
-    batch = encode_batch(KEYS, [good, bad])
+    batch = encode_batch(KEYS, [good, bad], rig.projector.owner)
     script = rig.client.register_script(load_script("apply_batch.lua"))
     reply = await script(keys=batch.keys, args=batch.argv)
     assert [b"violation", str(seq + 2).encode(), KEYS.account("alice").encode(), b"available"] == reply[:4]
@@ -236,7 +239,7 @@ async def test_gap_is_reported_not_applied(rig: Rig) -> None:
     await rig.projector.sync()
     seq = rig.engine.durable_sequence
     event = ev.Event(seq + 5, 0, "01ARZ3NDEKTSV4RRFFQ69G5FAV", "x", ev.CreditMint("bob", "m", 10))
-    batch = encode_batch(KEYS, [event])
+    batch = encode_batch(KEYS, [event], rig.projector.owner)
     reply = await rig.client.register_script(load_script("apply_batch.lua"))(keys=batch.keys, args=batch.argv)
     assert [b"gap", str(seq).encode(), str(seq + 5).encode()] == reply
 
@@ -474,7 +477,7 @@ async def test_a_full_redis_answers_the_script_unwritable(rig: Rig, money: bool)
     )
     await rig.engine.execute(command)
     events = list(iter_events(rig.engine.settings.wal_dir))
-    batch = encode_batch(KEYS, events[-1:])
+    batch = encode_batch(KEYS, events[-1:], rig.projector.owner)
     before = await dump(rig.client)
     await rig.client.config_set("maxmemory", "1")
     try:
@@ -506,12 +509,12 @@ async def test_any_split_into_batches_leaves_redis_the_same(rig: Rig) -> None:
 
     async def project(sizes: list[int]) -> dict[bytes, object]:
         await rig.client.flushall()
-        await rig.client.hset(KEYS.meta, "applied_seq", "0")
+        await rig.client.hset(KEYS.meta, mapping={"applied_seq": "0", "owner": rig.projector.owner})
         start = 0
         for size in itertools.cycle(sizes):
             if start >= len(events):
                 break
-            batch = encode_batch(KEYS, events[start : start + size])
+            batch = encode_batch(KEYS, events[start : start + size], rig.projector.owner)
             assert b"ok" == (await script(keys=batch.keys, args=batch.argv))[0]
             start += size
         return _without_stream_ids(await dump(rig.client))
@@ -559,7 +562,7 @@ def archive_events() -> list[ev.Event]:
 
 def test_entries_created_and_archived_in_one_batch_are_only_deleted() -> None:
     """Created, settled, answered and archived in one batch: DELs of their keys, no HSET or SET, counts net out."""
-    ops = folded(encode_batch(KEYS, [event for event in archive_events() if event.billing_entry_id != ENTRY_C]))
+    ops = folded(encode_batch(KEYS, [event for event in archive_events() if event.billing_entry_id != ENTRY_C], OWNER))
     assert not [op for op in ops if op[0] in ("H", "S", "N")]  # RESERVE_HELD, COMMITTED, RELEASED: +1 -1 each
     deletes = [op for op in ops if op[0] == "D"]
     assert [["D", KEYS.entry(ENTRY_A)], ["D", KEYS.response(ENTRY_A)]] == deletes[:2]
@@ -575,18 +578,18 @@ def test_an_archived_entry_written_again_in_the_batch_is_refused() -> None:
     events = archive_events()
     again = ev.Event(9, 90, ENTRY_A, "x", ev.BillingReserve("alice", "ra2", 1, 60_000, RATE, "f"))
     with pytest.raises(ValueError, match="deleted"):
-        encode_batch(KEYS, [*events, again])
+        encode_batch(KEYS, [*events, again], OWNER)
 
 
 async def project_events(client: aioredis.Redis, events: list[ev.Event], sizes: list[int]) -> None:
     """Apply ``events`` to an empty projection in batches of ``sizes`` (the last size repeated)."""
-    await client.hset(KEYS.meta, "applied_seq", "0")
+    await client.hset(KEYS.meta, mapping={"applied_seq": "0", "owner": OWNER})
     script = client.register_script(load_script("apply_batch.lua"))
     start = 0
     for size in itertools.chain(sizes, itertools.repeat(sizes[-1])):
         if start >= len(events):
             break
-        batch = encode_batch(KEYS, events[start : start + size])
+        batch = encode_batch(KEYS, events[start : start + size], OWNER)
         assert b"ok" == (await script(keys=batch.keys, args=batch.argv))[0]
         start += size
 

@@ -37,8 +37,8 @@ async def rig(tmp_path: Path, redis_server: EmbeddedRedis, clock: FakeClock) -> 
     """An engine in settlement mode and a projector with a pump, on a private redis-server."""
     settings = Settings(data_dir=tmp_path / "data", settlement_url="http://settlement.invalid")
     client = aioredis.Redis.from_url(redis_server.url)
-    pump = await ProjectionPump.start(redis_server.url, KEYS)
     async with Engine.open(settings=settings, clock=clock) as engine:
+        pump = await ProjectionPump.start(redis_server.url, KEYS, engine.identity)
         projector = Projector(engine, client, KEYS, batch_events_max=7, pump_batch_events_max=7, pump=pump)
         try:
             yield PumpRig(engine, projector, client, redis_server, clock, pump)
@@ -159,7 +159,7 @@ async def test_records_that_do_not_scan_retire_the_pump(rig: PumpRig) -> None:
 
 async def test_the_pump_ignores_stop_signals_and_exits_when_closed(redis_server: EmbeddedRedis) -> None:
     """SIGINT/SIGTERM (Ctrl-C, a signal to the group) leave it running; close() ends it cleanly."""
-    pump = await ProjectionPump.start(redis_server.url, KEYS)
+    pump = await ProjectionPump.start(redis_server.url, KEYS, "0" * 32)
     try:
         assert [b"missing"] == await asyncio.wait_for(pump.apply(b""), WAIT_S)  # up and serving
         os.kill(pump.pid, signal.SIGINT)

@@ -101,6 +101,7 @@ class Settings:
     redis_nice: int = REDIS_NICE  # the embedded server's nice value above the service's (billing first)
     projection_coalesce_ms: int = 10  # once caught up, the projector gathers this long before its next call
     projection_pump: PumpMode = PumpMode.AUTO  # encode and apply projection batches in a child process
+    parity_check_interval_s: int = 60  # how often the guard compares the projection with the WAL's state; 0: never
     # -- settlement --
     settlement_timeout_ms: int = 1000
     settlement_issuer: str = "tollway"
@@ -149,6 +150,7 @@ class Settings:
         _check_range("redis_memory_bytes_max", self.redis_memory_bytes_max, 16 << 20, 1 << 40)
         _check_range("redis_nice", self.redis_nice, 0, REDIS_NICE_MAX)
         _check_range("projection_coalesce_ms", self.projection_coalesce_ms, 0, 1000)
+        _check_range("parity_check_interval_s", self.parity_check_interval_s, 0, 86_400)
         _check_range("settlement_timeout_ms", self.settlement_timeout_ms, 10, 60_000)
         _check_range("worker_concurrency", self.worker_concurrency, 1, 256)
         _check_range("claim_idle_ms", self.claim_idle_ms, 10, 3_600_000)

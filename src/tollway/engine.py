@@ -47,6 +47,7 @@ from tollway.core.observer import NoopObserver, Observer
 from tollway.core.state import Account, Entry, State, Transition
 from tollway.core.validate import validate
 from tollway.wal import codec
+from tollway.wal.identity import data_identity
 from tollway.wal.log import DirectoryLock, WalWriter, recover
 from tollway.wal.replay import gc_paused
 from tollway.wal.snapshot import load_newest, snapshot_chunks, write_snapshot
@@ -142,9 +143,11 @@ class Engine:
         observer: Observer,
         random80: Callable[[], int],
         syncer: SyncProcess | None = None,
+        identity: str = "",
     ) -> None:
         self.settings = settings
         self.state = state
+        self.identity = identity  # the data directory's id (tollway.wal.identity)
         self.policy = settings.policy()
         self.observer = observer
         self._clock = clock
@@ -210,6 +213,7 @@ class Engine:
         lock = DirectoryLock(settings.wal_dir / "LOCK")
         lock.acquire()
         try:
+            identity = data_identity(settings.wal_dir, durable=settings.durability is Durability.FSYNC)
             state, writer = await asyncio.to_thread(_recover, settings, observer)
         except BaseException:
             lock.release()
@@ -224,7 +228,17 @@ class Engine:
                 writer.close()
                 lock.release()
                 raise
-        return cls(settings, state, writer, lock, clock=clock, observer=observer, random80=random80, syncer=syncer)
+        return cls(
+            settings,
+            state,
+            writer,
+            lock,
+            clock=clock,
+            observer=observer,
+            random80=random80,
+            syncer=syncer,
+            identity=identity,
+        )
 
     async def close(self) -> None:
         """Finish pending writes, take a final snapshot, release the lock."""

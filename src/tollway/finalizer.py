@@ -64,6 +64,7 @@ REPLAY_CONCURRENCY: Final = 5
 BLOCK_MS: Final = 1_000
 IDLE_PAUSE_MS: Final = 200
 RETRY_PAUSE_MS: Final = 500
+FOREIGN_PAUSE_MS: Final = 5_000
 
 Alert = Callable[[str, dict[str, object]], None]
 
@@ -198,31 +199,47 @@ class FinalizeWorker:
         return len(batch)
 
     async def run(self) -> None:
-        """Work forever; survives Redis outages (billing never waits for this loop)."""
-        await self._ensure_group()
+        """Work forever; survives Redis outages (billing never waits for this loop).
+
+        Never touches a queue that belongs to another data directory (the projection's owner):
+        it says so once and waits, taking no message and creating nothing.
+        """
+        grouped, foreign_seen = False, None
         while True:
             try:
+                foreign = await self.queue.foreign_owner()
+                if foreign is not None:
+                    foreign_seen = self._refuse_foreign(foreign, foreign_seen)
+                    await asyncio.sleep(FOREIGN_PAUSE_MS / 1000)
+                    continue
+                if not grouped:
+                    await self.queue.ensure_group()
+                    grouped = True
                 handled = await self.run_once(block_ms=BLOCK_MS)
             except REDIS_ERRORS as exc:
                 raise_if_cancelled()
                 log.warning("finalize worker: redis unavailable, retrying: %s", exc)
-            except redis.exceptions.ResponseError as exc:  # e.g. NOGROUP after a rebuild or FLUSHALL
+            except redis.exceptions.ResponseError as exc:  # NOGROUP after a rebuild or FLUSHALL, maxmemory, …
                 raise_if_cancelled()
-                log.warning("finalize worker: %s; recreating the consumer group", exc)
+                log.warning("finalize worker: %s; (re)creating the consumer group", exc)
+                grouped = False
             else:
                 raise_if_cancelled()  # a library may have swallowed it and returned normally
                 if handled == 0:
                     await asyncio.sleep(IDLE_PAUSE_MS / 1000)
                 continue
             await asyncio.sleep(RETRY_PAUSE_MS / 1000)
-            await self._ensure_group()
 
-    async def _ensure_group(self) -> None:
-        try:
-            await self.queue.ensure_group()
-        except (*REDIS_ERRORS, redis.exceptions.ResponseError) as exc:  # e.g. maxmemory reached
-            raise_if_cancelled()
-            log.warning("finalize worker: cannot create the consumer group yet: %s", exc)
+    def _refuse_foreign(self, foreign: str, seen: str | None) -> str:
+        """Say (once per owner) that the queue is another data directory's; returns the owner seen."""
+        if foreign != seen:
+            log.critical(
+                "finalize worker: the queue under %s belongs to another tollway data directory (identity %s); "
+                "not touching it",
+                self.queue.keys.base,
+                foreign,
+            )
+        return foreign
 
     # -- escalation and replay ---------------------------------------------------------------
 

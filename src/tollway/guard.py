@@ -231,8 +231,31 @@ class GuardRunner:
     def _on_durable(self, events: list[ev.Event], _records: list[bytes]) -> None:
         """Engine listener: the per-event checks on each durable batch. Never raises."""
         found = [problem for event in events for problem in core.check_event(event, self.engine.state)]
-        if not found:
-            return
+        if found:
+            self._record(found)
+
+    def projection_diverged(self, finding: str) -> None:
+        """The projector found the projection differing from the WAL: a parity failure (SPEC §9)."""
+        self._record([core.result(PROJECTION_PARITY, [finding])])
+
+    async def watch_parity(self, interval_s: float, on_failure: Callable[[str], None]) -> None:
+        """Check projection parity every ``interval_s`` while holds are allowed; tell ``on_failure`` what differs.
+
+        The state checks run at start and on reset; this catches a projection changed behind
+        tollway's back (which the projection script only notices when a balance would go
+        negative) within one interval. Cancel the task to stop it.
+        """
+        while True:
+            await self._sleep(interval_s)
+            if self._parity is None or not core.holds_allowed(self.guard) or self.guard.state is GuardState.BYPASSED:
+                continue
+            found = await self._parity_result()
+            if found.status is core.CheckStatus.VIOLATED:
+                self._record([found])
+                on_failure("; ".join(found.problems[:5]))
+
+    def _record(self, found: list[CheckResult]) -> None:
+        """Apply findings made outside a full run: the record, the lever, the log, the metrics."""
         before = self.guard
         self.guard = core.after_checks(before, found, self.engine.now_ms(), 0)
         names = {result.name for result in found}

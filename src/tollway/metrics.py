@@ -22,6 +22,11 @@ billing_invariant_violations_total          counter     {check} check runs that 
 billing_projection_lag_events               gauge       durable WAL events not yet in Redis
 billing_projection_lag_seconds              gauge       age of the oldest unprojected event
 billing_projection_connected                gauge       1 while Redis answers the projector
+billing_projection_divergences              gauge       projections found differing from the WAL (each rebuilt)
+billing_projection_stopped                  gauge       1 when the projector stopped for an operator (repeated
+                                                        divergences, or keys owned by another data directory)
+billing_embedded_redis_up                   gauge       1 while the embedded redis-server runs (absent with redis_url)
+billing_embedded_redis_restarts             gauge       times the embedded redis-server was started again
 billing_projection_pump                     gauge       {state} one-hot: on, off, failed (the projection pump)
 billing_finalize_queue_depth                gauge       {queue} stream, pending, delayed, poison
 billing_alerts_total                        counter     {kind} alerts raised
@@ -70,6 +75,7 @@ if TYPE_CHECKING:
     from tollway.finalizer import FinalizeWorker
     from tollway.redis.projector import Projector
     from tollway.redis.queue import FinalizeQueue
+    from tollway.redis.server import ServerWatch
 
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 """The content type of :meth:`Metrics.render`."""
@@ -168,6 +174,18 @@ class Metrics:
         self.projection_connected = Gauge(
             "billing_projection_connected", "1 while the projector reaches Redis.", registry=r
         )
+        self.projection_divergences = Gauge(
+            "billing_projection_divergences", "Projections found differing from the WAL, each rebuilt.", registry=r
+        )
+        self.projection_stopped = Gauge(
+            "billing_projection_stopped", "1 when the projector stopped and waits for an operator.", registry=r
+        )
+        self.embedded_redis_up = Gauge(
+            "billing_embedded_redis_up", "1 while the embedded redis-server runs.", registry=r
+        )
+        self.embedded_redis_restarts = Gauge(
+            "billing_embedded_redis_restarts", "Times the embedded redis-server was started again.", registry=r
+        )
         self.projection_pump = Gauge(
             "billing_projection_pump",
             "Projection pump state (one-hot): on, off (not used), failed (batches encoded in the event loop).",
@@ -246,11 +264,15 @@ class Metrics:
         projector: Projector | None = None,
         queue: FinalizeQueue | None = None,
         guard: Guard | None = None,
+        redis_watch: ServerWatch | None = None,
     ) -> None:
         """Refresh the state gauges from the running parts; call just before :meth:`render`.
 
         Never raises for an unreachable Redis: the queue depths then keep their last values.
         """
+        if redis_watch is not None:
+            self.embedded_redis_up.set(1 if redis_watch.up else 0)
+            self.embedded_redis_restarts.set(redis_watch.restarts)
         if engine is not None:
             self.pending_reconciliation.set(engine.state.finalize_failed_count)
             self.wal_durable_sequence.set(engine.durable_sequence)
@@ -263,6 +285,8 @@ class Metrics:
             self.projection_lag_events.set(status.lag_events)
             self.projection_lag_seconds.set(status.lag_ms / 1000)
             self.projection_connected.set(1 if status.connected else 0)
+            self.projection_divergences.set(status.divergences)
+            self.projection_stopped.set(1 if status.violation is not None else 0)
             for state in PUMP_STATES:
                 self.projection_pump.labels(state).set(1 if status.pump == state else 0)
         if guard is not None:

@@ -5,7 +5,11 @@ factory are the other half: they read configuration and call this). It opens the
 (recovering from disk), connects to Redis — a private embedded ``redis-server`` in
 ``<data_dir>/redis`` unless ``redis_url`` is set — and starts the background tasks:
 
-- the projector (Redis catches up from the WAL; Redis being down never stops billing);
+- the projector (Redis catches up from the WAL; Redis being down never stops billing; a
+  projection that diverges from the WAL is rebuilt at once, the guard told);
+- with the embedded Redis, its watch (a redis-server that dies is started again, and the
+  projection rebuilt from the WAL, without restarting tollway);
+- the guard's periodic projection parity check (``parity_check_interval_s``);
 - the finalize worker, in settlement mode only (a ``settlement_url`` is configured);
 - the expiry sweeper, and the archiver (entries past ``entry_retention_hours`` leave memory and Redis);
 - the conservation guard, which gates new holds until its startup checks pass.
@@ -40,10 +44,10 @@ from tollway.guard import CheckUnavailable, GuardRunner, ParityCheck, redis_pari
 from tollway.logs import direct_json_lines, structlog_alert
 from tollway.metrics import Metrics, MetricsObserver
 from tollway.redis.keys import Keys
-from tollway.redis.projector import REDIS_ERRORS, Projector
+from tollway.redis.projector import REDIS_ERRORS, REFUSALS, ProjectionForeign, ProjectionViolation, Projector
 from tollway.redis.pump import ProjectionPump
 from tollway.redis.queue import FinalizeQueue
-from tollway.redis.server import EmbeddedRedis
+from tollway.redis.server import EmbeddedRedis, ServerWatch
 from tollway.settlement.client import SettlementAuth, SettlementClient
 from tollway.tokens import SigningKey, load_or_create_signing_key
 
@@ -94,7 +98,8 @@ class Service:
         self.metrics = metrics
         self.keys = redis_keys(settings)
         self.projector = Projector(engine, client, self.keys, coalesce_ms=settings.projection_coalesce_ms, pump=pump)
-        self.queue = FinalizeQueue(client, self.keys, consumer=f"worker-{os.getpid()}")
+        self.queue = FinalizeQueue(client, self.keys, consumer=f"worker-{os.getpid()}", owner=engine.identity)
+        self.redis_watch = None if embedded is None else ServerWatch(embedded, clock_ms=engine.now_ms)
         self.settlement: SettlementClient | None = None
         self.worker: FinalizeWorker | None = None
         self.guard = GuardRunner(
@@ -103,6 +108,7 @@ class Service:
             bypass=guard_bypass,
             on_checked=metrics.guard_checked,
         )
+        self.projector.on_divergence = self.guard.projection_diverged
         self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod
@@ -136,7 +142,8 @@ class Service:
                 )
             url = settings.redis_url or (embedded.url if embedded else "")
             client = aioredis.Redis.from_url(url, socket_timeout=REDIS_SOCKET_TIMEOUT_S)
-            pump = await ProjectionPump.start(url, redis_keys(settings)) if settings.uses_pump else None
+            keys = redis_keys(settings)
+            pump = await ProjectionPump.start(url, keys, engine.identity) if settings.uses_pump else None
             try:
                 service = cls(settings, engine, client, embedded, metrics, guard_bypass=guard_bypass, pump=pump)
                 service._start_settlement(clock, alert or structlog_alert(metrics))
@@ -159,7 +166,12 @@ class Service:
     async def collect_metrics(self) -> None:
         """Refresh the state gauges (queue depths, lag, breaker, guard) before a scrape."""
         await self.metrics.collect_from(
-            engine=self.engine, worker=self.worker, projector=self.projector, queue=self.queue, guard=self.guard.guard
+            engine=self.engine,
+            worker=self.worker,
+            projector=self.projector,
+            queue=self.queue,
+            guard=self.guard.guard,
+            redis_watch=self.redis_watch,
         )
 
     def _start_settlement(self, clock: Callable[[], int], alert: Alert) -> None:
@@ -205,11 +217,18 @@ class Service:
         try:
             async with asyncio.timeout(FIRST_SYNC_TIMEOUT_S):
                 await self.projector.sync()
-        except (TimeoutError, *REDIS_ERRORS) as exc:
+        except (TimeoutError, *REDIS_ERRORS, *REFUSALS) as exc:
             log.warning("projection not caught up at start (the projector keeps trying): %s", exc)
+        except ProjectionViolation as exc:  # the projector repairs it as soon as it runs
+            self.projector.request_repair(str(exc))
 
     def _start_background(self) -> None:
         self._spawn(self.projector.run(), "projector")
+        if self.redis_watch is not None:
+            self._spawn(self.redis_watch.run(), "redis-watch")
+        if self.settings.parity_check_interval_s:
+            watch = self.guard.watch_parity(self.settings.parity_check_interval_s, self.projector.request_repair)
+            self._spawn(watch, "parity-watch")
         self._spawn(self.engine.run_sweeper(), "sweeper")
         self._spawn(self.engine.run_archiver(), "archiver")
         if self.worker is not None:
@@ -242,7 +261,7 @@ class Service:
         try:
             async with asyncio.timeout(FINAL_SYNC_TIMEOUT_S):
                 await self.projector.sync()
-        except (TimeoutError, *REDIS_ERRORS) as exc:
+        except (TimeoutError, *REDIS_ERRORS, *REFUSALS, ProjectionViolation, ProjectionForeign) as exc:
             log.warning("projection not fully caught up at shutdown (it will at the next start): %s", exc)
         if self.settlement is not None:
             await self.settlement.aclose()

@@ -23,7 +23,7 @@ from tollway.api.errors import errors_doc
 from tollway.api.schemas import BreakerOut, GuardOut, HealthOut, PoisonPageOut, PricesOut, ReadyOut, ReplayOut
 from tollway.api.wire import json_response
 from tollway.core.pricing import TOKENS_PER_PRICE_UNIT
-from tollway.redis.projector import REDIS_ERRORS
+from tollway.redis.projector import REDIS_ERRORS, ProjectorStatus
 
 POISON_PAGE_LIMIT_DEFAULT: Final = 100
 POISON_PAGE_LIMIT_MAX: Final = 1000
@@ -166,12 +166,14 @@ async def readyz(request: Request) -> Response:
     ctx = context(request)
     engine, worker = ctx.engine, ctx.service.worker
     breaker = worker.breaker_state() if worker is not None else None
+    projection = ctx.service.projector.status()
     body = {
         "ready": engine.policy.holds_allowed,
         "guard": ctx.guard.status().to_dict(),
         "breaker": None if breaker is None else {"state": breaker.name, "value": breaker.value},
         "wal": {"last_sequence": engine.state.last_sequence, "durable_sequence": engine.durable_sequence},
-        "projection": dataclasses.asdict(ctx.service.projector.status()),
+        "projection": dataclasses.asdict(projection),
+        "redis": _redis(ctx, projection),
         "queues": await _depths(ctx),
         "entries": {
             "kept": len(engine.state.entries),
@@ -180,6 +182,21 @@ async def readyz(request: Request) -> Response:
         },
     }
     return json_response(body, 200 if body["ready"] else 503, {"Retry-After": "30"} if not body["ready"] else None)
+
+
+def _redis(ctx: AppContext, projection: ProjectorStatus) -> dict[str, object]:
+    """Whether Redis is there: reachable by the projector, and for the embedded one whether it runs."""
+    watch = ctx.service.redis_watch
+    embedded = None
+    if watch is not None:
+        embedded = {
+            "running": watch.up,
+            "pid": watch.server.pid,
+            "restarts": watch.restarts,
+            "down_since_ms": watch.down_since_ms,
+            "last_exit": watch.last_exit,
+        }
+    return {"connected": projection.connected, "error": projection.redis_error, "embedded": embedded}
 
 
 async def _depths(ctx: AppContext) -> dict[str, int] | None:
@@ -206,6 +223,7 @@ async def metrics(request: Request) -> Response:
         projector=service.projector,
         queue=service.queue,
         guard=ctx.guard.guard,
+        redis_watch=service.redis_watch,
     )
     data, content_type = ctx.metrics.render_for(request.headers.get("accept", ""))
     return Response(data, media_type=content_type)

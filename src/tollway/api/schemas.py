@@ -283,6 +283,10 @@ class ReadyOut(BaseModel):
     breaker: BreakerOut | None
     wal: dict[str, int]
     projection: dict[str, Any]
+    redis: dict[str, Any] = Field(
+        description="connected (the projector reaches Redis), error (what Redis answers while it takes nothing), "
+        "embedded (the private redis-server: running, pid, restarts, down_since_ms, last_exit; null with redis_url)"
+    )
     queues: dict[str, int] | None
     entries: dict[str, int]  # kept (in memory and Redis), archived (past the retention), retention_hours
 

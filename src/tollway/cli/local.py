@@ -206,6 +206,13 @@ def rebuild_command(
     redis_url: Annotated[
         str | None, typer.Option("--redis-url", help="The Redis to rebuild [default: TOLLWAY_REDIS_URL].")
     ] = None,
+    take_over: Annotated[
+        bool,
+        typer.Option(
+            "--take-over",
+            help="Rebuild even if the keys belong to another data directory (only when that one is gone for good).",
+        ),
+    ] = False,
 ) -> None:
     """Rebuild the Redis projection of a stopped service from its WAL.
 
@@ -213,7 +220,8 @@ def rebuild_command(
     responses, the finalize queue of every `FINALIZE_PENDING` entry and the dead letter of every
     `FINALIZE_FAILED` one, then checks parity. Takes the WAL lock, so the service must be
     stopped. Not needed with the embedded Redis: a service rebuilds its projection at start
-    whenever it is missing.
+    whenever it is missing. Refuses keys that another data directory's engine owns, unless
+    `--take-over` is given.
     """
     settings = existing_data_dir(data_dir, config)
     url = redis_url or settings.redis_url
@@ -222,19 +230,19 @@ def rebuild_command(
             "give --redis-url: the embedded Redis lives only while the service runs, and is rebuilt at each start",
             field="redis_url",
         )
-    sequence, problems = asyncio.run(_rebuild(settings, url))
+    sequence, problems = asyncio.run(_rebuild(settings, url, take_over=take_over))
     if problems:
         typer.echo(f"rebuilt at sequence {sequence}, but parity fails: {problems[:5]}")
         raise typer.Exit(1)
     typer.echo(f"projection rebuilt at sequence {sequence} and in parity with the WAL")
 
 
-async def _rebuild(settings: Settings, url: str) -> tuple[int, list[str]]:
+async def _rebuild(settings: Settings, url: str, *, take_over: bool) -> tuple[int, list[str]]:
     client = aioredis.Redis.from_url(url, socket_timeout=10)
     try:
         async with Engine.open(settings=settings) as engine:
             projector = Projector(engine, client, redis_keys(settings))
-            sequence = await projector.rebuild()
+            sequence = await projector.rebuild(take_over=take_over)
             await projector.sync()
             return sequence, await differences(client, redis_keys(settings), engine.state)
     except redis.exceptions.RedisError as exc:  # unreachable, full (maxmemory), read-only, …

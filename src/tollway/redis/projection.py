@@ -480,8 +480,11 @@ class _Fold:
 _PACK: Final = msgspec.msgpack.Encoder()
 
 
-def encode_batch(keys: Keys, events: Iterable[ev.Event]) -> Batch:
+def encode_batch(keys: Keys, events: Iterable[ev.Event], owner: str) -> Batch:
     """Pack the net operations of ``events`` (consecutive sequences) for ``apply_batch.lua``.
+
+    ``owner`` is the identity of the writing data directory (ARGV[2]): the script applies
+    nothing to a projection another one owns.
 
     ARGV[1] is one msgpack array ``[first_seq, last_seq, money, rest]``, each of the last two a
     list of ``[opcode, arg, …]``: the events' operations folded into their net effect
@@ -509,7 +512,7 @@ def encode_batch(keys: Keys, events: Iterable[ev.Event]) -> Batch:
                 names.append(str(name))
                 found = index[name] = len(names)
             op[at] = found
-    return Batch(names, [_PACK.encode([first, last, money, rest])], first, last)
+    return Batch(names, [_PACK.encode([first, last, money, rest]), owner.encode()], first, last)
 
 
 # -- rebuild -------------------------------------------------------------------------------

@@ -28,8 +28,19 @@ queue of every ``FINALIZE_PENDING`` entry and the dead letter of every ``FINALIZ
 then catches up from there.
 
 A violation reported by the script (a balance that would go negative) means the projection
-and the log disagree: nothing was applied, the projector stops and reports; an operator
-audits and rebuilds.
+and the log disagree (someone wrote to Redis behind tollway's back, or a bug): nothing was
+applied. The WAL is the truth, so the projector **repairs** at once: it tells its divergence
+listener (the conservation guard degrades, SPEC §9), writes an ``audit`` event naming what it
+found, rebuilds the projection from the engine state and writes a second ``audit`` event naming
+what it rebuilt, then goes on. A repair can also be asked for (:meth:`Projector.request_repair`,
+the guard's periodic parity check). Only when divergences keep coming back
+(:data:`REPAIRS_MAX` within :data:`REPAIR_WINDOW_MS`) does it stop and wait for an operator.
+
+Ownership: every projection belongs to one data directory (its identity,
+:mod:`tollway.wal.identity`, in the meta hash's ``owner`` field, claimed with ``HSETNX`` before
+a rebuild). ``apply_batch.lua`` refuses a batch from another owner, and a rebuild never deletes
+another owner's projection: two engines configured with the same prefix and shard fail loudly
+(:class:`ProjectionForeign`) instead of overwriting each other.
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Final
@@ -47,6 +59,8 @@ from typing import TYPE_CHECKING, Any, Final
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from tollway.core import commands as cmd
+from tollway.core import events as ev
 from tollway.core.errors import TollwayError
 from tollway.core.events import Event
 from tollway.core.state import State
@@ -68,6 +82,12 @@ WAL_READ_EVENTS_MAX: Final = 100_000
 REBUILD_PIPELINE_MAX: Final = 1_000
 RETRY_DELAY_MS: Final = (50, 100, 250, 500, 1000, 2000, 5000)
 REDIS_ERRORS: Final = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+REPAIRS_MAX: Final = 3
+"""Divergences repaired within :data:`REPAIR_WINDOW_MS` before the projector stops for an operator."""
+REPAIR_WINDOW_MS: Final = 60_000
+AUDIT_DIVERGENCE: Final = "projection_divergence"
+AUDIT_REBUILT: Final = "projection_rebuilt"
+AUDIT_TEXT_MAX: Final = 1024
 
 
 def load_script(name: str) -> str:
@@ -87,6 +107,13 @@ class ProjectionViolation(TollwayError):
     """The script refused a batch: applying it would break a projection invariant."""
 
 
+class ProjectionForeign(TollwayError):
+    """The projection at these keys belongs to another data directory; this engine must not touch it."""
+
+
+DivergenceListener = Callable[[str], None]
+
+
 @dataclass(frozen=True, slots=True)
 class ProjectorStatus:
     """What ``/readyz`` and the metrics report."""
@@ -100,6 +127,9 @@ class ProjectorStatus:
     violation: str | None
     pump: str  # "on", "off" (not configured), or "failed" (dropped: batches are encoded in the event loop)
     redis_error: str | None = None  # what Redis answers while it takes no batch (maxmemory, read-only, …)
+    divergences: int = 0  # projections found to differ from the WAL, each repaired by a rebuild
+    last_divergence: str | None = None  # what the last one was
+    foreign_owner: str | None = None  # another data directory owns these keys: nothing is written
 
 
 class Projector:
@@ -131,8 +161,15 @@ class Projector:
         self.applied_seq: int | None = None
         self.connected = False
         self.rebuilds = 0
-        self.violation: str | None = None
+        self.violation: str | None = None  # set when the projector stopped for an operator
         self.redis_error: str | None = None
+        self.owner = engine.identity
+        self.foreign_owner: str | None = None
+        self.divergences = 0
+        self.last_divergence: str | None = None
+        self.on_divergence: DivergenceListener | None = None
+        self._repairs_ms: collections.deque[int] = collections.deque(maxlen=REPAIRS_MAX)
+        self._repair_asked: str | None = None
         engine.subscribe(self.on_durable)
 
     # -- feeding ---------------------------------------------------------------------------
@@ -178,7 +215,15 @@ class Projector:
             self.violation,
             pump,
             self.redis_error,
+            self.divergences,
+            self.last_divergence,
+            self.foreign_owner,
         )
+
+    def request_repair(self, finding: str) -> None:
+        """Rebuild the projection from the WAL soon (the guard's parity check found ``finding``)."""
+        self._repair_asked = finding
+        self._wake.set()
 
     def _first_after(self, applied: int) -> Event | None:
         start = applied + 1 - self._buffer[0].wal_sequence
@@ -187,11 +232,11 @@ class Projector:
     # -- the loop --------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Project forever; survives Redis outages; stops only on a violation or cancellation."""
+        """Project forever; survives Redis outages and repairs divergences; stops on repeated ones or cancellation."""
         failures = 0
         while self.violation is None:
             try:
-                await self.sync()
+                await self._step(reconnected=failures > 0 and not self.connected)
                 self.connected, failures, self.redis_error = True, 0, None
             except (*REFUSALS, *REDIS_ERRORS) as exc:
                 raise_if_cancelled()
@@ -200,16 +245,63 @@ class Projector:
                 failures += 1
                 continue
             except ProjectionViolation as exc:
+                self._repair_asked = str(exc)
+                continue
+            except ProjectionForeign as exc:
                 self.violation = str(exc)
                 log.critical("projection stopped: %s", exc)
                 return
             raise_if_cancelled()  # a library may have swallowed it and returned normally
-            if self.applied_seq is not None and self.applied_seq >= self.engine.durable_sequence:
-                self._wake.clear()
-                if self.applied_seq >= self.engine.durable_sequence:
-                    await self._wake.wait()
-                    if self.coalesce_s > 0:  # let a few batches gather: one call instead of one per batch
-                        await asyncio.sleep(self.coalesce_s)
+            await self._wait_for_work()
+
+    async def _step(self, *, reconnected: bool) -> None:
+        """A repair if one is due, then catch up."""
+        await self._repair_if_asked()
+        if self.violation is None:
+            await self.sync()
+            if reconnected:
+                log.info("redis reachable again: the projection is caught up at sequence %s", self.applied_seq)
+
+    async def _wait_for_work(self) -> None:
+        """Sleep until new durable events (or a repair request) arrive, then let a few gather."""
+        if self._repair_asked is not None or self.applied_seq is None:
+            return
+        if self.applied_seq >= self.engine.durable_sequence:
+            self._wake.clear()
+            if self.applied_seq >= self.engine.durable_sequence and self._repair_asked is None:
+                await self._wake.wait()
+                if self.coalesce_s > 0:  # let a few batches gather: one call instead of one per batch
+                    await asyncio.sleep(self.coalesce_s)
+
+    async def _repair_if_asked(self) -> None:
+        """Rebuild from the WAL after a divergence (guard told, finding and rebuild audited); stop if it recurs."""
+        finding, self._repair_asked = self._repair_asked, None
+        if finding is None:
+            return
+        now_ms = self.engine.now_ms()
+        self.divergences += 1
+        self.last_divergence = finding
+        if len(self._repairs_ms) == REPAIRS_MAX and now_ms - self._repairs_ms[0] < REPAIR_WINDOW_MS:
+            self.violation = f"{REPAIRS_MAX} divergences within {REPAIR_WINDOW_MS} ms, the last: {finding}"
+            log.critical("projection stopped, an operator must audit (`tollway audit`): %s", self.violation)
+            return
+        self._repairs_ms.append(now_ms)
+        log.critical("the Redis projection diverged from the WAL: %s; rebuilding it from the WAL", finding)
+        if self.on_divergence is not None:
+            self.on_divergence(finding)
+        await self._audit(AUDIT_DIVERGENCE, f"found: {finding}")
+        try:
+            seq = await self.rebuild()
+        except BaseException:
+            self._repair_asked = finding  # not rebuilt (Redis away?): try again when it answers
+            raise
+        detail = f"rebuilt from the WAL at sequence {seq} after: {finding}"
+        await self._audit(AUDIT_REBUILT, detail)
+        log.warning("projection repaired: %s", detail)
+
+    async def _audit(self, action: str, detail: str) -> None:
+        """Record a projector finding in the WAL (an ``audit`` event)."""
+        await self.engine.execute(cmd.Note(ev.Audit(action, "projector", detail[:AUDIT_TEXT_MAX])))
 
     def _pause(self, exc: Exception, *, first: bool) -> None:
         """Note why the projection waits (logged once per outage): Redis away, or answering an error."""
@@ -240,11 +332,18 @@ class Projector:
         return applied
 
     async def _read_applied(self) -> int | None:
-        raw = await self.redis.hget(self.keys.meta, "applied_seq")
-        return None if raw is None else int(raw)
+        """The projection's applied sequence; None when it must be rebuilt (missing, or unclaimed).
+
+        Raises :class:`ProjectionForeign` when another data directory owns it.
+        """
+        raw, found = await self.redis.hmget(self.keys.meta, ["applied_seq", "owner"])
+        owner = None if found is None else found.decode() if isinstance(found, bytes) else str(found)
+        if owner is not None and owner != self.owner:
+            raise self._foreign(owner)
+        return None if raw is None or owner is None else int(raw)
 
     async def _apply_events(self, events: list[Event]) -> int:
-        batch = encode_batch(self.keys, events)
+        batch = encode_batch(self.keys, events, self.owner)
         return await self._settle(await self._apply(keys=batch.keys, args=batch.argv))
 
     async def _settle(self, reply: list[object]) -> int:
@@ -254,6 +353,8 @@ class Projector:
             return int(rest[0])
         if status == "missing":
             return await self.rebuild()
+        if status == "foreign":
+            raise self._foreign(rest[0])
         if status == "unwritable":
             raise RedisRefused(rest[0])
         if status == "gap":
@@ -365,11 +466,34 @@ class Projector:
 
     # -- rebuild ---------------------------------------------------------------------------
 
-    async def rebuild(self) -> int:
-        """Recreate the shard's projection from a consistent copy of the engine state."""
+    def _foreign(self, owner: str) -> ProjectionForeign:
+        self.foreign_owner = owner
+        return ProjectionForeign(
+            f"the Redis projection under prefix {self.keys.prefix!r}, shard {self.keys.shard!r} belongs to another "
+            f"tollway data directory (identity {owner}; this one is {self.owner}). Two engines must never share a "
+            "prefix and shard: give this service its own redis_prefix or shard (TOLLWAY_REDIS_PREFIX, "
+            "TOLLWAY_SHARD), or, if that data directory is gone for good, hand the keys to this one with "
+            "`tollway rebuild --data-dir DIR --redis-url URL --take-over` while no service uses them"
+        )
+
+    async def claim(self, *, take_over: bool = False) -> None:
+        """Make this data directory the projection's owner, unless another one is (``take_over``: even then)."""
+        if take_over:
+            await self.redis.hset(self.keys.meta, "owner", self.owner)
+        elif not await self.redis.hsetnx(self.keys.meta, "owner", self.owner):
+            owner = await self.redis.hget(self.keys.meta, "owner")
+            text = owner.decode() if isinstance(owner, bytes) else str(owner)
+            if text != self.owner:
+                raise self._foreign(text)
+        self.foreign_owner = None
+
+    async def rebuild(self, *, take_over: bool = False) -> int:
+        """Recreate the shard's projection from a consistent copy of the engine state (claiming it first)."""
         started = time.perf_counter()
-        await self._delete_shard()
+        await self.claim(take_over=take_over)
+        await self.redis.hdel(self.keys.meta, "applied_seq")  # batches find it missing until the rebuild ends
         await self.redis.hset(self.keys.meta, "rebuilding", "1")
+        await self._delete_shard()
         state = await self.engine.export_state()
         await self._write(state)
         seq = state.last_sequence
@@ -379,10 +503,10 @@ class Projector:
         await self.redis.hdel(self.keys.meta, "rebuilding")
         self.rebuilds += 1
         self._trim(seq)
-        level = logging.INFO if seq == 0 else logging.WARNING  # a brand-new log and Redis: nothing to tell
-        log.log(
-            level,
-            "projection rebuilt at sequence %s (%s entries) in %.3f s",
+        # A Redis that holds no projection is the normal start of an embedded one (it keeps nothing on
+        # disk): not a warning. A divergence is logged as such by the repair that rebuilds it.
+        log.info(
+            "projection rebuilt from the WAL at sequence %s (%s entries) in %.3f s",
             seq,
             len(state.entries),
             time.perf_counter() - started,
@@ -390,8 +514,13 @@ class Projector:
         return seq
 
     async def _delete_shard(self) -> None:
-        async for chunk in _chunks(self.redis.scan_iter(match=self.keys.pattern, count=1000), REBUILD_PIPELINE_MAX):
-            await self.redis.unlink(*chunk)
+        """Delete every key of the shard but its meta hash (which holds the owner's claim)."""
+        meta = self.keys.meta.encode()
+        keys = self.redis.scan_iter(match=self.keys.pattern, count=1000)
+        async for chunk in _chunks(keys, REBUILD_PIPELINE_MAX):
+            doomed = [key for key in chunk if key != meta]
+            if doomed:
+                await self.redis.unlink(*doomed)
 
     async def _write(self, state: State) -> None:
         pipe = self.redis.pipeline(transaction=False)

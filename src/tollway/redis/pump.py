@@ -81,8 +81,8 @@ class ProjectionPump:
         self.batches = 0  # requests sent
 
     @classmethod
-    async def start(cls, redis_url: str, keys: Keys) -> ProjectionPump:
-        """Start a pump projecting into ``redis_url`` with ``keys``."""
+    async def start(cls, redis_url: str, keys: Keys, owner: str) -> ProjectionPump:
+        """Start a pump projecting into ``redis_url`` with ``keys`` for the data directory ``owner``."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             process = await asyncio.create_subprocess_exec(
@@ -93,6 +93,7 @@ class ProjectionPump:
                 redis_url,
                 keys.prefix,
                 keys.shard,
+                owner,
                 pass_fds=(theirs.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
             )
@@ -221,7 +222,7 @@ def events_of(records: bytes) -> list[Any]:
     return events
 
 
-def serve(channel: socket.socket, redis_url: str, keys: Keys) -> None:
+def serve(channel: socket.socket, redis_url: str, keys: Keys, owner: str) -> None:
     """Answer requests, in order, until the projector closes its end.
 
     This thread reads and encodes; another runs the script and answers, so the next batch is
@@ -240,19 +241,19 @@ def serve(channel: socket.socket, redis_url: str, keys: Keys) -> None:
             records = _read_exactly(channel, int.from_bytes(header, "little"))
             if records is None:
                 return
-            work.put(prepare(keys, records))
+            work.put(prepare(keys, records, owner))
     finally:
         work.put(None)
         answering.join()
 
 
-def prepare(keys: Keys, records: bytes) -> list[Any]:
+def prepare(keys: Keys, records: bytes, owner: str) -> list[Any]:
     """``["batch", keys, argv]`` to run, or the error answer for records that do not scan."""
     try:
         events = events_of(records)
     except ValueError as exc:
         return ["error", "records", str(exc)]
-    batch = encode_batch(keys, events)
+    batch = encode_batch(keys, events, owner)
     return ["batch", batch.keys, batch.argv]
 
 
@@ -283,11 +284,11 @@ def _answer_all(channel: socket.socket, script: Any, work: queue.Queue[list[Any]
 
 
 def main(argv: list[str]) -> int:
-    """Entry point: ``python -m tollway.redis.pump <socket fd> <redis url> <prefix> <shard>``."""
+    """Entry point: ``python -m tollway.redis.pump <socket fd> <redis url> <prefix> <shard> <owner>``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with socket.socket(fileno=int(argv[1])) as channel:
-        serve(channel, argv[2], Keys(argv[3], argv[4]))
+        serve(channel, argv[2], Keys(argv[3], argv[4]), argv[5])
     return 0
 
 

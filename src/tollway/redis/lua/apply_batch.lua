@@ -3,6 +3,7 @@
 -- KEYS[1]      the shard's meta hash (field applied_seq: the last WAL sequence applied)
 -- KEYS[2..n]   every other key the operations touch (operations refer to them by index)
 --
+-- ARGV[2]      the identity of the data directory whose engine writes (meta field owner)
 -- ARGV[1]      msgpack: [first_seq, last_seq, money, rest], money and rest each a list of
 --              [opcode, arg, ...] — the net effect of the consecutive events first_seq..last_seq
 --              (the encoder folds them: one HSET per hash, one op per expiry member, summed
@@ -29,7 +30,9 @@
 -- Returns one of:
 --   {"ok", last_applied}                 the events were applied
 --   {"duplicate", applied}               every event was applied before: nothing changed
---   {"missing"}                          no applied_seq: the projection must be rebuilt first
+--   {"foreign", owner}                   the projection belongs to another data directory (meta owner
+--                                        differs from ARGV[2]): nothing changed, never write here
+--   {"missing"}                          no applied_seq, or no owner: the projection must be rebuilt first
 --   {"unwritable", error}                Redis refused the first write (maxmemory reached, read-only
 --                                        replica): nothing changed; apply the batch again later
 --   {"gap", applied, first_seq}          the batch does not start right after applied_seq (a hole,
@@ -44,8 +47,12 @@
 -- result, never for amounts.
 
 local meta = KEYS[1]
-local applied_text = redis.call('HGET', meta, 'applied_seq')
-if not applied_text then
+local found = redis.call('HMGET', meta, 'applied_seq', 'owner')
+local applied_text, owner = found[1], found[2]
+if owner and owner ~= ARGV[2] then
+  return {'foreign', owner}
+end
+if not applied_text or not owner then
   return {'missing'}
 end
 local applied = tonumber(applied_text)
