@@ -84,7 +84,7 @@ async def test_guard_bypass_is_recorded_in_the_wal(tmp_path: Path) -> None:
 
 
 async def test_the_archiver_task_drops_old_entries_from_the_engine_and_redis(tmp_path: Path) -> None:
-    """Past the retention the background archiver removes settled entries everywhere; parity holds."""
+    """A settled entry leaves Redis at once and the engine past the retention (the archiver task); parity holds."""
     clock = FakeClock()
     settings = Settings(data_dir=tmp_path / "data", entry_retention_hours=24, archive_interval_s=1)
     async with Service.running(settings, clock=clock) as service:
@@ -95,7 +95,8 @@ async def test_the_archiver_task_drops_old_entries_from_the_engine_and_redis(tmp
         old = held.entry.billing_entry_id
         await engine.execute(cmd.Commit(old, 1_000, response_json='{"ok": true}'))
         await eventually(lambda: service.projector.applied_seq == engine.durable_sequence)
-        assert await service.redis.exists(service.keys.entry(old), service.keys.response(old)) == 2
+        assert 0 == await service.redis.exists(service.keys.entry(old), service.keys.response(old))  # settled
+        assert 1 == engine.state.entries[old].charged_micro // 1_000  # still in the engine, until the retention
         clock.advance(25 * 3_600_000)
         live = await engine.execute(cmd.Reserve("acct", "new", 1_000))
         assert isinstance(live, EntryResult)

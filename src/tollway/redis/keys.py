@@ -2,12 +2,14 @@
 
 All keys of a shard share ``{<shard>}`` so that every script touches one Redis Cluster slot::
 
-    <prefix>:{<shard>}:meta                 hash   applied_seq, rebuilt_at_ms
+    <prefix>:{<shard>}:meta                 hash   applied_seq, owner (the data directory's identity), rebuilt_at_ms
     <prefix>:{<shard>}:ledger               hash   revenue, funding, credit_notes (system accounts)
     <prefix>:{<shard>}:counters             hash   entries per state, events applied
     <prefix>:{<shard>}:acct:<account>       hash   available, held, charged, unsettled
-    <prefix>:{<shard>}:entry:<entry id>     hash   the entry's fields (strings), poison_id when dead-lettered
-    <prefix>:{<shard>}:resp:<entry id>      string the stored gateway response
+    <prefix>:{<shard>}:entry:<entry id>     hash   a live entry's fields (strings), poison_id when dead-lettered;
+                                                   deleted when the entry settles (history is not kept here)
+    <prefix>:{<shard>}:resp:<entry id>      string not written any more (stored responses live in the engine);
+                                                   an archive deletes one an older version left
     <prefix>:{<shard>}:expiry               zset   held entry id → expires_at_ms
     <prefix>:{<shard>}:finalize             stream charges waiting for the settlement service
     <prefix>:{<shard>}:finalize:delayed     zset   retries waiting for their backoff, by due time

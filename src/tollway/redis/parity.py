@@ -2,10 +2,11 @@
 
 :func:`differences` reads the whole projection of one shard and compares it with a state
 (the engine's, or an auditor's independent fold of the WAL): every account's balances, the
-system ledger, every entry hash, the expiry index, stored responses, counters, and both
-queues — each ``FINALIZE_PENDING`` entry is waiting in the finalize stream or the delayed-retry
-set, each ``FINALIZE_FAILED`` one has exactly one dead letter, and nothing else is queued.
-An empty list means parity. It reads with SCAN and pipelines and changes nothing.
+system ledger, the hash of every live entry (and no other: settled entries are not in Redis),
+the expiry index, counters, and both queues — each ``FINALIZE_PENDING`` entry is waiting in
+the finalize stream or the delayed-retry set, each ``FINALIZE_FAILED`` one has exactly one
+dead letter, and nothing else is queued. An empty list means parity. It reads with SCAN and
+pipelines and changes nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +21,17 @@ from tollway.core.ids import ulid_floor
 from tollway.core.lifecycle import EntryState
 from tollway.core.state import State
 from tollway.redis.keys import Keys
-from tollway.redis.projection import AVAILABLE, CHARGED, CREDIT_NOTES, FUNDING, HELD, REVENUE, UNSETTLED, entry_fields
+from tollway.redis.projection import (
+    AVAILABLE,
+    CHARGED,
+    CREDIT_NOTES,
+    FUNDING,
+    HELD,
+    REVENUE,
+    UNSETTLED,
+    entry_fields,
+    is_live,
+)
 
 PROBLEMS_MAX: Final = 50
 _PAGE: Final = 1000
@@ -91,7 +102,7 @@ async def _balances(client: aioredis.Redis, keys: Keys, state: State) -> list[st
 
 async def _entries(client: aioredis.Redis, keys: Keys, state: State) -> list[str]:
     problems = []
-    ids = sorted(state.entries)
+    ids = sorted(entry_id for entry_id, entry in state.entries.items() if is_live(entry))
     for entry_id, stored in zip(ids, await _hashes(client, map(keys.entry, ids)), strict=True):
         stored.pop("poison_id", None)
         expected = entry_fields(state.entries[entry_id])
@@ -100,7 +111,7 @@ async def _entries(client: aioredis.Redis, keys: Keys, state: State) -> list[str
             problems.append(f"entry {entry_id} differs in {', '.join(fields)}")
     found = await _count_keys(client, keys.entry("*").replace("{", "\\{").replace("}", "\\}"))
     if found != len(ids):
-        problems.append(f"redis has {found} entry hashes, the WAL {len(ids)} entries")
+        problems.append(f"redis has {found} entry hashes, the WAL {len(ids)} live entries")
     held = {e.billing_entry_id: e.expires_at_ms for e in state.entries.values() if e.state is EntryState.RESERVE_HELD}
     scored: list[tuple[bytes, float]] = await client.zrange(keys.expiry, 0, -1, withscores=True)  # type: ignore[assignment]
     index = {_text(member): int(score) for member, score in scored}
@@ -112,9 +123,6 @@ async def _entries(client: aioredis.Redis, keys: Keys, state: State) -> list[str
     stored_counts = {k: int(v) for k, v in _hash(await client.hgetall(keys.counters)).items() if int(v)}
     if stored_counts != counts:
         problems.append(f"counters: redis {stored_counts}, WAL {counts}")
-    for entry_id, response in state.responses.items():
-        if _text(await client.get(keys.response(entry_id)) or b"") != response:
-            problems.append(f"stored response of {entry_id} differs")
     return problems
 
 

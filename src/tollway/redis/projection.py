@@ -4,9 +4,15 @@
 ``lua/apply_batch.lua``); :func:`encode_batch` packs many events' operations into the
 script's KEYS and ARGV. The operations are derived from the event alone — its payload
 carries every amount and the state it leaves — so the projector can apply events it reads
-back from the WAL long after the engine has moved on. Archived entries (``entries_archived``)
-leave the projection: their entry hashes and stored responses are deleted, their counts
-decremented; no balance moves.
+back from the WAL long after the engine has moved on.
+
+The projection holds **live work only**, so Redis is bounded by what is in flight, not by
+history: balances, the system ledger, counts per state, the hash of every live entry
+(``RESERVE_HELD``, ``FINALIZE_PENDING``, ``FINALIZE_FAILED``), the expiry index and the
+finalize queues. An entry that settles (``COMMITTED``, ``FINALIZE_ACKED``, ``RELEASED``,
+``VOIDED``) leaves Redis in the same batch (its hash is deleted: a hold committed within one
+batch is never written at all); stored responses are not projected. History is read from the
+engine and the log. Archived entries (``entries_archived``) only decrement their counts.
 
 :func:`rebuild_commands` describes the whole projection of a state (balances, entries, the
 expiry index, stored responses, and both finalize queues) for a rebuild after Redis lost it.
@@ -24,7 +30,7 @@ from typing import Final
 import msgspec
 
 from tollway.core import events as ev
-from tollway.core.lifecycle import EntryState
+from tollway.core.lifecycle import ARCHIVABLE, EntryState
 from tollway.core.state import Entry, State, new_entry
 from tollway.redis.keys import Keys
 
@@ -135,13 +141,24 @@ def _incr(key: str, *deltas: tuple[str, int], checked: bool = True) -> list[Op]:
     return [op] if len(op) > 2 else []
 
 
+SETTLED: Final = ARCHIVABLE
+"""States whose entries are history: they leave the projection (their hash is deleted) when they get there."""
+
+
+def is_live(entry: Entry) -> bool:
+    """Whether the projection keeps ``entry``'s hash (a live hold, or a charge not yet settled)."""
+    return entry.state not in SETTLED
+
+
 def _move(keys: Keys, event: ev.Event, from_state: EntryState, to_state: EntryState, **fields: str) -> list[Op]:
-    """Counter moves and the entry fields every transition updates."""
+    """Counter moves and the entry fields every transition updates; a settled entry's hash is deleted."""
     counts: Op = (
         ["N", keys.counters, _STATE[to_state], 1]
         if from_state is S.IDLE
         else ["N", keys.counters, _STATE[from_state], -1, _STATE[to_state], 1]
     )
+    if to_state in SETTLED:
+        return [counts, ["D", keys.entry(event.billing_entry_id)]]
     changed: Op = [
         "H",
         keys.entry(event.billing_entry_id),
@@ -159,10 +176,9 @@ def _move(keys: Keys, event: ev.Event, from_state: EntryState, to_state: EntrySt
 
 def _created(keys: Keys, event: ev.Event) -> list[Op]:
     entry = new_entry(event)
-    ops: list[Op] = [
-        ["N", keys.counters, _STATE[entry.state], 1],
-        ["H", keys.entry(entry.billing_entry_id), *entry_items(entry)],
-    ]
+    ops: list[Op] = [["N", keys.counters, _STATE[entry.state], 1]]
+    if is_live(entry):  # a direct charge in standalone mode is settled at once: no hash
+        ops.append(["H", keys.entry(entry.billing_entry_id), *entry_items(entry)])
     if entry.state is S.RESERVE_HELD:
         ops.append(["Z", keys.expiry, str(entry.expires_at_ms), entry.billing_entry_id])
     if entry.state is S.FINALIZE_PENDING:
@@ -331,8 +347,6 @@ def event_ops(keys: Keys, event: ev.Event) -> list[Op]:  # noqa: C901 - one flat
             return _fail(keys, event, p)
         case ev.CreditMint() | ev.CreditDeduct() | ev.X402CreditNote():
             return _credit(keys, p)
-        case ev.RequestComplete():
-            return [["S", keys.response(event.billing_entry_id), p.response_json]]
         case ev.EntriesArchived():
             return _archive(keys, p)
     return []
@@ -374,7 +388,7 @@ class _Fold:
     - Expiry index (``Z``, ``R``): the last op per member wins. Stored responses (``S``): the
       last value per key.
     - Stream ops (``X``, ``P``, ``Q``) are kept, in order.
-    - Deletes (``D``, of an archived entry's hash and stored response): each drops the pending
+    - Deletes (``D``, of a settled entry's hash, or an archived one's old stored response): each drops the pending
       HSET or SET of its key and comes last, after the stream ops (a ``Q`` reads the entry's
       ``poison_id`` before the hash goes). An archived entry is never written again: an ``H``
       after a ``D`` of its key is refused; an ``S`` after one replaces it (SET needs no DEL).
@@ -521,7 +535,7 @@ Command = tuple[str, ...]
 
 
 def rebuild_commands(keys: Keys, state: State) -> Iterable[Command]:
-    """Redis commands that recreate the projection of ``state`` on an empty shard.
+    """Redis commands that recreate the projection of ``state`` (its live entries) on an empty shard.
 
     ``applied_seq`` is not among them: the caller sets it last, once all of these succeeded.
     Dead letters are not here either (they need the stream id back): see :func:`dead_letters`.
@@ -537,9 +551,9 @@ def rebuild_commands(keys: Keys, state: State) -> Iterable[Command]:
         balances = {AVAILABLE: account.available_micro, HELD: account.held_micro}
         balances |= {CHARGED: account.charged_micro, UNSETTLED: account.unsettled_micro}
         yield ("HSET", keys.account(account_id), *_flat({name: str(value) for name, value in balances.items()}))
-    for entry_id, response in state.responses.items():
-        yield ("SET", keys.response(entry_id), response)
     for entry in state.iter_entries():
+        if not is_live(entry):
+            continue
         yield ("HSET", keys.entry(entry.billing_entry_id), *_flat(entry_fields(entry)))
         if entry.state is S.RESERVE_HELD:
             yield ("ZADD", keys.expiry, str(entry.expires_at_ms), entry.billing_entry_id)

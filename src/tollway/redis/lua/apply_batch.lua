@@ -25,7 +25,7 @@
 --   X key f1 v1 [...]          XADD key * f1 v1 ...
 --   P stream entry f1 v1 ...   XADD stream * ..., then HSET entry poison_id <new id>
 --   Q stream entry             XDEL stream <entry's poison_id>, then HDEL entry poison_id
---   D key                      DEL (an archived entry's hash or stored response; it may be missing)
+--   D key                      DEL (a settled entry's hash, or an older stored response; it may be missing)
 --
 -- Returns one of:
 --   {"ok", last_applied}                 the events were applied
