@@ -7,7 +7,8 @@ factory are the other half: they read configuration and call this). It opens the
 
 - the projector (Redis catches up from the WAL; Redis being down never stops billing);
 - the finalize worker, in settlement mode only (a ``settlement_url`` is configured);
-- the expiry sweeper, and the archiver (entries past ``entry_retention_hours`` leave memory and Redis);
+- the expiry sweeper and the archiver (:mod:`tollway.housekeeping`; entries past
+  ``entry_retention_hours`` leave memory and Redis);
 - the conservation guard, which gates new holds until its startup checks pass.
 
 Metrics are collected by a :class:`~tollway.metrics.MetricsObserver` on the engine and by
@@ -37,6 +38,7 @@ from tollway.core.observer import Observer
 from tollway.engine import Engine, system_clock_ms
 from tollway.finalizer import Alert, FinalizeWorker
 from tollway.guard import CheckUnavailable, GuardRunner, ParityCheck, redis_parity
+from tollway.housekeeping import run_archiver, run_sweeper
 from tollway.logs import direct_json_lines, structlog_alert
 from tollway.metrics import Metrics, MetricsObserver
 from tollway.redis.keys import Keys
@@ -210,8 +212,8 @@ class Service:
 
     def _start_background(self) -> None:
         self._spawn(self.projector.run(), "projector")
-        self._spawn(self.engine.run_sweeper(), "sweeper")
-        self._spawn(self.engine.run_archiver(), "archiver")
+        self._spawn(run_sweeper(self.engine), "sweeper")
+        self._spawn(run_archiver(self.engine), "archiver")
         if self.worker is not None:
             self._spawn(self.worker.run(), "finalize-worker")
 
