@@ -124,39 +124,33 @@ class Service:
         ``guard_bypass`` is the break-glass ``TOLLWAY_GUARD_BYPASS=true``: holds are allowed
         whatever the checks say, and the bypass is written to the WAL as an audit event.
         """
-        metrics = Metrics()
-        engine = await Engine.start(
-            settings, clock=clock, observer=observer or MetricsObserver(metrics, json_lines=direct_json_lines)
-        )
-        embedded: EmbeddedRedis | None = None
-        try:
+        async with contextlib.AsyncExitStack() as stack:  # on exit: stop, pump, embedded Redis, engine
+            metrics = Metrics()
+            engine = await Engine.start(
+                settings, clock=clock, observer=observer or MetricsObserver(metrics, json_lines=direct_json_lines)
+            )
+            stack.push_async_callback(engine.close)
+            embedded: EmbeddedRedis | None = None
             if settings.redis_url is None:
                 embedded = await EmbeddedRedis.start(
                     settings.data_dir / "redis",
                     memory_bytes_max=settings.redis_memory_bytes_max,
                     nice=settings.redis_nice,
                 )
+                stack.push_async_callback(embedded.stop)
             url = settings.redis_url or (embedded.url if embedded else "")
             client = aioredis.Redis.from_url(url, socket_timeout=REDIS_SOCKET_TIMEOUT_S)
             pump = await ProjectionPump.start(url, redis_keys(settings)) if settings.uses_pump else None
-            try:
-                service = cls(settings, engine, client, embedded, metrics, guard_bypass=guard_bypass, pump=pump)
-                service._start_settlement(clock, alert or structlog_alert(metrics))
-                if background:
-                    await service._first_sync()
-                    service._start_background()
-                await service.guard.start()
-                try:
-                    yield service
-                finally:
-                    await service._stop()
-            finally:
-                if pump is not None:
-                    await pump.close()
-        finally:
-            if embedded is not None:
-                await embedded.stop()
-            await engine.close()
+            if pump is not None:
+                stack.push_async_callback(pump.close)
+            service = cls(settings, engine, client, embedded, metrics, guard_bypass=guard_bypass, pump=pump)
+            service._start_settlement(clock, alert or structlog_alert(metrics))
+            if background:
+                await service._first_sync()
+                service._start_background()
+            await service.guard.start()
+            stack.push_async_callback(service._stop)
+            yield service
 
     async def collect_metrics(self) -> None:
         """Refresh the state gauges (queue depths, lag, breaker, guard) before a scrape."""
