@@ -23,7 +23,7 @@ import msgspec
 from tollway.core import commands as cmd
 from tollway.core import events as ev
 from tollway.core.commands import Policy, Refusal, RefusalCode
-from tollway.core.lifecycle import EntryState, can_transition
+from tollway.core.lifecycle import EntryKind, EntryState, HoldEnd, can_transition
 from tollway.core.money import INT64_MAX, MICRO_PER_USD, Rounding, micro_to_cu
 from tollway.core.state import Entry, State, credit_fingerprint, request_key, split_request_key
 
@@ -154,10 +154,34 @@ def _insufficient(available_micro: int, requested_micro: int, rate: int) -> Refu
     )
 
 
-def _lookup(state: State, entry_id: str) -> Entry | Refusal:
+def _find(
+    state: State,
+    entry_id: str,
+    verb: str,
+    target: EntryState,
+    *,
+    now_ms: int | None = None,
+    repeat: Callable[[Entry], Decision | None] | None = None,
+) -> Entry | Decision:
+    """The entry that ``verb`` moves to ``target``, or the answer instead; the one legality check of ``decide``.
+
+    In order: NOT_FOUND; the verb's own answer to a repeat (``repeat``: a replay, or a refusal);
+    for a verb on a live hold (``now_ms`` given), RESERVATION_EXPIRED for a hold that expired,
+    whether or not the sweeper got to it yet; INVALID_TRANSITION when the lifecycle table does not
+    allow the move.
+    """
     entry = state.entries.get(entry_id)
     if entry is None:
         return _refuse(RefusalCode.NOT_FOUND, f"no billing entry {entry_id}{GONE}", billing_entry_id=entry_id)
+    answer = repeat(entry) if repeat is not None else None
+    if answer is not None:
+        return answer
+    if now_ms is not None and entry.state is S.RELEASED and entry.reason == HoldEnd.EXPIRED:
+        return _expired_refusal(entry)
+    if not can_transition(entry.state, target):
+        return _transition_refusal(entry, verb)
+    if now_ms is not None and _is_expired(entry, now_ms):
+        return _expired_refusal(entry)
     return entry
 
 
@@ -269,19 +293,17 @@ def _charged(entry: Entry, actual_micro: int, available_micro: int, policy: Poli
 
 
 def _commit(state: State, c: cmd.Commit, now_ms: int, policy: Policy) -> Decision:
-    entry = _lookup(state, c.billing_entry_id)
-    if isinstance(entry, Refusal):
-        return entry
-    if entry.kind == "reserve" and entry.actual_cost_micro is not None:
+    def repeat(entry: Entry) -> Decision | None:
+        if entry.kind is not EntryKind.RESERVE or entry.actual_cost_micro is None:
+            return None
         if entry.actual_cost_micro == c.actual_cost_micro:
             return _replay(entry, state)
         return _transition_refusal(entry, "commit")
-    if entry.state is S.RELEASED and entry.reason == "expired":
-        return _expired_refusal(entry)
-    if entry.state is not S.RESERVE_HELD:
-        return _transition_refusal(entry, "commit")
-    if _is_expired(entry, now_ms):
-        return _expired_refusal(entry)
+
+    target = S.FINALIZE_PENDING if policy.finalize else S.COMMITTED
+    entry = _find(state, c.billing_entry_id, "commit", target, now_ms=now_ms, repeat=repeat)
+    if not isinstance(entry, Entry):
+        return entry
     refusal = _amount_limit(c.actual_cost_micro, policy, "actual_cost_micro")
     if refusal is not None:
         return refusal
@@ -308,29 +330,23 @@ def _commit(state: State, c: cmd.Commit, now_ms: int, policy: Policy) -> Decisio
 def _release(state: State, c: cmd.Release, now_ms: int) -> Decision:
     if c.reason not in cmd.RELEASE_REASONS:
         return _invalid(f"reason must be one of {sorted(cmd.RELEASE_REASONS)}", "reason")
-    entry = _lookup(state, c.billing_entry_id)
-    if isinstance(entry, Refusal):
+
+    def repeat(entry: Entry) -> Decision | None:
+        released = entry.state is S.RELEASED and entry.reason != HoldEnd.EXPIRED
+        return _replay(entry, state) if released else None
+
+    entry = _find(state, c.billing_entry_id, "release", S.RELEASED, now_ms=now_ms, repeat=repeat)
+    if not isinstance(entry, Entry):
         return entry
-    if entry.state is S.RELEASED:
-        return _expired_refusal(entry) if entry.reason == "expired" else _replay(entry, state)
-    if entry.state is not S.RESERVE_HELD:
-        return _transition_refusal(entry, "release")
-    if _is_expired(entry, now_ms):
-        return _expired_refusal(entry)
     payload = ev.BillingRelease(entry.account_id, entry.estimated_cost_micro, c.reason)
     return Write(entry.billing_entry_id, (payload,), entry.correlation_id)
 
 
 def _extend(state: State, c: cmd.Extend, now_ms: int, policy: Policy) -> Decision:
-    entry = _lookup(state, c.billing_entry_id)
-    if isinstance(entry, Refusal):
+    # An extension keeps the hold as it is: legal exactly while the hold may still end (RELEASED).
+    entry = _find(state, c.billing_entry_id, "extend", S.RELEASED, now_ms=now_ms)
+    if not isinstance(entry, Entry):
         return entry
-    if entry.state is S.RELEASED and entry.reason == "expired":
-        return _expired_refusal(entry)
-    if entry.state is not S.RESERVE_HELD:
-        return _transition_refusal(entry, "extend")
-    if _is_expired(entry, now_ms):
-        return _expired_refusal(entry)
     ttl = _ttl(c.ttl_s, policy)
     if isinstance(ttl, Refusal):
         return ttl
@@ -343,10 +359,10 @@ def _extend(state: State, c: cmd.Extend, now_ms: int, policy: Policy) -> Decisio
 
 
 def _expire(state: State, c: cmd.Expire, now_ms: int) -> Decision:
-    entry = _lookup(state, c.billing_entry_id)
-    if isinstance(entry, Refusal):
+    entry = _find(state, c.billing_entry_id, "expire", S.RELEASED)
+    if not isinstance(entry, Entry):
         return entry
-    if entry.state is not S.RESERVE_HELD or not _is_expired(entry, now_ms):
+    if not _is_expired(entry, now_ms):
         return _transition_refusal(entry, "expire")
     assert entry.expires_at_ms is not None
     payload = ev.BillingReserveExpired(entry.account_id, entry.estimated_cost_micro, entry.expires_at_ms)
@@ -388,14 +404,14 @@ _SETTLE_VERB = {cmd.Void: "void", cmd.FinalizeAck: "finalize", cmd.FinalizeFail:
 
 
 def _settle(state: State, c: cmd.Void | cmd.FinalizeAck | cmd.FinalizeFail) -> Decision:
-    entry = _lookup(state, c.billing_entry_id)
-    if isinstance(entry, Refusal):
-        return entry
     target = _SETTLE_TARGET[type(c)]
-    if entry.state is target:
-        return _replay(entry, state)
-    if not can_transition(entry.state, target):
-        return _transition_refusal(entry, _SETTLE_VERB[type(c)])
+
+    def repeat(entry: Entry) -> Decision | None:
+        return _replay(entry, state) if entry.state is target else None
+
+    entry = _find(state, c.billing_entry_id, _SETTLE_VERB[type(c)], target, repeat=repeat)
+    if not isinstance(entry, Entry):
+        return entry
     payload: ev.Payload
     if isinstance(c, cmd.Void):
         if not c.reason or not c.admin_id:

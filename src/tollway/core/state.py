@@ -25,7 +25,7 @@ import msgspec
 
 from tollway.core import events as ev
 from tollway.core.errors import InvariantViolation, ensure
-from tollway.core.lifecycle import ARCHIVABLE, TRANSITIONS, UNSETTLED, EntryState
+from tollway.core.lifecycle import ARCHIVABLE, TRANSITIONS, UNSETTLED, EntryKind, EntryState, HoldEnd
 
 S = EntryState
 
@@ -49,7 +49,7 @@ class Entry(msgspec.Struct, frozen=True, gc=False):
     billing_entry_id: str
     account_id: str
     request_id: str
-    kind: str  # "reserve" or "charge"
+    kind: EntryKind
     state: EntryState
     estimated_cost_micro: int
     actual_cost_micro: int | None
@@ -338,7 +338,7 @@ def new_entry(event: ev.Event) -> Entry:
             event.billing_entry_id,
             p.account_id,
             p.request_id,
-            "reserve",
+            EntryKind.RESERVE,
             S.RESERVE_HELD,
             p.estimated_cost_micro,
             None,
@@ -357,7 +357,7 @@ def new_entry(event: ev.Event) -> Entry:
             event.billing_entry_id,
             p.account_id,
             p.request_id,
-            "charge",
+            EntryKind.CHARGE,
             S.FINALIZE_PENDING if p.finalize else S.COMMITTED,
             0,
             p.requested_micro,
@@ -434,7 +434,7 @@ def _release(state: State, event: ev.Event) -> Transition:
 
 def _expire(state: State, event: ev.Event) -> Transition:
     p: ev.BillingReserveExpired = event.payload  # type: ignore[assignment]
-    return _return_hold(state, event, p.estimated_cost_micro, "expired")
+    return _return_hold(state, event, p.estimated_cost_micro, HoldEnd.EXPIRED.value)
 
 
 def _extend(state: State, event: ev.Event) -> Transition:
