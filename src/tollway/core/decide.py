@@ -90,8 +90,9 @@ def outcome(state: State, write: Write, command: cmd.Command) -> cmd.Outcome:
     if isinstance(command, cmd.Note):
         return cmd.NoteResult(state.last_sequence)
     if isinstance(command, cmd.Archive):
-        archived: ev.EntriesArchived = write.payloads[0]  # type: ignore[assignment]
-        return cmd.ArchiveResult(len(archived.entries), state.last_sequence, len(archived.credits))
+        match write.payloads:
+            case (ev.EntriesArchived() as archived,):
+                return cmd.ArchiveResult(len(archived.entries), state.last_sequence, len(archived.credits))
     entry = state.entries[write.billing_entry_id]
     return cmd.EntryResult(entry, created=write.created, response_json=state.responses.get(entry.billing_entry_id))
 
