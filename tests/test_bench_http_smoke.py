@@ -129,7 +129,7 @@ def test_server_settings_and_open_connections_are_passed_and_reported(report: di
     assert isinstance(generator, dict)
     assert isinstance(options, dict)
     assert isinstance(opened, dict)
-    python = generator["closed_loop"] == "python"
+    python = options["generator"] == "python"  # the run given the python-only options (see report())
     assert ({"wal_sync_gap_ms": "0"} if python else {}) == server["settings"]
     assert (12 if python else options["concurrency"]) == options["open_connections"] == opened["connections"]
 
