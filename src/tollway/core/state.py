@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterator
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import msgspec
 
@@ -28,6 +28,8 @@ from tollway.core.errors import InvariantViolation, ensure
 from tollway.core.lifecycle import ARCHIVABLE, TRANSITIONS, UNSETTLED, EntryKind, EntryState, HoldEnd
 
 S = EntryState
+_RESERVE: Final = EntryKind.RESERVE  # module constants: an Enum's attribute costs ~0.2 µs on Python 3.11
+_CHARGE: Final = EntryKind.CHARGE
 
 
 class Account(msgspec.Struct, gc=False):
@@ -133,18 +135,28 @@ def split_request_key(key: str) -> tuple[str, str]:
     return account_id, request_id
 
 
-class State(StoredState):
+if TYPE_CHECKING:  # the type checker sees StoredState's typed fields on State ...
+    _Stored = StoredState
+else:  # ... while at run time State is a plain slotted class: a Struct's attributes are slower to use
+
+    class _Stored:
+        __slots__ = ()
+
+
+class State(_Stored):
     """The authoritative state: a fold of the WAL. Its stored fields are :class:`StoredState`'s."""
 
-    # Derived from the entries, never stored: rebuilt by from_snapshot, kept by the fold.
-    held_count: int = 0
-    finalize_pending_count: int = 0
-    finalize_failed_count: int = 0
-    _expiry_heap: list[tuple[int, str]] = []  # (expires_at_ms, entry id) of holds, stale ones included
+    __slots__ = (*STORED_FIELDS, "_expiry_heap", "finalize_failed_count", "finalize_pending_count", "held_count")
 
-    def __repr__(self) -> str:
-        """A summary: the whole state can hold millions of entries."""
-        return f"State(last_sequence={self.last_sequence}, accounts={len(self.accounts)}, entries={len(self.entries)})"
+    def __init__(self) -> None:
+        empty = StoredState()  # fresh defaults (new dicts) for every stored field
+        for name in STORED_FIELDS:
+            setattr(self, name, getattr(empty, name))
+        # Derived from the entries, never stored: rebuilt by from_snapshot, kept by the fold.
+        self.finalize_failed_count = 0
+        self.finalize_pending_count = 0
+        self.held_count = 0
+        self._expiry_heap: list[tuple[int, str]] = []  # (expires_at_ms, entry id) of holds, stale ones too
 
     # -- snapshots -------------------------------------------------------------------------
 
@@ -167,8 +179,9 @@ class State(StoredState):
     @classmethod
     def from_snapshot(cls, snap: Snapshot) -> State:
         """Rebuild a state, its counters and its expiry index from a snapshot."""
-        fields: dict[str, Any] = {name: _copied(getattr(snap, name)) for name in STORED_FIELDS}
-        state = cls(**fields)
+        state = cls()
+        for name in STORED_FIELDS:
+            setattr(state, name, _copied(getattr(snap, name)))
         for entry in state.entries.values():
             state._count(entry.state, +1)
             if entry.state is S.RESERVE_HELD and entry.expires_at_ms is not None:
@@ -276,45 +289,49 @@ class State(StoredState):
 
 
 def new_entry(event: ev.Event) -> Entry:
-    """The entry a reserve or a direct charge creates: a pure function of the event."""
+    """The entry a reserve or a direct charge creates: a pure function of the event.
+
+    Positional (a comment names each argument whose value does not): the hottest record of the fold, and msgspec takes
+    keyword arguments at about 1 µs more per entry (16 fields).
+    """
     p = event.payload
     if isinstance(p, ev.BillingReserve):
         return Entry(
-            billing_entry_id=event.billing_entry_id,
-            account_id=p.account_id,
-            request_id=p.request_id,
-            kind=EntryKind.RESERVE,
-            state=S.RESERVE_HELD,
-            estimated_cost_micro=p.estimated_cost_micro,
-            actual_cost_micro=None,
-            charged_micro=0,
-            uncollected_micro=0,
-            expires_at_ms=p.expires_at_ms,
-            rate=p.rate,
-            correlation_id=event.correlation_id,
-            created_at_ms=event.timestamp_ms,
-            updated_at_ms=event.timestamp_ms,
-            wal_sequence=event.wal_sequence,
-            fingerprint=p.fingerprint,
+            event.billing_entry_id,
+            p.account_id,
+            p.request_id,
+            _RESERVE,  # kind
+            S.RESERVE_HELD,  # state
+            p.estimated_cost_micro,
+            None,  # actual_cost_micro
+            0,  # charged_micro
+            0,  # uncollected_micro
+            p.expires_at_ms,
+            p.rate,
+            event.correlation_id,
+            event.timestamp_ms,  # created_at_ms
+            event.timestamp_ms,  # updated_at_ms
+            event.wal_sequence,
+            p.fingerprint,
         )
     if isinstance(p, ev.BillingCharge):
         return Entry(
-            billing_entry_id=event.billing_entry_id,
-            account_id=p.account_id,
-            request_id=p.request_id,
-            kind=EntryKind.CHARGE,
-            state=S.FINALIZE_PENDING if p.finalize else S.COMMITTED,
-            estimated_cost_micro=0,
-            actual_cost_micro=p.requested_micro,
-            charged_micro=p.charged_micro,
-            uncollected_micro=p.requested_micro - p.charged_micro,
-            expires_at_ms=None,
-            rate=p.rate,
-            correlation_id=event.correlation_id,
-            created_at_ms=event.timestamp_ms,
-            updated_at_ms=event.timestamp_ms,
-            wal_sequence=event.wal_sequence,
-            fingerprint=p.fingerprint,
+            event.billing_entry_id,
+            p.account_id,
+            p.request_id,
+            _CHARGE,  # kind
+            S.FINALIZE_PENDING if p.finalize else S.COMMITTED,  # state
+            0,  # estimated_cost_micro
+            p.requested_micro,  # actual_cost_micro
+            p.charged_micro,
+            p.requested_micro - p.charged_micro,  # uncollected_micro
+            None,  # expires_at_ms
+            p.rate,
+            event.correlation_id,
+            event.timestamp_ms,  # created_at_ms
+            event.timestamp_ms,  # updated_at_ms
+            event.wal_sequence,
+            p.fingerprint,
         )
     raise InvariantViolation(f"{event.event_type} does not create an entry")
 
