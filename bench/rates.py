@@ -26,20 +26,10 @@ import uvloop
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable for bench.*
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.http import (
-    add_setting_argument,
-    billing_step,
-    can_pin,
-    checked_settings,
-    child_pids,
-    closed_loop,
-    fund,
-    machine,
-    open_loop,
-    served,
-    wait_ready,
-)
+from bench.load import billing_step, child_pids, closed_loop, open_loop
 from bench.machine import add_scratch_arguments, emit, scratch_dir
+from bench.report import machine
+from bench.server import add_setting_argument, can_pin, checked_settings, fund, served, wait_ready
 
 DEFAULT_RATES: Final = (300.0, 600.0, 1200.0, 2000.0)
 ACCOUNTS: Final = 200

@@ -31,6 +31,7 @@ if __package__ in (None, ""):  # run as a script: the repository root instead of
 from bench.machine import add_scratch_arguments, emit, loadavg, machine_facts, scratch_dir
 from tollway import Settings
 from tollway.core import commands as cmd
+from tollway.housekeeping import archive_once
 from tollway.service import Service
 from tollway.testing import FakeClock
 
@@ -79,7 +80,7 @@ async def run(data_dir: Path, entries: int) -> dict[str, Any]:
         before = {"redis_used_memory_mb": await redis_mb(service), "snapshot_mb": await snapshot_mb(service)}
         clock.advance((settings.entry_retention_hours + 1) * 3_600_000)
         started = time.perf_counter()
-        archived = (await engine.archive_once()).entries
+        archived = (await archive_once(engine)).entries
         archive_s = time.perf_counter() - started
         await caught_up(service)
         projected_s = time.perf_counter() - started

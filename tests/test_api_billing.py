@@ -9,6 +9,7 @@ from tests.api_fixtures import ADMIN, GATEWAY, READ, Api, api, check_entry, chec
 from tollway import Settings
 from tollway.core import commands as cmd
 from tollway.core import events as ev
+from tollway.housekeeping import archive_once
 from tollway.testing import FakeClock
 from tollway.wal.segments import iter_events
 
@@ -253,7 +254,7 @@ async def test_an_archived_entry_is_not_found_and_its_request_id_is_new_again(ap
     )
     assert 200 == done.status_code, done.text
     api.clock.advance(8 * 24 * 3_600_000)  # past the default retention of 7 days
-    assert (1, 1) == await api.service.engine.archive_once()  # the entry and the mint's credit record
+    assert (1, 1) == await archive_once(api.service.engine)  # the entry and the mint's credit record
     read = await api.http.get(f"/v1/reservations/{entry_id}", headers=api.auth(READ))
     assert "archived past the retention" in check_error(read, 404, "not_found")["message"]
     again = await api.http.post(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from tests.settlement_fixtures import KEYS, Loop, commit, funded, loop
 from tollway.audit import audit
 from tollway.audit_live import redis_section, settlement_section
+from tollway.housekeeping import archive_once
 from tollway.redis.server import EmbeddedRedis
 from tollway.settlement.contract import FinalizeRequest
 from tollway.settlement.store import FinalizedBook
@@ -82,7 +83,7 @@ async def test_finalized_charges_archived_here_still_reconcile(loop: Loop) -> No
     """Settlement's list keeps charges tollway archived past the retention: amounts are still compared."""
     done = await settled_loop(loop)
     loop.clock.advance(8 * 24 * 3_600_000)  # past the default 7-day retention
-    assert 3 == (await loop.engine.archive_once()).entries
+    assert 3 == (await archive_once(loop.engine)).entries
     assert not set(done) & set(loop.engine.state.entries)
     report = audit(loop.engine.settings.data_dir)
     section = await settlement_section(report, loop.settlement)

@@ -15,6 +15,7 @@ from tests.test_audit import ENTRY_1, RATE, mint_and_hold, run_traffic, write_lo
 from tollway import Engine, Settings
 from tollway.cli import app
 from tollway.core import events as ev
+from tollway.housekeeping import archive_once
 from tollway.testing import FakeClock
 
 RECORDS = 9  # what run_traffic writes
@@ -158,7 +159,7 @@ def test_inspect_text_shows_how_many_entries_an_archive_drops(runner: CliRunner,
         await run_traffic(settings, clock)
         clock.advance(25 * 3_600_000)
         async with Engine.open(settings=settings, clock=clock) as engine:
-            return (await engine.archive_once()).entries
+            return (await archive_once(engine)).entries
 
     archived = asyncio.run(archive())
     result = runner.invoke(

@@ -28,8 +28,10 @@ from tollway import (
 from tollway.config import Durability, WalSyncer
 from tollway.core.commands import Outcome, Release
 from tollway.core.ledger import Ledger, check_invariants
-from tollway.engine import SYNC_GAP_BATCH_RECORDS
+from tollway.group_commit import SYNC_GAP_BATCH_RECORDS
+from tollway.housekeeping import run_sweeper, sweep_once
 from tollway.testing import FakeClock, RecordingObserver
+from tollway.wal.file_log import FileLog
 from tollway.wal.segments import iter_events
 
 
@@ -99,13 +101,14 @@ async def test_a_large_batch_does_not_wait_for_the_gap(settings: Settings, clock
         await mint(engine, "acct", 10**9)
         few = [asyncio.create_task(engine.execute(Reserve("acct", f"a{i}", 10))) for i in range(5)]
         await settle_loop()
-        assert engine._gap_timer is not None  # a small batch waits
+        assert engine._commits._gap_timer is not None  # a small batch waits
         many = [
             asyncio.create_task(engine.execute(Reserve("acct", f"b{i}", 10))) for i in range(SYNC_GAP_BATCH_RECORDS)
         ]
         await settle_loop()
-        assert engine._gap_timer is None
-        assert engine._inflight is not None or all(task.done() for task in few + many)  # started without the timer
+        assert engine._commits._gap_timer is None
+        commits = engine._commits
+        assert commits.inflight is not None or all(task.done() for task in few + many)  # started without the timer
         await asyncio.gather(*few, *many)
         assert [5 + SYNC_GAP_BATCH_RECORDS] == [records for records, _ in observer.batches[1:]]
 
@@ -117,8 +120,8 @@ async def test_after_a_pause_a_batch_starts_at_once(settings: Settings, clock: F
         await asyncio.sleep(GAP_MS / 1000 + 0.01)
         task = asyncio.create_task(engine.execute(Reserve("acct", "r1", 10)))
         await settle_loop()
-        assert engine._gap_timer is None
-        assert engine._inflight is not None or task.done()  # writing (or written) without a timer
+        assert engine._commits._gap_timer is None
+        assert engine._commits.inflight is not None or task.done()  # writing (or written) without a timer
         await task
 
 
@@ -131,7 +134,7 @@ async def reserve_waiting_for_the_gap(
         await mint(engine, "acct", 1_000)  # this batch starts at once; the next one waits for the gap
         task = asyncio.create_task(engine.execute(Reserve("acct", "r1", 10)))
         await settle_loop()
-        assert engine._gap_timer is not None
+        assert engine._commits._gap_timer is not None
         yield engine, task
 
 
@@ -153,7 +156,7 @@ async def test_an_abort_during_the_gap_writes_nothing_more(settings: Settings, c
         with pytest.raises(EngineStopped):
             await task
         await asyncio.sleep(GAP_MS / 1000 + 0.02)  # the gap's timer has fired
-        assert engine._inflight is None
+        assert engine._commits.inflight is None
     async with Engine.open(settings=gap, clock=clock) as reopened:
         assert (1_000, 0) == (reopened.balance("acct").available_micro, reopened.balance("acct").held_micro)
 
@@ -165,7 +168,7 @@ async def test_without_fsync_there_is_no_gap(settings: Settings, clock: FakeCloc
         await mint(engine, "acct", 1_000)
         task = asyncio.create_task(engine.execute(Reserve("acct", "r1", 10)))
         await settle_loop()
-        assert engine._gap_timer is None
+        assert engine._commits._gap_timer is None
         await task
 
 
@@ -179,15 +182,16 @@ class GatedWrites:
     def __init__(self, engine: Engine) -> None:
         self.gate = threading.Event()
         self.relays: set[asyncio.Task[None]] = set()
-        syncer = engine._syncer
+        assert isinstance(engine.log, FileLog)
+        writer, syncer = engine.log.writer, engine.log.syncer
         if syncer is None:
-            original: Callable[[bytes, int], None] = engine._writer.write_batch
+            original: Callable[[bytes, int], None] = writer.write_batch
 
             def gated(data: bytes, first_seq: int) -> None:
                 self.gate.wait(timeout=30)
                 original(data, first_seq)
 
-            engine._writer.write_batch = gated  # type: ignore[method-assign]
+            writer.write_batch = gated  # type: ignore[method-assign]
             return
         original_sync = syncer.sync
 
@@ -220,7 +224,8 @@ async def settle_loop() -> None:
 async def either_engine(request: pytest.FixtureRequest, settings: Settings, clock: FakeClock) -> AsyncIterator[Engine]:
     """A running engine with each ``wal_syncer`` in turn."""
     async with Engine.open(settings=settings.replace(wal_syncer=request.param), clock=clock) as running:
-        assert (running._syncer is None) == (request.param is WalSyncer.THREAD)
+        assert isinstance(running.log, FileLog)
+        assert (running.log.syncer is None) == (request.param is WalSyncer.THREAD)
         yield running
 
 
@@ -291,9 +296,9 @@ async def test_sweeper_expires_in_order_with_a_bounded_batch(settings: Settings,
             assert isinstance(held, EntryResult)
             ids.append(held.entry.billing_entry_id)
         clock.advance(5_000)
-        assert 3 == await engine.sweep_once()
-        assert 2 == await engine.sweep_once()
-        assert 0 == await engine.sweep_once()
+        assert 3 == await sweep_once(engine)
+        assert 2 == await sweep_once(engine)
+        assert 0 == await sweep_once(engine)
         expired = [
             e.billing_entry_id for e in iter_events(settings.wal_dir) if e.event_type == "billing_reserve_expired"
         ]
@@ -308,7 +313,7 @@ async def test_sweeper_task_runs_on_its_interval(settings: Settings, clock: Fake
         held = await engine.execute(Reserve("acct", "r", 100, ttl_s=1))
         assert isinstance(held, EntryResult)
         clock.advance(1_000)
-        sweeper = asyncio.create_task(engine.run_sweeper())
+        sweeper = asyncio.create_task(run_sweeper(engine))
         try:
             for _ in range(500):
                 if engine.state.entries[held.entry.billing_entry_id].state is EntryState.RELEASED:
@@ -399,12 +404,26 @@ async def test_a_clock_step_back_mid_sweep_leaves_the_hold_in_the_sweepers_queue
         assert isinstance(held, EntryResult)
         clock.advance(1_500)
         clock.back_ms = 1_000  # due_holds reads +1.5 s, the Expire command +0.5 s: not yet expired
-        assert 0 == await engine.sweep_once()
+        assert 0 == await sweep_once(engine)
         clock.advance(1_000)
-        assert 1 == await engine.sweep_once()
+        assert 1 == await sweep_once(engine)
         entry = engine.state.entries[held.entry.billing_entry_id]
         assert (EntryState.RELEASED, "expired", 1_000) == (
             entry.state,
             entry.reason,
             engine.balance("acct").available_micro,
         )
+
+
+@pytest.mark.parametrize("wal_syncer", list(WalSyncer))
+async def test_the_file_log_reads_durable_events_after_a_sequence(
+    settings: Settings, clock: FakeClock, wal_syncer: WalSyncer
+) -> None:
+    """EventLog.read on the file WAL returns at most `limit` durable events after a sequence, in order."""
+    async with Engine.open(settings=settings.replace(wal_syncer=wal_syncer), clock=clock) as engine:
+        for index in range(5):
+            await mint(engine, "acct", 1_000, f"mint-{index}")
+        assert [1, 2, 3] == [event.wal_sequence for event in await engine.log.read(0, 3)]
+        assert [4, 5] == [event.wal_sequence for event in await engine.log.read(3, 10)]
+        assert [] == await engine.log.read(5, 10)
+        assert [] == await engine.log.read(0, 0)

@@ -39,6 +39,7 @@ from tollway.core import commands as cmd
 from tollway.core.commands import CreditKind, EntryResult, Refusal, RefusalCode
 from tollway.core.ledger import Ledger, check_invariants
 from tollway.core.lifecycle import ARCHIVABLE, EntryState
+from tollway.housekeeping import archive_once, sweep_once
 from tollway.redis.keys import Keys
 from tollway.redis.parity import differences
 from tollway.redis.projector import Projector
@@ -224,7 +225,7 @@ class EngineModel(RuleBasedStateMachine):
         self.clock.advance(ms)
         due = [e for e in self.model.values() if e.state is S.RESERVE_HELD and e.expires_at <= self.clock.now]
         swept = 0
-        while batch := self.run(self.engine.sweep_once()):
+        while batch := self.run(sweep_once(self.engine)):
             swept += batch
         assert len(due) == swept
         for entry in due:
@@ -287,7 +288,7 @@ class EngineModel(RuleBasedStateMachine):
         """25 hours later every settled entry is past the 24 h retention; holds and unsettled charges stay."""
         self.clock.advance(25 * 3_600_000)
         due = [e for e in self.model.values() if not e.archived and e.state in ARCHIVABLE]
-        assert (len(due), len(self.credits)) == self.run(self.engine.archive_once())
+        assert (len(due), len(self.credits)) == self.run(archive_once(self.engine))
         self.credits.clear()  # every credit was made before the cutoff
         for entry in due:
             entry.archived = True

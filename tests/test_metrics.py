@@ -23,6 +23,7 @@ from tollway.core import commands as cmd
 from tollway.core.commands import CreditKind, EntryResult
 from tollway.core.errors import ConfigError
 from tollway.core.guard import CheckResult, CheckStatus, Guard, GuardState
+from tollway.housekeeping import archive_once
 from tollway.logs import HANDLER_NAME, configure_logging, direct_json_lines, parse_level, structlog_alert
 from tollway.metrics import CONTENT_TYPE, TRANSITION_EVENT, TRANSITION_LOG_KEYS, Metrics, MetricsObserver
 from tollway.redis.keys import Keys
@@ -382,7 +383,7 @@ async def test_entries_kept_and_archived_are_gauged(settings: Settings, clock: F
         _, before = scrape(metrics)
         kept = len(engine.state.entries)
         clock.advance(25 * 3_600_000)
-        archived = (await engine.archive_once()).entries
+        archived = (await archive_once(engine)).entries
         await metrics.collect_from(engine=engine)
     _, after = scrape(metrics)
     assert (kept, 0) == (value(before, "billing_entries"), value(before, "billing_entries_archived"))

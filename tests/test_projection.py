@@ -21,6 +21,7 @@ from tollway.core import commands as cmd
 from tollway.core import events as ev
 from tollway.core.commands import CreditKind, EntryResult
 from tollway.core.state import State
+from tollway.housekeeping import sweep_once
 from tollway.redis import projector as projector_module
 from tollway.redis.keys import Keys
 from tollway.redis.parity import differences
@@ -84,7 +85,7 @@ async def workload(engine: Engine, clock: FakeClock, seed: int, steps: int) -> N
             command = cmd.Charge(rng.choice(accounts), f"c{step}", rng.randint(1, 500), allow_partial=True)
         else:
             clock.advance(rng.randint(1_000, 15_000))
-            await engine.sweep_once()
+            await sweep_once(engine)
             continue
         await engine.execute(command)
 

@@ -25,8 +25,8 @@ from tollway import (
     RefusalCode,
     Reserve,
     Settings,
+    housekeeping,
 )
-from tollway import engine as engine_module
 from tollway.audit import audit
 from tollway.core import events as ev
 from tollway.core.commands import Archive, ArchiveResult, FinalizeAck, FinalizeFail, Policy, Release, Void
@@ -35,6 +35,7 @@ from tollway.core.errors import ConfigError, InvalidInput, InvariantViolation
 from tollway.core.ledger import Ledger, check_invariants
 from tollway.core.state import State, request_key
 from tollway.core.validate import validate
+from tollway.housekeeping import archive_once
 from tollway.testing import FakeClock
 from tollway.wal import codec
 from tollway.wal.segments import iter_events
@@ -81,15 +82,15 @@ async def test_settled_entries_past_retention_are_archived_and_live_ones_kept(
         before = balances(engine, "acct")
 
         clock.advance(23 * HOUR_MS)
-        assert (0, 0) == await engine.archive_once()  # not old enough yet: idempotency keys still answer
+        assert (0, 0) == await archive_once(engine)  # not old enough yet: idempotency keys still answer
         replay = await engine.execute(Reserve("acct", "r-commit", 1_000))
         assert isinstance(replay, EntryResult)
         assert replay.replayed
         assert '{"n": 1}' == replay.response_json
 
         clock.advance(2 * HOUR_MS)
-        assert (4, 1) == await engine.archive_once()  # and the mint's credit record
-        assert (0, 0) == await engine.archive_once()
+        assert (4, 1) == await archive_once(engine)  # and the mint's credit record
+        assert (0, 0) == await archive_once(engine)
         state = engine.state
         assert {live} == set(state.entries)
         assert EntryState.RESERVE_HELD is state.entries[live].state
@@ -130,7 +131,7 @@ async def test_archived_state_survives_restart_from_snapshot_and_from_the_log(
             assert isinstance(await engine.execute(Commit(entry_id, 60 + i)), EntryResult)
         clock.advance(25 * HOUR_MS)
         await held(engine, "acct", "fresh", 100)
-        assert (5, 1) == await engine.archive_once()
+        assert (5, 1) == await archive_once(engine)
         expected = engine.state.to_snapshot()
     async with Engine.open(settings=retained, clock=clock) as engine:  # from the snapshot close() wrote
         assert expected == engine.state.to_snapshot()
@@ -154,14 +155,14 @@ async def test_unsettled_charges_and_dead_letters_are_never_archived(settings: S
         assert isinstance(await engine.execute(FinalizeFail(failed, "gave up", 8)), EntryResult)
         assert isinstance(await engine.execute(FinalizeAck(acked)), EntryResult)
         clock.advance(30 * 24 * HOUR_MS)
-        assert (1, 1) == await engine.archive_once()
+        assert (1, 1) == await archive_once(engine)
         assert {pending: EntryState.FINALIZE_PENDING, failed: EntryState.FINALIZE_FAILED} == {
             entry_id: entry.state for entry_id, entry in engine.state.entries.items()
         }
         assert isinstance(await engine.execute(FinalizeAck(failed, source="admin")), EntryResult)
-        assert (0, 0) == await engine.archive_once()  # just acknowledged: its retention starts now
+        assert (0, 0) == await archive_once(engine)  # just acknowledged: its retention starts now
         clock.advance(25 * HOUR_MS)
-        assert (1, 0) == await engine.archive_once()
+        assert (1, 0) == await archive_once(engine)
         assert [pending] == list(engine.state.entries)
         assert (100, 50) == (engine.state.archived_charged["acct"], engine.balance("acct").unsettled_micro)
         assert [] == ledger_problems(engine)
@@ -187,7 +188,7 @@ async def test_credit_records_past_retention_are_archived_and_their_ids_answer_u
         replay = await engine.execute(old)  # before the archiver runs, a retry still replays
         assert isinstance(replay, CreditResult)
         assert replay.replayed
-        assert (0, 2) == await engine.archive_once()
+        assert (0, 2) == await archive_once(engine)
         assert [request_key("acct", "topup-new")] == list(engine.state.credits)
         assert 4_300 == engine.balance("acct").available_micro  # archiving moves no money
         assert [] == ledger_problems(engine)
@@ -214,7 +215,7 @@ async def test_a_backlog_is_archived_in_bounded_events(
     settings: Settings, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each event lists at most ARCHIVE_BATCH records, entries then credits, oldest first; one call drains all."""
-    monkeypatch.setattr(engine_module, "ARCHIVE_BATCH", 3)
+    monkeypatch.setattr(housekeeping, "ARCHIVE_BATCH", 3)
     async with Engine.open(settings=settings.replace(entry_retention_hours=24), clock=clock) as engine:
         await mint(engine, "acct", 10_000)
         ids = []
@@ -225,7 +226,7 @@ async def test_a_backlog_is_archived_in_bounded_events(
         for i in range(4):
             assert not isinstance(await engine.execute(Credit("acct", f"c{i}", CreditKind.MINT, 1)), Refusal)
         clock.advance(25 * HOUR_MS)
-        assert (7, 5) == await engine.archive_once()  # 12 records: four full events, then nothing left
+        assert (7, 5) == await archive_once(engine)  # 12 records: four full events, then nothing left
     events = [e.payload for e in iter_events(settings.wal_dir) if isinstance(e.payload, ev.EntriesArchived)]
     assert [ids[:3], ids[3:6], ids[6:], []] == [[item.billing_entry_id for item in p.entries] for p in events]
     assert [[], [], ["mint-acct", "c0"], ["c1", "c2", "c3"]] == [[item.credit_id for item in p.credits] for p in events]
@@ -238,7 +239,7 @@ async def test_retention_zero_keeps_every_entry(settings: Settings, clock: FakeC
         entry_id = await held(engine, "acct", "r", 10)
         assert isinstance(await engine.execute(Release(entry_id, "user_cancel")), EntryResult)
         clock.advance(10 * 365 * 24 * HOUR_MS)
-        assert (0, 0) == await engine.archive_once()
+        assert (0, 0) == await archive_once(engine)
         assert [entry_id] == list(engine.state.entries)
         assert [request_key("acct", "mint-acct")] == list(engine.state.credits)
 

@@ -37,6 +37,7 @@ from tollway.core.ledger import Ledger, check_invariants
 from tollway.core.state import Snapshot
 from tollway.testing import RecordingObserver, fold
 from tollway.wal import codec, segments
+from tollway.wal.file_log import FileLog
 from tollway.wal.log import recover
 from tollway.wal.snapshot import decode_snapshot, list_snapshots
 
@@ -633,9 +634,14 @@ def _fail_fdatasync(fd: int) -> None:
     raise OSError(errno.EIO, "injected fdatasync failure")
 
 
+def _file_log(engine: Engine) -> FileLog:
+    assert isinstance(engine.log, FileLog)
+    return engine.log
+
+
 def _fail_wal_writes(patch: pytest.MonkeyPatch, engine: Engine) -> None:
     """``os.write`` fails with ENOSPC on the active WAL segment (and only there)."""
-    real_write, segment_fd = os.write, engine._writer.fd
+    real_write, segment_fd = os.write, _file_log(engine).writer.fd
 
     def write(fd: int, data: bytes | memoryview) -> int:
         if fd == segment_fd:
@@ -661,8 +667,9 @@ def _inject(patch: pytest.MonkeyPatch, failure: str, engine: Engine) -> None:
     elif failure == "write":
         _fail_wal_writes(patch, engine)
     else:
-        assert engine._syncer is not None
-        os.kill(engine._syncer.pid, signal.SIGKILL)
+        syncer = _file_log(engine).syncer
+        assert syncer is not None
+        os.kill(syncer.pid, signal.SIGKILL)
 
 
 async def _until_fatal(engine: Engine, commands: int) -> tuple[list[asyncio.Task[object]], list[BaseException]]:

@@ -11,7 +11,8 @@ factory are the other half: they read configuration and call this). It opens the
   projection rebuilt from the WAL, without restarting tollway);
 - the guard's periodic projection parity check (``parity_check_interval_s``);
 - the finalize worker, in settlement mode only (a ``settlement_url`` is configured);
-- the expiry sweeper, and the archiver (entries past ``entry_retention_hours`` leave memory and Redis);
+- the expiry sweeper and the archiver (:mod:`tollway.housekeeping`; entries past
+  ``entry_retention_hours`` leave memory and Redis);
 - the conservation guard, which gates new holds until its startup checks pass.
 
 Metrics are collected by a :class:`~tollway.metrics.MetricsObserver` on the engine and by
@@ -41,6 +42,7 @@ from tollway.core.observer import Observer
 from tollway.engine import Engine, system_clock_ms
 from tollway.finalizer import Alert, FinalizeWorker
 from tollway.guard import CheckUnavailable, GuardRunner, ParityCheck, redis_parity
+from tollway.housekeeping import run_archiver, run_sweeper
 from tollway.logs import direct_json_lines, structlog_alert
 from tollway.metrics import Metrics, MetricsObserver
 from tollway.redis.keys import Keys
@@ -128,40 +130,35 @@ class Service:
         ``guard_bypass`` is the break-glass ``TOLLWAY_GUARD_BYPASS=true``: holds are allowed
         whatever the checks say, and the bypass is written to the WAL as an audit event.
         """
-        metrics = Metrics()
-        engine = await Engine.start(
-            settings, clock=clock, observer=observer or MetricsObserver(metrics, json_lines=direct_json_lines)
-        )
-        embedded: EmbeddedRedis | None = None
-        try:
+        async with contextlib.AsyncExitStack() as stack:  # on exit: stop, pump, embedded Redis, engine
+            metrics = Metrics()
+            engine = await Engine.start(
+                settings, clock=clock, observer=observer or MetricsObserver(metrics, json_lines=direct_json_lines)
+            )
+            stack.push_async_callback(engine.close)
+            embedded: EmbeddedRedis | None = None
             if settings.redis_url is None:
                 embedded = await EmbeddedRedis.start(
                     settings.data_dir / "redis",
                     memory_bytes_max=settings.redis_memory_bytes_max,
                     nice=settings.redis_nice,
                 )
+                stack.push_async_callback(embedded.stop)
             url = settings.redis_url or (embedded.url if embedded else "")
             client = aioredis.Redis.from_url(url, socket_timeout=REDIS_SOCKET_TIMEOUT_S)
-            keys = redis_keys(settings)
-            pump = await ProjectionPump.start(url, keys, engine.identity) if settings.uses_pump else None
-            try:
-                service = cls(settings, engine, client, embedded, metrics, guard_bypass=guard_bypass, pump=pump)
-                service._start_settlement(clock, alert or structlog_alert(metrics))
-                if background:
-                    await service._first_sync()
-                    service._start_background()
-                await service.guard.start()
-                try:
-                    yield service
-                finally:
-                    await service._stop()
-            finally:
-                if pump is not None:
-                    await pump.close()
-        finally:
-            if embedded is not None:
-                await embedded.stop()
-            await engine.close()
+            pump = (
+                await ProjectionPump.start(url, redis_keys(settings), engine.identity) if settings.uses_pump else None
+            )
+            if pump is not None:
+                stack.push_async_callback(pump.close)
+            service = cls(settings, engine, client, embedded, metrics, guard_bypass=guard_bypass, pump=pump)
+            service._start_settlement(clock, alert or structlog_alert(metrics))
+            if background:
+                await service._first_sync()
+                service._start_background()
+            await service.guard.start()
+            stack.push_async_callback(service._stop)
+            yield service
 
     async def collect_metrics(self) -> None:
         """Refresh the state gauges (queue depths, lag, breaker, guard) before a scrape."""
@@ -229,8 +226,8 @@ class Service:
         if self.settings.parity_check_interval_s:
             watch = self.guard.watch_parity(self.settings.parity_check_interval_s, self.projector.request_repair)
             self._spawn(watch, "parity-watch")
-        self._spawn(self.engine.run_sweeper(), "sweeper")
-        self._spawn(self.engine.run_archiver(), "archiver")
+        self._spawn(run_sweeper(self.engine), "sweeper")
+        self._spawn(run_archiver(self.engine), "archiver")
         if self.worker is not None:
             self._spawn(self.worker.run(), "finalize-worker")
 

@@ -16,6 +16,7 @@ from typing import Final
 import msgspec
 
 from tollway.core.events import Payload, RateSnapshot
+from tollway.core.lifecycle import HoldEnd
 from tollway.core.money import DEFAULT_CREDIT_UNITS_PER_USD, MAX_REQUEST_COST_MICRO, PPM
 from tollway.core.state import Account, Entry
 
@@ -23,7 +24,7 @@ RESERVE_TTL_SECONDS: Final = 300
 MAX_PENDING_RISK_LIMIT_CU: Final = 500
 MAX_PENDING_RECONCILIATION: Final = 50
 MAX_STORED_RESPONSE_BYTES: Final = 64 * 1024
-RELEASE_REASONS: Final = frozenset({"pre_stream_failure", "user_cancel"})
+RELEASE_REASONS: Final = frozenset(end.value for end in HoldEnd if end is not HoldEnd.EXPIRED)
 
 
 class OverrunPolicy(enum.Enum):

@@ -16,18 +16,21 @@ the id factory as arguments, so the same inputs give the same answer.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Protocol, TypeVar
 
 import msgspec
 
 from tollway.core import commands as cmd
 from tollway.core import events as ev
 from tollway.core.commands import Policy, Refusal, RefusalCode
-from tollway.core.lifecycle import EntryState, can_transition
+from tollway.core.lifecycle import EntryKind, EntryState, HoldEnd, can_transition
 from tollway.core.money import INT64_MAX, MICRO_PER_USD, Rounding, micro_to_cu, usdc_to_usd_micro
 from tollway.core.state import CreditRecord, Entry, State, credit_fingerprint, request_key, split_request_key
 
 S = EntryState
+_RESERVE: Final = EntryKind.RESERVE  # module constants: an Enum's attribute costs ~0.2 µs on Python 3.11
+_RELEASED: Final = S.RELEASED
+_EXPIRED: Final = HoldEnd.EXPIRED.value
 GONE: Final = " (never made, or archived past the retention)"
 """Why an entry id is unknown: the end of every ``not_found`` message about one."""
 
@@ -90,8 +93,9 @@ def outcome(state: State, write: Write, command: cmd.Command) -> cmd.Outcome:
     if isinstance(command, cmd.Note):
         return cmd.NoteResult(state.last_sequence)
     if isinstance(command, cmd.Archive):
-        archived: ev.EntriesArchived = write.payloads[0]  # type: ignore[assignment]
-        return cmd.ArchiveResult(len(archived.entries), state.last_sequence, len(archived.credits))
+        match write.payloads:
+            case (ev.EntriesArchived() as archived,):
+                return cmd.ArchiveResult(len(archived.entries), state.last_sequence, len(archived.credits))
     entry = state.entries[write.billing_entry_id]
     return cmd.EntryResult(entry, created=write.created, response_json=state.responses.get(entry.billing_entry_id))
 
@@ -154,10 +158,42 @@ def _insufficient(available_micro: int, requested_micro: int, rate: int) -> Refu
     )
 
 
-def _lookup(state: State, entry_id: str) -> Entry | Refusal:
-    entry = state.entries.get(entry_id)
+class _OnEntry(Protocol):
+    """A command on an existing entry."""
+
+    @property
+    def billing_entry_id(self) -> str:
+        """The entry it applies to."""
+        ...
+
+
+C = TypeVar("C", bound=_OnEntry)
+Repeat = Callable[[State, Entry, C], Decision | None]
+"""A verb's own answer to a repeat of itself (a replay, or a refusal), None when it is no repeat."""
+
+
+def _find(
+    state: State, c: C, verb: str, target: EntryState, now_ms: int | None, *, repeat: Repeat[C] | None = None
+) -> Entry | Decision:
+    """The entry that ``verb`` moves to ``target``, or the answer instead; the one legality check of ``decide``.
+
+    In order: NOT_FOUND; ``repeat``'s answer; for a verb on a live hold (``now_ms`` given),
+    RESERVATION_EXPIRED for a hold that expired, whether or not the sweeper got to it yet;
+    INVALID_TRANSITION when the lifecycle table does not allow the move.
+    """
+    entry = state.entries.get(c.billing_entry_id)
     if entry is None:
+        entry_id = c.billing_entry_id
         return _refuse(RefusalCode.NOT_FOUND, f"no billing entry {entry_id}{GONE}", billing_entry_id=entry_id)
+    answer = None if repeat is None else repeat(state, entry, c)
+    if answer is not None:
+        return answer
+    if now_ms is not None and entry.state is _RELEASED and entry.reason == _EXPIRED:
+        return _expired_refusal(entry)
+    if not can_transition(entry.state, target):
+        return _transition_refusal(entry, verb)
+    if now_ms is not None and _is_expired(entry, now_ms):
+        return _expired_refusal(entry)
     return entry
 
 
@@ -268,20 +304,21 @@ def _charged(entry: Entry, actual_micro: int, available_micro: int, policy: Poli
     return estimate + min(actual_micro - estimate, available_micro)
 
 
+_COMMIT_TARGET: Final = (S.COMMITTED, S.FINALIZE_PENDING)  # by policy.finalize
+
+
+def _repeated_commit(state: State, entry: Entry, c: cmd.Commit) -> Decision | None:
+    if entry.kind is not _RESERVE or entry.actual_cost_micro is None:
+        return None
+    if entry.actual_cost_micro == c.actual_cost_micro:
+        return _replay(entry, state)
+    return _transition_refusal(entry, "commit")
+
+
 def _commit(state: State, c: cmd.Commit, now_ms: int, policy: Policy) -> Decision:
-    entry = _lookup(state, c.billing_entry_id)
-    if isinstance(entry, Refusal):
+    entry = _find(state, c, "commit", _COMMIT_TARGET[policy.finalize], now_ms, repeat=_repeated_commit)
+    if not isinstance(entry, Entry):
         return entry
-    if entry.kind == "reserve" and entry.actual_cost_micro is not None:
-        if entry.actual_cost_micro == c.actual_cost_micro:
-            return _replay(entry, state)
-        return _transition_refusal(entry, "commit")
-    if entry.state is S.RELEASED and entry.reason == "expired":
-        return _expired_refusal(entry)
-    if entry.state is not S.RESERVE_HELD:
-        return _transition_refusal(entry, "commit")
-    if _is_expired(entry, now_ms):
-        return _expired_refusal(entry)
     refusal = _amount_limit(c.actual_cost_micro, policy, "actual_cost_micro")
     if refusal is not None:
         return refusal
@@ -305,32 +342,26 @@ def _commit(state: State, c: cmd.Commit, now_ms: int, policy: Policy) -> Decisio
     return Write(entry.billing_entry_id, payloads, entry.correlation_id)
 
 
+def _repeated_release(state: State, entry: Entry, c: cmd.Release) -> Decision | None:  # noqa: ARG001 - a Repeat
+    released = entry.state is _RELEASED and entry.reason != _EXPIRED
+    return _replay(entry, state) if released else None
+
+
 def _release(state: State, c: cmd.Release, now_ms: int) -> Decision:
     if c.reason not in cmd.RELEASE_REASONS:
         return _invalid(f"reason must be one of {sorted(cmd.RELEASE_REASONS)}", "reason")
-    entry = _lookup(state, c.billing_entry_id)
-    if isinstance(entry, Refusal):
+    entry = _find(state, c, "release", _RELEASED, now_ms, repeat=_repeated_release)
+    if not isinstance(entry, Entry):
         return entry
-    if entry.state is S.RELEASED:
-        return _expired_refusal(entry) if entry.reason == "expired" else _replay(entry, state)
-    if entry.state is not S.RESERVE_HELD:
-        return _transition_refusal(entry, "release")
-    if _is_expired(entry, now_ms):
-        return _expired_refusal(entry)
     payload = ev.BillingRelease(entry.account_id, entry.estimated_cost_micro, c.reason)
     return Write(entry.billing_entry_id, (payload,), entry.correlation_id)
 
 
 def _extend(state: State, c: cmd.Extend, now_ms: int, policy: Policy) -> Decision:
-    entry = _lookup(state, c.billing_entry_id)
-    if isinstance(entry, Refusal):
+    # An extension keeps the hold as it is: legal exactly while the hold may still end (RELEASED).
+    entry = _find(state, c, "extend", _RELEASED, now_ms)
+    if not isinstance(entry, Entry):
         return entry
-    if entry.state is S.RELEASED and entry.reason == "expired":
-        return _expired_refusal(entry)
-    if entry.state is not S.RESERVE_HELD:
-        return _transition_refusal(entry, "extend")
-    if _is_expired(entry, now_ms):
-        return _expired_refusal(entry)
     ttl = _ttl(c.ttl_s, policy)
     if isinstance(ttl, Refusal):
         return ttl
@@ -343,10 +374,10 @@ def _extend(state: State, c: cmd.Extend, now_ms: int, policy: Policy) -> Decisio
 
 
 def _expire(state: State, c: cmd.Expire, now_ms: int) -> Decision:
-    entry = _lookup(state, c.billing_entry_id)
-    if isinstance(entry, Refusal):
+    entry = _find(state, c, "expire", _RELEASED, None)
+    if not isinstance(entry, Entry):
         return entry
-    if entry.state is not S.RESERVE_HELD or not _is_expired(entry, now_ms):
+    if not _is_expired(entry, now_ms):
         return _transition_refusal(entry, "expire")
     assert entry.expires_at_ms is not None
     payload = ev.BillingReserveExpired(entry.account_id, entry.estimated_cost_micro, entry.expires_at_ms)
@@ -387,15 +418,14 @@ _SETTLE_TARGET = {cmd.Void: S.VOIDED, cmd.FinalizeAck: S.FINALIZE_ACKED, cmd.Fin
 _SETTLE_VERB = {cmd.Void: "void", cmd.FinalizeAck: "finalize", cmd.FinalizeFail: "fail"}
 
 
+def _repeated_settle(state: State, entry: Entry, c: cmd.Void | cmd.FinalizeAck | cmd.FinalizeFail) -> Decision | None:
+    return _replay(entry, state) if entry.state is _SETTLE_TARGET[type(c)] else None
+
+
 def _settle(state: State, c: cmd.Void | cmd.FinalizeAck | cmd.FinalizeFail) -> Decision:
-    entry = _lookup(state, c.billing_entry_id)
-    if isinstance(entry, Refusal):
+    entry = _find(state, c, _SETTLE_VERB[type(c)], _SETTLE_TARGET[type(c)], None, repeat=_repeated_settle)
+    if not isinstance(entry, Entry):
         return entry
-    target = _SETTLE_TARGET[type(c)]
-    if entry.state is target:
-        return _replay(entry, state)
-    if not can_transition(entry.state, target):
-        return _transition_refusal(entry, _SETTLE_VERB[type(c)])
     payload: ev.Payload
     if isinstance(c, cmd.Void):
         if not c.reason or not c.admin_id:

@@ -25,8 +25,9 @@ and settled like any other charge in settlement mode. These two rows are the onl
 the SPEC's table.
 
 This module knows nothing about money or events; it only says which moves are legal. Every
-state change in tollway goes through :func:`can_transition`, and an illegal move is refused
-before anything is written.
+state change in tollway goes through :func:`can_transition` (in ``decide``, through its one
+helper that finds an entry for a verb), and an illegal move is refused before anything is
+written. It also names the two kinds of entry and the ways a hold ends.
 """
 
 from __future__ import annotations
@@ -46,6 +47,21 @@ class EntryState(enum.Enum):
     FINALIZE_FAILED = "FINALIZE_FAILED"  # settlement gave up; waits for an admin
     RELEASED = "RELEASED"  # the hold went back to available: release or expiry (terminal)
     VOIDED = "VOIDED"  # an admin refunded the charge (terminal)
+
+
+class EntryKind(enum.StrEnum):
+    """How an entry began (the value is what snapshots, the API and Redis carry)."""
+
+    RESERVE = "reserve"  # a hold, then commit, release or expiry
+    CHARGE = "charge"  # a direct, single-phase charge
+
+
+class HoldEnd(enum.StrEnum):
+    """Why a hold was released (an entry's ``reason`` in ``RELEASED``)."""
+
+    PRE_STREAM_FAILURE = "pre_stream_failure"  # the gateway's model call failed before it streamed
+    USER_CANCEL = "user_cancel"  # the user cancelled the request
+    EXPIRED = "expired"  # neither committed nor released before ``expires_at_ms``: the sweeper ended it
 
 
 S = EntryState

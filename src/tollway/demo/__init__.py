@@ -36,6 +36,7 @@ from tollway.audit import AuditReport, audit
 from tollway.audit_live import redis_section, settlement_section
 from tollway.config import Durability, Settings
 from tollway.core.breaker import BreakerState
+from tollway.core.lifecycle import HoldEnd
 from tollway.demo.dashboard import Dashboard, Snapshot
 from tollway.demo.stack import Stack, demo_stack
 from tollway.demo.traffic import Budget, Demo, Tally, gateway, late_commits, mint
@@ -255,7 +256,7 @@ def _result(run: _Run, settings: Settings, report: AuditReport, stats: dict[str,
         breaker_opened=run.breaker_opened,
         pending_at_outage_end=run.pending_at_outage_end,
     )
-    expired = sum(1 for entry in service.engine.state.entries.values() if entry.reason == "expired")
+    expired = sum(1 for entry in service.engine.state.entries.values() if entry.reason == HoldEnd.EXPIRED)
     return DemoResult(
         settings.data_dir,
         settings.durability,
