@@ -149,3 +149,18 @@ def test_serve_end_to_end_then_sigterm(
     assert 0 == process.wait(SERVE_STOP_TIMEOUT_S)
     audit = runner.invoke(app, ["audit", "--data-dir", str(data)])
     assert 0 == audit.exit_code, audit.output
+
+
+def test_mint_never_guesses_units(
+    runner: CliRunner, served: tuple[subprocess.Popen[str], Path, dict[str, str]]
+) -> None:
+    """``mint A 5.00`` is refused (hint: --usd) and writes nothing; ``--usd 5.00`` mints 5,000,000 µUSD, echoed."""
+    _, data, printed = served
+    remote = ["--url", printed["url"], "--data-dir", str(data)]
+    refused = runner.invoke(app, ["accounts", "mint", "acct-2", "5.00", *remote])
+    assert (2, True) == (refused.exit_code, "for dollars give --usd 5.00" in refused.stderr)
+    before = json.loads(runner.invoke(app, ["accounts", "balance", "acct-2", "--json", *remote]).stdout)
+    minted = runner.invoke(app, ["accounts", "mint", "acct-2", "--usd", "5.00", *remote])
+    assert (0, True) == (minted.exit_code, "mint 5,000,000 micro-USD ($5.000000) on acct-2" in minted.stderr)
+    after = json.loads(runner.invoke(app, ["accounts", "balance", "acct-2", "--json", *remote]).stdout)
+    assert (0, 5_000_000) == (before["available_micro"], after["available_micro"])
