@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from tests.test_audit import ENTRY_1, RATE, mint_and_hold, run_traffic, write_log
 from tollway import Engine, Settings
 from tollway.cli import app
+from tollway.cli.common import tollway_command
 from tollway.core import events as ev
 from tollway.testing import FakeClock
 
@@ -169,3 +170,14 @@ def test_inspect_text_shows_how_many_entries_an_archive_drops(runner: CliRunner,
     assert archived > 0
     assert "entries_archived" == line.split()[2]
     assert f"entries=[{archived}]" in line.split()
+
+
+def test_hints_name_the_script_when_tollway_is_not_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the environment is activated, hints say ``.venv/bin/tollway``; once it is on PATH, ``tollway``."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", [".venv/bin/tollway", "demo"])
+    before = tollway_command()
+    script = tmp_path / "tollway"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    assert (".venv/bin/tollway", "tollway") == (before, tollway_command())

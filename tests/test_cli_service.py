@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -164,3 +165,19 @@ def test_mint_never_guesses_units(
     assert (0, True) == (minted.exit_code, "mint 5,000,000 micro-USD ($5.000000) on acct-2" in minted.stderr)
     after = json.loads(runner.invoke(app, ["accounts", "balance", "acct-2", "--json", *remote]).stdout)
     assert (0, 5_000_000) == (before["available_micro"], after["available_micro"])
+
+
+def test_serve_on_a_taken_port_fails_before_creating_anything(tmp_path: Path) -> None:
+    """A taken port is one error line naming it, exit 2, and no key created or token printed."""
+    data = tmp_path / "data"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "tollway.cli", "serve", "--data-dir", str(data), "--port", str(port)]
+        result = subprocess.run(
+            command, capture_output=True, text=True, env=_clean_environment(), timeout=60, check=False
+        )
+    assert (2, True, False) == (result.returncode, f"127.0.0.1:{port}" in result.stderr, "token" in result.stdout)
+    assert "another tollway?" in result.stderr
+    assert not (data / "keys").exists()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import tempfile
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -56,3 +58,14 @@ def test_demo_refuses_a_directory_with_data(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["demo", "--data-dir", str(tmp_path), "--operations", "10"])
     assert 2 == result.exit_code
     assert f"tollway: error: the demo needs an empty data directory; {tmp_path} is not empty\n" == result.stderr
+
+
+def test_demo_removes_its_temporary_directory_after_a_clean_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --data-dir a clean demo leaves nothing in the temp directory and says how to keep the data."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    args = ["demo", "--accounts", "3", "--operations", "120", "--gateways", "4"]
+    result = CliRunner().invoke(app, args, terminal_width=160)
+    assert (0, []) == (result.exit_code, list(tmp_path.iterdir()))
+    assert "demo --data-dir DIR` keeps it" in result.output

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Final, ParamSpec, TypeVar
@@ -105,6 +108,21 @@ def remote_client(url: str | None, token: str | None, data_dir: Path | None, con
         key = read_signing_key(key_file)
         token = issue_token(key, settings, ["billing:admin"], subject=CLI_SUBJECT, ttl_s=CLI_TOKEN_TTL_S)
     return AsyncClient(base_url, token)
+
+
+def tollway_command() -> str:
+    """How to run tollway from this shell, for hints: ``tollway`` when on ``PATH``, else this script's path.
+
+    After ``make demo`` the console script is ``.venv/bin/tollway`` and not on ``PATH`` until the
+    environment is activated; a hint saying a bare ``tollway`` would not work as written.
+    """
+    if shutil.which("tollway") is not None:
+        return "tollway"
+    script = Path(sys.argv[0])
+    if script.name != "tollway":
+        return f"{sys.executable} -m tollway"
+    relative = os.path.relpath(script)
+    return str(script.absolute()) if relative.startswith("..") else relative
 
 
 def print_json(value: Any) -> None:

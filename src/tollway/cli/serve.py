@@ -1,9 +1,10 @@
 """``tollway serve`` and ``tollway token issue``: run the service; sign API tokens.
 
 ``serve`` reads the settings, configures logging, loads the price table (a bad file stops it
-here), prepares the API keys — on a first start without ``auth_public_key_files`` it creates
-the development signing key in ``<data_dir>/keys/`` and prints an admin and a gateway token —
-binds the socket, and hands over to :mod:`tollway.cli.server`.
+here), binds the socket (a taken port stops it before anything is created), prepares the API
+keys — on a first start without ``auth_public_key_files`` it creates the development signing
+key in ``<data_dir>/keys/`` and prints an admin and a gateway token — and hands over to
+:mod:`tollway.cli.server`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import typer
 import uvloop
 
 from tollway.api.auth import Authenticator, Scope, development_key, issue_token
-from tollway.cli.common import ConfigFile, DataDir, clean_errors, settings_for
+from tollway.cli.common import ConfigFile, DataDir, clean_errors, settings_for, tollway_command
 from tollway.cli.server import ServeOptions, serve
 from tollway.config import Settings
 from tollway.core.errors import ConfigError, InvalidInput
@@ -71,9 +72,9 @@ def serve_command(
     )
     _configure_logging(log_level, log_format)
     pricing = _pricing(settings)
+    sock = bind(settings.http_host, settings.http_port)  # a taken port stops here: no key, no tokens
     _print_first_tokens(settings)
     options = ServeOptions(pricing, Authenticator.from_settings(settings), _bypass_requested(), access_log)
-    sock = bind(settings.http_host, settings.http_port)
     typer.echo(f"tollway: data in {settings.data_dir}; starting (WAL recovery, Redis, guard checks)...")
     code = _run(serve(settings, sock, options, on_ready=_announce))
     typer.echo(
@@ -113,7 +114,7 @@ def _print_first_tokens(settings: Settings) -> None:
     if not created:
         typer.echo(
             f"tollway: API tokens verify with the development key in {keys_dir(settings)}; "
-            f"mint one with `tollway token issue --data-dir {settings.data_dir} --scope billing:gateway`"
+            f"mint one with `{tollway_command()} token issue --data-dir {settings.data_dir} --scope billing:gateway`"
         )
         return
     admin = issue_token(key, settings, [Scope.ADMIN.value], subject="admin", ttl_s=DEV_TOKEN_TTL_S)
