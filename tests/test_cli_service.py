@@ -55,12 +55,19 @@ def test_token_issue_prints_a_token_the_service_accepts(runner: CliRunner, tmp_p
     """The printed token verifies with the data directory's key, with the scope, accounts and subject asked for."""
     data = tmp_path / "data"
     args = ["token", "issue", "--data-dir", str(data), "--scope", "gateway", "--accounts", "team-a:*,solo"]
-    result = runner.invoke(app, [*args, "--ttl-s", "60", "--subject", "gw-1"])
+    result = runner.invoke(app, [*args, "--ttl-s", "60", "--subject", "gw-1", "--new-key"])
     assert 0 == result.exit_code, result.output
     token = result.stdout.strip()
     principal = Authenticator.from_settings(Settings(data_dir=data)).authenticate(token)
     assert ("gw-1", frozenset({Scope.GATEWAY, Scope.READ})) == (principal.subject, principal.scopes)
     assert [True, True, False] == [principal.accounts.allows(a) for a in ("team-a:1", "solo", "team-b:1")]
+
+
+def test_token_issue_refuses_a_directory_without_tollway_data(runner: CliRunner, tmp_path: Path) -> None:
+    """A mistyped --data-dir (no WAL, no key) is refused, naming the cause, and no key is created there."""
+    typo = tmp_path / "tollway-dat"
+    result = runner.invoke(app, ["token", "issue", "--data-dir", str(typo), "--scope", "gateway"])
+    assert (2, True, False) == (result.exit_code, "is --data-dir right?" in result.stderr, typo.exists())
 
 
 def test_token_issue_refuses_an_unknown_scope(runner: CliRunner, tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from tollway.logs import configure_logging
 from tollway.net import bind
 from tollway.pricing import default_prices, load_prices
 from tollway.service import keys_dir
+from tollway.tokens import SIGNING_KEY_FILENAME
 
 DEV_TOKEN_TTL_S: Final = 7 * 86_400
 """Lifetime of the tokens printed at the first start."""
@@ -154,21 +155,39 @@ def token_issue(
     ] = None,
     ttl_s: Annotated[int, typer.Option("--ttl-s", min=1, help="Lifetime in seconds.")] = TOKEN_TTL_S_DEFAULT,
     subject: Annotated[str, typer.Option(help="The token's sub (recorded as admin_id of voids).")] = "tollway-cli",
+    new_key: Annotated[
+        bool, typer.Option("--new-key", help="Create a development key even where there is no tollway data yet.")
+    ] = False,
 ) -> None:
-    """Print an API token signed with the data directory's development key (created if missing).
+    """Print an API token signed with the data directory's development key.
 
     Admin implies gateway, which implies read. Without --accounts the token covers every
     account. The service must verify with the same key (no auth_public_key_files configured).
+    A data directory with neither a key nor a WAL is refused (a mistyped --data-dir would
+    otherwise get a key no service trusts) unless --new-key is given.
     """
     settings = settings_for(config, data_dir)
     scopes = parse_scopes(scope)
     patterns = None if accounts is None else [item.strip() for item in accounts.split(",") if item.strip()]
+    _refuse_a_key_without_data(settings, new_key=new_key)
     key, created = development_key(settings)
     if created:
-        typer.echo(f"tollway: created a development signing key in {keys_dir(settings)}", err=True)
+        typer.echo(f"tollway: warning: created a NEW development signing key in {keys_dir(settings)}", err=True)
     if settings.auth_public_key_files.strip():
         typer.echo("tollway: warning: auth_public_key_files is set; the service will not accept this token", err=True)
     typer.echo(issue_token(key, settings, scopes, subject=subject, ttl_s=ttl_s, accounts=patterns))
+
+
+def _refuse_a_key_without_data(settings: Settings, *, new_key: bool) -> None:
+    """InvalidInput when the data directory holds no key and no WAL, unless a new key is asked for."""
+    if new_key or (keys_dir(settings) / SIGNING_KEY_FILENAME).exists() or settings.wal_dir.is_dir():
+        return
+    raise InvalidInput(
+        f"no tollway data in {settings.data_dir} (no WAL, no development key): is --data-dir right? "
+        f"A token signed here would be refused by a service using another directory. "
+        f"`tollway serve --data-dir {settings.data_dir}` creates the key; --new-key creates one here anyway",
+        field="data_dir",
+    )
 
 
 def register(app: typer.Typer) -> None:
