@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from tests.api_fixtures import ADMIN, GATEWAY, READ, Api, api, check_entry, check_error, open_api
@@ -201,3 +202,13 @@ async def test_openapi_documents_every_endpoint(api: Api) -> None:
     assert {"200", "201", "400", "401", "402", "403", "409", "422", "503"} <= set(reserve["responses"])
     docs = await api.http.get("/docs")
     assert (200, True) == (docs.status_code, "swagger" in docs.text.lower())
+
+
+async def test_docs_page_needs_no_internet(api: Api) -> None:
+    """``/docs`` loads nothing from another host, and every script and stylesheet it names is served here."""
+    page = await api.http.get("/docs")
+    assets = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", page.text)
+    served = [await api.http.get(url) for url in assets]
+    assert (200, [], True) == (page.status_code, [url for url in assets if "//" in url], len(assets) >= 3)
+    assert [(200, True)] * len(assets) == [(r.status_code, len(r.content) > 1000) for r in served]
+    assert 404 == (await api.http.get("/docs/assets/secrets.txt")).status_code
