@@ -269,3 +269,26 @@ async def test_an_archived_entry_is_not_found_and_its_request_id_is_new_again(ap
     assert ("92000", "5000", "3000") == (balance["available_micro"], balance["held_micro"], balance["charged_micro"])
     ready = (await api.http.get("/readyz")).json()
     assert {"kept": 1, "archived": 1, "retention_hours": 168} == ready["entries"]
+
+
+async def test_commit_above_the_hold_says_what_the_overrun_policy_did(api: Api) -> None:
+    """An overrun commit shows the excess, the part charged from available and the uncollected rest; others null."""
+    await api.mint("acct-1", 10_500)
+    over, exact = await api.held("acct-1", "over", 5_000), await api.held("acct-1", "exact", 1_000)
+    commit = "/v1/reservations/{}/commit"
+    overrun = await api.http.post(commit.format(over), json={"actual_cost_micro": 12_000}, headers=api.auth(GATEWAY))
+    normal = await api.http.post(commit.format(exact), json={"actual_cost_micro": 900}, headers=api.auth(GATEWAY))
+    expected = {"overrun_micro": "7000", "collected_micro": "4500", "uncollected_micro": "2500"}
+    assert (expected, None) == (check_entry(overrun.json())["overrun"], check_entry(normal.json())["overrun"])
+
+
+async def test_overrun_under_the_cap_policy_collects_nothing_above_the_hold(tmp_path: Path, redis_url: str) -> None:
+    """With ``overrun_policy = cap`` the whole excess is reported uncollected."""
+    settings = Settings(data_dir=tmp_path / "data", redis_url=redis_url, overrun_policy=cmd.OverrunPolicy.CAP)
+    async with open_api(settings, FakeClock()) as api:
+        await api.mint("acct-1", 100_000)
+        entry_id = await api.held("acct-1", "r", 5_000)
+        body = {"actual_cost_micro": "6000"}
+        answer = await api.http.post(f"/v1/reservations/{entry_id}/commit", json=body, headers=api.auth(GATEWAY))
+    expected = {"overrun_micro": "1000", "collected_micro": "0", "uncollected_micro": "1000"}
+    assert ("5000", expected) == (answer.json()["charged_micro"], answer.json()["overrun"])

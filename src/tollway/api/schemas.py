@@ -145,6 +145,14 @@ class RateSnapshotOut(BaseModel):
     frozen_at_ms: int
 
 
+class OverrunOut(BaseModel):
+    """A commit whose actual cost exceeded the hold, and what the ``overrun_policy`` did with the excess."""
+
+    overrun_micro: MicroOut = Field(description="actual cost minus the hold")
+    collected_micro: MicroOut = Field(description="charged beyond the hold, from the available balance")
+    uncollected_micro: MicroOut = Field(description="the excess not charged (cap policy, or not enough available)")
+
+
 class EntryOut(BaseModel):
     """A billing entry."""
 
@@ -168,6 +176,7 @@ class EntryOut(BaseModel):
     wal_sequence: int
     replayed: bool = Field(description="true when an idempotent repeat was answered")
     response: JsonValue = Field(description="the stored gateway response, if the commit carried one")
+    overrun: OverrunOut | None = Field(description="set when the actual cost exceeded the hold; null otherwise")
 
 
 class EntryPageOut(BaseModel):

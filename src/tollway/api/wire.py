@@ -61,6 +61,19 @@ def entry_body(entry: Entry, *, replayed: bool = False, response_json: str | Non
         "wal_sequence": entry.wal_sequence,
         "replayed": replayed,
         "response": None if response_json is None else msgspec.Raw(response_json.encode()),
+        "overrun": overrun_body(entry),
+    }
+
+
+def overrun_body(entry: Entry) -> dict[str, str] | None:
+    """When the actual cost exceeded the hold: by how much, and what the overrun policy did with it."""
+    actual = entry.actual_cost_micro
+    if entry.kind != "reserve" or actual is None or actual <= entry.estimated_cost_micro:
+        return None
+    return {
+        "overrun_micro": str(actual - entry.estimated_cost_micro),
+        "collected_micro": str(entry.charged_micro - entry.estimated_cost_micro),
+        "uncollected_micro": str(entry.uncollected_micro),
     }
 
 
