@@ -40,10 +40,14 @@ async def test_balance_in_micro_and_cu(api: Api) -> None:
     assert expected == {key: body[key] for key in expected}
 
 
-async def test_unknown_account_has_zero_balances(api: Api) -> None:
-    """An account never seen is all zeros, not a 404."""
-    response = await api.http.get("/v1/accounts/nobody", headers=api.auth(READ))
-    assert (200, "0") == (response.status_code, response.json()["available_micro"])
+async def test_unknown_account_has_zero_balances_and_says_it_does_not_exist(api: Api) -> None:
+    """An account never seen is all zeros with ``exists: false`` (not a 404); a credited one exists."""
+    await api.mint("acct-1", 1_000)
+    unknown = await api.http.get("/v1/accounts/acct-l", headers=api.auth(READ))
+    known = await api.http.get("/v1/accounts/acct-1", headers=api.auth(READ))
+    BalanceOut.model_validate(unknown.json())
+    assert (200, "0", False) == (unknown.status_code, unknown.json()["available_micro"], unknown.json()["exists"])
+    assert (200, "1000", True) == (known.status_code, known.json()["available_micro"], known.json()["exists"])
 
 
 async def test_history_pages_with_a_cursor_and_filters_by_state(api: Api) -> None:

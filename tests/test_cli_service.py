@@ -168,10 +168,11 @@ def test_mint_never_guesses_units(
     refused = runner.invoke(app, ["accounts", "mint", "acct-2", "5.00", *remote])
     assert (2, True) == (refused.exit_code, "for dollars give --usd 5.00" in refused.stderr)
     before = json.loads(runner.invoke(app, ["accounts", "balance", "acct-2", "--json", *remote]).stdout)
+    assert "no account 'acct-2'" in runner.invoke(app, ["accounts", "balance", "acct-2", *remote]).stderr
     minted = runner.invoke(app, ["accounts", "mint", "acct-2", "--usd", "5.00", *remote])
     assert (0, True) == (minted.exit_code, "mint 5,000,000 micro-USD ($5.000000) on acct-2" in minted.stderr)
     after = json.loads(runner.invoke(app, ["accounts", "balance", "acct-2", "--json", *remote]).stdout)
-    assert (0, 5_000_000) == (before["available_micro"], after["available_micro"])
+    assert ((0, False), (5_000_000, True)) == tuple((b["available_micro"], b["exists"]) for b in (before, after))
 
 
 def test_serve_on_a_taken_port_fails_before_creating_anything(tmp_path: Path) -> None:

@@ -190,6 +190,7 @@ class BalanceOut(BaseModel):
     """An account's balances in micro-USD and credit units."""
 
     account_id: str
+    exists: bool = Field(description="false for an account no credit or entry ever touched (all zeros): a typo?")
     available_micro: MicroOut
     held_micro: MicroOut
     unsettled_micro: MicroOut

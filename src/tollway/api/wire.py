@@ -77,11 +77,18 @@ def overrun_body(entry: Entry) -> dict[str, str] | None:
     }
 
 
-def balance_body(account_id: str, account: Account, credit_units_per_usd: int, wal_sequence: int) -> dict[str, object]:
-    """An account's balances in micro-USD and credit units, as of ``wal_sequence``."""
+def balance_body(
+    account_id: str, account: Account, credit_units_per_usd: int, wal_sequence: int, *, exists: bool = True
+) -> dict[str, object]:
+    """An account's balances in micro-USD and credit units, as of ``wal_sequence``.
+
+    ``exists`` is false for an account no credit or entry ever touched (all zeros): a typo in an
+    account id must not look like an empty account.
+    """
     rate = credit_units_per_usd
     return {
         "account_id": account_id,
+        "exists": exists,
         "available_micro": str(account.available_micro),
         "held_micro": str(account.held_micro),
         "unsettled_micro": str(account.unsettled_micro),

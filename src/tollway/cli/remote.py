@@ -82,8 +82,10 @@ def balance_command(
     balance = _with_client(url, token, data_dir, config, lambda client: client.balance(account_id))
     if as_json:
         print_json(dataclasses.asdict(balance))
-    else:
-        Console().print(_balance_table(balance))
+        return
+    if not balance.exists:
+        typer.echo(f"tollway: no account {account_id!r}: no credit or entry has touched it (a typo?)", err=True)
+    Console().print(_balance_table(balance))
 
 
 @accounts_app.command("mint")

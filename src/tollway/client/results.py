@@ -110,6 +110,7 @@ class Balance:
     charged_cu: int
     credit_units_per_usd: int
     wal_sequence: int
+    exists: bool = True  # false: no credit or entry ever touched this account (a typo?)
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> Balance:
@@ -126,6 +127,7 @@ class Balance:
             body["charged_cu"],
             body["credit_units_per_usd"],
             body["wal_sequence"],
+            body.get("exists", True) is not False,
         )
 
 
