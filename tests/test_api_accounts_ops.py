@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tests.api_fixtures import ADMIN, GATEWAY, READ, Api, api, check_entry, check_error, open_api
 from tollway import Settings
-from tollway.api.schemas import BalanceOut, CreditOut, GuardOut, PoisonPageOut, ReadyOut
+from tollway.api.schemas import BalanceOut, BreakerDetailOut, CreditOut, GuardOut, PoisonPageOut, ReadyOut
 from tollway.core import commands as cmd
 from tollway.core import events as ev
 from tollway.engine import system_clock_ms
@@ -129,7 +129,9 @@ async def test_dead_letters_replay_and_breaker_in_settlement_mode(tmp_path: Path
             assert "FINALIZE_ACKED" == api.service.engine.state.entries[entry_id].state.value
             breaker = await api.http.get("/v1/settlement/breaker", headers=api.auth(ADMIN))
             reset = await api.http.post("/v1/settlement/breaker/reset", headers=api.auth(ADMIN))
-            assert [{"state": "CLOSED", "value": 0}] * 2 == [breaker.json(), reset.json()]
+            closed = {"state": "CLOSED", "value": 0, "failures": 0, "next_probe_at_ms": None}
+            assert [closed] * 2 == [{key: body.json()[key] for key in closed} for body in (breaker, reset)]
+            BreakerDetailOut.model_validate(breaker.json())
 
 
 async def test_guard_state_and_reset(api: Api) -> None:

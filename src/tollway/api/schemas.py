@@ -255,6 +255,20 @@ class BreakerOut(BaseModel):
     value: int = Field(description="the metric's number: CLOSED 0, OPEN 1, HALF_OPEN 2")
 
 
+class BreakerDetailOut(BreakerOut):
+    """The settlement circuit breaker, with its counts and the next probe time."""
+
+    failures: int = Field(description="failures within the window, counted towards opening (while CLOSED)")
+    failure_threshold: int
+    window_ms: int
+    opened_at_ms: int | None = Field(description="when it last opened (while OPEN)")
+    next_probe_at_ms: int | None = Field(
+        description="when the next probe may go out (OPEN: the cooldown's end; HALF_OPEN: now); null while "
+        "CLOSED or while the probe is out"
+    )
+    next_probe_in_ms: int | None
+
+
 class GuardCheckOut(BaseModel):
     """One named check of the conservation guard and what it found."""
 
