@@ -13,6 +13,8 @@ billing_commit_duration_seconds             histogram   commit, decide → durab
 billing_finalize_duration_seconds           histogram   finalize ack/fail, decide → durable
 billing_command_duration_seconds            histogram   {command} every other command
 billing_pending_reconciliation_count        gauge       FINALIZE_FAILED entries
+billing_pending_reconciliation_limit        gauge       max_pending_reconciliation: new holds get 503 there
+billing_balance_micro                       gauge       {balance} MicroUSD over all accounts (available, held, …)
 billing_circuit_breaker_state               gauge       CLOSED 0, OPEN 1, HALF_OPEN 2
 billing_rejections_total                    counter     {reason} refusals by code
 billing_uncollected_overrun_micro_total     counter     MicroUSD of overruns not collected
@@ -62,7 +64,7 @@ from tollway.core.commands import RefusalCode
 from tollway.core.events import Event
 from tollway.core.guard import CHECK_NAMES, CheckResult, CheckStatus, Guard, GuardState
 from tollway.core.lifecycle import TRANSITIONS, EntryState
-from tollway.core.state import Transition
+from tollway.core.state import Account, Transition
 from tollway.redis.projector import REDIS_ERRORS
 
 if TYPE_CHECKING:
@@ -79,6 +81,8 @@ ALERT_KINDS: Final = ("finalize_poison", "finalize_escalation")
 QUEUE_DEPTH_TIMEOUT_S: Final = 0.5
 """A scrape never waits longer than this for Redis; stale depths are kept meanwhile."""
 TRANSITION_LOGGER: Final = "tollway.transitions"
+BALANCE_NAMES: Final = ("available", "held", "unsettled", "charged")
+"""The ``balance`` labels of ``billing_balance_micro``."""
 TRANSITION_EVENT: Final = "billing_state_transition"
 TRANSITION_LOG_KEYS: Final = (
     "billing_entry_id",
@@ -196,6 +200,15 @@ class Metrics:
         self.wal_appended_records = Counter("wal_appended_records_total", "WAL records written.", registry=r)
         self.wal_appended_bytes = Counter("wal_appended_bytes_total", "WAL bytes written.", registry=r)
         self.wal_durable_sequence = Gauge("wal_durable_sequence", "Highest WAL sequence on disk.", registry=r)
+        self.pending_reconciliation_limit = Gauge(
+            "billing_pending_reconciliation_limit", "FINALIZE_FAILED entries at which new holds get 503.", registry=r
+        )
+        self.balance = Gauge(
+            "billing_balance_micro",
+            "MicroUSD over all accounts: available, held, unsettled, charged.",
+            ["balance"],
+            registry=r,
+        )
         self.entries_kept = Gauge("billing_entries", "Entries the engine keeps (in memory and in Redis).", registry=r)
         self.entries_archived = Gauge(
             "billing_entries_archived", "Entries archived past the retention, over the log's life.", registry=r
@@ -212,6 +225,8 @@ class Metrics:
             self.invariant_violations.labels(check)
         for queue in QUEUE_NAMES:
             self.queue_depth.labels(queue)
+        for balance in BALANCE_NAMES:
+            self.balance.labels(balance)
         for kind in ALERT_KINDS:
             self.alerts.labels(kind)
         self.set_guard(Guard())
@@ -253,6 +268,9 @@ class Metrics:
         """
         if engine is not None:
             self.pending_reconciliation.set(engine.state.finalize_failed_count)
+            self.pending_reconciliation_limit.set(engine.policy.max_pending_reconciliation)
+            for name, total in balance_totals_micro(engine.state.accounts.values()).items():
+                self.balance.labels(name).set(total)
             self.wal_durable_sequence.set(engine.durable_sequence)
             self.entries_kept.set(len(engine.state.entries))
             self.entries_archived.set(engine.state.archived_entries)
@@ -285,6 +303,17 @@ class Metrics:
         """The registry in the format the scraper asked for (text or OpenMetrics) and its content type."""
         encoder, content_type = choose_encoder(accept_header)
         return encoder(self.registry), content_type
+
+
+def balance_totals_micro(accounts: Iterable[Account]) -> dict[str, int]:
+    """Available, held, unsettled and charged MicroUSD summed over ``accounts`` (one pass, at scrape time)."""
+    available = held = unsettled = charged = 0
+    for account in accounts:
+        available += account.available_micro
+        held += account.held_micro
+        unsettled += account.unsettled_micro
+        charged += account.charged_micro
+    return {"available": available, "held": held, "unsettled": unsettled, "charged": charged}
 
 
 def transition_cost_micro(change: Transition) -> int:
