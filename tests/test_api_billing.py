@@ -292,3 +292,16 @@ async def test_overrun_under_the_cap_policy_collects_nothing_above_the_hold(tmp_
         answer = await api.http.post(f"/v1/reservations/{entry_id}/commit", json=body, headers=api.auth(GATEWAY))
     expected = {"overrun_micro": "1000", "collected_micro": "0", "uncollected_micro": "1000"}
     assert ("5000", expected) == (answer.json()["charged_micro"], answer.json()["overrun"])
+
+
+async def test_a_release_without_its_reason_names_the_allowed_reasons(api: Api) -> None:
+    """No body, or a body without ``reason``: 400 naming the field and its allowed values, not just "Field required"."""
+    await api.mint("acct-1", 10_000)
+    entry_id = await api.held("acct-1", "r", 1_000)
+    url = f"/v1/reservations/{entry_id}/release"
+    bodiless = check_error(await api.http.post(url, headers=api.auth(GATEWAY)), 400, "invalid_request")
+    empty = check_error(await api.http.post(url, json={}, headers=api.auth(GATEWAY)), 400, "invalid_request")
+    allowed = "reason (one of 'pre_stream_failure', 'user_cancel')"
+    assert [("body", f"a JSON body is required: {allowed}"), ("reason", f"Field required: {allowed}")] == [
+        (body["field_errors"][0]["field"], body["field_errors"][0]["message"]) for body in (bodiless, empty)
+    ]
