@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import signal
@@ -49,6 +50,19 @@ def test_every_command_has_help(runner: CliRunner, command: list[str]) -> None:
     """``--help`` of each command exits 0 and shows its usage."""
     result = runner.invoke(app, [*command, "--help"])
     assert (0, True) == (result.exit_code, f"Usage: tollway {' '.join(command)}" in result.output)
+
+
+@pytest.mark.parametrize("command", [[], *COMMANDS], ids=lambda command: " ".join(command) or "tollway")
+def test_help_shows_no_type_beside_flags(runner: CliRunner, command: list[str]) -> None:
+    """A flag takes no value: ``--help``, ``--json`` and the like show no ``<bool>`` in the help table."""
+    result = runner.invoke(app, [*command, "--help"], terminal_width=100)
+    assert (0, False) == (result.exit_code, "<bool>" in result.output)
+
+
+def test_version_prints_the_installed_version(runner: CliRunner) -> None:
+    """``tollway --version`` prints the package's version and exits 0."""
+    result = runner.invoke(app, ["--version"])
+    assert (0, f"tollway {importlib.metadata.version('tollway')}\n") == (result.exit_code, result.output)
 
 
 def test_token_issue_prints_a_token_the_service_accepts(runner: CliRunner, tmp_path: Path) -> None:

@@ -23,13 +23,17 @@ Commands (one module each)::
 from __future__ import annotations
 
 import sys
+from importlib.metadata import version
+from typing import Annotated
 
 import typer
 
 from tollway.cli import demo, local, remote, serve, sim
+from tollway.cli.common import Group
 from tollway.logs import configure_logging
 
 app = typer.Typer(
+    cls=Group,
     name="tollway",
     help="tollway: the billing loop for AI-inference gateways (reserve, commit, finalize).",
     epilog="Exit codes: 0 done and sound; 1 a problem was found (corrupt WAL, audit difference); 2 could not run.",
@@ -40,6 +44,22 @@ app = typer.Typer(
 )
 for module in (serve, local, demo, remote, sim):
     module.register(app)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"tollway {version('tollway')}")
+        raise typer.Exit
+
+
+@app.callback()
+def _options(
+    *,
+    show_version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """tollway: the billing loop for AI-inference gateways (reserve, commit, finalize)."""
 
 
 def main() -> None:

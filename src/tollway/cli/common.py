@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Annotated, Any, Final, ParamSpec, TypeVar
 
 import typer
+from typer import _click as click  # typer's own copy of click, whose classes its commands use
+from typer.core import TyperGroup, TyperOption
 
 from tollway.api.auth import issue_token
 from tollway.client import AsyncClient, ClientError
@@ -65,6 +67,32 @@ Token = Annotated[
     ),
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+class Group(TyperGroup):
+    """Typer's command group, with help that shows no ``<bool>`` type beside flags such as ``--help``.
+
+    A flag takes no value, so the type column of the help table stays empty for it (typer would
+    print ``<bool>`` there, which reads as if ``--help true`` were expected).
+    """
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        """The group's own parameters, flags without a type label."""
+        return _without_flag_types(super().get_params(ctx))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """A subcommand, its flags (``--help`` included) without a type label."""
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _without_flag_types(command.get_params(ctx))
+        return command
+
+
+def _without_flag_types(params: list[click.Parameter]) -> list[click.Parameter]:
+    for param in params:
+        if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+            param.metavar = ""
+    return params
 
 
 def clean_errors(func: Callable[P, R]) -> Callable[P, R]:

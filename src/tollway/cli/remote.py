@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tollway.cli.common import AsJson, ConfigFile, DataDir, Token, Url, clean_errors, print_json, remote_client
+from tollway.cli.common import AsJson, ConfigFile, DataDir, Group, Token, Url, clean_errors, print_json, remote_client
 from tollway.client import AsyncClient, Balance, Entry
 from tollway.core.errors import InvalidInput
 from tollway.core.money import format_usd, parse_micro, parse_usd
@@ -30,11 +30,13 @@ HISTORY_LIMIT_DEFAULT = 50
 _DIGITS: Final = frozenset("0123456789")
 
 accounts_app = typer.Typer(
+    cls=Group,
     help="Balances, credits and history of accounts, through the HTTP API.",
     no_args_is_help=True,
     rich_markup_mode="markdown",
 )
 dlq_app = typer.Typer(
+    cls=Group,
     help="The finalize queue's dead letters, through the HTTP API (admin).",
     no_args_is_help=True,
     rich_markup_mode="markdown",

@@ -19,7 +19,7 @@ import typer
 import uvloop
 
 from tollway.api.auth import Authenticator, Scope, development_key, issue_token
-from tollway.cli.common import ConfigFile, DataDir, clean_errors, settings_for, tollway_command
+from tollway.cli.common import ConfigFile, DataDir, Group, clean_errors, settings_for, tollway_command
 from tollway.cli.server import ServeOptions, serve
 from tollway.config import Settings
 from tollway.core.errors import ConfigError, InvalidInput
@@ -38,6 +38,7 @@ _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _LOG_FORMATS: Final = ("auto", "json", "console")
 
 token_app = typer.Typer(
+    cls=Group,
     help="API tokens signed with the data directory's development key.",
     no_args_is_help=True,
     rich_markup_mode="markdown",
