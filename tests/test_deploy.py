@@ -111,3 +111,25 @@ def test_the_dashboard_is_importable() -> None:
     assert all({"x", "y", "w", "h"} <= set(panel["gridPos"]) for panel in panels)
     assert ["DS_PROMETHEUS"] == [item["name"] for item in dashboard["__inputs"]]
     assert [] == [p["title"] for p in panels if p["type"] != "row" and not all(t["expr"] for t in p["targets"])]
+
+
+def test_the_docker_build_context_is_only_what_the_image_copies() -> None:
+    """``.dockerignore`` excludes everything (``.venv`` included) and lets back in exactly what ``COPY`` names."""
+    root = DEPLOY.parent
+    patterns = [line for line in (root / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
+    copied = {
+        source.rstrip("/")
+        for line in (root / "Dockerfile").read_text().splitlines()
+        if line.startswith("COPY ")
+        for source in line.split()[1:-1]
+    }
+    assert ("*", copied) == (patterns[0], {p.removeprefix("!").rstrip("/") for p in patterns if p.startswith("!")})
+
+
+def test_the_healthchecks_follow_the_configured_port() -> None:
+    """The image's healthcheck asks the port the service listens on, not a hard-coded one."""
+    dockerfile = (DEPLOY.parent / "Dockerfile").read_text()
+    healthcheck = next(line for line in dockerfile.splitlines() if line.startswith("HEALTHCHECK"))
+    compose = yaml.safe_load((DEPLOY.parent / "docker-compose.yml").read_text())["services"]["tollway"]
+    assert (True, False) == ("${TOLLWAY_HTTP_PORT}" in healthcheck, "8080" in healthcheck)
+    assert ("8080", False) == (compose["environment"]["TOLLWAY_HTTP_PORT"], "--port" in compose["command"])
