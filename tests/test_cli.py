@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -181,3 +182,13 @@ def test_hints_name_the_script_when_tollway_is_not_on_path(tmp_path: Path, monke
     script.write_text("#!/bin/sh\n")
     script.chmod(0o755)
     assert (".venv/bin/tollway", "tollway") == (before, tollway_command())
+
+
+def test_a_dead_url_is_named_with_a_hint(runner: CliRunner) -> None:
+    """A service that is not there: the error names the whole URL and how to point elsewhere."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again when the block ends: nobody listens there
+    result = runner.invoke(app, ["accounts", "balance", "acct-1", "--url", f"http://127.0.0.1:{port}", "--token", "t"])
+    url = f"http://127.0.0.1:{port}/v1/accounts/acct-1"
+    assert (2, True, True) == (result.exit_code, url in result.stderr, "give --url or TOLLWAY_URL" in result.stderr)

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tollway.cli.common import AsJson, ConfigFile, DataDir, Group, Token, Url, clean_errors, print_json, remote_client
-from tollway.client import AsyncClient, Balance, Entry
+from tollway.client import AsyncClient, Balance, Entry, TransportFailure
 from tollway.core.errors import InvalidInput
 from tollway.core.money import format_usd, parse_micro, parse_usd
 
@@ -54,7 +54,10 @@ def _with_client(
 ) -> T:
     async def run() -> T:
         async with remote_client(url, token, data_dir, config) as client:
-            return await call(client)
+            try:
+                return await call(client)
+            except TransportFailure as exc:
+                raise TransportFailure(f"{exc} (is tollway serving there? give --url or TOLLWAY_URL)") from exc
 
     return asyncio.run(run())
 
