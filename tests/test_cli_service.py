@@ -84,6 +84,15 @@ def test_token_issue_refuses_a_directory_without_tollway_data(runner: CliRunner,
     assert (2, True, False) == (result.exit_code, "is --data-dir right?" in result.stderr, typo.exists())
 
 
+def test_an_unusable_data_directory_is_named_with_the_fix(runner: CliRunner, tmp_path: Path) -> None:
+    """A data directory that cannot be created is one line naming it and --data-dir, not a raw errno."""
+    (tmp_path / "a-file").write_text("")
+    data = tmp_path / "a-file" / "data"
+    result = runner.invoke(app, ["token", "issue", "--data-dir", str(data), "--scope", "admin", "--new-key"])
+    expected = f"tollway: error: cannot use the data directory {data}: Not a directory; give --data-dir"
+    assert (2, True) == (result.exit_code, result.stderr.startswith(expected))
+
+
 def test_token_issue_refuses_an_unknown_scope(runner: CliRunner, tmp_path: Path) -> None:
     """An unknown scope is one error line and exit 2."""
     result = runner.invoke(app, ["token", "issue", "--data-dir", str(tmp_path), "--scope", "root"])

@@ -26,7 +26,7 @@ from typer.core import TyperGroup, TyperOption
 from tollway.api.auth import issue_token
 from tollway.client import AsyncClient, ClientError
 from tollway.config import Settings, settings_from_environment
-from tollway.core.errors import InvalidInput, TollwayError
+from tollway.core.errors import ConfigError, InvalidInput, TollwayError
 from tollway.service import keys_dir
 from tollway.tokens import SIGNING_KEY_FILENAME, read_signing_key
 
@@ -113,6 +113,18 @@ def clean_errors(func: Callable[P, R]) -> Callable[P, R]:
 def settings_for(config: Path | None, data_dir: Path | None, **overrides: object) -> Settings:
     """Settings from the TOML file, then ``TOLLWAY_*``, then the command's options (when given)."""
     return settings_from_environment(None, config, data_dir=data_dir, **overrides)
+
+
+def writable_data_dir(settings: Settings) -> Settings:
+    """``settings`` once its data directory exists (created if need be); ConfigError naming the fix if it cannot."""
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot use the data directory {settings.data_dir}: {exc.strerror or exc}; give --data-dir "
+            "(or TOLLWAY_DATA_DIR) a directory this user can create and write"
+        ) from exc
+    return settings
 
 
 def existing_data_dir(data_dir: Path | None, config: Path | None) -> Settings:

@@ -16,7 +16,7 @@ from rich.text import Text
 
 from tollway import audit as auditing
 from tollway import demo as demos
-from tollway.cli.common import ConfigFile, clean_errors, settings_for, tollway_command
+from tollway.cli.common import ConfigFile, clean_errors, settings_for, tollway_command, writable_data_dir
 from tollway.config import Durability
 from tollway.core.errors import InvalidInput
 
@@ -68,7 +68,7 @@ def demo_command(
     if data_dir is not None and data_dir.exists() and any(data_dir.iterdir()):
         raise InvalidInput(f"the demo needs an empty data directory; {data_dir} is not empty", field="data_dir")
     directory = data_dir if data_dir is not None else Path(tempfile.mkdtemp(prefix="tollway-demo-"))
-    settings = settings_for(config, directory)
+    settings = writable_data_dir(settings_for(config, directory))
     options = demos.DemoOptions(accounts, seconds or DEMO_SECONDS_DEFAULT, operations, seed, gateways, rate or None)
     console = Console()
     result = asyncio.run(demos.run_demo(settings, options, console))

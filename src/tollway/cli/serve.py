@@ -19,7 +19,15 @@ import typer
 import uvloop
 
 from tollway.api.auth import Authenticator, Scope, development_key, issue_token
-from tollway.cli.common import ConfigFile, DataDir, Group, clean_errors, settings_for, tollway_command
+from tollway.cli.common import (
+    ConfigFile,
+    DataDir,
+    Group,
+    clean_errors,
+    settings_for,
+    tollway_command,
+    writable_data_dir,
+)
 from tollway.cli.server import ServeOptions, serve
 from tollway.config import Settings
 from tollway.core.errors import ConfigError, InvalidInput
@@ -75,6 +83,7 @@ def serve_command(
     _configure_logging(log_level, log_format)
     pricing = _pricing(settings)
     sock = bind(settings.http_host, settings.http_port)  # a taken port stops here: no key, no tokens
+    writable_data_dir(settings)
     _print_first_tokens(settings)
     options = ServeOptions(pricing, Authenticator.from_settings(settings), _bypass_requested(), access_log)
     typer.echo(f"tollway: data in {settings.data_dir}; starting (WAL recovery, Redis, guard checks)...")
@@ -171,7 +180,7 @@ def token_issue(
     scopes = parse_scopes(scope)
     patterns = None if accounts is None else [item.strip() for item in accounts.split(",") if item.strip()]
     _refuse_a_key_without_data(settings, new_key=new_key)
-    key, created = development_key(settings)
+    key, created = development_key(writable_data_dir(settings))
     if created:
         typer.echo(f"tollway: warning: created a NEW development signing key in {keys_dir(settings)}", err=True)
     if settings.auth_public_key_files.strip():
