@@ -79,3 +79,11 @@ def test_http_walkthrough_runs_as_written(tmp_path: Path) -> None:
     assert '"replayed":true' in result.stdout.replace(" ", "")
     assert '"available_micro":"' in result.stdout
     assert "Verdict: CLEAN" in result.stdout
+
+
+def test_the_terms_a_reader_meets_are_defined() -> None:
+    """MicroUSD, credit units (and their rounding), USDC and the settlement service are explained."""
+    text = " ".join(README.read_text().split())
+    terms = text[text.index("**Terms.**") :][:1200]
+    expected = ["**MicroUSD**", "**Credit units (CU)**", "rounded up", "**USDC**", "**settlement service**"]
+    assert [] == [term for term in expected if term not in terms]
