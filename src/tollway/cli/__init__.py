@@ -13,10 +13,11 @@ API error): one ``tollway: error: …`` line on stderr, never a traceback.
 Commands (one module each)::
 
     tollway serve          --data-dir D [--host H] [--port P] [--redis-url U] [--settlement-url U]   serve.py
-    tollway token issue    --data-dir D --scope S [--accounts a,b*] [--ttl-s N] [--subject X]      serve.py
+    tollway token issue    --data-dir D --scope S [--accounts a,b*] [--ttl-s N] [--new-key]        serve.py
     tollway wal verify|inspect, tollway audit                                                        local.py
     tollway demo                                                                                     demo.py
     tollway accounts balance|mint|history, tollway dlq list|replay   (through the HTTP API)         remote.py
+    tollway --version
     tollway settlement-sim [--data-dir D] [--public-key F]... [faults]                              sim.py
 """
 
