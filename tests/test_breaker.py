@@ -14,6 +14,7 @@ from tollway.core.breaker import (
     record_failure,
     record_success,
     reset,
+    summary,
     transition,
     view,
 )
@@ -154,3 +155,11 @@ def test_transitions_name_their_reason_and_counts() -> None:
         ("admin reset", 0, None),
     ] == [(m.reason, m.failures, m.next_probe_at_ms) for m in moves if m is not None]
     assert None is transition(four, record_failure(Breaker(), 5), 5)
+
+
+def test_summary_counts_while_closed_and_names_the_next_probe_while_open() -> None:
+    """A log line's breaker part: failures of the threshold while CLOSED, the wait for the probe while OPEN."""
+    assert [
+        "CLOSED, 2 of 5 failures within 60000 ms",
+        "OPEN, next probe in 29990 ms",
+    ] == [summary(failed([0, 1]), 5), summary(failed([0, 1, 2, 3, 10]), 20)]

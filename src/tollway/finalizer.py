@@ -151,15 +151,9 @@ class FinalizeWorker:
             brk.record_success(self.breaker, now) if healthy else brk.record_failure(self.breaker, now), now
         )
         if not healthy:
-            cfg = self.breaker.config
+            summary = brk.summary(self.breaker, now)
             log.warning(
-                "settlement call for %s failed: %s; breaker %s, %d of %d failures within %d ms",
-                request.billing_entry_id,
-                attempt.reason,
-                self.breaker.state.name,
-                brk.recent_failures(self.breaker, now),
-                cfg.failure_threshold,
-                cfg.window_ms,
+                "settlement call for %s failed: %s; breaker %s", request.billing_entry_id, attempt.reason, summary
             )
         return attempt
 

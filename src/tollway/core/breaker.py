@@ -181,6 +181,17 @@ def transition(before: Breaker, after: Breaker, now_ms: int, *, admin_reset: boo
     )
 
 
+def summary(breaker: Breaker, now_ms: int) -> str:
+    """The breaker in a few words for a log line: its state and what it counts or waits for."""
+    cfg = breaker.config
+    if breaker.state is BreakerState.CLOSED:
+        return (
+            f"CLOSED, {recent_failures(breaker, now_ms)} of {cfg.failure_threshold} failures within {cfg.window_ms} ms"
+        )
+    next_probe = next_probe_at_ms(breaker, now_ms)
+    return breaker.state.name if next_probe is None else f"{breaker.state.name}, next probe in {next_probe - now_ms} ms"
+
+
 def view(breaker: Breaker, now_ms: int) -> dict[str, object]:
     """What the API shows: state, metric value, failures counted, threshold and the next probe time."""
     current = observe(breaker, now_ms)
