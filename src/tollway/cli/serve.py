@@ -195,7 +195,8 @@ def _refuse_a_key_without_data(settings: Settings, *, new_key: bool) -> None:
     raise InvalidInput(
         f"no tollway data in {settings.data_dir} (no WAL, no development key): is --data-dir right? "
         f"A token signed here would be refused by a service using another directory. "
-        f"`tollway serve --data-dir {settings.data_dir}` creates the key; --new-key creates one here anyway",
+        f"`{tollway_command()} serve --data-dir {settings.data_dir}` creates the key; "
+        "--new-key creates one here anyway",
         field="data_dir",
     )
 
