@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import tempfile
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from typer.testing import CliRunner
 
 from tollway import EntryState, Settings
 from tollway.cli import app
+from tollway.cli.demo import WORKER_LOGGER, quiet_worker_logs
 from tollway.core.ledger import FUNDING
 from tollway.demo import DemoOptions, run_demo
 from tollway.demo.dashboard import BILLING_COLUMNS, SETTLEMENT_COLUMNS, Dashboard, Snapshot
@@ -104,3 +106,14 @@ def test_the_drain_says_what_it_still_waits_for() -> None:
     settling, both = (" ".join(_rendered(dashboard, _snapshot(pending=3, held=h)).split()) for h in (0, 2))
     expected = "waiting for 3 charges to settle and 2 abandoned holds to expire"
     assert (True, False, True) == ("waiting for 3 charges to settle" in settling, "hold" in settling, expected in both)
+
+
+def test_the_demo_keeps_the_worker_quiet_but_for_errors(caplog: pytest.LogCaptureFixture) -> None:
+    """Inside the demo a failed settlement call's warning is not logged (an alert is); the level comes back after."""
+    caplog.set_level(logging.INFO)
+    worker_log = logging.getLogger(WORKER_LOGGER)
+    with quiet_worker_logs():
+        worker_log.warning("settlement call failed")
+        worker_log.error("ALERT finalize_poison")
+    worker_log.warning("after the demo")
+    assert ["ALERT finalize_poison", "after the demo"] == [r.getMessage() for r in caplog.records]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Final
 
@@ -21,6 +24,7 @@ from tollway.config import Durability
 from tollway.core.errors import InvalidInput
 
 DEMO_SECONDS_DEFAULT: Final = 20.0
+WORKER_LOGGER: Final = "tollway.finalizer"
 
 
 # -- demo ------------------------------------------------------------------------------------
@@ -71,11 +75,28 @@ def demo_command(
     settings = writable_data_dir(settings_for(config, directory))
     options = demos.DemoOptions(accounts, seconds or DEMO_SECONDS_DEFAULT, operations, seed, gateways, rate or None)
     console = Console()
-    result = asyncio.run(demos.run_demo(settings, options, console))
+    with quiet_worker_logs():
+        result = asyncio.run(demos.run_demo(settings, options, console))
     console.print(demo_report(result))
     console.print(_closing_hint(directory, kept=data_dir is not None or not result.ok))
     if not result.ok:
         raise typer.Exit(1)
+
+
+@contextlib.contextmanager
+def quiet_worker_logs() -> Iterator[None]:
+    """Only errors from the finalize worker while the demo runs; its level is restored afterwards.
+
+    The demo's outage makes settlement calls fail on purpose: the live table shows the breaker,
+    and a warning per failed call would scroll it away. Alerts (errors) still show.
+    """
+    worker_log = logging.getLogger(WORKER_LOGGER)
+    level = worker_log.level
+    worker_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        worker_log.setLevel(level)
 
 
 def _closing_hint(directory: Path, *, kept: bool) -> str:
