@@ -15,11 +15,13 @@ RUN pip install --no-cache-dir -c requirements.lock .
 RUN useradd --create-home --uid 10001 tollway && mkdir /data && chown tollway /data
 USER tollway
 ENV TOLLWAY_DATA_DIR=/data \
-    TOLLWAY_HTTP_HOST=0.0.0.0
+    TOLLWAY_HTTP_HOST=0.0.0.0 \
+    TOLLWAY_HTTP_PORT=8080
 VOLUME ["/data"]
 EXPOSE 8080
 
-HEALTHCHECK --interval=10s --timeout=3s CMD curl -fsS http://127.0.0.1:8080/healthz || exit 1
+# The port the service listens on (TOLLWAY_HTTP_PORT, also when compose or `docker run -e` changes it).
+HEALTHCHECK --interval=10s --timeout=3s CMD curl -fsS "http://127.0.0.1:${TOLLWAY_HTTP_PORT}/healthz" || exit 1
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["tollway"]
 CMD ["serve"]

@@ -51,9 +51,10 @@ def cli(*args: str) -> list[str]:
 
 
 def issue_token(data_dir: Path, scope: str) -> str:
-    """A token from ``tollway token issue`` (which creates the development key on first use)."""
+    """A token from ``tollway token issue``; ``--new-key`` creates the development key before the first start."""
+    args = ("--scope", scope, "--ttl-s", "86400", "--subject", "bench", "--new-key")
     done = subprocess.run(
-        cli("token", "issue", "--data-dir", str(data_dir), "--scope", scope, "--ttl-s", "86400", "--subject", "bench"),
+        cli("token", "issue", "--data-dir", str(data_dir), *args),
         capture_output=True,
         text=True,
         env=clean_environment(),

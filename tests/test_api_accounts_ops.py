@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from tests.api_fixtures import ADMIN, GATEWAY, READ, Api, api, check_entry, check_error, open_api
 from tollway import Settings
-from tollway.api.schemas import BalanceOut, CreditOut, GuardOut, PoisonPageOut, ReadyOut
+from tollway.api.schemas import BalanceOut, BreakerDetailOut, CreditOut, GuardOut, PoisonPageOut, ReadyOut
 from tollway.core import commands as cmd
 from tollway.core import events as ev
 from tollway.engine import system_clock_ms
@@ -39,10 +40,14 @@ async def test_balance_in_micro_and_cu(api: Api) -> None:
     assert expected == {key: body[key] for key in expected}
 
 
-async def test_unknown_account_has_zero_balances(api: Api) -> None:
-    """An account never seen is all zeros, not a 404."""
-    response = await api.http.get("/v1/accounts/nobody", headers=api.auth(READ))
-    assert (200, "0") == (response.status_code, response.json()["available_micro"])
+async def test_unknown_account_has_zero_balances_and_says_it_does_not_exist(api: Api) -> None:
+    """An account never seen is all zeros with ``exists: false`` (not a 404); a credited one exists."""
+    await api.mint("acct-1", 1_000)
+    unknown = await api.http.get("/v1/accounts/acct-l", headers=api.auth(READ))
+    known = await api.http.get("/v1/accounts/acct-1", headers=api.auth(READ))
+    BalanceOut.model_validate(unknown.json())
+    assert (200, "0", False) == (unknown.status_code, unknown.json()["available_micro"], unknown.json()["exists"])
+    assert (200, "1000", True) == (known.status_code, known.json()["available_micro"], known.json()["exists"])
 
 
 async def test_history_pages_with_a_cursor_and_filters_by_state(api: Api) -> None:
@@ -124,7 +129,9 @@ async def test_dead_letters_replay_and_breaker_in_settlement_mode(tmp_path: Path
             assert "FINALIZE_ACKED" == api.service.engine.state.entries[entry_id].state.value
             breaker = await api.http.get("/v1/settlement/breaker", headers=api.auth(ADMIN))
             reset = await api.http.post("/v1/settlement/breaker/reset", headers=api.auth(ADMIN))
-            assert [{"state": "CLOSED", "value": 0}] * 2 == [breaker.json(), reset.json()]
+            closed = {"state": "CLOSED", "value": 0, "failures": 0, "next_probe_at_ms": None}
+            assert [closed] * 2 == [{key: body.json()[key] for key in closed} for body in (breaker, reset)]
+            BreakerDetailOut.model_validate(breaker.json())
 
 
 async def test_guard_state_and_reset(api: Api) -> None:
@@ -201,3 +208,13 @@ async def test_openapi_documents_every_endpoint(api: Api) -> None:
     assert {"200", "201", "400", "401", "402", "403", "409", "422", "503"} <= set(reserve["responses"])
     docs = await api.http.get("/docs")
     assert (200, True) == (docs.status_code, "swagger" in docs.text.lower())
+
+
+async def test_docs_page_needs_no_internet(api: Api) -> None:
+    """``/docs`` loads nothing from another host, and every script and stylesheet it names is served here."""
+    page = await api.http.get("/docs")
+    assets = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", page.text)
+    served = [await api.http.get(url) for url in assets]
+    assert (200, [], True) == (page.status_code, [url for url in assets if "//" in url], len(assets) >= 3)
+    assert [(200, True)] * len(assets) == [(r.status_code, len(r.content) > 1000) for r in served]
+    assert 404 == (await api.http.get("/docs/assets/secrets.txt")).status_code

@@ -141,3 +141,14 @@ def test_account_filter_patterns() -> None:
     assert principal_from_claims({"exp": 1, "accounts": "x, y*"}).accounts.allows("yes")
     with pytest.raises(TokenInvalid):
         principal_from_claims({"exp": 1, "accounts": [""]})
+
+
+async def test_unknown_kid_hints_at_another_data_directory(api: Api) -> None:
+    """A token signed with another development key gets a 401 naming the key this service trusts."""
+    now = int(time.time())
+    claims = {"iss": "tollway", "aud": "tollway", "sub": "x", "scope": READ, "exp": now + 600}
+    response = await api.http.get(
+        "/v1/accounts/acct-1", headers={"authorization": f"Bearer {generate_signing_key().sign(claims)}"}
+    )
+    message = check_error(response, 401, "unauthorized")["message"]
+    assert (True, True) == (f"kid {api.key.kid}" in message, "another --data-dir?" in message)

@@ -291,3 +291,39 @@ async def test_a_void_is_refused_while_settlement_is_being_called_for_the_entry(
         worker.in_flight.discard(entry_id)
         voided = await api.http.post(f"/v1/entries/{entry_id}/void", json=body, headers=api.auth(ADMIN))
         assert (200, "VOIDED") == (voided.status_code, voided.json()["state"])
+
+
+async def test_commit_above_the_hold_says_what_the_overrun_policy_did(api: Api) -> None:
+    """An overrun commit shows the excess, the part charged from available and the uncollected rest; others null."""
+    await api.mint("acct-1", 10_500)
+    over, exact = await api.held("acct-1", "over", 5_000), await api.held("acct-1", "exact", 1_000)
+    commit = "/v1/reservations/{}/commit"
+    overrun = await api.http.post(commit.format(over), json={"actual_cost_micro": 12_000}, headers=api.auth(GATEWAY))
+    normal = await api.http.post(commit.format(exact), json={"actual_cost_micro": 900}, headers=api.auth(GATEWAY))
+    expected = {"overrun_micro": "7000", "collected_micro": "4500", "uncollected_micro": "2500"}
+    assert (expected, None) == (check_entry(overrun.json())["overrun"], check_entry(normal.json())["overrun"])
+
+
+async def test_overrun_under_the_cap_policy_collects_nothing_above_the_hold(tmp_path: Path, redis_url: str) -> None:
+    """With ``overrun_policy = cap`` the whole excess is reported uncollected."""
+    settings = Settings(data_dir=tmp_path / "data", redis_url=redis_url, overrun_policy=cmd.OverrunPolicy.CAP)
+    async with open_api(settings, FakeClock()) as api:
+        await api.mint("acct-1", 100_000)
+        entry_id = await api.held("acct-1", "r", 5_000)
+        body = {"actual_cost_micro": "6000"}
+        answer = await api.http.post(f"/v1/reservations/{entry_id}/commit", json=body, headers=api.auth(GATEWAY))
+    expected = {"overrun_micro": "1000", "collected_micro": "0", "uncollected_micro": "1000"}
+    assert ("5000", expected) == (answer.json()["charged_micro"], answer.json()["overrun"])
+
+
+async def test_a_release_without_its_reason_names_the_allowed_reasons(api: Api) -> None:
+    """No body, or a body without ``reason``: 400 naming the field and its allowed values, not just "Field required"."""
+    await api.mint("acct-1", 10_000)
+    entry_id = await api.held("acct-1", "r", 1_000)
+    url = f"/v1/reservations/{entry_id}/release"
+    bodiless = check_error(await api.http.post(url, headers=api.auth(GATEWAY)), 400, "invalid_request")
+    empty = check_error(await api.http.post(url, json={}, headers=api.auth(GATEWAY)), 400, "invalid_request")
+    allowed = "reason (one of 'pre_stream_failure', 'user_cancel')"
+    assert [("body", f"a JSON body is required: {allowed}"), ("reason", f"Field required: {allowed}")] == [
+        (body["field_errors"][0]["field"], body["field_errors"][0]["message"]) for body in (bodiless, empty)
+    ]

@@ -5,7 +5,19 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tollway.core.breaker import Breaker, BreakerState, acquire, observe, record_failure, record_success, reset
+from tollway.core.breaker import (
+    Breaker,
+    BreakerState,
+    acquire,
+    next_probe_at_ms,
+    observe,
+    record_failure,
+    record_success,
+    reset,
+    summary,
+    transition,
+    view,
+)
 from tollway.core.retry import BACKOFF_SCHEDULE_MS, MAX_DLQ_RETRIES, Verdict, after_attempt, classify_status
 
 OPEN, CLOSED, HALF = BreakerState.OPEN, BreakerState.CLOSED, BreakerState.HALF_OPEN
@@ -104,3 +116,50 @@ def test_backoff_schedule_then_poison() -> None:
     final = after_attempt(Verdict.RETRY, MAX_DLQ_RETRIES, "503")
     assert (Verdict.POISON, "503 (gave up after 5 attempts)") == (final.verdict, final.reason)
     assert Verdict.POISON == after_attempt(Verdict.POISON, 1, "422").verdict
+
+
+def test_next_probe_time_follows_the_state() -> None:
+    """OPEN: the cooldown's end; HALF_OPEN awaiting a probe: now; probe out or CLOSED: none."""
+    opened = failed([0, 1, 2, 3, 10])
+    half_open = acquire(opened, 30_010).breaker
+    assert [30_010, 30_011, None, None] == [
+        next_probe_at_ms(opened, 20),
+        next_probe_at_ms(observe(opened, 30_011), 30_011),
+        next_probe_at_ms(half_open, 30_020),
+        next_probe_at_ms(Breaker(), 5),
+    ]
+    assert {"state": "OPEN", "next_probe_at_ms": 30_010, "next_probe_in_ms": 29_990} == {
+        key: view(opened, 20)[key] for key in ("state", "next_probe_at_ms", "next_probe_in_ms")
+    }
+
+
+def test_transitions_name_their_reason_and_counts() -> None:
+    """Opening counts the failures; cooldown, probe success, probe failure, probe timeout and reset say so."""
+    four = failed([0, 1, 2, 3])
+    opened = record_failure(four, 4)
+    probing = acquire(opened, 30_004).breaker
+    moves = [
+        transition(four, opened, 4),
+        transition(opened, observe(opened, 30_004), 30_004),
+        transition(probing, record_success(probing, 30_005), 30_005),
+        transition(probing, record_failure(probing, 30_005), 30_005),
+        transition(probing, observe(probing, 35_004), 35_004),
+        transition(opened, reset(opened), 9, admin_reset=True),
+    ]
+    assert [
+        ("5 failures within 60000 ms", 5, 30_004),
+        ("cooldown of 30000 ms over: the next call is the probe", 0, 30_004),
+        ("the probe succeeded", 0, None),
+        ("the probe failed", 0, 60_005),
+        ("the probe had no outcome within 5000 ms", 0, 65_004),
+        ("admin reset", 0, None),
+    ] == [(m.reason, m.failures, m.next_probe_at_ms) for m in moves if m is not None]
+    assert None is transition(four, record_failure(Breaker(), 5), 5)
+
+
+def test_summary_counts_while_closed_and_names_the_next_probe_while_open() -> None:
+    """A log line's breaker part: failures of the threshold while CLOSED, the wait for the probe while OPEN."""
+    assert [
+        "CLOSED, 2 of 5 failures within 60000 ms",
+        "OPEN, next probe in 29990 ms",
+    ] == [summary(failed([0, 1]), 5), summary(failed([0, 1, 2, 3, 10]), 20)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 from tests.test_audit import ENTRY_1, RATE, mint_and_hold, run_traffic, write_log
 from tollway import Engine, Settings
 from tollway.cli import app
+from tollway.cli.common import tollway_command
 from tollway.core import events as ev
 from tollway.housekeeping import archive_once
 from tollway.testing import FakeClock
@@ -170,3 +172,24 @@ def test_inspect_text_shows_how_many_entries_an_archive_drops(runner: CliRunner,
     assert archived > 0
     assert "entries_archived" == line.split()[2]
     assert f"entries=[{archived}]" in line.split()
+
+
+def test_hints_name_the_script_when_tollway_is_not_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the environment is activated, hints say ``.venv/bin/tollway``; once it is on PATH, ``tollway``."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", [".venv/bin/tollway", "demo"])
+    before = tollway_command()
+    script = tmp_path / "tollway"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    assert (".venv/bin/tollway", "tollway") == (before, tollway_command())
+
+
+def test_a_dead_url_is_named_with_a_hint(runner: CliRunner) -> None:
+    """A service that is not there: the error names the whole URL and how to point elsewhere."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again when the block ends: nobody listens there
+    result = runner.invoke(app, ["accounts", "balance", "acct-1", "--url", f"http://127.0.0.1:{port}", "--token", "t"])
+    url = f"http://127.0.0.1:{port}/v1/accounts/acct-1"
+    assert (2, True, True) == (result.exit_code, url in result.stderr, "give --url or TOLLWAY_URL" in result.stderr)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -50,16 +52,45 @@ def test_every_command_has_help(runner: CliRunner, command: list[str]) -> None:
     assert (0, True) == (result.exit_code, f"Usage: tollway {' '.join(command)}" in result.output)
 
 
+@pytest.mark.parametrize("command", [[], *COMMANDS], ids=lambda command: " ".join(command) or "tollway")
+def test_help_shows_no_type_beside_flags(runner: CliRunner, command: list[str]) -> None:
+    """A flag takes no value: ``--help``, ``--json`` and the like show no ``<bool>`` in the help table."""
+    result = runner.invoke(app, [*command, "--help"], terminal_width=100)
+    assert (0, False) == (result.exit_code, "<bool>" in result.output)
+
+
+def test_version_prints_the_installed_version(runner: CliRunner) -> None:
+    """``tollway --version`` prints the package's version and exits 0."""
+    result = runner.invoke(app, ["--version"])
+    assert (0, f"tollway {importlib.metadata.version('tollway')}\n") == (result.exit_code, result.output)
+
+
 def test_token_issue_prints_a_token_the_service_accepts(runner: CliRunner, tmp_path: Path) -> None:
     """The printed token verifies with the data directory's key, with the scope, accounts and subject asked for."""
     data = tmp_path / "data"
     args = ["token", "issue", "--data-dir", str(data), "--scope", "gateway", "--accounts", "team-a:*,solo"]
-    result = runner.invoke(app, [*args, "--ttl-s", "60", "--subject", "gw-1"])
+    result = runner.invoke(app, [*args, "--ttl-s", "60", "--subject", "gw-1", "--new-key"])
     assert 0 == result.exit_code, result.output
     token = result.stdout.strip()
     principal = Authenticator.from_settings(Settings(data_dir=data)).authenticate(token)
     assert ("gw-1", frozenset({Scope.GATEWAY, Scope.READ})) == (principal.subject, principal.scopes)
     assert [True, True, False] == [principal.accounts.allows(a) for a in ("team-a:1", "solo", "team-b:1")]
+
+
+def test_token_issue_refuses_a_directory_without_tollway_data(runner: CliRunner, tmp_path: Path) -> None:
+    """A mistyped --data-dir (no WAL, no key) is refused, naming the cause, and no key is created there."""
+    typo = tmp_path / "tollway-dat"
+    result = runner.invoke(app, ["token", "issue", "--data-dir", str(typo), "--scope", "gateway"])
+    assert (2, True, False) == (result.exit_code, "is --data-dir right?" in result.stderr, typo.exists())
+
+
+def test_an_unusable_data_directory_is_named_with_the_fix(runner: CliRunner, tmp_path: Path) -> None:
+    """A data directory that cannot be created is one line naming it and --data-dir, not a raw errno."""
+    (tmp_path / "a-file").write_text("")
+    data = tmp_path / "a-file" / "data"
+    result = runner.invoke(app, ["token", "issue", "--data-dir", str(data), "--scope", "admin", "--new-key"])
+    expected = f"tollway: error: cannot use the data directory {data}: Not a directory; give --data-dir"
+    assert (2, True) == (result.exit_code, result.stderr.startswith(expected))
 
 
 def test_token_issue_refuses_an_unknown_scope(runner: CliRunner, tmp_path: Path) -> None:
@@ -149,3 +180,35 @@ def test_serve_end_to_end_then_sigterm(
     assert 0 == process.wait(SERVE_STOP_TIMEOUT_S)
     audit = runner.invoke(app, ["audit", "--data-dir", str(data)])
     assert 0 == audit.exit_code, audit.output
+
+
+def test_mint_never_guesses_units(
+    runner: CliRunner, served: tuple[subprocess.Popen[str], Path, dict[str, str]]
+) -> None:
+    """``mint A 5.00`` is refused (hint: --usd) and writes nothing; ``--usd 5.00`` mints 5,000,000 µUSD, echoed."""
+    _, data, printed = served
+    remote = ["--url", printed["url"], "--data-dir", str(data)]
+    refused = runner.invoke(app, ["accounts", "mint", "acct-2", "5.00", *remote])
+    assert (2, True) == (refused.exit_code, "for dollars give --usd 5.00" in refused.stderr)
+    before = json.loads(runner.invoke(app, ["accounts", "balance", "acct-2", "--json", *remote]).stdout)
+    assert "no account 'acct-2'" in runner.invoke(app, ["accounts", "balance", "acct-2", *remote]).stderr
+    minted = runner.invoke(app, ["accounts", "mint", "acct-2", "--usd", "5.00", *remote])
+    assert (0, True) == (minted.exit_code, "mint 5,000,000 micro-USD ($5.000000) on acct-2" in minted.stderr)
+    after = json.loads(runner.invoke(app, ["accounts", "balance", "acct-2", "--json", *remote]).stdout)
+    assert ((0, False), (5_000_000, True)) == tuple((b["available_micro"], b["exists"]) for b in (before, after))
+
+
+def test_serve_on_a_taken_port_fails_before_creating_anything(tmp_path: Path) -> None:
+    """A taken port is one error line naming it, exit 2, and no key created or token printed."""
+    data = tmp_path / "data"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "tollway.cli", "serve", "--data-dir", str(data), "--port", str(port)]
+        result = subprocess.run(
+            command, capture_output=True, text=True, env=_clean_environment(), timeout=60, check=False
+        )
+    assert (2, True, False) == (result.returncode, f"127.0.0.1:{port}" in result.stderr, "token" in result.stdout)
+    assert "another tollway?" in result.stderr
+    assert not (data / "keys").exists()

@@ -60,6 +60,15 @@ async def test_release_extend_charge_void_and_history(api: Api, admin: AsyncClie
     assert () == (await admin.dead_letters()).items
 
 
+async def test_overrun_and_account_existence_are_typed(admin: AsyncClient) -> None:
+    """A commit above its hold carries an Overrun; a balance says whether the account exists."""
+    await admin.credit("acct-1", "m1", 10_000)
+    hold = await admin.reserve("acct-1", "r", estimated_cost_micro=1_000)
+    done = await admin.commit(hold.billing_entry_id, actual_cost_micro=1_500)
+    assert (sdk.Overrun(500, 500, 0), None) == (done.overrun, hold.overrun)
+    assert (True, False) == ((await admin.balance("acct-1")).exists, (await admin.balance("acct-2")).exists)
+
+
 async def test_typed_errors(api: Api, admin: AsyncClient) -> None:
     """Each common code raises its own ApiError subclass with status, code and details."""
     await admin.credit("acct-1", "m1", 1_000)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 from pathlib import Path
 
 import msgspec
+import pytest
 
 from tests.settlement_fixtures import KEYS, Loop, S, commit, finalized, funded, loop
 from tollway import Engine
@@ -60,6 +62,32 @@ async def test_outage_opens_breaker_spends_no_attempts_and_recovers(loop: Loop) 
     assert dict.fromkeys(ids, S.FINALIZE_ACKED) == loop.states()
     assert dict.fromkeys(ids, (2000, 1)) == finalized(loop)
     assert [] == loop.alerts
+
+
+async def test_an_outage_leaves_a_trace_in_the_log_and_a_next_probe_time(
+    loop: Loop, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each failing call logs a line; each breaker change logs once with its reason; the view shows the next probe."""
+    caplog.set_level(logging.INFO, logger="tollway.finalizer")
+    await funded(loop)
+    for i in range(8):
+        await commit(loop, "acct", f"r{i}", 5_000, 2_000)
+    loop.faults(outage=True)
+    await loop.drain()
+    opened_at, cooldown_ms = loop.worker.breaker.opened_at_ms, loop.worker.breaker.config.cooldown_ms
+    assert opened_at is not None
+    view = loop.worker.breaker_view()
+    assert ("OPEN", opened_at + cooldown_ms) == (view["state"], view["next_probe_at_ms"])
+    loop.faults(outage=False)
+    await loop.drain(advance_ms=5_000, rounds=40)
+    lines = [record.getMessage() for record in caplog.records if record.name == "tollway.finalizer"]
+    changes = [line.split(": ")[0] for line in lines if line.startswith("settlement breaker")]
+    expected = [f"settlement breaker {move}" for move in ("CLOSED -> OPEN", "OPEN -> HALF_OPEN", "HALF_OPEN -> CLOSED")]
+    assert expected == changes
+    opened = next(line for line in lines if line.startswith("settlement breaker CLOSED -> OPEN"))
+    assert f"5 failures within 60000 ms (threshold 5); next probe in {cooldown_ms} ms" in opened
+    assert loop.worker.calls - 8 == sum("failed: HTTP 503" in line for line in lines)  # the 8 successes log nothing
+    assert (None, "CLOSED") == (loop.worker.breaker_view()["next_probe_at_ms"], loop.worker.breaker_view()["state"])
 
 
 async def test_terminal_status_is_poison_at_once_and_bulk_replay_acks(loop: Loop) -> None:

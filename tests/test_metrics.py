@@ -389,3 +389,23 @@ async def test_entries_kept_and_archived_are_gauged(settings: Settings, clock: F
     assert (kept, 0) == (value(before, "billing_entries"), value(before, "billing_entries_archived"))
     assert archived > 0
     assert (kept - archived, archived) == (value(after, "billing_entries"), value(after, "billing_entries_archived"))
+
+
+async def test_money_totals_and_the_reconciliation_limit_are_gauged(
+    settings: Settings, clock: FakeClock, metrics: Metrics
+) -> None:
+    """``billing_balance_micro`` sums every account's balances; the reconciliation cap is exported beside its count."""
+    async with Engine.open(settings=settings, clock=clock) as engine:
+        await drive(engine)
+        await engine.execute(cmd.Credit("other", "m2", CreditKind.MINT, 700))
+        await metrics.collect_from(engine=engine)
+        accounts = [engine.balance(name) for name in ("acct", "other")]
+    _, s = scrape(metrics)
+    totals = {name: value(s, "billing_balance_micro", balance=name) for name in ("available", "held", "charged")}
+    expected = {
+        "available": sum(a.available_micro for a in accounts),
+        "held": sum(a.held_micro for a in accounts),
+        "charged": sum(a.charged_micro for a in accounts),
+    }
+    assert ({"available": 1_600, "held": 1_000, "charged": 1_600}, expected) == (totals, expected)
+    assert 50 == value(s, "billing_pending_reconciliation_limit")

@@ -14,8 +14,10 @@ from tollway.core.money import (
     Rounding,
     div_round,
     format_micro,
+    format_usd,
     micro_to_cu,
     parse_micro,
+    parse_usd,
     usd_to_usdc_micro,
     usdc_to_usd_micro,
 )
@@ -129,3 +131,25 @@ def test_div_round_refuses_bad_operands() -> None:
         div_round(1, 0, Rounding.UP)
     with pytest.raises(InvalidAmount):
         div_round(-1, 3, Rounding.DOWN)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("5", 5_000_000), ("5.00", 5_000_000), ("0.000001", 1), ("12.5", 12_500_000), ("007.10", 7_100_000)],
+)
+def test_usd_parses_exactly(text: str, expected: int) -> None:
+    """A dollar amount becomes the exact MicroUSD count, whatever its number of decimals up to six."""
+    assert expected == parse_usd(text)
+
+
+@pytest.mark.parametrize("bad", ["", ".5", "5.", "5.0000001", "-5", "+5", "$5", "5,00", "1e3", "5.0.0", " 5", "٣"])
+def test_usd_refuses_anything_but_plain_dollars(bad: str) -> None:
+    """Signs, symbols, separators, exponents and sub-micro decimals are refused, never rounded."""
+    with pytest.raises(InvalidAmount):
+        parse_usd(bad)
+
+
+@given(amounts)
+def test_usd_round_trip(value: int) -> None:
+    """Every amount printed in dollars parses back to itself."""
+    assert value == parse_usd(format_usd(value).removeprefix("$").replace(",", ""))

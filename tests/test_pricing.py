@@ -102,6 +102,22 @@ def test_unknown_model_is_invalid_input_on_the_model_field() -> None:
     assert "model" == caught.value.field
 
 
+def test_unknown_model_names_the_known_ones() -> None:
+    """The error lists the models the table has (the first twenty, then where to see the rest)."""
+    small = PriceTable({"b": ModelPrice(1, 2), "a": ModelPrice(1, 2)})
+    large = PriceTable({f"m{i:02d}": ModelPrice(1, 2) for i in range(25)})
+    messages = []
+    for table in (small, large):
+        with pytest.raises(InvalidInput) as caught:
+            table.price("gpt-5")
+        messages.append(str(caught.value))
+    named = ", ".join(f"m{i:02d}" for i in range(20))
+    assert [
+        "unknown model 'gpt-5'; known: a, b",
+        f"unknown model 'gpt-5'; known: {named} and 5 more (GET /v1/prices)",
+    ] == messages
+
+
 def test_price_table_is_a_read_only_copy() -> None:
     """A table is a Mapping that neither changes with its source nor accepts assignment."""
     source = {"m": ModelPrice(1, 2)}

@@ -261,7 +261,8 @@ def _enum_of(kind: type[enum.Enum]) -> Callable[[str, object], object]:
         try:
             return raw if isinstance(raw, kind) else kind(raw)
         except ValueError as exc:
-            raise ConfigError(f"invalid value for {name}: {raw!r} ({exc})") from exc
+            allowed = ", ".join(str(member.value) for member in kind)
+            raise ConfigError(f"invalid value for {name}: {raw!r} (one of {allowed})") from exc
 
     return convert
 

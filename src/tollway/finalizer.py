@@ -78,6 +78,22 @@ SETTLED_AFTER_VOID: Final = "settled_after_void"
 """The reconciliation kind recorded when settlement finalized a charge tollway had refunded."""
 
 
+def log_breaker_transition(change: brk.Transition, now_ms: int) -> None:
+    """One line per change of the settlement breaker: a warning when it opens, info otherwise."""
+    level = logging.WARNING if change.to_state is brk.BreakerState.OPEN else logging.INFO
+    probe = "" if change.next_probe_at_ms is None else f"; next probe in {max(0, change.next_probe_at_ms - now_ms)} ms"
+    counts = f" (threshold {change.failure_threshold})" if change.failures else ""
+    log.log(
+        level,
+        "settlement breaker %s -> %s: %s%s%s",
+        change.from_state.name,
+        change.to_state.name,
+        change.reason,
+        counts,
+        probe,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class ReplayReport:
     """What a bulk replay of the dead letters did."""
@@ -117,17 +133,32 @@ class FinalizeWorker:
 
     def breaker_state(self) -> brk.BreakerState:
         """The breaker as of now."""
-        self.breaker = brk.observe(self.breaker, self.engine.now_ms())
+        now = self.engine.now_ms()
+        self._keep_breaker(brk.observe(self.breaker, now), now)
         return self.breaker.state
+
+    def breaker_view(self) -> dict[str, object]:
+        """The breaker as the API shows it: state, failures counted, next probe time."""
+        now = self.engine.now_ms()
+        self._keep_breaker(brk.observe(self.breaker, now), now)
+        return brk.view(self.breaker, now)
 
     def reset_breaker(self) -> None:
         """Admin reset: CLOSED, failures forgotten."""
-        self.breaker = brk.reset(self.breaker)
+        self._keep_breaker(brk.reset(self.breaker), self.engine.now_ms(), admin_reset=True)
+
+    def _keep_breaker(self, breaker: brk.Breaker, now_ms: int, *, admin_reset: bool = False) -> None:
+        """Keep ``breaker``; a change of state is logged once, with its reason and the failure counts."""
+        change = brk.transition(self.breaker, breaker, now_ms, admin_reset=admin_reset)
+        self.breaker = breaker
+        if change is not None:
+            log_breaker_transition(change, now_ms)
 
     async def _call(self, request: FinalizeRequest) -> Attempt | int:
         """One settlement call if the breaker allows it, else how long to wait (ms)."""
-        permit = brk.acquire(self.breaker, self.engine.now_ms())
-        self.breaker = permit.breaker
+        now = self.engine.now_ms()
+        permit = brk.acquire(self.breaker, now)
+        self._keep_breaker(permit.breaker, now)
         if not permit.allowed:
             return permit.retry_in_ms
         self.calls += 1
@@ -138,7 +169,14 @@ class FinalizeWorker:
             self.in_flight.discard(request.billing_entry_id)
         now = self.engine.now_ms()
         healthy = attempt.verdict is not Verdict.RETRY  # a 4xx is an answer: the service is up
-        self.breaker = brk.record_success(self.breaker, now) if healthy else brk.record_failure(self.breaker, now)
+        self._keep_breaker(
+            brk.record_success(self.breaker, now) if healthy else brk.record_failure(self.breaker, now), now
+        )
+        if not healthy:
+            summary = brk.summary(self.breaker, now)
+            log.warning(
+                "settlement call for %s failed: %s; breaker %s", request.billing_entry_id, attempt.reason, summary
+            )
         return attempt
 
     # -- one message -----------------------------------------------------------------------

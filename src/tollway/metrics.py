@@ -13,6 +13,8 @@ billing_commit_duration_seconds             histogram   commit, decide → durab
 billing_finalize_duration_seconds           histogram   finalize ack/fail, decide → durable
 billing_command_duration_seconds            histogram   {command} every other command
 billing_pending_reconciliation_count        gauge       FINALIZE_FAILED entries
+billing_pending_reconciliation_limit        gauge       max_pending_reconciliation: new holds get 503 there
+billing_balance_micro                       gauge       {balance} MicroUSD over all accounts (available, held, …)
 billing_circuit_breaker_state               gauge       CLOSED 0, OPEN 1, HALF_OPEN 2
 billing_rejections_total                    counter     {reason} refusals by code
 billing_uncollected_overrun_micro_total     counter     MicroUSD of overruns not collected
@@ -67,13 +69,13 @@ from tollway.core.commands import RefusalCode
 from tollway.core.events import Event
 from tollway.core.guard import CHECK_NAMES, CheckResult, CheckStatus, Guard, GuardState
 from tollway.core.lifecycle import TRANSITIONS, EntryState
-from tollway.core.state import Transition
+from tollway.core.state import Account, Transition
 from tollway.redis.projector import REDIS_ERRORS
 
 if TYPE_CHECKING:
     from tollway.engine import Engine
     from tollway.finalizer import FinalizeWorker
-    from tollway.redis.projector import Projector
+    from tollway.redis.projector import Projector, ProjectorStatus
     from tollway.redis.queue import FinalizeQueue
     from tollway.redis.server import ServerWatch
 
@@ -85,6 +87,8 @@ ALERT_KINDS: Final = ("finalize_poison", "finalize_escalation")
 QUEUE_DEPTH_TIMEOUT_S: Final = 0.5
 """A scrape never waits longer than this for Redis; stale depths are kept meanwhile."""
 TRANSITION_LOGGER: Final = "tollway.transitions"
+BALANCE_NAMES: Final = ("available", "held", "unsettled", "charged")
+"""The ``balance`` labels of ``billing_balance_micro``."""
 TRANSITION_EVENT: Final = "billing_state_transition"
 TRANSITION_LOG_KEYS: Final = (
     "billing_entry_id",
@@ -214,6 +218,15 @@ class Metrics:
         self.wal_appended_records = Counter("wal_appended_records_total", "WAL records written.", registry=r)
         self.wal_appended_bytes = Counter("wal_appended_bytes_total", "WAL bytes written.", registry=r)
         self.wal_durable_sequence = Gauge("wal_durable_sequence", "Highest WAL sequence on disk.", registry=r)
+        self.pending_reconciliation_limit = Gauge(
+            "billing_pending_reconciliation_limit", "FINALIZE_FAILED entries at which new holds get 503.", registry=r
+        )
+        self.balance = Gauge(
+            "billing_balance_micro",
+            "MicroUSD over all accounts: available, held, unsettled, charged.",
+            ["balance"],
+            registry=r,
+        )
         self.entries_kept = Gauge("billing_entries", "Entries the engine keeps (in memory and in Redis).", registry=r)
         self.entries_archived = Gauge(
             "billing_entries_archived", "Entries archived past the retention, over the log's life.", registry=r
@@ -230,6 +243,8 @@ class Metrics:
             self.invariant_violations.labels(check)
         for queue in QUEUE_NAMES:
             self.queue_depth.labels(queue)
+        for balance in BALANCE_NAMES:
+            self.balance.labels(balance)
         for kind in ALERT_KINDS:
             self.alerts.labels(kind)
         self.set_guard(Guard())
@@ -274,21 +289,11 @@ class Metrics:
             self.embedded_redis_up.set(1 if redis_watch.up else 0)
             self.embedded_redis_restarts.set(redis_watch.restarts)
         if engine is not None:
-            self.pending_reconciliation.set(engine.state.finalize_failed_count)
-            self.wal_durable_sequence.set(engine.durable_sequence)
-            self.entries_kept.set(len(engine.state.entries))
-            self.entries_archived.set(engine.state.archived_entries)
+            self._collect_engine(engine)
         if worker is not None:
             self.breaker_state.set(worker.breaker_state().value)
         if projector is not None:
-            status = projector.status()
-            self.projection_lag_events.set(status.lag_events)
-            self.projection_lag_seconds.set(status.lag_ms / 1000)
-            self.projection_connected.set(1 if status.connected else 0)
-            self.projection_divergences.set(status.divergences)
-            self.projection_stopped.set(1 if status.violation is not None else 0)
-            for state in PUMP_STATES:
-                self.projection_pump.labels(state).set(1 if status.pump == state else 0)
+            self._collect_projection(projector.status())
         if guard is not None:
             self.set_guard(guard)
         if queue is not None:
@@ -298,6 +303,24 @@ class Metrics:
                 return
             for name, depth in depths.items():
                 self.queue_depth.labels(name).set(depth)
+
+    def _collect_engine(self, engine: Engine) -> None:
+        self.pending_reconciliation.set(engine.state.finalize_failed_count)
+        self.pending_reconciliation_limit.set(engine.policy.max_pending_reconciliation)
+        for name, total in balance_totals_micro(engine.state.accounts.values()).items():
+            self.balance.labels(name).set(total)
+        self.wal_durable_sequence.set(engine.durable_sequence)
+        self.entries_kept.set(len(engine.state.entries))
+        self.entries_archived.set(engine.state.archived_entries)
+
+    def _collect_projection(self, status: ProjectorStatus) -> None:
+        self.projection_lag_events.set(status.lag_events)
+        self.projection_lag_seconds.set(status.lag_ms / 1000)
+        self.projection_connected.set(1 if status.connected else 0)
+        self.projection_divergences.set(status.divergences)
+        self.projection_stopped.set(1 if status.violation is not None else 0)
+        for state in PUMP_STATES:
+            self.projection_pump.labels(state).set(1 if status.pump == state else 0)
 
     # -- exposition ------------------------------------------------------------------------
 
@@ -309,6 +332,17 @@ class Metrics:
         """The registry in the format the scraper asked for (text or OpenMetrics) and its content type."""
         encoder, content_type = choose_encoder(accept_header)
         return encoder(self.registry), content_type
+
+
+def balance_totals_micro(accounts: Iterable[Account]) -> dict[str, int]:
+    """Available, held, unsettled and charged MicroUSD summed over ``accounts`` (one pass, at scrape time)."""
+    available = held = unsettled = charged = 0
+    for account in accounts:
+        available += account.available_micro
+        held += account.held_micro
+        unsettled += account.unsettled_micro
+        charged += account.charged_micro
+    return {"available": available, "held": held, "unsettled": unsettled, "charged": charged}
 
 
 def transition_cost_micro(change: Transition) -> int:

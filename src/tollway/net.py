@@ -8,6 +8,7 @@ Nagle's algorithm and delayed ACKs add ~40 ms to small responses.
 
 from __future__ import annotations
 
+import errno
 import socket
 from typing import Final
 
@@ -27,7 +28,9 @@ def bind(host: str, port: int, backlog: int = LISTEN_BACKLOG) -> socket.socket:
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc}") from exc
+        hint = "; another process (another tollway?) is listening there: stop it or pick another port"
+        taken = exc.errno == errno.EADDRINUSE
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint if taken else ''}") from exc
     return sock
 
 

@@ -69,6 +69,10 @@ PublicKey = ec.EllipticCurvePublicKey | Ed25519PublicKey
 _P256_COORDINATE_BYTES: Final = 32
 
 
+UNKNOWN_KID: Final = "unknown kid"
+"""The reason of a token signed with a key the verifier does not hold."""
+
+
 class TokenError(TollwayError):
     """A token or key problem: root of this module's exceptions."""
 
@@ -335,7 +339,7 @@ def _pick_key(
         raise TokenInvalid("no kid")
     key = keys.get(kid)
     if key is None:
-        raise TokenInvalid("unknown kid")
+        raise TokenInvalid(UNKNOWN_KID)
     if key.alg != alg:
         raise TokenInvalid("alg does not match the key")
     return alg, key.public_key

@@ -11,7 +11,8 @@ answered without the middleware stack and the router's per-request machinery, th
 routes answer them); then FastAPI's own middleware and the body limit (413 before parsing).
 Errors of every kind are turned into the
 stable body by :mod:`tollway.api.errors`. ``/openapi.json`` is generated from the handlers and
-the pydantic schemas; ``/docs`` renders it.
+the pydantic schemas; ``/docs`` renders it with Swagger UI served from an installed package
+(:mod:`tollway.api.docs`), so it works without internet.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from fastapi import FastAPI
 from fastapi.telemetry import TelemetryConfig
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tollway.api import routes_accounts, routes_billing, routes_ops
+from tollway.api import docs, routes_accounts, routes_billing, routes_ops
 from tollway.api.auth import Authenticator
 from tollway.api.context import AppContext
 from tollway.api.errors import install_error_handlers
@@ -87,7 +88,7 @@ def create_app(
         version=API_VERSION,
         description=API_DESCRIPTION,
         openapi_url="/openapi.json",
-        docs_url="/docs",
+        docs_url=None,  # tollway.api.docs serves /docs with local assets (FastAPI's loads them from a CDN)
         redoc_url=None,
         redirect_slashes=False,  # "/v1/reservations/" is a 404 with the error body, not a 307 to follow
         telemetry=NO_OPENTELEMETRY,
@@ -99,7 +100,7 @@ def create_app(
         guard if guard is not None else service.guard,
         metrics if metrics is not None else service.metrics,
     )
-    for module in (routes_billing, routes_accounts, routes_ops):
+    for module in (routes_billing, routes_accounts, routes_ops, docs):
         app.include_router(module.router)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit_bytes=service.settings.http_body_bytes_max)

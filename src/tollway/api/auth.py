@@ -38,6 +38,7 @@ from tollway.config import Settings
 from tollway.core.errors import InvalidInput
 from tollway.service import keys_dir
 from tollway.tokens import (
+    UNKNOWN_KID,
     SigningKey,
     TokenInvalid,
     VerificationKey,
@@ -151,8 +152,10 @@ class Authenticator:
         hs256_secret: bytes | None = None,
         clock_s: Callable[[], float] = time.time,
         cache_max: int = TOKEN_CACHE_MAX,
+        unknown_kid_hint: str = "",
     ) -> None:
         self.keys = dict(keys)
+        self.unknown_kid_hint = unknown_kid_hint  # appended to "unknown kid": where this service's keys come from
         self.audience = audience
         self.issuer = issuer
         self.allow_hs256 = allow_hs256
@@ -167,9 +170,14 @@ class Authenticator:
         paths = [Path(item.strip()) for item in settings.auth_public_key_files.split(",") if item.strip()]
         if paths:
             keys = load_verification_keys(paths)
+            hint = f"this service trusts the keys of auth_public_key_files (kid {', '.join(sorted(keys))})"
         else:
             key, _ = development_key(settings)
             keys = {key.kid: key.public()}
+            hint = (
+                f"this service trusts only the development key of its own data directory (kid {key.kid}); "
+                "was the token issued with another --data-dir?"
+            )
         secret = settings.auth_hs256_secret.encode() if settings.auth_hs256_secret else None
         return cls(
             keys,
@@ -177,6 +185,7 @@ class Authenticator:
             issuer=settings.auth_issuer,
             allow_hs256=settings.auth_allow_hs256,
             hs256_secret=secret,
+            unknown_kid_hint=hint,
         )
 
     def authenticate(self, token: str | None) -> Principal:
@@ -202,7 +211,8 @@ class Authenticator:
             )
             principal = principal_from_claims(claims)
         except TokenInvalid as exc:
-            raise ApiError("unauthorized", f"the bearer token was refused: {exc.reason}") from exc
+            hint = f": {self.unknown_kid_hint}" if exc.reason == UNKNOWN_KID and self.unknown_kid_hint else ""
+            raise ApiError("unauthorized", f"the bearer token was refused: {exc.reason}{hint}") from exc
         self._remember(token, principal)
         return principal
 

@@ -36,11 +36,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, Literal, get_args, get_origin
 
 import redis.exceptions
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -160,14 +162,20 @@ async def _invalid_input(_: Request, exc: Exception) -> Response:
     return field_errors_response([(exc.field or "", str(exc))])
 
 
-async def _validation(_: Request, exc: Exception) -> Response:
+async def _validation(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
-    return field_errors_response([_field_error(error) for error in exc.errors()])
+    model = _body_model(request)
+    return field_errors_response([_field_error(error, model) for error in exc.errors()])
 
 
-def _field_error(error: Mapping[str, Any]) -> tuple[str, str]:
-    """``(dotted field path, message)`` of one pydantic error; never echoes the input."""
+def _field_error(error: Mapping[str, Any], model: type[BaseModel] | None = None) -> tuple[str, str]:
+    """``(dotted field path, message)`` of one pydantic error; never echoes the input.
+
+    A missing body or field names what is required (and a choice's allowed values) from the
+    route's body ``model``, so ``Field required`` is never the whole answer.
+    """
     location = [str(part) for part in error.get("loc", ())]
+    in_body = bool(location) and location[0] == "body"
     if location and location[0] in ("body", "query", "path", "header"):
         location = location[1:]
     message = str(error.get("msg", "invalid"))
@@ -175,7 +183,31 @@ def _field_error(error: Mapping[str, Any]) -> tuple[str, str]:
         return "", "the body is not valid JSON"
     if error.get("type") == "model_attributes_type" and not location:
         return "", "the body must be a JSON object sent with Content-Type: application/json"
+    if error.get("type") == "missing" and in_body and model is not None:
+        if not location:
+            return "body", f"a JSON body is required: {_required_fields(model)}"
+        if len(location) == 1 and location[0] in model.model_fields:
+            return location[0], f"Field required: {_describe_field(location[0], model.model_fields[location[0]])}"
     return ".".join(location), message.removeprefix("Value error, ")
+
+
+def _body_model(request: Request) -> type[BaseModel] | None:
+    """The pydantic model of the matched route's JSON body, if it has one."""
+    field = getattr(request.scope.get("route"), "body_field", None)
+    model = getattr(getattr(field, "field_info", None), "annotation", None)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _required_fields(model: type[BaseModel]) -> str:
+    required = [_describe_field(name, info) for name, info in model.model_fields.items() if info.is_required()]
+    return ", ".join(required) if required else "a JSON object (its fields are optional)"
+
+
+def _describe_field(name: str, info: FieldInfo) -> str:
+    """``name``, with its allowed values when it is a choice."""
+    if get_origin(info.annotation) is Literal:
+        return f"{name} (one of {', '.join(repr(value) for value in get_args(info.annotation))})"
+    return name
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

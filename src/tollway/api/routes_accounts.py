@@ -45,12 +45,17 @@ AccountId = Annotated[str, Path(description="the account id", pattern=ACCOUNT_PA
     responses=errors_doc(),
 )
 async def get_account(account_id: AccountId, principal: Reader, request: Request) -> Response:
-    """Available, held, unsettled and charged, in micro-USD and credit units (zeros for an unknown account)."""
+    """Available, held, unsettled and charged, in micro-USD and credit units.
+
+    An account no credit or entry ever touched answers zeros with ``exists: false``.
+    """
     check_account_id(account_id)
     principal.require(Scope.READ, account_id)
     engine = context(request).engine
     account = await engine.read_balance(account_id)
-    return json_response(balance_body(account_id, account, engine.policy.credit_units_per_usd, engine.durable_sequence))
+    exists = account_id in engine.state.accounts
+    rate = engine.policy.credit_units_per_usd
+    return json_response(balance_body(account_id, account, rate, engine.durable_sequence, exists=exists))
 
 
 @router.get(

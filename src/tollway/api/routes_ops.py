@@ -20,7 +20,7 @@ from starlette.responses import Response
 
 from tollway.api.context import Admin, AppContext, Reader, context, require_worker
 from tollway.api.errors import errors_doc
-from tollway.api.schemas import BreakerOut, GuardOut, HealthOut, PoisonPageOut, PricesOut, ReadyOut, ReplayOut
+from tollway.api.schemas import BreakerDetailOut, GuardOut, HealthOut, PoisonPageOut, PricesOut, ReadyOut, ReplayOut
 from tollway.api.wire import json_response
 from tollway.core.pricing import TOKENS_PER_PRICE_UNIT
 from tollway.redis.projector import REDIS_ERRORS, ProjectorStatus
@@ -76,26 +76,25 @@ async def replay_poison(_: Admin, request: Request) -> Response:
 
 
 def _breaker(ctx: AppContext) -> dict[str, object]:
-    state = require_worker(ctx).breaker_state()
-    return {"state": state.name, "value": state.value}
+    return require_worker(ctx).breaker_view()
 
 
 @router.get(
     "/v1/settlement/breaker",
     tags=["settlement"],
-    response_model=BreakerOut,
+    response_model=BreakerDetailOut,
     summary="The settlement circuit breaker — admin",
     responses=errors_doc("settlement_not_configured"),
 )
 async def get_breaker(_: Admin, request: Request) -> Response:
-    """CLOSED, OPEN or HALF_OPEN."""
+    """CLOSED, OPEN or HALF_OPEN, the failures counted, and when the next probe may go out."""
     return json_response(_breaker(context(request)))
 
 
 @router.post(
     "/v1/settlement/breaker/reset",
     tags=["settlement"],
-    response_model=BreakerOut,
+    response_model=BreakerDetailOut,
     summary="Close the breaker and forget its failures — admin",
     responses=errors_doc("settlement_not_configured"),
 )

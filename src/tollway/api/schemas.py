@@ -145,6 +145,14 @@ class RateSnapshotOut(BaseModel):
     frozen_at_ms: int
 
 
+class OverrunOut(BaseModel):
+    """A commit whose actual cost exceeded the hold, and what the ``overrun_policy`` did with the excess."""
+
+    overrun_micro: MicroOut = Field(description="actual cost minus the hold")
+    collected_micro: MicroOut = Field(description="charged beyond the hold, from the available balance")
+    uncollected_micro: MicroOut = Field(description="the excess not charged (cap policy, or not enough available)")
+
+
 class EntryOut(BaseModel):
     """A billing entry."""
 
@@ -168,6 +176,7 @@ class EntryOut(BaseModel):
     wal_sequence: int
     replayed: bool = Field(description="true when an idempotent repeat was answered")
     response: JsonValue = Field(description="the stored gateway response, if the commit carried one")
+    overrun: OverrunOut | None = Field(description="set when the actual cost exceeded the hold; null otherwise")
 
 
 class EntryPageOut(BaseModel):
@@ -181,6 +190,7 @@ class BalanceOut(BaseModel):
     """An account's balances in micro-USD and credit units."""
 
     account_id: str
+    exists: bool = Field(description="false for an account no credit or entry ever touched (all zeros): a typo?")
     available_micro: MicroOut
     held_micro: MicroOut
     unsettled_micro: MicroOut
@@ -244,6 +254,20 @@ class BreakerOut(BaseModel):
 
     state: Literal["CLOSED", "OPEN", "HALF_OPEN"]
     value: int = Field(description="the metric's number: CLOSED 0, OPEN 1, HALF_OPEN 2")
+
+
+class BreakerDetailOut(BreakerOut):
+    """The settlement circuit breaker, with its counts and the next probe time."""
+
+    failures: int = Field(description="failures within the window, counted towards opening (while CLOSED)")
+    failure_threshold: int
+    window_ms: int
+    opened_at_ms: int | None = Field(description="when it last opened (while OPEN)")
+    next_probe_at_ms: int | None = Field(
+        description="when the next probe may go out (OPEN: the cooldown's end; HALF_OPEN: now); null while "
+        "CLOSED or while the probe is out"
+    )
+    next_probe_in_ms: int | None
 
 
 class GuardCheckOut(BaseModel):

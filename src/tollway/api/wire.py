@@ -61,14 +61,34 @@ def entry_body(entry: Entry, *, replayed: bool = False, response_json: str | Non
         "wal_sequence": entry.wal_sequence,
         "replayed": replayed,
         "response": None if response_json is None else msgspec.Raw(response_json.encode()),
+        "overrun": overrun_body(entry),
     }
 
 
-def balance_body(account_id: str, account: Account, credit_units_per_usd: int, wal_sequence: int) -> dict[str, object]:
-    """An account's balances in micro-USD and credit units, as of ``wal_sequence``."""
+def overrun_body(entry: Entry) -> dict[str, str] | None:
+    """When the actual cost exceeded the hold: by how much, and what the overrun policy did with it."""
+    actual = entry.actual_cost_micro
+    if entry.kind != "reserve" or actual is None or actual <= entry.estimated_cost_micro:
+        return None
+    return {
+        "overrun_micro": str(actual - entry.estimated_cost_micro),
+        "collected_micro": str(entry.charged_micro - entry.estimated_cost_micro),
+        "uncollected_micro": str(entry.uncollected_micro),
+    }
+
+
+def balance_body(
+    account_id: str, account: Account, credit_units_per_usd: int, wal_sequence: int, *, exists: bool = True
+) -> dict[str, object]:
+    """An account's balances in micro-USD and credit units, as of ``wal_sequence``.
+
+    ``exists`` is false for an account no credit or entry ever touched (all zeros): a typo in an
+    account id must not look like an empty account.
+    """
     rate = credit_units_per_usd
     return {
         "account_id": account_id,
+        "exists": exists,
         "available_micro": str(account.available_micro),
         "held_micro": str(account.held_micro),
         "unsettled_micro": str(account.unsettled_micro),

@@ -13,23 +13,28 @@ API error): one ``tollway: error: …`` line on stderr, never a traceback.
 Commands (one module each)::
 
     tollway serve          --data-dir D [--host H] [--port P] [--redis-url U] [--settlement-url U]   serve.py
-    tollway token issue    --data-dir D --scope S [--accounts a,b*] [--ttl-s N] [--subject X]      serve.py
+    tollway token issue    --data-dir D --scope S [--accounts a,b*] [--ttl-s N] [--new-key]        serve.py
     tollway wal verify|inspect, tollway audit                                                        local.py
     tollway demo                                                                                     demo.py
     tollway accounts balance|mint|history, tollway dlq list|replay   (through the HTTP API)         remote.py
+    tollway --version
     tollway settlement-sim [--data-dir D] [--public-key F]... [faults]                              sim.py
 """
 
 from __future__ import annotations
 
 import sys
+from importlib.metadata import version
+from typing import Annotated
 
 import typer
 
 from tollway.cli import demo, local, remote, serve, sim
+from tollway.cli.common import Group
 from tollway.logs import configure_logging
 
 app = typer.Typer(
+    cls=Group,
     name="tollway",
     help="tollway: the billing loop for AI-inference gateways (reserve, commit, finalize).",
     epilog="Exit codes: 0 done and sound; 1 a problem was found (corrupt WAL, audit difference); 2 could not run.",
@@ -40,6 +45,22 @@ app = typer.Typer(
 )
 for module in (serve, local, demo, remote, sim):
     module.register(app)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"tollway {version('tollway')}")
+        raise typer.Exit
+
+
+@app.callback()
+def _options(
+    *,
+    show_version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """tollway: the billing loop for AI-inference gateways (reserve, commit, finalize)."""
 
 
 def main() -> None:

@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Final, ParamSpec, TypeVar
 
 import typer
+from typer import _click as click  # typer's own copy of click, whose classes its commands use
+from typer.core import TyperGroup, TyperOption
 
 from tollway.api.auth import issue_token
 from tollway.client import AsyncClient, ClientError
 from tollway.config import Settings, settings_from_environment
-from tollway.core.errors import InvalidInput, TollwayError
+from tollway.core.errors import ConfigError, InvalidInput, TollwayError
 from tollway.service import keys_dir
 from tollway.tokens import SIGNING_KEY_FILENAME, read_signing_key
 
@@ -64,6 +69,32 @@ Token = Annotated[
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
+class Group(TyperGroup):
+    """Typer's command group, with help that shows no ``<bool>`` type beside flags such as ``--help``.
+
+    A flag takes no value, so the type column of the help table stays empty for it (typer would
+    print ``<bool>`` there, which reads as if ``--help true`` were expected).
+    """
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        """The group's own parameters, flags without a type label."""
+        return _without_flag_types(super().get_params(ctx))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """A subcommand, its flags (``--help`` included) without a type label."""
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _without_flag_types(command.get_params(ctx))
+        return command
+
+
+def _without_flag_types(params: list[click.Parameter]) -> list[click.Parameter]:
+    for param in params:
+        if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
 def clean_errors(func: Callable[P, R]) -> Callable[P, R]:
     """Turn a tollway, SDK or OS error into one line on stderr and exit 2 — never a traceback."""
 
@@ -82,6 +113,18 @@ def clean_errors(func: Callable[P, R]) -> Callable[P, R]:
 def settings_for(config: Path | None, data_dir: Path | None, **overrides: object) -> Settings:
     """Settings from the TOML file, then ``TOLLWAY_*``, then the command's options (when given)."""
     return settings_from_environment(None, config, data_dir=data_dir, **overrides)
+
+
+def writable_data_dir(settings: Settings) -> Settings:
+    """``settings`` once its data directory exists (created if need be); ConfigError naming the fix if it cannot."""
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot use the data directory {settings.data_dir}: {exc.strerror or exc}; give --data-dir "
+            "(or TOLLWAY_DATA_DIR) a directory this user can create and write"
+        ) from exc
+    return settings
 
 
 def existing_data_dir(data_dir: Path | None, config: Path | None) -> Settings:
@@ -105,6 +148,21 @@ def remote_client(url: str | None, token: str | None, data_dir: Path | None, con
         key = read_signing_key(key_file)
         token = issue_token(key, settings, ["billing:admin"], subject=CLI_SUBJECT, ttl_s=CLI_TOKEN_TTL_S)
     return AsyncClient(base_url, token)
+
+
+def tollway_command() -> str:
+    """How to run tollway from this shell, for hints: ``tollway`` when on ``PATH``, else this script's path.
+
+    After ``make demo`` the console script is ``.venv/bin/tollway`` and not on ``PATH`` until the
+    environment is activated; a hint saying a bare ``tollway`` would not work as written.
+    """
+    if shutil.which("tollway") is not None:
+        return "tollway"
+    script = Path(sys.argv[0])
+    if script.name != "tollway":
+        return f"{sys.executable} -m tollway"
+    relative = os.path.relpath(script)
+    return str(script.absolute()) if relative.startswith("..") else relative
 
 
 def print_json(value: Any) -> None:

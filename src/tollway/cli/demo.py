@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Final
 
@@ -15,11 +19,12 @@ from rich.text import Text
 
 from tollway import audit as auditing
 from tollway import demo as demos
-from tollway.cli.common import ConfigFile, clean_errors, settings_for
+from tollway.cli.common import ConfigFile, clean_errors, settings_for, tollway_command, writable_data_dir
 from tollway.config import Durability
 from tollway.core.errors import InvalidInput
 
 DEMO_SECONDS_DEFAULT: Final = 20.0
+WORKER_LOGGER: Final = "tollway.finalizer"
 
 
 # -- demo ------------------------------------------------------------------------------------
@@ -30,7 +35,11 @@ def demo_command(
     *,
     data_dir: Annotated[
         Path | None,
-        typer.Option("--data-dir", file_okay=False, help="An empty or new directory [default: a fresh temporary one]."),
+        typer.Option(
+            "--data-dir",
+            file_okay=False,
+            help="An empty or new directory, kept [default: a temporary one, removed after a clean run].",
+        ),
     ] = None,
     accounts: Annotated[int, typer.Option(min=1, max=100_000, help="Accounts to credit and bill.")] = 50,
     seconds: Annotated[
@@ -60,20 +69,49 @@ def demo_command(
     """
     if seconds is not None and operations is not None:
         raise InvalidInput("give --seconds or --operations, not both", field="seconds")
+    if data_dir is not None and data_dir.exists() and any(data_dir.iterdir()):
+        raise InvalidInput(f"the demo needs an empty data directory; {data_dir} is not empty", field="data_dir")
     directory = data_dir if data_dir is not None else Path(tempfile.mkdtemp(prefix="tollway-demo-"))
-    if directory.exists() and any(directory.iterdir()):
-        raise InvalidInput(f"the demo needs an empty data directory; {directory} is not empty", field="data_dir")
-    settings = settings_for(config, directory)
+    settings = writable_data_dir(settings_for(config, directory))
     options = demos.DemoOptions(accounts, seconds or DEMO_SECONDS_DEFAULT, operations, seed, gateways, rate or None)
     console = Console()
-    result = asyncio.run(demos.run_demo(settings, options, console))
+    with quiet_worker_logs():
+        result = asyncio.run(demos.run_demo(settings, options, console))
     console.print(demo_report(result))
-    console.print(
-        f"The data stays in {directory}; look at it with `tollway audit --data-dir {directory}` "
-        f"or `tollway wal inspect --data-dir {directory} --limit 20`."
-    )
+    console.print(_closing_hint(directory, kept=data_dir is not None or not result.ok))
     if not result.ok:
         raise typer.Exit(1)
+
+
+@contextlib.contextmanager
+def quiet_worker_logs() -> Iterator[None]:
+    """Only errors from the finalize worker while the demo runs; its level is restored afterwards.
+
+    The demo's outage makes settlement calls fail on purpose: the live table shows the breaker,
+    and a warning per failed call would scroll it away. Alerts (errors) still show.
+    """
+    worker_log = logging.getLogger(WORKER_LOGGER)
+    level = worker_log.level
+    worker_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        worker_log.setLevel(level)
+
+
+def _closing_hint(directory: Path, *, kept: bool) -> str:
+    """Where the data is and how to look at it; a clean run's temporary directory is removed."""
+    tollway = tollway_command()
+    if not kept:
+        shutil.rmtree(directory, ignore_errors=True)
+        return (
+            f"The demo's temporary data is removed; `{tollway} demo --data-dir DIR` keeps it, to look at with "
+            f"`{tollway} audit --data-dir DIR` or `{tollway} wal inspect --data-dir DIR --limit 20`."
+        )
+    return (
+        f"The data stays in {directory}; look at it with `{tollway} audit --data-dir {directory}` "
+        f"or `{tollway} wal inspect --data-dir {directory} --limit 20`."
+    )
 
 
 def demo_report(result: demos.DemoResult) -> RenderableType:

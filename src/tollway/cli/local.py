@@ -19,7 +19,7 @@ from rich.console import Console
 
 from tollway import audit as auditing
 from tollway.audit_live import redis_section, settlement_section
-from tollway.cli.common import ConfigFile, DataDir, clean_errors, existing_data_dir
+from tollway.cli.common import ConfigFile, DataDir, Group, clean_errors, existing_data_dir
 from tollway.config import Settings
 from tollway.core.errors import InvalidInput, TollwayError
 from tollway.core.events import BILLING_WAL_SCHEMA_VERSION, Event, Unknown
@@ -34,6 +34,7 @@ from tollway.wal import codec
 from tollway.wal.segments import iter_events, verify
 
 wal_app = typer.Typer(
+    cls=Group,
     help="Read the write-ahead log: verify it, inspect its records. Read-only.",
     no_args_is_help=True,
     rich_markup_mode="markdown",

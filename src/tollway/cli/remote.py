@@ -13,25 +13,30 @@ import dataclasses
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Final, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from tollway.cli.common import AsJson, ConfigFile, DataDir, Token, Url, clean_errors, print_json, remote_client
-from tollway.client import AsyncClient, Balance, Entry
+from tollway.cli.common import AsJson, ConfigFile, DataDir, Group, Token, Url, clean_errors, print_json, remote_client
+from tollway.client import AsyncClient, Balance, Entry, TransportFailure
+from tollway.core.errors import InvalidInput
+from tollway.core.money import format_usd, parse_micro, parse_usd
 
 T = TypeVar("T")
 
 HISTORY_LIMIT_DEFAULT = 50
+_DIGITS: Final = frozenset("0123456789")
 
 accounts_app = typer.Typer(
+    cls=Group,
     help="Balances, credits and history of accounts, through the HTTP API.",
     no_args_is_help=True,
     rich_markup_mode="markdown",
 )
 dlq_app = typer.Typer(
+    cls=Group,
     help="The finalize queue's dead letters, through the HTTP API (admin).",
     no_args_is_help=True,
     rich_markup_mode="markdown",
@@ -49,7 +54,10 @@ def _with_client(
 ) -> T:
     async def run() -> T:
         async with remote_client(url, token, data_dir, config) as client:
-            return await call(client)
+            try:
+                return await call(client)
+            except TransportFailure as exc:
+                raise TransportFailure(f"{exc} (is tollway serving there? give --url or TOLLWAY_URL)") from exc
 
     return asyncio.run(run())
 
@@ -79,16 +87,30 @@ def balance_command(
     balance = _with_client(url, token, data_dir, config, lambda client: client.balance(account_id))
     if as_json:
         print_json(dataclasses.asdict(balance))
-    else:
-        Console().print(_balance_table(balance))
+        return
+    if not balance.exists:
+        typer.echo(f"tollway: no account {account_id!r}: no credit or entry has touched it (a typo?)", err=True)
+    Console().print(_balance_table(balance))
 
 
 @accounts_app.command("mint")
 @clean_errors
 def mint_command(
     account_id: Account,
-    amount_micro: Annotated[int, typer.Argument(min=1, help="The amount in micro-USD (1 USD = 1000000).")],
+    amount_micro: Annotated[
+        str | None,
+        typer.Argument(
+            help="The amount in micro-USD, a whole number (1 USD = 1000000); or give --usd instead.",
+            show_default=False,
+        ),
+    ] = None,
     *,
+    usd: Annotated[
+        str | None,
+        typer.Option(
+            "--usd", help="The amount in dollars instead, exact to 6 decimals: --usd 5.00 is 5000000 micro-USD."
+        ),
+    ] = None,
     credit_id: Annotated[
         str | None, typer.Option(help="The idempotency key; repeat it to retry safely [default: a new one].")
     ] = None,
@@ -100,21 +122,59 @@ def mint_command(
     config: ConfigFile = None,
     as_json: AsJson = False,
 ) -> None:
-    """Add prepaid credit to an account (or deduct it, or add a credit note). Needs billing:admin."""
+    """Add prepaid credit to an account (or deduct it, or add a credit note). Needs billing:admin.
+
+    The amount is never guessed: a whole number of micro-USD, or dollars with --usd. Both units
+    are echoed on stderr before anything is written.
+    """
+    amount = credit_amount_micro(amount_micro, usd)
+    typer.echo(f"tollway: {kind} {amount:,} micro-USD ({format_usd(amount)}) on {account_id}", err=True)
     key = credit_id or f"cli-{uuid.uuid4()}"
     result = _with_client(
         url,
         token,
         data_dir,
         config,
-        lambda client: client.credit(account_id, key, amount_micro, kind=kind, reason=reason),
+        lambda client: client.credit(account_id, key, amount, kind=kind, reason=reason),
     )
     if as_json:
         print_json(dataclasses.asdict(result))
         return
     verb = "already applied" if result.replayed else "applied"
-    typer.echo(f"{result.kind} {result.amount_micro:,} micro-USD {verb} (credit_id {result.credit_id})")
+    typer.echo(
+        f"{result.kind} {result.amount_micro:,} micro-USD ({format_usd(result.amount_micro)}) {verb} "
+        f"(credit_id {result.credit_id})"
+    )
     Console().print(_balance_table(result.balance))
+
+
+def credit_amount_micro(amount_micro: str | None, usd: str | None) -> int:
+    """The amount of a credit from exactly one of the micro-USD argument and ``--usd``; never a guess."""
+    if usd is not None and amount_micro is None:
+        amount = parse_usd(usd, field="--usd")
+    elif amount_micro is not None and usd is None:
+        if not _DIGITS.issuperset(amount_micro):
+            hint = f"; for dollars give --usd {amount_micro}" if _looks_like_dollars(amount_micro) else ""
+            raise InvalidInput(
+                f"the amount is a whole number of micro-USD (1 USD = 1000000), not {amount_micro!r}{hint}",
+                field="amount_micro",
+            )
+        amount = parse_micro(amount_micro, field="amount_micro")
+    else:
+        raise InvalidInput(
+            "give the amount once: in micro-USD (a whole number) or in dollars with --usd", field="amount"
+        )
+    if amount < 1:
+        raise InvalidInput("the amount must be at least 1 micro-USD", field="amount_micro")
+    return amount
+
+
+def _looks_like_dollars(text: str) -> bool:
+    try:
+        parse_usd(text)
+    except InvalidInput:
+        return False
+    return True
 
 
 @accounts_app.command("history")

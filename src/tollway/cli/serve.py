@@ -1,9 +1,10 @@
 """``tollway serve`` and ``tollway token issue``: run the service; sign API tokens.
 
 ``serve`` reads the settings, configures logging, loads the price table (a bad file stops it
-here), prepares the API keys — on a first start without ``auth_public_key_files`` it creates
-the development signing key in ``<data_dir>/keys/`` and prints an admin and a gateway token —
-binds the socket, and hands over to :mod:`tollway.cli.server`.
+here), binds the socket (a taken port stops it before anything is created), prepares the API
+keys — on a first start without ``auth_public_key_files`` it creates the development signing
+key in ``<data_dir>/keys/`` and prints an admin and a gateway token — and hands over to
+:mod:`tollway.cli.server`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ import typer
 import uvloop
 
 from tollway.api.auth import Authenticator, Scope, development_key, issue_token
-from tollway.cli.common import ConfigFile, DataDir, clean_errors, settings_for
+from tollway.cli.common import (
+    ConfigFile,
+    DataDir,
+    Group,
+    clean_errors,
+    settings_for,
+    tollway_command,
+    writable_data_dir,
+)
 from tollway.cli.server import ServeOptions, serve
 from tollway.config import Settings
 from tollway.core.errors import ConfigError, InvalidInput
@@ -28,6 +37,7 @@ from tollway.logs import configure_logging
 from tollway.net import bind
 from tollway.pricing import default_prices, load_prices
 from tollway.service import keys_dir
+from tollway.tokens import SIGNING_KEY_FILENAME
 
 DEV_TOKEN_TTL_S: Final = 7 * 86_400
 """Lifetime of the tokens printed at the first start."""
@@ -36,6 +46,7 @@ _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _LOG_FORMATS: Final = ("auto", "json", "console")
 
 token_app = typer.Typer(
+    cls=Group,
     help="API tokens signed with the data directory's development key.",
     no_args_is_help=True,
     rich_markup_mode="markdown",
@@ -71,9 +82,10 @@ def serve_command(
     )
     _configure_logging(log_level, log_format)
     pricing = _pricing(settings)
+    sock = bind(settings.http_host, settings.http_port)  # a taken port stops here: no key, no tokens
+    writable_data_dir(settings)
     _print_first_tokens(settings)
     options = ServeOptions(pricing, Authenticator.from_settings(settings), _bypass_requested(), access_log)
-    sock = bind(settings.http_host, settings.http_port)
     typer.echo(f"tollway: data in {settings.data_dir}; starting (WAL recovery, Redis, guard checks)...")
     code = _run(serve(settings, sock, options, on_ready=_announce))
     typer.echo(
@@ -113,7 +125,7 @@ def _print_first_tokens(settings: Settings) -> None:
     if not created:
         typer.echo(
             f"tollway: API tokens verify with the development key in {keys_dir(settings)}; "
-            f"mint one with `tollway token issue --data-dir {settings.data_dir} --scope billing:gateway`"
+            f"mint one with `{tollway_command()} token issue --data-dir {settings.data_dir} --scope billing:gateway`"
         )
         return
     admin = issue_token(key, settings, [Scope.ADMIN.value], subject="admin", ttl_s=DEV_TOKEN_TTL_S)
@@ -153,21 +165,40 @@ def token_issue(
     ] = None,
     ttl_s: Annotated[int, typer.Option("--ttl-s", min=1, help="Lifetime in seconds.")] = TOKEN_TTL_S_DEFAULT,
     subject: Annotated[str, typer.Option(help="The token's sub (recorded as admin_id of voids).")] = "tollway-cli",
+    new_key: Annotated[
+        bool, typer.Option("--new-key", help="Create a development key even where there is no tollway data yet.")
+    ] = False,
 ) -> None:
-    """Print an API token signed with the data directory's development key (created if missing).
+    """Print an API token signed with the data directory's development key.
 
     Admin implies gateway, which implies read. Without --accounts the token covers every
     account. The service must verify with the same key (no auth_public_key_files configured).
+    A data directory with neither a key nor a WAL is refused (a mistyped --data-dir would
+    otherwise get a key no service trusts) unless --new-key is given.
     """
     settings = settings_for(config, data_dir)
     scopes = parse_scopes(scope)
     patterns = None if accounts is None else [item.strip() for item in accounts.split(",") if item.strip()]
-    key, created = development_key(settings)
+    _refuse_a_key_without_data(settings, new_key=new_key)
+    key, created = development_key(writable_data_dir(settings))
     if created:
-        typer.echo(f"tollway: created a development signing key in {keys_dir(settings)}", err=True)
+        typer.echo(f"tollway: warning: created a NEW development signing key in {keys_dir(settings)}", err=True)
     if settings.auth_public_key_files.strip():
         typer.echo("tollway: warning: auth_public_key_files is set; the service will not accept this token", err=True)
     typer.echo(issue_token(key, settings, scopes, subject=subject, ttl_s=ttl_s, accounts=patterns))
+
+
+def _refuse_a_key_without_data(settings: Settings, *, new_key: bool) -> None:
+    """InvalidInput when the data directory holds no key and no WAL, unless a new key is asked for."""
+    if new_key or (keys_dir(settings) / SIGNING_KEY_FILENAME).exists() or settings.wal_dir.is_dir():
+        return
+    raise InvalidInput(
+        f"no tollway data in {settings.data_dir} (no WAL, no development key): is --data-dir right? "
+        f"A token signed here would be refused by a service using another directory. "
+        f"`{tollway_command()} serve --data-dir {settings.data_dir}` creates the key; "
+        "--new-key creates one here anyway",
+        field="data_dir",
+    )
 
 
 def register(app: typer.Typer) -> None:

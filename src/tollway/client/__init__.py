@@ -54,6 +54,7 @@ from tollway.client.results import (
     CreditResult,
     DeadLetter,
     Entry,
+    Overrun,
     Page,
     Price,
     RateSnapshot,
@@ -75,6 +76,7 @@ __all__ = [
     "InvalidRequest",
     "InvalidTransition",
     "NotFound",
+    "Overrun",
     "Page",
     "PayloadTooLarge",
     "PendingSettlementLimit",
@@ -134,7 +136,8 @@ class AsyncClient:
         try:
             response = await self._http.request(method, path, json=body, params=params)
         except httpx.HTTPError as exc:
-            raise TransportFailure(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+            url = self._http.base_url.join(path)  # the whole URL: a wrong host or port shows at once
+            raise TransportFailure(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
         if response.status_code >= 400:
             raise error_from_response(response)
         return response.json() if response.content else None
@@ -319,6 +322,6 @@ class AsyncClient:
         try:
             response = await self._http.get("/readyz")
         except httpx.HTTPError as exc:
-            raise TransportFailure(f"GET /readyz: {type(exc).__name__}: {exc}") from exc
+            raise TransportFailure(f"GET {self._http.base_url.join('/readyz')}: {type(exc).__name__}: {exc}") from exc
         result: dict[str, Any] = response.json()
         return result

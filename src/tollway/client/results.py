@@ -17,6 +17,12 @@ def _optional_micro(value: object) -> int | None:
     return None if value is None else _micro(value)
 
 
+def _overrun(value: object) -> Overrun | None:
+    if not isinstance(value, Mapping):
+        return None
+    return Overrun(_micro(value["overrun_micro"]), _micro(value["collected_micro"]), _micro(value["uncollected_micro"]))
+
+
 @dataclass(frozen=True, slots=True)
 class RateSnapshot:
     """Exchange rates frozen when the hold was taken."""
@@ -24,6 +30,15 @@ class RateSnapshot:
     credit_units_per_usd: int
     usd_usdc_rate_ppm: int
     frozen_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Overrun:
+    """A commit above the hold: the excess, the part charged from available, the part not collected."""
+
+    overrun_micro: int
+    collected_micro: int
+    uncollected_micro: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +65,7 @@ class Entry:
     wal_sequence: int
     replayed: bool
     response: Any  # the stored gateway response (JSON), or None
+    overrun: Overrun | None = None  # set when the actual cost exceeded the hold
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> Entry:
@@ -75,6 +91,7 @@ class Entry:
             body["wal_sequence"],
             body["replayed"],
             body.get("response"),
+            _overrun(body.get("overrun")),
         )
 
 
@@ -93,6 +110,7 @@ class Balance:
     charged_cu: int
     credit_units_per_usd: int
     wal_sequence: int
+    exists: bool = True  # false: no credit or entry ever touched this account (a typo?)
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> Balance:
@@ -109,6 +127,7 @@ class Balance:
             body["charged_cu"],
             body["credit_units_per_usd"],
             body["wal_sequence"],
+            body.get("exists", True) is not False,
         )
 
 

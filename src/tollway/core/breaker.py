@@ -12,6 +12,10 @@ The breaker is a frozen record; every function returns a new one. The worker ask
 :func:`record_failure`. While OPEN nothing is allowed, so no call is made and no attempt is
 spent. In HALF_OPEN exactly one caller gets the probe; everyone else waits for its outcome.
 The breaker reads no clock: ``now_ms`` is always passed in.
+
+For operators, :func:`transition` describes a change of state (why, with the failure counts)
+so the worker can log each one once, and :func:`view` is what the API shows: the state, the
+failures counted and when the next probe may go out.
 """
 
 from __future__ import annotations
@@ -122,3 +126,83 @@ def reset(breaker: Breaker) -> Breaker:
 
 def _open(breaker: Breaker, now_ms: int) -> Breaker:
     return Breaker(BreakerState.OPEN, (), now_ms, None, breaker.config)
+
+
+def recent_failures(breaker: Breaker, now_ms: int) -> int:
+    """Failures counted towards opening at ``now_ms`` (those within the window)."""
+    return sum(1 for t in breaker.failures_ms if now_ms - t < breaker.config.window_ms)
+
+
+def next_probe_at_ms(breaker: Breaker, now_ms: int) -> int | None:
+    """When the next probe may go out: the cooldown's end while OPEN, now when HALF_OPEN awaits one.
+
+    None while CLOSED (calls flow) and while the HALF_OPEN probe is out (its outcome decides).
+    """
+    current = observe(breaker, now_ms)
+    if current.state is BreakerState.OPEN and current.opened_at_ms is not None:
+        return current.opened_at_ms + current.config.cooldown_ms
+    if current.state is BreakerState.HALF_OPEN and current.probe_started_ms is None:
+        return now_ms
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A change of the breaker's state, for one log line."""
+
+    from_state: BreakerState
+    to_state: BreakerState
+    reason: str
+    failures: int  # failures within the window that led here (0 when not about failures)
+    failure_threshold: int
+    next_probe_at_ms: int | None
+
+
+def transition(before: Breaker, after: Breaker, now_ms: int, *, admin_reset: bool = False) -> Transition | None:
+    """How ``before`` became ``after`` at ``now_ms``; None when the state did not change."""
+    if before.state is after.state:
+        return None
+    cfg, failures = before.config, 0
+    if admin_reset:
+        reason = "admin reset"
+    elif after.state is BreakerState.HALF_OPEN:
+        reason = f"cooldown of {cfg.cooldown_ms} ms over: the next call is the probe"
+    elif after.state is BreakerState.CLOSED:
+        reason = "the probe succeeded"
+    elif before.state is BreakerState.CLOSED:
+        failures = recent_failures(before, now_ms) + 1
+        reason = f"{failures} failures within {cfg.window_ms} ms"
+    elif before.probe_started_ms is not None and now_ms - before.probe_started_ms >= cfg.probe_timeout_ms:
+        reason = f"the probe had no outcome within {cfg.probe_timeout_ms} ms"
+    else:
+        reason = "the probe failed"
+    return Transition(
+        before.state, after.state, reason, failures, cfg.failure_threshold, next_probe_at_ms(after, now_ms)
+    )
+
+
+def summary(breaker: Breaker, now_ms: int) -> str:
+    """The breaker in a few words for a log line: its state and what it counts or waits for."""
+    cfg = breaker.config
+    if breaker.state is BreakerState.CLOSED:
+        return (
+            f"CLOSED, {recent_failures(breaker, now_ms)} of {cfg.failure_threshold} failures within {cfg.window_ms} ms"
+        )
+    next_probe = next_probe_at_ms(breaker, now_ms)
+    return breaker.state.name if next_probe is None else f"{breaker.state.name}, next probe in {next_probe - now_ms} ms"
+
+
+def view(breaker: Breaker, now_ms: int) -> dict[str, object]:
+    """What the API shows: state, metric value, failures counted, threshold and the next probe time."""
+    current = observe(breaker, now_ms)
+    next_probe = next_probe_at_ms(current, now_ms)
+    return {
+        "state": current.state.name,
+        "value": current.state.value,
+        "failures": recent_failures(current, now_ms),
+        "failure_threshold": current.config.failure_threshold,
+        "window_ms": current.config.window_ms,
+        "opened_at_ms": current.opened_at_ms,
+        "next_probe_at_ms": next_probe,
+        "next_probe_in_ms": None if next_probe is None else max(0, next_probe - now_ms),
+    }

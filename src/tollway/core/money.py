@@ -31,6 +31,9 @@ DEFAULT_CREDIT_UNITS_PER_USD: Final = 100
 MICRO_PER_USD: Final = 1_000_000
 PPM: Final = 1_000_000
 
+USD_DECIMALS_MAX: Final = 6
+"""Most digits after a dollar amount's decimal point: one micro-USD."""
+
 _DIGITS: Final = frozenset("0123456789")
 
 
@@ -85,6 +88,24 @@ def check_micro(value: int, *, field: str = "amount_micro") -> int:
 def format_micro(value: int) -> str:
     """The canonical decimal string of a non-negative amount."""
     return str(check_micro(value))
+
+
+def parse_usd(text: str, *, field: str = "usd") -> int:
+    """MicroUSD from a dollar amount written ``5``, ``5.00`` or ``0.000001``: exact, never rounded.
+
+    Digits, at most one decimal point and at most :data:`USD_DECIMALS_MAX` digits after it; no
+    sign, ``$``, separators or exponent. Raises :class:`InvalidAmount` naming ``field``.
+    """
+    whole, point, fraction = text.partition(".")
+    if not whole or not _DIGITS.issuperset(whole) or not _DIGITS.issuperset(fraction) or (point and not fraction):
+        raise InvalidAmount(
+            f"{field} must be dollars like 5 or 5.00 (digits and one decimal point), got {text!r}", field=field
+        )
+    if len(fraction) > USD_DECIMALS_MAX:
+        raise InvalidAmount(f"{field} has more than {USD_DECIMALS_MAX} decimals (1 micro-USD = $0.000001)", field=field)
+    if len(whole) > MAX_MICRO_USD_LENGTH:
+        raise InvalidAmount(f"{field} is longer than {MAX_MICRO_USD_LENGTH} digits", field=field)
+    return check_micro(int(whole) * MICRO_PER_USD + int(fraction.ljust(USD_DECIMALS_MAX, "0")), field=field)
 
 
 def format_usd(amount_micro: int) -> str:

@@ -31,6 +31,8 @@ MAX_TOKENS: Final = 100_000_000
 MAX_PRICE_MICRO_PER_MTOK: Final = 10_000_000_000
 """Highest accepted price: $10,000 per million tokens."""
 MAX_MODEL_NAME_LENGTH: Final = 128
+MODELS_NAMED_MAX: Final = 20
+"""Most model names an "unknown model" error lists (the rest are in ``GET /v1/prices``)."""
 """Longest model name in a price table."""
 
 
@@ -119,10 +121,15 @@ class PriceTable(Mapping[str, ModelPrice]):
         """The price of ``model``; an unknown model raises :class:`InvalidInput` (field ``model``)."""
         found = self._prices.get(model)
         if found is None:
-            raise InvalidInput(
-                f"unknown model {model!r} (the price table has {len(self._prices)} models)", field="model"
-            )
+            raise InvalidInput(f"unknown model {model!r}; {self._known_models()}", field="model")
         return found
+
+    def _known_models(self) -> str:
+        """The models an unknown one could have meant: all of them, or the first few and where the rest are."""
+        names = sorted(self._prices)
+        shown = ", ".join(names[:MODELS_NAMED_MAX])
+        more = len(names) - MODELS_NAMED_MAX
+        return f"known: {shown}" + (f" and {more} more (GET /v1/prices)" if more > 0 else "")
 
     def estimate(self, model: str, input_tokens: int, max_output_tokens: int) -> int:
         """The hold for a call to ``model`` (rounded up)."""

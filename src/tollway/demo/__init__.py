@@ -43,6 +43,7 @@ from tollway.demo.traffic import Budget, Demo, Tally, gateway, late_commits, min
 
 DRAIN_WAIT_S_MAX: Final = 30.0
 TICK_S: Final = 0.2
+STARTING: Final = "Starting the engine (WAL), a private redis-server, the settlement simulator and the HTTP API…"
 SHARES: Final = {"traffic": 0.4, "outage": 0.25, "recovery": 0.35}
 """How the traffic time is split between the three traffic phases."""
 
@@ -179,7 +180,9 @@ def _wal_batches(run: _Run) -> tuple[int, int]:
 
 async def run_demo(settings: Settings, options: DemoOptions, console: Console) -> DemoResult:
     """Run every phase on a fresh data directory, audit everything, and say what happened."""
-    async with demo_stack(settings) as stack:
+    async with contextlib.AsyncExitStack() as running:
+        with console.status(STARTING):  # a few seconds before the live table has anything to show
+            stack = await running.enter_async_context(demo_stack(settings))
         accounts = [f"acct-{index:03d}" for index in range(options.accounts)]
         demo = Demo(stack.service.engine, accounts, remote=stack.remote)
         budget = Budget(options.operations, options.rate_ops_s)

@@ -24,8 +24,11 @@ PHASE_NOTES: Final = {
     "traffic": "gateways reserve, commit, release, retry; the worker finalizes with settlement",
     "outage": "settlement answers 503: the breaker opens, billing goes on, charges queue up",
     "recovery": "settlement is back: one probe closes the breaker, the queue drains",
-    "drain": "gateways stopped: waiting for the last charges and holds",
+    "drain": "gateways stopped: waiting for settlement and the expiry of abandoned holds",
 }
+BILLING_COLUMNS: Final = ("operations", "refused", "WAL events", "events/s", "held")
+SETTLEMENT_COLUMNS: Final = ("to settle", "settled", "dead", "breaker", "redis lag", "at settlement")
+"""Two rows of columns, so the table fits an 80-column terminal."""
 _BREAKER_STYLE: Final = {"CLOSED": "green", "OPEN": "bold red", "HALF_OPEN": "yellow"}
 
 
@@ -79,28 +82,13 @@ class Dashboard:
         self._update_rate(now.events)
         elapsed = time.monotonic() - self._started
         title = Text.assemble(("tollway demo", "bold"), f"  ·  API at {self.api_url}  ·  {elapsed:5.1f} s")
-        phase = Text.assemble((f"{self.phase:<9}", "bold cyan"), "  ", PHASE_NOTES.get(self.phase, ""))
-        table = Table(show_edge=False, pad_edge=False, box=None)
-        for column in (
-            "operations",
-            "refused",
-            "WAL events",
-            "events/s",
-            "held",
-            "to settle",
-            "settled",
-            "dead",
-            "breaker",
-            "redis lag",
-            "at settlement",
-        ):
-            table.add_column(column, justify="right")
-        table.add_row(
-            f"{now.operations:,}",
-            f"{now.refusals:,}",
-            f"{now.events:,}",
-            f"{self._rate:,}",
-            f"{now.held:,}",
+        phase = Text.assemble((f"{self.phase:<9}", "bold cyan"), "  ", self._note(now))
+        billing = _table(BILLING_COLUMNS)
+        billing.add_row(
+            f"{now.operations:,}", f"{now.refusals:,}", f"{now.events:,}", f"{self._rate:,}", f"{now.held:,}"
+        )
+        settlement = _table(SETTLEMENT_COLUMNS)
+        settlement.add_row(
             f"{now.pending:,}",
             f"{now.acked:,}",
             f"{now.dead_letters:,}",
@@ -108,7 +96,15 @@ class Dashboard:
             f"{now.projection_lag:,}",
             f"{now.finalized:,}",
         )
-        return Group(title, phase, table)
+        return Group(title, phase, billing, settlement)
+
+    def _note(self, now: Snapshot) -> str:
+        """What the phase is doing; the drain says what it still waits for."""
+        if self.phase != "drain":
+            return PHASE_NOTES.get(self.phase, "")
+        waits = [f"{now.pending:,} charges to settle"] if now.pending else []
+        waits += [f"{now.held:,} abandoned holds to expire"] if now.held else []
+        return "gateways stopped: waiting for " + " and ".join(waits) if waits else "gateways stopped: the late commits"
 
     def _update_rate(self, events: int) -> None:
         now = time.monotonic()
@@ -117,3 +113,10 @@ class Dashboard:
             self._last = (now, events)
         elif self._last is None:
             self._last = (now, events)
+
+
+def _table(columns: tuple[str, ...]) -> Table:
+    table = Table(show_edge=False, pad_edge=False, box=None)
+    for column in columns:
+        table.add_column(column, justify="right", min_width=len(column), no_wrap=True)
+    return table
