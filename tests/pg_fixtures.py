@@ -13,7 +13,7 @@ every test connects from its own event loop by URL.
 
 Import them into ``tests/conftest.py``::
 
-    from tests.pg_fixtures import pg_server, pg_url
+    from tests.pg_fixtures import pg_pool, pg_server, pg_url
 """
 
 from __future__ import annotations
@@ -56,3 +56,13 @@ async def pg_url(pg_server: EmbeddedPostgres) -> AsyncIterator[str]:
         await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
     finally:
         await admin.close()
+
+
+@pytest.fixture
+async def pg_pool(pg_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A small connection pool on this test's fresh database; closed after the test."""
+    pool = await asyncpg.create_pool(pg_url, min_size=1, max_size=4)
+    try:
+        yield pool
+    finally:
+        await pool.close()
