@@ -18,6 +18,7 @@ Commands (one module each)::
     tollway demo                                                                                     demo.py
     tollway accounts balance|mint|history, tollway dlq list|replay   (through the HTTP API)         remote.py
     tollway settlement-sim [--data-dir D] [--public-key F]... [faults]                              sim.py
+    tollway cluster init|status|verify --postgres-url URL   (PostgreSQL only, no node needed)       cluster.py
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import sys
 
 import typer
 
-from tollway.cli import demo, local, remote, serve, sim
+from tollway.cli import cluster, demo, local, remote, serve, sim
 from tollway.logs import configure_logging
 
 app = typer.Typer(
@@ -38,7 +39,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",  # docstring paragraphs are re-flowed; [brackets] are not markup
 )
-for module in (serve, local, demo, remote, sim):
+for module in (serve, local, demo, remote, sim, cluster):
     module.register(app)
 
 
