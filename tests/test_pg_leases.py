@@ -69,7 +69,8 @@ async def test_expiry_is_by_postgresqls_clock(cluster: asyncpg.Pool) -> None:
     held = await leases.acquire(cluster, 5, "node-a", leases.TTL_MS_MIN, mono_ms())
     assert held is not None
     expires_at = (await leases.lease_rows(cluster))[5].expires_at
-    while (taken := await leases.acquire(cluster, 5, "node-b", 30_000, mono_ms())) is None:  # noqa: ASYNC110 - PostgreSQL\'s clock decides
+    # polling PostgreSQL is the point: its clock, not ours, says when the lease is free
+    while (taken := await leases.acquire(cluster, 5, "node-b", 30_000, mono_ms())) is None:  # noqa: ASYNC110
         await asyncio.sleep(0.01)
     acquired_at = await cluster.fetchval("SELECT acquired_at FROM tollway.leases WHERE shard = 5")
     assert expires_at is not None

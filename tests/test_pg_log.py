@@ -203,13 +203,14 @@ async def test_snapshots_round_trip_and_are_fenced(cluster: asyncpg.Pool) -> Non
 
 async def test_a_new_owner_sees_every_batch_the_old_owner_was_acknowledged(cluster: asyncpg.Pool) -> None:
     """Appends racing a takeover: each is acknowledged before the new epoch (and within its last_seq) or fenced."""
-    old = await leases.acquire(cluster, 2, "node-a", leases.TTL_MS_MIN, time.monotonic_ns() // 1_000_000)
+    old = await leases.acquire(cluster, 2, "node-a", 500, time.monotonic_ns() // 1_000_000)
     assert old is not None
     log = PgLog(cluster, 2)
-    acknowledged: list[int] = []
+    await log.append(records(make_events(1, 4)), 1, old.epoch)  # at least one batch before the race
+    acknowledged = [4]
 
     async def old_writer() -> None:
-        seq = 1
+        seq = 5
         while True:
             try:
                 await log.append(records(make_events(seq, 4)), seq, old.epoch)
@@ -219,8 +220,10 @@ async def test_a_new_owner_sees_every_batch_the_old_owner_was_acknowledged(clust
             seq += 4
 
     writer = asyncio.create_task(old_writer())
-    while (new := await leases.acquire(cluster, 2, "node-b", TTL_MS, time.monotonic_ns() // 1_000_000)) is None:  # noqa: ASYNC110 - PostgreSQL\'s clock decides
+    poll_ms = time.monotonic_ns() // 1_000_000
+    # polling PostgreSQL is the point: its clock, not ours, says when the lease is free
+    while (new := await leases.acquire(cluster, 2, "node-b", TTL_MS, poll_ms)) is None:
         await asyncio.sleep(0.005)
+        poll_ms = time.monotonic_ns() // 1_000_000
     await asyncio.wait_for(writer, 10)
-    assert acknowledged
     assert (acknowledged[-1], acknowledged[-1]) == (new.last_seq, await row_count(cluster, 2))
