@@ -1,0 +1,125 @@
+"""Membership (CLUSTER.md §3-4): nodes share the shards evenly, hand them off, and never serve one at once."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass, field
+
+import asyncpg
+import pytest
+
+from tollway.cluster.membership import Membership, monotonic_ms
+from tollway.core.assignment import assign
+from tollway.core.lease import LeaseTiming
+from tollway.pg import leases
+from tollway.pg.leases import Lease
+from tollway.pg.schema import init_cluster
+
+SHARDS = 8
+TIMING = LeaseTiming(ttl_ms=600, renew_every_ms=150, margin_ms=100)
+
+
+@dataclass
+class Recorder:
+    """A ShardHandler that records what it was told, with the monotonic time."""
+
+    node_id: str
+    calls: list[tuple[str, int, int]] = field(default_factory=list)  # (what, shard, mono_ms)
+
+    async def start(self, lease: Lease) -> None:
+        self.calls.append(("start", lease.shard, monotonic_ms()))
+
+    async def hand_off(self, shard: int) -> None:
+        self.calls.append(("hand_off", shard, monotonic_ms()))
+
+    def lost(self, shard: int) -> None:
+        self.calls.append(("lost", shard, monotonic_ms()))
+
+    def shards(self, what: str) -> list[int]:
+        return sorted(shard for kind, shard, _ in self.calls if kind == what)
+
+
+def node(pool: asyncpg.Pool, node_id: str) -> tuple[Membership, Recorder]:
+    recorder = Recorder(node_id)
+    membership = Membership(
+        pool, node_id=node_id, advertise_url=f"http://{node_id}", shards=SHARDS, timing=TIMING, handler=recorder
+    )
+    return membership, recorder
+
+
+@pytest.fixture
+async def cluster(pg_pool: asyncpg.Pool) -> asyncpg.Pool:
+    """An eight-shard cluster on a fresh database."""
+    async with pg_pool.acquire() as connection:
+        await init_cluster(connection, shards=SHARDS)
+    return pg_pool
+
+
+async def test_two_nodes_converge_on_the_assignment(cluster: asyncpg.Pool) -> None:
+    """A first node takes every shard; when a second joins, the first hands over exactly the second's share."""
+    a, a_calls = node(cluster, "node-a")
+    b, b_calls = node(cluster, "node-b")
+    await a.tick()
+    assert list(range(SHARDS)) == sorted(a.held)
+    for _ in range(3):
+        await b.tick()
+        await a.tick()
+    await b.tick()
+    wanted = assign(SHARDS, ["node-a", "node-b"])
+    assert {s for s, n in wanted.items() if n == "node-a"} == set(a.held)
+    assert {s for s, n in wanted.items() if n == "node-b"} == set(b.held)
+    assert (list(range(SHARDS)), sorted(b.held), sorted(b.held)) == (
+        a_calls.shards("start"),
+        a_calls.shards("hand_off"),
+        b_calls.shards("start"),
+    )
+    assert all(a.serving(s) is not None for s in a.held)
+    assert all(a.serving(s) is None for s in b.held)
+
+
+async def test_a_paused_node_stops_serving_before_another_takes_over(cluster: asyncpg.Pool) -> None:
+    """A node that stops ticking self-fences by its own clock before the other node starts its shards."""
+    a, _ = node(cluster, "node-a")
+    b, b_calls = node(cluster, "node-b")
+    await a.tick()
+    taken_from_a = dict(a.held)
+    deadline_s = asyncio.get_running_loop().time() + 10
+    while len(b.held) < SHARDS:  # a is paused: it never ticks again
+        assert asyncio.get_running_loop().time() < deadline_s
+        await b.tick()
+        await asyncio.sleep(TIMING.renew_every_ms / 2000)
+    for kind, shard, at_ms in b_calls.calls:
+        assert "start" == kind
+        old = taken_from_a[shard]
+        assert at_ms >= TIMING.serve_until_ms(old.sent_mono_ms)  # a had stopped answering by then
+        a.clock_ms = itertools.repeat(at_ms).__next__  # a's clock when b started the shard
+        assert a.serving(shard) is None
+        assert old.epoch + 1 == b.held[shard].epoch
+
+
+async def test_a_graceful_leave_lets_the_other_node_start_at_once(cluster: asyncpg.Pool) -> None:
+    """After leave() (hand off, release, deregister) the other node takes every shard on its next tick."""
+    a, a_calls = node(cluster, "node-a")
+    b, _ = node(cluster, "node-b")
+    await a.tick()
+    await b.tick()
+    await a.tick()
+    await a.leave()
+    assert list(range(SHARDS)) == a_calls.shards("hand_off")
+    await b.tick()
+    assert list(range(SHARDS)) == sorted(b.held)
+    assert ["node-b"] == [n.node_id for n in await leases.live_nodes(cluster, TIMING.ttl_ms)]
+
+
+async def test_a_lease_taken_away_is_dropped_at_the_next_renewal(cluster: asyncpg.Pool) -> None:
+    """If another writer bumped a shard's epoch, the renewal fails and the shard is reported lost."""
+    a, a_calls = node(cluster, "node-a")
+    await a.tick()
+    await cluster.execute("UPDATE tollway.leases SET expires_at = now() - interval '1 second' WHERE shard = 3")
+    intruder = await leases.acquire(cluster, 3, "intruder", 60_000, monotonic_ms())
+    assert intruder is not None
+    a.clock_ms = lambda: monotonic_ms() + TIMING.renew_every_ms  # a renewal is due
+    await a.tick()
+    assert ([3], None) == (a_calls.shards("lost"), a.serving(3))
+    assert 3 not in a.held
