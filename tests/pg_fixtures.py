@@ -5,7 +5,7 @@ fsyncs), so one server serves the whole session and each test gets its own empty
 (``CREATE DATABASE`` from the template: tens of milliseconds), dropped afterwards. Nothing
 leaks between tests but server-wide settings, which no test changes. The server is started in
 a fresh temporary directory under the system's temporary directory (not ``tmp_path``: as root
-the server runs as ``nobody``, who cannot search pytest's private ``/tmp/pytest-of-root``). No
+the server runs as ``nobody``, who cannot search pytest's private base temporary directory). No
 fixture ever touches a PostgreSQL that was already running on the machine.
 
 The session fixture is synchronous (its own short event loops): the server is a process, and

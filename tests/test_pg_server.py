@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
@@ -11,6 +12,11 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from tests.test_pg_log import make_events, records
+from tollway.core.errors import LogUnavailable
+from tollway.pg import leases
+from tollway.pg.log import PgLog
+from tollway.pg.schema import init_cluster
 from tollway.pg.server import (
     EmbeddedPostgres,
     PostgresUnavailable,
@@ -124,3 +130,44 @@ def test_a_directory_the_server_user_cannot_search_is_named(scratch: Path) -> No
     assert private == blocking_directory(inner, stranger)
     private.chmod(0o711)
     assert blocking_directory(inner, stranger) is None
+
+
+async def test_acknowledged_batches_survive_a_crash_of_postgresql(scratch: Path) -> None:
+    """SIGKILL of PostgreSQL under appends: every acknowledged batch survives; the one in flight is whole or absent."""
+    server = await EmbeddedPostgres.start(scratch)
+    try:
+        pool = await asyncpg.create_pool(server.url, min_size=1, max_size=2)
+        async with pool.acquire() as connection:
+            await init_cluster(connection, shards=1)
+        lease = await leases.acquire(pool, 0, "node-a", 60_000, 0)
+        assert lease is not None
+        log = PgLog(pool, 0)
+        acknowledged = [0]
+        enough = asyncio.Event()  # set once 20 batches are acknowledged
+
+        async def writer() -> None:
+            seq = 1
+            while True:
+                await log.append(records(make_events(seq, 16)), seq, lease.epoch)
+                acknowledged.append(seq + 15)
+                seq += 16
+                if len(acknowledged) > 20:
+                    enough.set()
+
+        task = asyncio.create_task(writer())
+        await asyncio.wait_for(enough.wait(), 30)
+        server.kill()
+        with pytest.raises(LogUnavailable):
+            await asyncio.wait_for(task, 30)
+        pool.terminate()
+        await server.restart()
+        pool = await asyncpg.create_pool(server.url, min_size=1, max_size=1)
+        try:
+            stored = await PgLog(pool, 0).read(0, 10_000)
+            last_seq = await PgLog(pool, 0).last_seq()
+        finally:
+            await pool.close()
+    finally:
+        await server.stop()
+    assert last_seq in {acknowledged[-1], acknowledged[-1] + 16}
+    assert make_events(1, last_seq) == stored

@@ -19,6 +19,7 @@ from tollway.cli.common import AsJson, clean_errors, print_json
 from tollway.core.errors import LogUnavailable
 from tollway.core.shard import DEFAULT_SHARDS, SHARDS_MAX
 from tollway.pg import leases
+from tollway.pg.errors import PG_ERRORS
 from tollway.pg.schema import ClusterInfo, init_cluster, open_cluster
 from tollway.pg.verify import verify_cluster
 
@@ -49,7 +50,7 @@ def _with_pool(url: str, work: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
     async def run() -> T:
         try:
             pool = await asyncpg.create_pool(url, min_size=1, max_size=1, timeout=CONNECT_TIMEOUT_S)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError, ValueError) as exc:
+        except (*PG_ERRORS, ValueError) as exc:
             raise LogUnavailable(f"could not connect to PostgreSQL: {exc}") from exc
         try:
             return await work(pool)

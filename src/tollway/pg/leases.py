@@ -29,6 +29,7 @@ from typing import Final
 import asyncpg
 
 from tollway.core.errors import InvalidInput, LogUnavailable
+from tollway.pg.errors import PG_ERRORS
 
 STATEMENT_TIMEOUT_MS: Final = 5_000  # one lease or registry statement
 TTL_MS_MIN: Final = 100
@@ -167,12 +168,12 @@ async def live_nodes(pool: asyncpg.Pool, window_ms: int) -> list[Node]:
 async def _fetchrow(pool: asyncpg.Pool, query: str, *args: object) -> asyncpg.Record | None:
     try:
         return await pool.fetchrow(query, *args, timeout=STATEMENT_TIMEOUT_MS / 1000)
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+    except PG_ERRORS as exc:
         raise LogUnavailable(f"a lease statement failed: {exc}") from exc
 
 
 async def _fetch(pool: asyncpg.Pool, query: str, *args: object) -> list[asyncpg.Record]:
     try:
         return await pool.fetch(query, *args, timeout=STATEMENT_TIMEOUT_MS / 1000)
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+    except PG_ERRORS as exc:
         raise LogUnavailable(f"a registry statement failed: {exc}") from exc

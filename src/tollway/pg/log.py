@@ -48,6 +48,7 @@ from tollway.core.errors import (
     WalUnsupported,
 )
 from tollway.core.events import Event
+from tollway.pg.errors import PG_ERRORS
 from tollway.wal import codec
 
 STATEMENT_TIMEOUT_MS: Final = 10_000  # one append, read or snapshot statement
@@ -106,7 +107,7 @@ class PgLog:
             status = await self.pool.execute(
                 _APPEND, self.shard, epoch, first_seq, last_seq, seqs, crcs, bodies, timeout=self.timeout_ms / 1000
             )
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        except PG_ERRORS as exc:
             raise LogUnavailable(
                 f"appending records {first_seq}…{last_seq} of shard {self.shard} failed: {exc}"
             ) from exc
@@ -176,7 +177,7 @@ class PgLog:
             stored = await self.pool.fetchval(
                 _WRITE_SNAPSHOT, self.shard, epoch, seq, body, timeout=self.timeout_ms / 1000
             )
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        except PG_ERRORS as exc:
             raise LogUnavailable(f"writing the snapshot at {seq} of shard {self.shard} failed: {exc}") from exc
         if stored is not None:
             return True
@@ -203,13 +204,13 @@ class PgLog:
     async def _fetch(self, query: str, *args: object) -> list[asyncpg.Record]:
         try:
             return await self.pool.fetch(query, *args, timeout=self.timeout_ms / 1000)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        except PG_ERRORS as exc:
             raise LogUnavailable(f"reading shard {self.shard} failed: {exc}") from exc
 
     async def _fetchrow(self, query: str, *args: object) -> asyncpg.Record | None:
         try:
             return await self.pool.fetchrow(query, *args, timeout=self.timeout_ms / 1000)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        except PG_ERRORS as exc:
             raise LogUnavailable(f"reading shard {self.shard} failed: {exc}") from exc
 
 

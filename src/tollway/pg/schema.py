@@ -34,6 +34,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from tollway.core.errors import ClusterFormatError, InvalidInput, LogUnavailable
 from tollway.core.shard import DEFAULT_SHARDS, check_shards
+from tollway.pg.errors import PG_ERRORS
 
 SCHEMA: Final = "tollway"
 """The PostgreSQL schema of every table (written literally in the SQL of this package)."""
@@ -125,7 +126,7 @@ async def migrate(connection: Connection) -> int:
                 await connection.execute(
                     "INSERT INTO tollway.migrations (version, name) VALUES ($1, $2)", version, name
                 )
-    except (asyncpg.PostgresError, OSError) as exc:
+    except PG_ERRORS as exc:
         raise LogUnavailable(f"could not migrate the cluster schema: {exc}") from exc
     return SCHEMA_VERSION
 
@@ -156,7 +157,7 @@ async def init_cluster(
             await connection.execute(
                 "INSERT INTO tollway.leases (shard) SELECT generate_series(0, $1 - 1)", info.shards
             )
-    except (asyncpg.PostgresError, OSError) as exc:
+    except PG_ERRORS as exc:
         raise LogUnavailable(f"could not create the cluster: {exc}") from exc
     return info
 
@@ -174,7 +175,7 @@ async def open_cluster(connection: Connection) -> ClusterInfo:
             )
         applied = await _applied_version(connection)
         row = await connection.fetchrow("SELECT cluster_id, shards, format_version FROM tollway.cluster")
-    except (asyncpg.PostgresError, OSError) as exc:
+    except PG_ERRORS as exc:
         raise LogUnavailable(f"could not read the cluster's identity: {exc}") from exc
     if applied != SCHEMA_VERSION:
         newer = "a newer" if applied > SCHEMA_VERSION else "an older"

@@ -53,6 +53,7 @@ from typing import Final, Self
 import asyncpg
 
 from tollway.core.errors import TollwayError
+from tollway.pg.errors import PG_ERRORS
 
 SUPERUSER: Final = "tollway"
 DATABASE: Final = "postgres"
@@ -335,7 +336,7 @@ class EmbeddedPostgres:
         while True:
             if process.poll() is not None:
                 raise self._start_failed(f"exited with status {process.returncode} during startup")
-            with contextlib.suppress(OSError, TimeoutError, asyncpg.PostgresError):
+            with contextlib.suppress(*PG_ERRORS):
                 connection = await asyncpg.connect(self.url, timeout=PROBE_TIMEOUT_MS / 1000)
                 try:
                     await connection.fetchval("SELECT 1")

@@ -15,6 +15,7 @@ import asyncpg
 
 from tollway.core.errors import LogCorrupt, LogUnavailable
 from tollway.pg import leases
+from tollway.pg.errors import PG_ERRORS
 from tollway.pg.log import READ_LIMIT_MAX, PgLog
 
 PAGE_RECORDS: Final = 1_000
@@ -39,7 +40,7 @@ async def verify_shard(pool: asyncpg.Pool, shard: int, last_seq: int, *, page: i
         problem = f"shard {shard} holds {records} record(s) but its lease row says the log ends at {last_seq}"
     try:
         snapshots = await pool.fetchval("SELECT count(*) FROM tollway.snapshots WHERE shard = $1", shard)
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+    except PG_ERRORS as exc:
         raise LogUnavailable(f"counting the snapshots of shard {shard} failed: {exc}") from exc
     return ShardReport(shard, records, last_seq, int(snapshots), problem)
 
