@@ -11,6 +11,7 @@ import pytest
 
 from tollway.cluster.membership import Membership, monotonic_ms
 from tollway.core.assignment import assign
+from tollway.core.errors import LogCorrupt
 from tollway.core.lease import LeaseTiming
 from tollway.pg import leases
 from tollway.pg.leases import Lease
@@ -123,3 +124,21 @@ async def test_a_lease_taken_away_is_dropped_at_the_next_renewal(cluster: asyncp
     await a.tick()
     assert ([3], None) == (a_calls.shards("lost"), a.serving(3))
     assert 3 not in a.held
+
+
+async def test_a_shard_that_fails_to_start_is_released(cluster: asyncpg.Pool) -> None:
+    """If recovering a shard fails, its lease is released for another node and the shard is not served."""
+
+    class Broken(Recorder):
+        async def start(self, lease: Lease) -> None:
+            if lease.shard == 5:
+                raise LogCorrupt("shard 5 sequence 1: checksum mismatch")
+            await super().start(lease)
+
+    a = Membership(
+        cluster, node_id="node-a", advertise_url="http://a", shards=SHARDS, timing=TIMING, handler=Broken("node-a")
+    )
+    await a.tick()
+    row = (await leases.lease_rows(cluster))[5]
+    assert (5 not in a.held, None, 1) == (True, row.owner, row.epoch)
+    assert a.serving(5) is None

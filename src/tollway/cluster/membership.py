@@ -36,7 +36,7 @@ from typing import Protocol
 import asyncpg
 
 from tollway.core.assignment import assign
-from tollway.core.errors import LogUnavailable
+from tollway.core.errors import LogUnavailable, TollwayError
 from tollway.core.lease import LeaseAction, LeaseTiming, lease_action
 from tollway.pg import leases
 from tollway.pg.leases import Lease
@@ -148,7 +148,12 @@ class Membership:
         lease = await leases.acquire(self.pool, shard, self.node_id, self.timing.ttl_ms, self.clock_ms())
         if lease is None:
             return
-        await self.handler.start(lease)
+        try:
+            await self.handler.start(lease)
+        except TollwayError:  # the shard could not be recovered here: let another node try
+            log.exception("node %s could not start shard %d", self.node_id, shard)
+            await leases.release(self.pool, lease)
+            return
         self.held[shard] = lease
         self._fence_expired()  # a slow recovery may have outlived the lease already
 
