@@ -54,10 +54,22 @@ def test_init_status_verify(runner: CliRunner, pg_url: str) -> None:
 
     sound = runner.invoke(app, ["cluster", "verify", "--postgres-url", pg_url])
     assert (0, "log sound: 4 shard(s), 3 record(s)\n") == (sound.exit_code, sound.output)
+    audited = runner.invoke(app, ["cluster", "audit", "--postgres-url", pg_url, "--json"])
+    assert 0 == audited.exit_code, audited.output  # three mints of acct-1, whose shard of 4 is 2
+    report = json.loads(audited.output)
+    assert (True, 3, 0, 6) == (
+        report["ok"],
+        report["records"],
+        report["total_micro"],
+        report["balances_micro"]["user:acct-1:available"],
+    )
     asyncio.run(corrupt(pg_url))
     broken = runner.invoke(app, ["cluster", "verify", "--postgres-url", pg_url])
     assert 1 == broken.exit_code
     assert "LOG CORRUPT: shard 2 sequence 2: checksum mismatch (1 sound record(s) before it)" in broken.output
+    failed = runner.invoke(app, ["cluster", "audit", "--postgres-url", pg_url])
+    assert 1 == failed.exit_code
+    assert "PROBLEM: shard 2 sequence 2: checksum mismatch (later events were not read)" in failed.output
 
 
 async def corrupt(url: str) -> None:

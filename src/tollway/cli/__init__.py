@@ -18,7 +18,7 @@ Commands (one module each)::
     tollway demo                                                                                     demo.py
     tollway accounts balance|mint|history, tollway dlq list|replay   (through the HTTP API)         remote.py
     tollway settlement-sim [--data-dir D] [--public-key F]... [faults]                              sim.py
-    tollway cluster init|status|verify --postgres-url URL   (PostgreSQL only, no node needed)       cluster.py
+    tollway cluster init|status|verify|audit --postgres-url URL   (PostgreSQL only, no node needed) cluster.py
 """
 
 from __future__ import annotations

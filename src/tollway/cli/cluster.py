@@ -1,9 +1,10 @@
-"""``tollway cluster init|status|verify``: a cluster's identity, leases and log in PostgreSQL.
+"""``tollway cluster init|status|verify|audit``: a cluster's identity, leases and log in PostgreSQL.
 
 These commands talk to PostgreSQL only (``--postgres-url`` or ``TOLLWAY_POSTGRES_URL``); no
 node has to run. ``init`` creates the cluster (schema, shard count, one lease per shard) and
 refuses a database that already holds one; ``status`` shows the cluster, its live nodes and
-every shard's lease; ``verify`` reads every shard's log and checks it, read-only.
+every shard's lease; ``verify`` reads every shard's log and checks it, read-only; ``audit``
+folds every shard's log and checks the ledger over the cluster, read-only.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import asyncpg
 import typer
 
 from tollway.cli.common import AsJson, clean_errors, print_json
+from tollway.cluster.audit import audit_cluster
 from tollway.core.errors import LogUnavailable
 from tollway.core.shard import DEFAULT_SHARDS, SHARDS_MAX
 from tollway.pg import leases
@@ -29,7 +31,7 @@ CONNECT_TIMEOUT_S: Final = 10
 NODE_WINDOW_MS: Final = 30_000  # `status` counts a node live if it sent a heartbeat this recently
 
 cluster_app = typer.Typer(
-    help="A cluster in PostgreSQL: create it, show its leases, verify its log.",
+    help="A cluster in PostgreSQL: create it, show its leases, verify and audit its log.",
     no_args_is_help=True,
     rich_markup_mode="markdown",
 )
@@ -139,6 +141,42 @@ def verify_command(*, postgres_url: PostgresUrl) -> None:
     if bad:
         raise typer.Exit(1)
     typer.echo(f"log sound: {len(reports)} shard(s), {records:,} record(s)")
+
+
+@cluster_app.command("audit")
+@clean_errors
+def audit_command(*, postgres_url: PostgresUrl, as_json: AsJson = False) -> None:
+    """Fold every shard's log from PostgreSQL and check the ledger: zero-sum over the cluster.
+
+    Each shard's events are folded into the ledger and into the engine's state and compared;
+    every event must concern an account of its shard. Exit 0 when clean, 1 listing every
+    problem. Read-only; safe beside running nodes.
+    """
+    report = _with_pool(postgres_url, audit_cluster)
+    problems = report.problems
+    if as_json:
+        print_json(
+            {
+                "ok": report.ok,
+                "cluster_id": report.cluster.cluster_id,
+                "shards": report.cluster.shards,
+                "records": sum(audited.records for audited in report.shards),
+                "total_micro": report.total_micro(),
+                "balances_micro": report.balances_micro(),
+                "problems": problems,
+            }
+        )
+    else:
+        records = sum(audited.records for audited in report.shards)
+        for problem in problems:
+            typer.echo(f"PROBLEM: {problem}")
+        verdict = "clean" if report.ok else f"{len(problems)} problem(s)"
+        typer.echo(
+            f"cluster {report.cluster.cluster_id}: {report.cluster.shards} shard(s), {records:,} event(s) folded, "
+            f"the ledger sums to {report.total_micro()}: {verdict}"
+        )
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:
