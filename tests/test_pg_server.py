@@ -16,15 +16,9 @@ from tests.test_pg_log import make_events, records
 from tollway.core.errors import LogUnavailable
 from tollway.pg import leases
 from tollway.pg.log import PgLog
+from tollway.pg.process import PostgresUnavailable, RunAs, blocking_directory, find_bin_dir, run_as
 from tollway.pg.schema import init_cluster
-from tollway.pg.server import (
-    EmbeddedPostgres,
-    PostgresUnavailable,
-    RunAs,
-    blocking_directory,
-    find_bin_dir,
-    run_as,
-)
+from tollway.pg.server import EmbeddedPostgres
 
 
 @pytest.fixture

