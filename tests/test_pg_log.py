@@ -227,3 +227,17 @@ async def test_a_new_owner_sees_every_batch_the_old_owner_was_acknowledged(clust
         poll_ms = time.monotonic_ns() // 1_000_000
     await asyncio.wait_for(writer, 10)
     assert (acknowledged[-1], acknowledged[-1]) == (new.last_seq, await row_count(cluster, 2))
+
+
+async def test_pruning_keeps_the_newest_snapshots_and_is_fenced(cluster: asyncpg.Pool) -> None:
+    """prune_snapshots deletes all but the newest ones, never events; a stale epoch deletes nothing."""
+    lease = await take(cluster, 1)
+    log = PgLog(cluster, 1)
+    await log.append(records(make_events(1, 9)), 1, lease.epoch)
+    for seq in (0, 3, 6, 9):
+        assert await log.write_snapshot(seq, f"after {seq}".encode(), epoch=lease.epoch)
+    assert 0 == await log.prune_snapshots(2, epoch=lease.epoch + 1)
+    assert 2 == await log.prune_snapshots(2, epoch=lease.epoch)
+    assert 0 == await log.prune_snapshots(2, epoch=lease.epoch)
+    seqs = [row["seq"] for row in await cluster.fetch("SELECT seq FROM tollway.snapshots ORDER BY seq")]
+    assert ([6, 9], StoredSnapshot(9, b"after 9"), 9) == (seqs, await log.load_newest(), await row_count(cluster, 1))

@@ -54,6 +54,7 @@ from tollway.wal import codec
 STATEMENT_TIMEOUT_MS: Final = 10_000  # one append, read or snapshot statement
 BATCH_RECORDS_MAX: Final = 4_096  # records in one append (the engine's batches are far smaller)
 READ_LIMIT_MAX: Final = 10_000  # records returned by one read
+SNAPSHOTS_KEPT_MAX: Final = 1_000  # prune_snapshots keeps at most this many
 
 _APPEND: Final = """
 WITH fence AS (
@@ -72,6 +73,14 @@ SELECT shard, $3, epoch, $4 FROM tollway.leases
 WHERE shard = $1 AND epoch = $2 AND owner IS NOT NULL AND expires_at > now() AND last_seq >= $3
 ON CONFLICT (shard, seq) DO NOTHING
 RETURNING seq
+"""
+
+_PRUNE_SNAPSHOTS: Final = """
+DELETE FROM tollway.snapshots
+WHERE shard = $1
+  AND seq < (SELECT seq FROM tollway.snapshots WHERE shard = $1 ORDER BY seq DESC OFFSET $3 - 1 LIMIT 1)
+  AND EXISTS (SELECT 1 FROM tollway.leases
+              WHERE shard = $1 AND epoch = $2 AND owner IS NOT NULL AND expires_at > now())
 """
 
 
@@ -200,6 +209,20 @@ class PgLog:
             max_seq if max_seq is not None else (1 << 63) - 1,
         )
         return None if row is None else StoredSnapshot(int(row["seq"]), bytes(row["body"]))
+
+    async def prune_snapshots(self, keep: int, *, epoch: int) -> int:
+        """Delete all but the newest ``keep`` snapshots (fenced like an append); how many were deleted.
+
+        Events are never deleted: the log stays whole for audits, and recovery needs only the
+        newest snapshot and the events after it.
+        """
+        if not 1 <= keep <= SNAPSHOTS_KEPT_MAX:
+            raise InvalidInput(f"keep 1 … {SNAPSHOTS_KEPT_MAX} snapshots, not {keep}", field="keep")
+        try:
+            status = await self.pool.execute(_PRUNE_SNAPSHOTS, self.shard, epoch, keep, timeout=self.timeout_ms / 1000)
+        except PG_ERRORS as exc:
+            raise LogUnavailable(f"pruning the snapshots of shard {self.shard} failed: {exc}") from exc
+        return int(status.split()[-1])
 
     async def _fetch(self, query: str, *args: object) -> list[asyncpg.Record]:
         try:
