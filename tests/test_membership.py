@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -47,6 +49,13 @@ def node(pool: asyncpg.Pool, node_id: str) -> tuple[Membership, Recorder]:
         pool, node_id=node_id, advertise_url=f"http://{node_id}", shards=SHARDS, timing=TIMING, handler=recorder
     )
     return membership, recorder
+
+
+async def eventually(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Wait (polling) until ``condition()`` holds; fail after ``timeout_s``."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():  # noqa: ASYNC110 - polling state owned by other tasks
+            await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -142,3 +151,34 @@ async def test_a_shard_that_fails_to_start_is_released(cluster: asyncpg.Pool) ->
     row = (await leases.lease_rows(cluster))[5]
     assert (5 not in a.held, None, 1) == (True, row.owner, row.epoch)
     assert a.serving(5) is None
+
+
+async def test_no_two_nodes_serve_a_shard_at_once(cluster: asyncpg.Pool) -> None:
+    """Two running nodes, one joining late, the other dying without release: never two servers for a shard."""
+    a, _ = node(cluster, "node-a")
+    b, _ = node(cluster, "node-b")
+    stop_a, stop_b = asyncio.Event(), asyncio.Event()
+    samples: list[dict[int, list[str]]] = []
+
+    async def sample(until: asyncio.Event) -> None:
+        while not until.is_set():
+            samples.append({s: [m.node_id for m in (a, b) if m.serving(s) is not None] for s in range(SHARDS)})
+            await asyncio.sleep(0.002)
+
+    done = asyncio.Event()
+    sampler = asyncio.create_task(sample(done))
+    running_a = asyncio.create_task(a.run(stop_a))
+    await eventually(lambda: len(a.held) == SHARDS)
+    running_b = asyncio.create_task(b.run(stop_b))
+    await eventually(lambda: len(a.held) == len(b.held) == SHARDS // 2)  # b joined: a handed over b's share
+    running_a.cancel()  # a dies: no hand-off, no release
+    with contextlib.suppress(asyncio.CancelledError):
+        await running_a
+    await eventually(lambda: len(b.held) == SHARDS)
+    stop_b.set()
+    await running_b
+    done.set()
+    await sampler
+    assert all(len(servers) <= 1 for sample in samples for servers in sample.values())
+    assert any(sorted(s.values()) != sorted(samples[0].values()) for s in samples)  # ownership did move
+    assert all(a.serving(s) is None for s in range(SHARDS))
