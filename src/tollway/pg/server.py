@@ -21,9 +21,10 @@ Invariants of a server started here:
 - PostgreSQL refuses to run as root. When this process is root, every binary runs as an
   unprivileged user (``nobody``: one that exists everywhere, so nothing is added to the
   system; see :mod:`tollway.pg.process`) and ``<directory>`` is chowned to it. That user must be
-  able to reach ``<directory>`` and the binaries (every parent directory searchable);
-  if it cannot, startup fails naming the directory that blocks it, rather than changing the
-  permissions of directories that are not ours.
+  able to reach ``<directory>`` (every parent directory searchable); if it cannot, startup
+  fails naming the directory that blocks it, rather than changing the permissions of
+  directories that are not ours. Binaries it cannot reach (a virtualenv under ``/root``) are
+  copied once into the system's temporary directory.
 - It never outlives its parent: it runs in its own process group (a Ctrl-C reaches only the
   parent), :meth:`EmbeddedPostgres.stop` belongs in a ``finally`` (or use ``async with``), an
   ``atexit`` hook kills any server still running, and on Linux the kernel SIGKILLs the
@@ -61,6 +62,7 @@ from tollway.pg.process import (
     die_with_parent,
     exited,
     find_bin_dir,
+    reachable_bin_dir,
     run_as,
     run_tool,
 )
@@ -210,9 +212,9 @@ class EmbeddedPostgres:
         """Initialise the cluster if needed, spawn the server and wait until it answers."""
         if self.running:
             raise PostgresUnavailable(f"the embedded PostgreSQL in {self.data_dir} is already running")
-        bin_dir = self.bin_dir if self.bin_dir is not None else find_bin_dir()
         user = run_as()
-        self._prepare_directory(bin_dir, user)
+        bin_dir = reachable_bin_dir(self.bin_dir if self.bin_dir is not None else find_bin_dir(), user)
+        self._prepare_directory(user)
         if not (self.data_dir / "PG_VERSION").exists():
             await asyncio.to_thread(self._create_data, bin_dir, user)
         for attempt in range(BIND_ATTEMPTS_MAX):
@@ -229,19 +231,18 @@ class EmbeddedPostgres:
                 raise
             return
 
-    def _prepare_directory(self, bin_dir: Path, user: RunAs | None) -> None:
+    def _prepare_directory(self, user: RunAs | None) -> None:
         """Create the directories (chowned to the server's user as root) and keep the last log."""
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.data_dir.mkdir(mode=0o700, exist_ok=True)
         if user is not None:
-            for needed in (bin_dir, self.directory.parent):
-                blocker = blocking_directory(needed, user)
-                if blocker is not None:
-                    raise PostgresUnavailable(
-                        f"the server runs as {user.name!r} (PostgreSQL refuses root), who cannot search {blocker} "
-                        f"on the way to {needed}; use a directory that user can reach (e.g. one made with "
-                        "tempfile.mkdtemp())"
-                    )
+            blocker = blocking_directory(self.directory.parent, user)
+            if blocker is not None:
+                raise PostgresUnavailable(
+                    f"the server runs as {user.name!r} (PostgreSQL refuses root), who cannot search {blocker} "
+                    f"on the way to {self.directory}; use a directory that user can reach (e.g. one made with "
+                    "tempfile.mkdtemp())"
+                )
             chown_tree(self.directory, user)
         if self.log_path.exists():
             self.log_path.replace(self.log_path.with_name(LOG_NAME + ".1"))
