@@ -39,3 +39,6 @@ async def engine(settings: Settings, clock: FakeClock, observer: RecordingObserv
 from tests.redis_fixtures import redis_client, redis_server, redis_url  # noqa: E402
 
 __all__ = ["redis_client", "redis_server", "redis_url"]
+from tests.pg_fixtures import pg_pool, pg_server, pg_url  # noqa: E402
+
+__all__ += ["pg_pool", "pg_server", "pg_url"]

@@ -19,6 +19,7 @@ Commands (one module each)::
     tollway accounts balance|mint|history, tollway dlq list|replay   (through the HTTP API)         remote.py
     tollway --version
     tollway settlement-sim [--data-dir D] [--public-key F]... [faults]                              sim.py
+    tollway cluster init|status|verify|audit --postgres-url URL   (PostgreSQL only, no node needed) cluster.py
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Annotated
 
 import typer
 
-from tollway.cli import demo, local, remote, serve, sim
+from tollway.cli import cluster, demo, local, remote, serve, sim
 from tollway.cli.common import Group
 from tollway.logs import configure_logging
 
@@ -43,7 +44,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",  # docstring paragraphs are re-flowed; [brackets] are not markup
 )
-for module in (serve, local, demo, remote, sim):
+for module in (serve, local, demo, remote, sim, cluster):
     module.register(app)
 
 

@@ -18,7 +18,13 @@ to handle (insufficient funds, an expired hold, a reused idempotency key) are *v
     │   │   ├── WalCorrupt      a bad record followed by valid ones (fail closed)
     │   │   └── WalUnsupported  a record from a newer schema than this reader knows
     │   └── WalIOFailure        an fsync or write failed; the engine has stopped (fail-stop)
-    └── EngineStopped           the engine is closed or failed; no command is accepted
+    ├── EngineStopped           the engine is closed or failed; no command is accepted
+    └── ClusterError            cluster mode: the log in PostgreSQL, leases, the cluster's identity
+        ├── ShardFenced         the shard's lease is no longer this writer's; the batch wrote nothing
+        ├── ClusterFormatError  the database holds no tollway cluster, or one of another format
+        ├── LogSequenceGap      a batch that does not start right after the shard's last record
+        ├── LogCorrupt          a stored record that fails its checksum or its sequence
+        └── LogUnavailable      PostgreSQL could not be reached or refused a statement
 
 Adapters translate foreign exceptions into this tree with ``raise ... from exc``.
 """
@@ -98,3 +104,39 @@ def ensure(condition: bool, message: str, *args: object) -> None:
     """
     if not condition:
         raise InvariantViolation(message % args if args else message)
+
+
+class ClusterError(TollwayError):
+    """A problem of cluster mode: the log in PostgreSQL, a shard's lease, the cluster's identity."""
+
+
+class ShardFenced(ClusterError):
+    """The shard's lease epoch is no longer the writer's (or its lease expired): nothing was written.
+
+    The writer must stop serving the shard at once; its callers retry on the new owner.
+    """
+
+    def __init__(self, message: str, *, shard: int, epoch: int) -> None:
+        super().__init__(message)
+        self.shard = shard
+        self.epoch = epoch
+
+
+class ClusterFormatError(ClusterError):
+    """The database is not a tollway cluster, or one of another schema or format version."""
+
+
+class LogSequenceGap(ClusterError):
+    """A batch whose first sequence is not the one after the shard's last record; nothing was written."""
+
+
+class LogCorrupt(ClusterError):
+    """A record read back from the log fails its checksum, its decoding or its sequence."""
+
+
+class LogUnavailable(ClusterError):
+    """PostgreSQL could not be reached, timed out or refused a statement.
+
+    If it happened while a batch was committing, whether the batch landed is unknown: the writer
+    stops and the shard is recovered from the log, which says.
+    """
