@@ -89,7 +89,6 @@ class Engine:
         self.log = event_log
         self._clock = clock
         self._ids = UlidGenerator(clock, random80)
-        self._loop = asyncio.get_running_loop()
         fsync = settings.durability is Durability.FSYNC
         self._commits = GroupCommit(
             event_log,
