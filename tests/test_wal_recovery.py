@@ -493,11 +493,11 @@ async def test_failed_periodic_snapshot_is_logged_and_tried_again_an_interval_la
 
     caplog.set_level(logging.ERROR, logger="tollway.engine")
     async with Engine.open(settings=settings) as engine:
-        monkeypatch.setattr("tollway.engine.write_snapshot", full_disk)
+        monkeypatch.setattr("tollway.snapshots.write_snapshot", full_disk)
         await _traffic(engine, 60)  # sequential: one or two events per batch
         last = engine.state.last_sequence
-        assert engine._snapshot_task is not None
-        await engine._snapshot_task
+        assert engine._snapshots.task is not None
+        await engine._snapshots.task
         monkeypatch.undo()  # the disk has room again
     assert 2 <= len(attempts) <= last // every  # one per interval, not one per batch after the first failure
     failures = [r for r in caplog.records if "snapshot failed" in r.getMessage()]
@@ -519,7 +519,7 @@ async def test_close_hurries_a_background_snapshot(tmp_path: Path, monkeypatch: 
     real_sleep = asyncio.sleep
 
     async def recording_sleep(delay: float, result: object = None) -> object:
-        pauses.append((engine._closing, delay))
+        pauses.append((engine._snapshots.closing, delay))
         return await real_sleep(delay, result)
 
     async with Engine.open(settings=settings) as engine:
@@ -527,7 +527,7 @@ async def test_close_hurries_a_background_snapshot(tmp_path: Path, monkeypatch: 
         for start in range(0, 12_000, 1_000):  # 12,000 entries: several slices to encode
             await asyncio.gather(*(engine.execute(Reserve(ACCOUNT, f"r{i}", 5)) for i in range(start, start + 1_000)))
         monkeypatch.setattr(asyncio, "sleep", recording_sleep)
-        engine._snapshot_task = asyncio.get_running_loop().create_task(engine._periodic_snapshot())
+        engine._snapshots.task = asyncio.get_running_loop().create_task(engine._snapshots.periodic())
         while not pauses:  # the encoder has taken its first slice and paused
             await real_sleep(0.001)
     monkeypatch.undo()

@@ -16,7 +16,8 @@ that is the file WAL (:class:`~tollway.wal.file_log.FileLog`), which this module
 recovers. An idempotent replay is answered once the event it repeats is durable. A WAL write or
 sync error is fatal (fail-stop): waiting callers get :class:`~tollway.core.errors.WalIOFailure`,
 the engine accepts nothing more, and a restart recovers from disk. The expiry sweeper and the
-archiver are housekeeping that runs beside it (:mod:`tollway.housekeeping`).
+archiver are housekeeping that runs beside it (:mod:`tollway.housekeeping`); snapshots are
+taken by :mod:`tollway.snapshots`.
 
 An engine keeps no module-level state: several engines (shards) can live in one process, each
 with its own data directory. One thing is process-wide: recovery pauses the cyclic garbage
@@ -34,9 +35,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Final
 
 from tollway.config import Durability, Settings, WalSyncer
 from tollway.core import commands as cmd
@@ -50,19 +49,15 @@ from tollway.core.state import Account, Entry, State
 from tollway.core.validate import validate
 from tollway.eventlog import EventLog
 from tollway.group_commit import Batch, GroupCommit, Listener
+from tollway.snapshots import Snapshotter
 from tollway.wal import codec
 from tollway.wal.file_log import FileLog
 from tollway.wal.identity import data_identity
 from tollway.wal.log import DirectoryLock, WalWriter, recover
 from tollway.wal.replay import gc_paused
-from tollway.wal.snapshot import load_newest, snapshot_chunks, write_snapshot
+from tollway.wal.snapshot import load_newest
 
 log = logging.getLogger("tollway.engine")
-
-SNAPSHOT_SLICE_S: Final = 0.002
-"""Longest the snapshot encoder holds the event loop before letting commands in."""
-SNAPSHOT_BACKGROUND_SHARE: Final = 0.2
-"""Most of the event loop a periodic snapshot's encoder takes (measured: ``bench/README.md``)."""
 
 Clock = Callable[[], int]
 
@@ -98,21 +93,23 @@ class Engine:
         self.log = event_log
         self._clock = clock
         self._ids = UlidGenerator(clock, random80)
-        self._loop = asyncio.get_running_loop()
-        self._snap_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tollway-snapshot")
         fsync = settings.durability is Durability.FSYNC
         self._commits = GroupCommit(
             event_log,
             observer,
             durable_seq=state.last_sequence,
             sync_gap_s=settings.wal_sync_gap_ms / 1000 if fsync else 0.0,
-            on_durable=self._maybe_snapshot,
+            on_durable=self._durable,
             on_failure=self._fatal,
         )
-        self._snapshot_seq = state.last_sequence
-        self._snapshot_tried_seq = state.last_sequence  # when the last periodic snapshot was started
-        self._snapshot_task: asyncio.Task[None] | None = None
-        self._closing = False  # close() waits for a background snapshot: it runs at full speed from then on
+        self._snapshots = Snapshotter(
+            state,
+            self._commits.wait_durable,
+            settings.snapshot_dir,
+            every_events=settings.snapshot_every_events,
+            kept=settings.snapshots_kept,
+            durable=fsync,
+        )
         self.on_fatal: Callable[[BaseException], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -173,14 +170,10 @@ class Engine:
         try:
             if self._commits.failure is None:
                 await self._commits.wait_durable(self.state.last_sequence)
-                if self._snapshot_task is not None:
-                    self._closing = True
-                    await self._snapshot_task
-                if self.state.last_sequence > self._snapshot_seq:
-                    await self._snapshot()
+                await self._snapshots.close()
         finally:
             self._commits.close()
-            self._snap_io.shutdown(wait=True)
+            self._snapshots.shutdown()
             await self.log.close()
 
     async def abort(self) -> None:
@@ -192,7 +185,7 @@ class Engine:
         if self._commits.closed:
             return
         self._commits.abort(EngineStopped("the engine was aborted"))
-        self._snap_io.shutdown(wait=True)
+        self._snapshots.shutdown()
         await self.log.abort()  # an append in flight finishes or fails; no new one starts
 
     def set_holds_allowed(self, allowed: bool) -> None:
@@ -221,6 +214,9 @@ class Engine:
     def check_running(self) -> None:
         """Raise :class:`EngineStopped` after a fatal error or once closed."""
         self._commits.check_running()
+
+    def _durable(self) -> None:
+        self._snapshots.maybe(self._commits.durable_seq)
 
     def _fatal(self, failure: TollwayError) -> None:
         if self.on_fatal is not None:
@@ -272,60 +268,10 @@ class Engine:
 
     # -- snapshots -------------------------------------------------------------------------
 
-    def _maybe_snapshot(self) -> None:
-        due = self._commits.durable_seq - self._snapshot_tried_seq >= self.settings.snapshot_every_events
-        if due and (self._snapshot_task is None or self._snapshot_task.done()):
-            self._snapshot_tried_seq = self._commits.durable_seq
-            self._snapshot_task = self._loop.create_task(self._periodic_snapshot())
-
-    async def _periodic_snapshot(self) -> None:
-        """In the background; one that fails is logged and tried again a whole interval later, not at once."""
-        try:
-            await self._snapshot(background=True)
-        except OSError:  # the disk is full or unwritable: the WAL still has everything
-            log.exception("snapshot failed, the next one is due in %d events", self.settings.snapshot_every_events)
-
-    async def _snapshot(self, *, background: bool = False) -> None:
-        """Copy the state now; encode it a slice at a time; write it once all it includes is durable."""
-        seq, chunks = await self._encode_snapshot(background)
-        await self._commits.wait_durable(seq)
-        durable = self.settings.durability is Durability.FSYNC
-        await self._loop.run_in_executor(
-            self._snap_io,
-            lambda: write_snapshot(
-                self.settings.snapshot_dir, seq, chunks, keep=self.settings.snapshots_kept, durable=durable
-            ),
-        )
-        self._snapshot_seq = max(self._snapshot_seq, seq)
-        self._snapshot_tried_seq = max(self._snapshot_tried_seq, seq)
-
-    async def _encode_snapshot(self, background: bool) -> tuple[int, list[bytes]]:
-        """A consistent copy of the state, encoded in slices with callers let in between.
-
-        Encoding half a million entries takes a few hundred milliseconds; done in one go on the
-        event loop it stalled every command for that long. The copy is cheap (immutable
-        entries are shared), and each slice takes about two milliseconds. In the ``background``
-        the encoder waits after each slice so that it takes at most
-        :data:`SNAPSHOT_BACKGROUND_SHARE` of the loop, until :meth:`close` waits for it;
-        otherwise (on close, on request) it only lets waiting callbacks run between slices.
-        """
-        pause_per_busy = 1 / SNAPSHOT_BACKGROUND_SHARE - 1 if background else 0.0
-        frozen = self.state.freeze()
-        chunks: list[bytes] = []
-        since_yield = time.perf_counter()
-        for chunk in snapshot_chunks(frozen):
-            chunks.append(chunk)
-            busy_s = time.perf_counter() - since_yield
-            if busy_s > SNAPSHOT_SLICE_S:
-                await asyncio.sleep(0 if self._closing else busy_s * pause_per_busy)
-                since_yield = time.perf_counter()
-        return frozen.last_sequence, chunks  # framed (checksummed) by the writing thread
-
     async def snapshot_now(self) -> int:
         """Write a snapshot of the current state; returns its sequence."""
         self._commits.check_running()
-        await self._snapshot()
-        return self._snapshot_seq
+        return await self._snapshots.take()
 
     # -- reads -----------------------------------------------------------------------------
 
