@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import socket
 import sys
@@ -28,6 +27,7 @@ from typing import Any, Final
 
 import httpx
 import httpx2
+import litellm  # tests/conftest.py made it use its bundled cost map (offline)
 import openai
 import pytest
 
@@ -239,17 +239,9 @@ def ask(text: str, account_id: str | None, **extra: Any) -> dict[str, Any]:
     return body
 
 
-def token_counter() -> Any:
-    """``litellm.token_counter``, imported with the bundled model cost map (no network at import)."""
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    import litellm  # noqa: PLC0415  # after the environment says: no cost map download
-
-    return litellm.token_counter
-
-
 def input_tokens(text: str, model: str = "gpt-4o-mini") -> int:
     """The input tokens LiteLLM counts for a one-message request (what the callback reserves for)."""
-    count: int = token_counter()(model=model, messages=[{"role": "user", "content": text}])
+    count: int = litellm.token_counter(model=model, messages=[{"role": "user", "content": text}])
     return count
 
 

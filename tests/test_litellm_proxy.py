@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any, Final
 
+import litellm
 import openai
 import pytest
 
@@ -26,7 +27,6 @@ from tests.litellm_support import (
     running_stack,
     self_counting,
     settled,
-    token_counter,
 )
 
 pytestmark = [
@@ -225,7 +225,7 @@ async def test_stream_cut_midway_charges_the_input_and_the_delivered_output(stac
     finally:
         await client.close()
     assert isinstance(status, str)
-    delivered = token_counter()(model="gpt-4o-mini", text="tok tok tok")
+    delivered = litellm.token_counter(model="gpt-4o-mini", text="tok tok tok")
     async with stack.gateway() as gateway:
         entries = await settled(gateway, "cut")
     expected = charge("gpt-4o-mini", input_tokens(text), delivered)
