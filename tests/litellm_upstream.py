@@ -12,6 +12,7 @@ directives in its last message's text, so concurrent requests never share a scri
 - ``fail_model=M``: requests whose body names model ``M`` fail with 500 (the others answer).
 - ``cut=N``: a stream sends ``N`` content chunks, then the connection is dropped (no usage, no ``[DONE]``).
 - ``delay_ms=N``: wait ``N`` ms before answering (a call that is in flight for a while).
+- ``chunk_ms=N``: a stream waits ``N`` ms before each content chunk (a slow stream a client can leave).
 
 A stream sends one chunk per completion token and, when the request asked for
 ``stream_options.include_usage``, a final chunk with the usage. ``GET /admin/hits`` returns the
@@ -95,9 +96,11 @@ async def _send(response: web.StreamResponse, payload: dict[str, Any]) -> None:
 
 
 async def _stream(
-    request: web.Request, body: dict[str, Any], tokens: tuple[int, int], cut: int | None
+    request: web.Request, body: dict[str, Any], tokens: tuple[int, int], script: dict[str, str]
 ) -> web.StreamResponse:
     in_tokens, out_tokens = tokens
+    cut = int(script["cut"]) if "cut" in script else None
+    pause_s = int(script.get("chunk_ms", 0)) / 1000
     model = str(body.get("model"))
     response = web.StreamResponse(headers={"content-type": "text/event-stream"})
     await response.prepare(request)
@@ -107,6 +110,8 @@ async def _stream(
             assert request.transport is not None
             request.transport.abort()  # a broken stream: no final chunk, no usage, no [DONE]
             return response
+        if pause_s:
+            await asyncio.sleep(pause_s)
         await _send(response, chunk(model, {"content": "tok" if index == 0 else " tok"}, None))
     await _send(response, chunk(model, {}, "stop"))
     if (body.get("stream_options") or {}).get("include_usage"):
@@ -139,7 +144,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
             return _error(500)
     tokens = int(script.get("in", PROMPT_TOKENS)), int(script.get("out", OUT_TOKENS_DEFAULT))
     if body.get("stream"):
-        return await _stream(request, body, tokens, int(script["cut"]) if "cut" in script else None)
+        return await _stream(request, body, tokens, script)
     return web.json_response(completion(str(body.get("model")), *tokens))
 
 

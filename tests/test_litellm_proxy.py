@@ -230,3 +230,28 @@ async def test_stream_cut_midway_charges_the_input_and_the_delivered_output(stac
         entries = await settled(gateway, "cut")
     expected = charge("gpt-4o-mini", input_tokens(text), delivered)
     assert [("COMMITTED", expected)] == [(entry.state, entry.charged_micro) for entry in entries]
+
+
+async def test_client_leaving_a_stream_midway_is_charged_for_what_was_delivered(stack: Stack) -> None:
+    """A client that closes a slow stream after 3 chunks: charged the input plus the delivered tokens, not all 40."""
+    await fund(stack, "gone", 1_000_000)
+    text = "chunk_ms=150 out=40"
+    client = stack.proxies[0].openai()
+    received = 0
+    try:
+        stream = await client.chat.completions.create(**ask(text, "gone", max_tokens=40, stream=True))
+        async for chunk in stream:
+            received += sum(1 for choice in chunk.choices if choice.delta.content)
+            if received == 3:
+                break
+        await stream.close()
+    finally:
+        await client.close()
+    async with stack.gateway() as gateway:
+        entries = await settled(gateway, "gone")
+    assert [("COMMITTED", None)] == [(entry.state, entry.reason) for entry in entries]
+    counted = input_tokens(text)
+    delivered_max = 39  # fewer than the 40 the upstream would have sent: the stream stopped early
+    assert (
+        charge("gpt-4o-mini", counted, 3) <= entries[0].charged_micro <= charge("gpt-4o-mini", counted, delivered_max)
+    )
