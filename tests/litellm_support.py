@@ -81,8 +81,11 @@ def charge(model: str, input_tokens: int, output_tokens: int) -> int:
     return (input_tokens * p_in + output_tokens * p_out) // 1_000_000
 
 
-def proxy_config(upstream_url: str) -> str:
-    """A proxy config: the two models on the upstream, one retry, a fallback from the small one to the big one."""
+def proxy_config(upstream_url: str, *, billed: bool = True) -> str:
+    """A proxy config: the two models on the upstream, one retry, a fallback from the small one to the big one.
+
+    ``billed``: with tollway's callback (else the bare proxy, for the benchmark's comparison).
+    """
     models = "".join(
         f"  - model_name: {name}\n"
         f"    litellm_params: {{model: openai/{upstream}, api_base: '{upstream_url}/v1', api_key: none}}\n"
@@ -90,7 +93,9 @@ def proxy_config(upstream_url: str) -> str:
     )
     return (
         f"model_list:\n{models}"
-        "litellm_settings:\n  callbacks: tollway_billing.billing\n  num_retries: 1\n  request_timeout: 60\n"
+        "litellm_settings:\n"
+        + ("  callbacks: tollway_billing.billing\n" if billed else "")
+        + "  num_retries: 1\n  request_timeout: 60\n"
         "router_settings:\n  num_retries: 1\n  fallbacks: [{'gpt-4o-mini': ['gpt-4o']}]\n"
         f"general_settings:\n  master_key: {MASTER_KEY}\n"
     )
@@ -121,13 +126,14 @@ class Proxy:
     """``litellm --config config.yaml`` from ``.venv-litellm`` with the callback module beside its config."""
 
     def __init__(
-        self, name: str, log_dir: Path, upstream_url: str, billing: tuple[str, str], ttl_s: int | None
+        self, name: str, log_dir: Path, upstream_url: str, billing: tuple[str, str], options: Mapping[str, Any]
     ) -> None:
+        ttl_s = options.get("ttl_s")
         if not PROXY_BIN.exists():
             pytest.fail(f"no LiteLLM proxy at {PROXY_BIN}: run `make litellm-proxy` (make test builds it)")
         work = log_dir / name
         work.mkdir()
-        (work / "config.yaml").write_text(proxy_config(upstream_url))
+        (work / "config.yaml").write_text(proxy_config(upstream_url, billed=bool(options.get("billed", True))))
         (work / "tollway_billing.py").write_text(CALLBACK_MODULE)
         self.port = free_port()
         env = {
@@ -179,10 +185,10 @@ class Stack:
         return sdk(self.serve.url, self.admin_token)
 
 
-def _stack(log_dir: Path) -> Stack:
+def _stack(log_dir: Path, durability: str) -> Stack:
     """The upstream and ``tollway serve`` spawned (not ready yet)."""
     (log_dir / "prices.toml").write_text(prices_toml())
-    env = {"TOLLWAY_PRICING_FILE": str(log_dir / "prices.toml"), "TOLLWAY_DURABILITY": "none"}
+    env = {"TOLLWAY_PRICING_FILE": str(log_dir / "prices.toml"), "TOLLWAY_DURABILITY": durability}
     return Stack(Upstream(log_dir), Serve(log_dir / "tollway-data", log_dir, "serve", env=env))
 
 
@@ -191,9 +197,8 @@ async def _start(stack: Stack, log_dir: Path, proxies: Mapping[str, Mapping[str,
     stack.admin_token, stack.gateway_token = stack.serve.printed_token("admin"), stack.serve.printed_token("gateway")
     for name, options in proxies.items():
         billing_url = str(options.get("billing_url", stack.serve.url))
-        ttl_s = options.get("ttl_s")
         upstream_url = stack.upstream.url
-        stack.proxies.append(Proxy(name, log_dir, upstream_url, (billing_url, stack.gateway_token), ttl_s))
+        stack.proxies.append(Proxy(name, log_dir, upstream_url, (billing_url, stack.gateway_token), options))
     await asyncio.gather(*(proxy.ready() for proxy in stack.proxies))
 
 
@@ -207,10 +212,16 @@ async def _stop(stack: Stack) -> list[int]:
 
 
 @contextlib.contextmanager
-def running_stack(log_dir: Path, proxies: Mapping[str, Mapping[str, Any]]) -> Iterator[Stack]:
-    """A started :class:`Stack` (for a module-scoped fixture); every process is stopped afterwards."""
+def running_stack(
+    log_dir: Path, proxies: Mapping[str, Mapping[str, Any]], *, durability: str = "none"
+) -> Iterator[Stack]:
+    """A started :class:`Stack` (for a module-scoped fixture); every process is stopped afterwards.
+
+    ``proxies``: name → options (``billing_url``, ``ttl_s``, ``billed``). ``durability``: tollway's
+    WAL setting (``none`` for the tests; the benchmark uses ``fsync``).
+    """
     with asyncio.Runner() as runner:
-        stack = _stack(log_dir)
+        stack = _stack(log_dir, durability)
         try:
             runner.run(_start(stack, log_dir, proxies))
             yield stack
