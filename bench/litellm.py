@@ -1,14 +1,17 @@
 """What tollway's LiteLLM callback costs a LiteLLM proxy: calls/s and latency with and without it, in one run.
 
 Starts the test upstream (``tests/litellm_upstream.py``: an OpenAI-compatible server answering at
-once), one ``tollway serve`` (durability ``fsync``, as deployed) and two LiteLLM proxies from
-``.venv-litellm`` (``make litellm-proxy``) with the same config, one with the callback (``billed``)
-and one without (``bare``). Then, for ``--rounds`` rounds, ``--calls`` chat completions at
-``--concurrency`` through each proxy with the ``openai`` client (the order alternates per round so
-neither side always runs first on a warmer machine). Reported: calls/s of each side (all rounds'
+once), one ``tollway serve`` (durability ``fsync``, as deployed) and three LiteLLM proxies from
+``.venv-litellm`` (``make litellm-proxy``) with the same config: one with the callback (``billed``),
+one with a callback whose hooks do nothing (``noop``: what LiteLLM's callback machinery costs by
+itself) and one without (``bare``). Then, for ``--rounds`` rounds, ``--calls`` chat completions at
+``--concurrency`` through each proxy with the ``openai`` client (the order rotates per round so no
+side always runs first on a warmer machine). Reported: calls/s of each side (all rounds'
 calls over all rounds' time), per-call latency p50/p99, the latency the callback adds (billed −
 bare at p50 and p99) and ``callback_cost_share`` = 1 − billed/bare calls/s, with the target
-(≤ 10 %). The billed account's balance is checked afterwards: every billed call charged, nothing held.
+(≤ 10 %), and the same against ``noop``; per side, the CPU per call of its proxy process and of
+tollway (the service and its children: Redis, the projection pump, the sync helper). The billed
+account's balance is checked afterwards: every billed call charged, nothing held.
 
     .venv/bin/python bench/litellm.py --json
 """
@@ -24,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -33,6 +37,8 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # LiteLLM's bundl
 
 from tests.litellm_support import Proxy, Stack, ask, charge, running_stack
 from tests.litellm_upstream import PROMPT_TOKENS
+
+from bench.http import children_cpu_s, process_cpu_s
 
 ACCOUNT: Final = "bench"
 OUT_TOKENS: Final = 16
@@ -66,31 +72,59 @@ async def load(proxy: Proxy, calls: int, concurrency: int) -> tuple[float, list[
     return time.perf_counter() - began, latencies
 
 
-def side(wall_s: float, latencies: list[float]) -> dict[str, float]:
+def cpu_s(pid: int) -> float:
+    """CPU seconds of a process and its live children."""
+    return (process_cpu_s(pid) or 0.0) + (children_cpu_s(pid) or 0.0)
+
+
+@dataclass
+class Totals:
+    """One side's measurements summed over the rounds."""
+
+    wall_s: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    proxy_cpu_s: float = 0.0
+    tollway_cpu_s: float = 0.0
+
+
+async def measured_load(stack: Stack, proxy: Proxy, options: argparse.Namespace, totals: Totals) -> None:
+    """One round of one side, with the CPU its proxy and tollway (service, Redis, helpers) spent meanwhile."""
+    serve_pid = stack.serve.process.pid
+    proxy_before, tollway_before = cpu_s(proxy.process.pid), cpu_s(serve_pid)
+    wall_s, latencies = await load(proxy, options.calls, options.concurrency)
+    totals.wall_s += wall_s
+    totals.latencies += latencies
+    totals.proxy_cpu_s += cpu_s(proxy.process.pid) - proxy_before
+    totals.tollway_cpu_s += cpu_s(serve_pid) - tollway_before
+
+
+def side(totals: Totals) -> dict[str, float]:
     """One side's figures."""
+    wall_s, latencies = totals.wall_s, totals.latencies
     return {
         "calls": len(latencies),
         "calls_per_s": round(len(latencies) / wall_s, 1),
         "p50_ms": round(percentile(latencies, 0.50) * 1000, 2),
         "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
         "mean_ms": round(statistics.fmean(latencies) * 1000, 2),
+        "proxy_cpu_ms_per_call": round(totals.proxy_cpu_s / len(latencies) * 1000, 2),
+        "tollway_cpu_ms_per_call": round(totals.tollway_cpu_s / len(latencies) * 1000, 2),
     }
 
 
 async def measure(stack: Stack, options: argparse.Namespace) -> dict[str, Any]:
     """The rounds, then the billed account's check."""
-    bare, billed = stack.proxies
+    sides = dict(zip(("bare", "noop", "billed"), stack.proxies, strict=True))
     async with stack.admin() as admin:
         await admin.credit(ACCOUNT, "bench-mint", 10**12)
-    for proxy in (bare, billed):  # warm both: connections, LiteLLM's first-call caches
+    for proxy in sides.values():  # warm them: connections, LiteLLM's first-call caches
         await load(proxy, options.warmup, options.concurrency)
-    totals: dict[str, tuple[float, list[float]]] = {"bare": (0.0, []), "billed": (0.0, [])}
+    totals = {name: Totals() for name in sides}
     for index in range(options.rounds):
-        order = [("bare", bare), ("billed", billed)]
-        for name, proxy in order if index % 2 == 0 else order[::-1]:
-            wall_s, latencies = await load(proxy, options.calls, options.concurrency)
-            totals[name] = (totals[name][0] + wall_s, totals[name][1] + latencies)
-    report = {name: side(*figures) for name, figures in totals.items()}
+        order = list(sides.items())
+        for name, proxy in order[index % len(order) :] + order[: index % len(order)]:
+            await measured_load(stack, proxy, options, totals[name])
+    report = {name: side(figures) for name, figures in totals.items()}
     share = 1 - report["billed"]["calls_per_s"] / report["bare"]["calls_per_s"]
     async with stack.gateway() as gateway:
         for _ in range(300):  # the last commits land just after the answers: up to 30 s
@@ -105,12 +139,14 @@ async def measure(stack: Stack, options: argparse.Namespace) -> dict[str, Any]:
         "concurrency": options.concurrency,
         "rounds": options.rounds,
         "bare": report["bare"],
+        "noop": report["noop"],
         "billed": report["billed"],
         "added_latency_ms": {
             "p50": round(report["billed"]["p50_ms"] - report["bare"]["p50_ms"], 2),
             "p99": round(report["billed"]["p99_ms"] - report["bare"]["p99_ms"], 2),
         },
         "callback_cost_share": round(share, 4),
+        "callback_cost_share_vs_noop": round(1 - report["billed"]["calls_per_s"] / report["noop"]["calls_per_s"], 4),
         "target": {"callback_cost_share_max": TARGET_COST_SHARE_MAX, "met": share <= TARGET_COST_SHARE_MAX},
         "check": {
             "billed_calls": billed_calls,
@@ -134,7 +170,11 @@ def main() -> None:
     if options.quick:
         options.calls, options.rounds, options.warmup, options.concurrency = 20, 1, 5, 4
     with tempfile.TemporaryDirectory(prefix="tollway-bench-litellm-") as work:
-        proxies = {"proxy-bare": {"billed": False}, "proxy-billed": {}}
+        proxies: dict[str, dict[str, Any]] = {
+            "proxy-bare": {"callback": None},
+            "proxy-noop": {"callback": "noop"},
+            "proxy-billed": {},
+        }
         with running_stack(Path(work), proxies, durability="fsync") as stack:
             report = asyncio.run(measure(stack, options))
     print(json.dumps(report, indent=None if options.json else 2))

@@ -47,6 +47,8 @@ ACCOUNT_FIELD: Final = "tollway_account"
 CALLBACK_MODULE: Final = """\
 import os
 
+from litellm.integrations.custom_logger import CustomLogger
+
 from tollway.integrations.litellm import TollwayBilling
 
 ttl = os.environ.get("BILLING_TTL_S")
@@ -56,7 +58,37 @@ billing = TollwayBilling(
     account_from="metadata:tollway_account",
     ttl_s=int(ttl) if ttl else None,
 )
+
+
+class Noop(CustomLogger):
+    \"\"\"The hooks TollwayBilling overrides, doing nothing: what LiteLLM's callback machinery costs.\"\"\"
+
+    async def async_pre_call_hook(self, user_api_key_dict, cache, data, call_type):
+        return data
+
+    async def async_log_success_event(self, kwargs, response_obj, start_time, end_time):
+        return None
+
+    async def async_pre_call_deployment_hook(self, kwargs, call_type):
+        return None
+
+    async def async_log_failure_event(self, kwargs, response_obj, start_time, end_time):
+        return None
+
+    async def async_post_call_failure_hook(
+        self, request_data, original_exception, user_api_key_dict, traceback_str=None
+    ):
+        return None
+
+    async def async_post_call_streaming_iterator_hook(self, user_api_key_dict, response, request_data):
+        async for item in response:
+            yield item
+
+
+noop = Noop()
 """
+CALLBACKS: Final = {"billing": "tollway_billing.billing", "noop": "tollway_billing.noop"}
+"""The callback of a proxy's config: tollway's, or one with empty hooks (the benchmark's comparison)."""
 
 
 def free_port() -> int:
@@ -81,10 +113,11 @@ def charge(model: str, input_tokens: int, output_tokens: int) -> int:
     return (input_tokens * p_in + output_tokens * p_out) // 1_000_000
 
 
-def proxy_config(upstream_url: str, *, billed: bool = True) -> str:
+def proxy_config(upstream_url: str, *, callback: str | None = "billing") -> str:
     """A proxy config: the two models on the upstream, one retry, a fallback from the small one to the big one.
 
-    ``billed``: with tollway's callback (else the bare proxy, for the benchmark's comparison).
+    ``callback``: ``billing`` (tollway's), ``noop`` (empty hooks) or None (the bare proxy): the
+    last two are the benchmark's comparisons.
     """
     models = "".join(
         f"  - model_name: {name}\n"
@@ -94,7 +127,7 @@ def proxy_config(upstream_url: str, *, billed: bool = True) -> str:
     return (
         f"model_list:\n{models}"
         "litellm_settings:\n"
-        + ("  callbacks: tollway_billing.billing\n" if billed else "")
+        + (f"  callbacks: {CALLBACKS[callback]}\n" if callback is not None else "")
         + "  num_retries: 1\n  request_timeout: 60\n"
         "router_settings:\n  num_retries: 1\n  fallbacks: [{'gpt-4o-mini': ['gpt-4o']}]\n"
         f"general_settings:\n  master_key: {MASTER_KEY}\n"
@@ -133,7 +166,7 @@ class Proxy:
             pytest.fail(f"no LiteLLM proxy at {PROXY_BIN}: run `make litellm-proxy` (make test builds it)")
         work = log_dir / name
         work.mkdir()
-        (work / "config.yaml").write_text(proxy_config(upstream_url, billed=bool(options.get("billed", True))))
+        (work / "config.yaml").write_text(proxy_config(upstream_url, callback=options.get("callback", "billing")))
         (work / "tollway_billing.py").write_text(CALLBACK_MODULE)
         self.port = free_port()
         env = {
@@ -217,7 +250,7 @@ def running_stack(
 ) -> Iterator[Stack]:
     """A started :class:`Stack` (for a module-scoped fixture); every process is stopped afterwards.
 
-    ``proxies``: name → options (``billing_url``, ``ttl_s``, ``billed``). ``durability``: tollway's
+    ``proxies``: name → options (``billing_url``, ``ttl_s``, ``callback``). ``durability``: tollway's
     WAL setting (``none`` for the tests; the benchmark uses ``fsync``).
     """
     with asyncio.Runner() as runner:
