@@ -21,7 +21,8 @@ Python app calling ``litellm.acompletion`` (``litellm.callbacks = [billing]``). 
    is committed for the input tokens plus the output tokens delivered so far (the delivered text
    counted by ``litellm.token_counter``): the client got them, and the charge stays reproducible
    from tokens. A non-streaming call whose client went away is committed when the upstream
-   answers, as the work was done.
+   answers, as the work was done. This needs the proxy's stream hook; in direct use LiteLLM
+   reports a stream broken midway as a failed call, and its hold is released (not charged).
 5. **tollway unreachable** at reserve time: the call is refused with 503
    ``billing_unavailable`` (fail closed, no unbilled upstream call) unless
    ``on_unreachable="allow"``. A commit or release that cannot reach tollway is retried
