@@ -255,3 +255,32 @@ async def test_client_leaving_a_stream_midway_is_charged_for_what_was_delivered(
     assert (
         charge("gpt-4o-mini", counted, 3) <= entries[0].charged_micro <= charge("gpt-4o-mini", counted, delivered_max)
     )
+
+
+async def test_a_client_retry_with_the_same_call_id_is_never_billed_twice(stack: Stack) -> None:
+    """The same x-litellm-call-id sent again after the call was charged: 409 request_already_billed, no upstream hit."""
+    await fund(stack, "same-id", 1_000_000)
+    headers = {"x-litellm-call-id": "client-retry-1"}
+    client = stack.proxies[0].openai()
+    try:
+        first = await outcome(client, **ask("out=2", "same-id", max_tokens=5, extra_headers=headers))
+        async with stack.gateway() as gateway:
+            await settled(gateway, "same-id")
+        before = (await stack.upstream.hits()).get("total", 0)
+        with pytest.raises(openai.APIStatusError) as again:
+            await client.chat.completions.create(**ask("out=2", "same-id", max_tokens=5, extra_headers=headers))
+    finally:
+        await client.close()
+    assert "tok tok" == first
+    body = again.value.body
+    assert isinstance(body, dict)
+    assert (409, "request_already_billed", "COMMITTED") == (
+        again.value.status_code,
+        body["provider_specific_fields"]["error"],
+        body["provider_specific_fields"]["state"],
+    )
+    assert before == (await stack.upstream.hits()).get("total", 0)
+    async with stack.gateway() as gateway:
+        entries = await settled(gateway, "same-id")
+    expected = [("COMMITTED", "litellm-client-retry-1", charge("gpt-4o-mini", 12, 2))]
+    assert expected == [(entry.state, entry.request_id, entry.charged_micro) for entry in entries]
