@@ -28,6 +28,7 @@ from tests.litellm_support import (
     self_counting,
     settled,
 )
+from tollway.client import Price
 
 pytestmark = [
     pytest.mark.slow,
@@ -145,8 +146,14 @@ async def mixed_calls(client: openai.AsyncOpenAI, account_id: str) -> list[int |
     ]
 
 
+def priced(prices: dict[str, Price], model: str, input_tokens: int, output_tokens: int) -> int:
+    """A charge computed from ``GET /v1/prices`` and the tokens alone (what an invoice would do)."""
+    price = prices[model]
+    return (input_tokens * price.input_micro_per_mtok + output_tokens * price.output_micro_per_mtok) // 1_000_000
+
+
 async def test_balances_exact_after_normal_streaming_and_failing_calls(stack: Stack) -> None:
-    """Normal and streamed calls are charged their reported usage, failed ones nothing: balances exact."""
+    """Normal and streamed calls are charged their reported usage at GET /v1/prices, failed ones nothing: exact."""
     await fund(stack, "mix", 1_000_000)
     client = stack.proxies[0].openai()
     try:
@@ -154,10 +161,12 @@ async def test_balances_exact_after_normal_streaming_and_failing_calls(stack: St
     finally:
         await client.close()
     assert [" ".join(["tok"] * 7), " ".join(["tok"] * 5), 500, 503, " ".join(["tok"] * 3)] == outcomes
-    expected = [charge("gpt-4o-mini", 12, 7), charge("gpt-4o-mini", 12, 5), 0, 0, charge("gpt-4o-mini", 12, 3)]
     async with stack.gateway() as gateway:
+        prices = await gateway.prices()
         entries = await settled(gateway, "mix")
         balance = await gateway.balance("mix")
+    mini = "gpt-4o-mini"
+    expected = [priced(prices, mini, 12, 7), priced(prices, mini, 12, 5), 0, 0, priced(prices, mini, 12, 3)]
     states = ["COMMITTED", "COMMITTED", "RELEASED", "RELEASED", "COMMITTED"]
     assert list(zip(states, expected, strict=True)) == [(entry.state, entry.charged_micro) for entry in entries]
     total = sum(expected)
