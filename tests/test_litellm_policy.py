@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from tollway.integrations.litellm import AccountSource, ConfigurationError, TollwayBilling
+from tollway.client import ClientError
+from tollway.integrations.litellm import AccountSource, BillingRefused, ConfigurationError, TollwayBilling
 from tollway.integrations.litellm.policy import (
     Usage,
     answered_model,
@@ -109,3 +110,10 @@ def test_delta_text_is_the_content_a_chunk_delivers() -> None:
     finish = SimpleNamespace(choices=[SimpleNamespace(delta=SimpleNamespace(content=None))])
     usage_only = SimpleNamespace(choices=[])
     assert [" tok", "", ""] == [delta_text(content), delta_text(finish), delta_text(usage_only)]
+
+
+def test_a_refusal_is_an_http_exception_and_an_sdk_error() -> None:
+    """BillingRefused carries the status and tollway's body, and is caught as an SDK ClientError."""
+    refused = BillingRefused(402, {"error": "insufficient_funds", "message": "short"})
+    assert (402, {"error": "insufficient_funds", "message": "short"}) == (refused.status_code, refused.body)
+    assert isinstance(refused, ClientError)

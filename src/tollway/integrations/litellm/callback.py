@@ -69,8 +69,12 @@ ON_UNREACHABLE: Final = ("refuse", "allow")
 HELD: Final = "RESERVE_HELD"
 
 
-class BillingRefused(HTTPException):
-    """A call refused by billing: ``status_code`` and tollway's error ``body`` (the proxy answers them)."""
+class BillingRefused(HTTPException, ClientError):
+    """A call refused by billing: ``status_code`` and tollway's error ``body``.
+
+    An ``HTTPException`` so that the LiteLLM proxy answers with that status and body; a
+    :class:`tollway.client.ClientError` so that an app catches it with the SDK's other errors.
+    """
 
     def __init__(self, status_code: int, body: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> None:
         super().__init__(status_code=status_code, detail=dict(body), headers=dict(headers or {}) or None)
