@@ -117,3 +117,12 @@ def test_a_refusal_is_an_http_exception_and_an_sdk_error() -> None:
     refused = BillingRefused(402, {"error": "insufficient_funds", "message": "short"})
     assert (402, {"error": "insufficient_funds", "message": "short"}) == (refused.status_code, refused.body)
     assert isinstance(refused, ClientError)
+
+
+async def test_a_call_without_a_call_id_is_refused_before_any_request() -> None:
+    """No litellm_call_id means no idempotency key: the hook refuses (400) without calling tollway."""
+    billing = TollwayBilling("http://127.0.0.1:1", None)
+    data = {"model": "gpt-4o-mini", "messages": [], "metadata": {"tollway_account": "acct"}}
+    with pytest.raises(BillingRefused) as refused:
+        await billing.async_pre_call_hook(None, None, data, "acompletion")
+    assert (400, "billing_call_id_missing") == (refused.value.status_code, refused.value.body["error"])

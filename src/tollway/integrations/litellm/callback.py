@@ -172,7 +172,11 @@ class TollwayBilling(CustomLogger):  # type: ignore[misc]  # LiteLLM is not type
     async def _reserve(self, key: object, data: Mapping[str, Any], by_proxy: bool) -> None:
         """Hold the estimate of call ``data`` (raises :class:`BillingRefused`); a call already held is left alone."""
         call_id = str(data.get("litellm_call_id") or "")
-        if not call_id or call_id in self._holds:
+        if not call_id:  # LiteLLM always sets one; without it there is no idempotency key: fail closed
+            raise BillingRefused(
+                400, {"error": "billing_call_id_missing", "message": "the call has no litellm_call_id"}
+            )
+        if call_id in self._holds:
             return
         account_id = self.options.account.account(key, data)
         if account_id is None:
