@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -9,6 +10,10 @@ import pytest
 
 from tollway import Engine, Settings
 from tollway.testing import FakeClock, RecordingObserver
+
+# LiteLLM (imported by the tests of tollway.integrations.litellm) downloads its model cost map at
+# import unless told to use the copy it ships: these tests run offline.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 
 @pytest.fixture

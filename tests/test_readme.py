@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.e2e_support import clean_environment
+from tests.litellm_support import PROXY_BIN, Upstream
+from tests.litellm_upstream import OUT_TOKENS_DEFAULT, PROMPT_TOKENS
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -87,3 +94,53 @@ def test_the_terms_a_reader_meets_are_defined() -> None:
     terms = text[text.index("**Terms.**") :][:1200]
     expected = ["**MicroUSD**", "**Credit units (CU)**", "rounded up", "**USDC**", "**settlement service**"]
     assert [] == [term for term in expected if term not in terms]
+
+
+def run_script_in_own_group(script: str, cwd: Path, env: dict[str, str], timeout_s: float) -> tuple[int, str, str]:
+    """Run ``script`` with bash in a new session; whatever it left running (or all of it, on timeout) is killed."""
+    process = subprocess.Popen(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        stderr += f"\n(killed after {timeout_s} s)"
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # a background process the script did not stop
+    return process.returncode, stdout, stderr
+
+
+@pytest.mark.slow
+async def test_litellm_example_runs_as_written(tmp_path: Path) -> None:
+    """The "Use with LiteLLM" script: a real proxy with the callback, an answer, a 402, the charge, a clean audit."""
+    upstream = Upstream(tmp_path)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "litellm").symlink_to(PROXY_BIN)  # the proxy's venv has litellm[proxy]
+    try:
+        await upstream.ready()
+        script = example("litellm", "sh")
+        script = script.replace("PORT=8080 PROXY_PORT=4000", f"PORT={free_port()} PROXY_PORT={free_port()}")
+        script = script.replace("UPSTREAM=https://api.openai.com/v1", f"UPSTREAM={upstream.url}/v1")
+        paths = [tmp_path / "bin", Path(sys.executable).parent, os.environ["PATH"]]
+        env = clean_environment({"PATH": os.pathsep.join(map(str, paths)), "OPENAI_API_KEY": "sk-test"})
+        code, stdout, stderr = await asyncio.to_thread(run_script_in_own_group, script, tmp_path, env, 150.0)
+        hits = await upstream.hits()
+    finally:
+        upstream.process.kill()
+    proxy_log = (tmp_path / "proxy.log").read_text()[-3000:] if (tmp_path / "proxy.log").exists() else ""
+    assert 0 == code, stdout + stderr + proxy_log
+    answer, refusal = stdout.split("\n200\n", 1)
+    assert " ".join(["tok"] * OUT_TOKENS_DEFAULT) in answer
+    assert '"insufficient_funds"' in refusal.split("\n402\n", 1)[0]
+    charged = (PROMPT_TOKENS * 150_000 + OUT_TOKENS_DEFAULT * 600_000) // 1_000_000  # the shipped gpt-4o-mini price
+    assert f'"held_micro":"0","unsettled_micro":"0","charged_micro":"{charged}"' in stdout.replace(" ", "")
+    assert "Verdict: CLEAN" in stdout
+    assert 1 == hits["total"]
