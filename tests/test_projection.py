@@ -25,7 +25,7 @@ from tollway.housekeeping import sweep_once
 from tollway.redis import projector as projector_module
 from tollway.redis.keys import Keys
 from tollway.redis.parity import differences
-from tollway.redis.projection import HSET_ARGS_MAX, Batch, encode_batch, entry_fields
+from tollway.redis.projection import HSET_ARGS_MAX, OPCODES, Batch, encode_batch, entry_fields
 from tollway.redis.projector import Projector, load_script
 from tollway.redis.server import EmbeddedRedis
 from tollway.testing import FakeClock
@@ -655,3 +655,13 @@ async def test_a_dead_letter_settled_then_archived_leaves_no_letter(
     await redis_client.xadd(KEYS.finalize, stranger)  # type: ignore[arg-type]
     problems = await differences(redis_client, KEYS, state)
     assert ["finalize queue: 0 pending entries not queued [], 1 extra ['7ZZZZZZZZZTSV4RRFFQ69G5FBZ']"] == problems
+
+
+def test_the_opcodes_named_in_python_are_the_ones_the_script_documents_and_runs() -> None:
+    """OPCODES matches apply_batch.lua's header, and the script's body handles every one of them."""
+    script = load_script("apply_batch.lua")
+    header = script[script.index("-- Opcodes:") : script.index("-- Returns")]
+    documented = {line[5] for line in header.splitlines() if line.startswith("--   ") and line[5:6].isupper()}
+    body = script[script.index("local meta = KEYS[1]") :]
+    handled = {code for code in OPCODES if f"'{code}'" in body or f"else -- {code}" in body}
+    assert (set(OPCODES), set(OPCODES)) == (documented, handled)

@@ -26,7 +26,13 @@ to handle (insufficient funds, an expired hold, a reused idempotency key) are *v
         ├── LogCorrupt          a stored record that fails its checksum or its sequence
         └── LogUnavailable      PostgreSQL could not be reached or refused a statement
 
-Adapters translate foreign exceptions into this tree with ``raise ... from exc``.
+Adapters translate foreign exceptions into this tree with ``raise ... from exc``, and define
+the rest of it themselves (each a ``TollwayError``; ``docs/architecture.md`` draws the whole
+tree): ``TokenError`` (``TokenInvalid``, ``KeyMaterialError``) in ``tokens``,
+``SettlementUnavailable`` in ``settlement.client``, ``RedisUnavailable`` in ``redis.server``,
+``RedisRefused``, ``ProjectionViolation`` and ``ProjectionForeign`` in ``redis.projector``,
+``PumpGone`` in ``redis.pump``, ``PostgresUnavailable`` in ``pg.process``, ``CheckUnavailable`` in
+``guard``, ``ApiError`` in ``api.errors`` and ``RebuildFailed`` in ``cli.local``.
 """
 
 from __future__ import annotations

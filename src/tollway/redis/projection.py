@@ -38,8 +38,24 @@ S = EntryState
 Op = list[str | int]
 """An opcode followed by its arguments; key arguments are key *names* until encoded (then indexes)."""
 
+OP_CHECKED: Final = "I"  # HINCRBY of a user balance checked at its low point (apply_batch.lua's header)
+OP_DELTA: Final = "C"  # HINCRBY that may go negative (the system ledger)
+OP_COUNTS: Final = "N"  # counts per state
+OP_HSET: Final = "H"
+OP_ZADD: Final = "Z"
+OP_ZREM: Final = "R"
+OP_SET: Final = "S"
+OP_XADD: Final = "X"
+OP_POISON: Final = "P"  # XADD a dead letter, then HSET the entry's poison_id
+OP_UNPOISON: Final = "Q"  # XDEL the entry's dead letter, then HDEL its poison_id
+OP_DEL: Final = "D"
+OPCODES: Final = frozenset(
+    {OP_CHECKED, OP_DELTA, OP_COUNTS, OP_HSET, OP_ZADD, OP_ZREM, OP_SET, OP_XADD, OP_POISON, OP_UNPOISON, OP_DEL}
+)
+"""Every opcode ``apply_batch.lua`` runs; its header documents each (a test holds the two together)."""
+
 _FIRST: Final[tuple[int, ...]] = (1,)
-_KEYS_AT: Final[dict[str | int, tuple[int, ...]]] = {"P": (1, 2), "Q": (1, 2)}
+_KEYS_AT: Final[dict[str | int, tuple[int, ...]]] = {OP_POISON: (1, 2), OP_UNPOISON: (1, 2)}
 """Where an op's key arguments are: the first two for these opcodes, the first (:data:`_FIRST`) for every other."""
 
 AVAILABLE, HELD, CHARGED, UNSETTLED = "available", "held", "charged", "unsettled"
@@ -116,14 +132,36 @@ def finalize_message(
 
 def dead_letter(entry: Entry, attempts: int | None) -> dict[str, str]:
     """The fields of the dead letter of a FINALIZE_FAILED entry (attempts unknown on a rebuild)."""
+    return letter_fields(
+        entry.billing_entry_id,
+        entry.account_id,
+        charged_micro=entry.charged_micro,
+        correlation_id=entry.correlation_id,
+        attempts=attempts,
+        reason=entry.reason or "",
+        failed_at_ms=entry.failed_at_ms,
+    )
+
+
+def letter_fields(
+    entry_id: str,
+    account_id: str,
+    *,
+    charged_micro: int,
+    correlation_id: str,
+    attempts: int | None,
+    reason: str,
+    failed_at_ms: int | None,
+) -> dict[str, str]:
+    """The one layout of a dead letter's fields, live (a ``billing_finalize_fail``) or rebuilt."""
     return {
-        "billing_entry_id": entry.billing_entry_id,
-        "account_id": entry.account_id,
-        "actual_cost_micro": str(entry.charged_micro),
-        "correlation_id": entry.correlation_id,
+        "billing_entry_id": entry_id,
+        "account_id": account_id,
+        "actual_cost_micro": str(charged_micro),
+        "correlation_id": correlation_id,
         "attempt": "" if attempts is None else str(attempts),
-        "reason": entry.reason or "",
-        "failed_at": "" if entry.failed_at_ms is None else str(entry.failed_at_ms),
+        "reason": reason,
+        "failed_at": "" if failed_at_ms is None else str(failed_at_ms),
     }
 
 
@@ -133,7 +171,7 @@ def _flat(fields: dict[str, str]) -> list[str]:
 
 def _incr(key: str, *deltas: tuple[str, int], checked: bool = True) -> list[Op]:
     """One money op for several fields of one hash (integer deltas, in order); zero deltas are left out."""
-    op: Op = ["I" if checked else "C", key]
+    op: Op = [OP_CHECKED if checked else OP_DELTA, key]
     for name, delta in deltas:
         if delta:
             op.append(name)
@@ -153,14 +191,14 @@ def is_live(entry: Entry) -> bool:
 def _move(keys: Keys, event: ev.Event, from_state: EntryState, to_state: EntryState, **fields: str) -> list[Op]:
     """Counter moves and the entry fields every transition updates; a settled entry's hash is deleted."""
     counts: Op = (
-        ["N", keys.counters, _STATE[to_state], 1]
+        [OP_COUNTS, keys.counters, _STATE[to_state], 1]
         if from_state is S.IDLE
-        else ["N", keys.counters, _STATE[from_state], -1, _STATE[to_state], 1]
+        else [OP_COUNTS, keys.counters, _STATE[from_state], -1, _STATE[to_state], 1]
     )
     if to_state in SETTLED:
-        return [counts, ["D", keys.entry(event.billing_entry_id)]]
+        return [counts, [OP_DEL, keys.entry(event.billing_entry_id)]]
     changed: Op = [
-        "H",
+        OP_HSET,
         keys.entry(event.billing_entry_id),
         "state",
         _STATE[to_state],
@@ -176,16 +214,16 @@ def _move(keys: Keys, event: ev.Event, from_state: EntryState, to_state: EntrySt
 
 def _created(keys: Keys, event: ev.Event) -> list[Op]:
     entry = new_entry(event)
-    ops: list[Op] = [["N", keys.counters, _STATE[entry.state], 1]]
+    ops: list[Op] = [[OP_COUNTS, keys.counters, _STATE[entry.state], 1]]
     if is_live(entry):  # a direct charge in standalone mode is settled at once: no hash
-        ops.append(["H", keys.entry(entry.billing_entry_id), *entry_items(entry)])
+        ops.append([OP_HSET, keys.entry(entry.billing_entry_id), *entry_items(entry)])
     if entry.state is S.RESERVE_HELD:
-        ops.append(["Z", keys.expiry, str(entry.expires_at_ms), entry.billing_entry_id])
+        ops.append([OP_ZADD, keys.expiry, str(entry.expires_at_ms), entry.billing_entry_id])
     if entry.state is S.FINALIZE_PENDING:
         message = finalize_message(
             entry.billing_entry_id, entry.account_id, entry.charged_micro, entry.correlation_id, event.timestamp_ms
         )
-        ops.append(["X", keys.finalize, *_flat(message)])
+        ops.append([OP_XADD, keys.finalize, *_flat(message)])
     return ops
 
 
@@ -229,13 +267,13 @@ def _commit(keys: Keys, event: ev.Event, p: ev.BillingCommit) -> list[Op]:
             charged_micro=str(charged),
             uncollected_micro=str(p.uncollected_micro),
         ),
-        ["R", keys.expiry, event.billing_entry_id],
+        [OP_ZREM, keys.expiry, event.billing_entry_id],
     ]
     if p.finalize:
         message = finalize_message(
             event.billing_entry_id, p.account_id, charged, event.correlation_id, event.timestamp_ms
         )
-        ops.append(["X", keys.finalize, *_flat(message)])
+        ops.append([OP_XADD, keys.finalize, *_flat(message)])
     return ops
 
 
@@ -243,7 +281,7 @@ def _return_hold(keys: Keys, event: ev.Event, account_id: str, estimate: int, re
     return [
         *_incr(keys.account(account_id), (HELD, -estimate), (AVAILABLE, estimate)),
         *_move(keys, event, S.RESERVE_HELD, S.RELEASED, reason=reason),
-        ["R", keys.expiry, event.billing_entry_id],
+        [OP_ZREM, keys.expiry, event.billing_entry_id],
     ]
 
 
@@ -262,7 +300,7 @@ def _void(keys: Keys, event: ev.Event, p: ev.BillingVoid) -> list[Op]:
         *_move(keys, event, from_state, S.VOIDED, reason=p.reason),
     ]
     if failed:
-        ops.append(["Q", keys.poison, keys.entry(event.billing_entry_id)])
+        ops.append([OP_UNPOISON, keys.poison, keys.entry(event.billing_entry_id)])
     return ops
 
 
@@ -273,24 +311,24 @@ def _ack(keys: Keys, event: ev.Event, p: ev.BillingFinalizeAck) -> list[Op]:
         *_move(keys, event, from_state, S.FINALIZE_ACKED),
     ]
     if from_state is S.FINALIZE_FAILED:
-        ops.append(["Q", keys.poison, keys.entry(event.billing_entry_id)])
+        ops.append([OP_UNPOISON, keys.poison, keys.entry(event.billing_entry_id)])
     return ops
 
 
 def _fail(keys: Keys, event: ev.Event, p: ev.BillingFinalizeFail) -> list[Op]:
     failed_at = str(event.timestamp_ms)
-    letter = {
-        "billing_entry_id": event.billing_entry_id,
-        "account_id": p.account_id,
-        "actual_cost_micro": str(p.charged_micro),
-        "correlation_id": event.correlation_id,
-        "attempt": str(p.attempts),
-        "reason": p.reason,
-        "failed_at": failed_at,
-    }
+    letter = letter_fields(
+        event.billing_entry_id,
+        p.account_id,
+        charged_micro=p.charged_micro,
+        correlation_id=event.correlation_id,
+        attempts=p.attempts,
+        reason=p.reason,
+        failed_at_ms=event.timestamp_ms,
+    )
     return [
         *_move(keys, event, S.FINALIZE_PENDING, S.FINALIZE_FAILED, reason=p.reason, failed_at_ms=failed_at),
-        ["P", keys.poison, keys.entry(event.billing_entry_id), *_flat(letter)],
+        [OP_POISON, keys.poison, keys.entry(event.billing_entry_id), *_flat(letter)],
     ]
 
 
@@ -308,11 +346,11 @@ def _archive(keys: Keys, p: ev.EntriesArchived) -> list[Op]:
     deletes: list[Op] = []
     for item in p.entries:
         counts[item.state] = counts.get(item.state, 0) - 1
-        deletes.append(["D", keys.entry(item.billing_entry_id)])
-        deletes.append(["D", keys.response(item.billing_entry_id)])
+        deletes.append([OP_DEL, keys.entry(item.billing_entry_id)])
+        deletes.append([OP_DEL, keys.response(item.billing_entry_id)])
     if not counts:
         return []
-    tally: Op = ["N", keys.counters]
+    tally: Op = [OP_COUNTS, keys.counters]
     for name, delta in counts.items():
         tally += (name, delta)
     return [tally, *deletes]
@@ -336,8 +374,8 @@ def event_ops(keys: Keys, event: ev.Event) -> list[Op]:  # noqa: C901 - one flat
             fields = {"expires_at_ms": str(p.expires_at_ms), "updated_at_ms": str(event.timestamp_ms)}
             fields["wal_sequence"] = str(event.wal_sequence)
             return [
-                ["H", keys.entry(event.billing_entry_id), *_flat(fields)],
-                ["Z", keys.expiry, str(p.expires_at_ms), event.billing_entry_id],
+                [OP_HSET, keys.entry(event.billing_entry_id), *_flat(fields)],
+                [OP_ZADD, keys.expiry, str(p.expires_at_ms), event.billing_entry_id],
             ]
         case ev.BillingVoid():
             return _void(keys, event, p)
@@ -409,9 +447,9 @@ class _Fold:
     def add(self, op: Op, seq: int) -> None:
         """Fold one op of the event at ``seq`` into the net effect."""
         code, key = op[0], op[1]
-        if code == "I":
+        if code == OP_CHECKED:
             self._checked(key, op, seq)
-        elif code == "H":
+        elif code == OP_HSET:
             merged = self.hashes.get(key)
             if merged is None:
                 self.hashes[key] = op
@@ -420,20 +458,20 @@ class _Fold:
                 if len(merged) > HSET_ARGS_MAX:  # one hash written over and over: keep each field once
                     items = iter(merged[2:])
                     merged[2:] = [item for pair in dict(zip(items, items, strict=True)).items() for item in pair]
-        elif code in ("N", "C"):
-            sums = (self.counts if code == "N" else self.unchecked).setdefault(key, {})
+        elif code in (OP_COUNTS, OP_DELTA):
+            sums = (self.counts if code == OP_COUNTS else self.unchecked).setdefault(key, {})
             for i in range(2, len(op), 2):
                 sums[op[i]] = sums.get(op[i], 0) + int(op[i + 1])
-        elif code in ("Z", "R"):
+        elif code in (OP_ZADD, OP_ZREM):
             self.members[key, op[-1]] = op  # the member is the last argument of both
-        elif code in ("S", "D"):
+        elif code in (OP_SET, OP_DEL):
             self._replace(key, op)
         else:
             self.streams.append(op)
 
     def _replace(self, key: str | int, op: Op) -> None:
         """A SET (replaces a DEL before it) or a DEL (drops the HSET or SET before it)."""
-        if op[0] == "S":
+        if op[0] == OP_SET:
             self.values[key] = op
             self.deletes.pop(key, None)
         else:
@@ -458,13 +496,13 @@ class _Fold:
     def money(self) -> list[Op]:
         """The money ops: ``I`` key field low rest seq, then ``C`` key field delta."""
         out: list[Op] = [
-            ["I", key, name, str(low), str(total - low), seq]
+            [OP_CHECKED, key, name, str(low), str(total - low), seq]
             for key, fields in self.checked.items()
             for name, (total, low, seq) in fields.items()
             if total or low
         ]
         out += (
-            ["C", key, name, str(total)]
+            [OP_DELTA, key, name, str(total)]
             for key, sums in self.unchecked.items()
             for name, total in sums.items()
             if total
@@ -477,7 +515,7 @@ class _Fold:
             raise ValueError("an entry hash is written after it was deleted in the same batch")
         out: list[Op] = []
         for key, sums in self.counts.items():
-            op: Op = ["N", key]
+            op: Op = [OP_COUNTS, key]
             for name, total in sums.items():
                 if total:
                     op += (name, str(total))
