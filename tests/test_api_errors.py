@@ -11,7 +11,6 @@ from typing import Any
 
 import httpx
 import pytest
-import redis.exceptions
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
@@ -31,6 +30,7 @@ from tollway.api.schemas import (
 )
 from tollway.core import commands as cmd
 from tollway.core.errors import EngineStopped
+from tollway.redis.errors import RedisDown
 from tollway.testing import FakeClock
 
 __all__ = ["api"]
@@ -76,7 +76,7 @@ async def _codes_of_a_failing_standalone_app(api: Api, monkeypatch: pytest.Monke
     seen = [await api.http.get("/v1/settlement/breaker", headers=admin)]  # settlement_not_configured
 
     async def down(*_: Any) -> None:
-        raise redis.exceptions.ConnectionError("down")
+        raise RedisDown("down")  # what the queue's boundary turns redis-py's ConnectionError into
 
     monkeypatch.setattr(api.service.queue, "dead_letters", down)
     seen.append(await api.http.get("/v1/settlement/poison", headers=admin))  # redis_unavailable

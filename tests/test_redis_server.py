@@ -18,6 +18,9 @@ import redis.asyncio
 import redis.exceptions
 
 from tollway.redis import server as server_module
+from tollway.redis.errors import RedisDown, RedisRefused
+from tollway.redis.keys import Keys
+from tollway.redis.queue import FinalizeQueue
 from tollway.redis.server import EmbeddedRedis, RedisUnavailable, find_binary, version
 
 GONE_TIMEOUT_S = 5.0
@@ -313,3 +316,22 @@ def test_a_server_is_killed_when_the_parent_is_sigkilled(tmp_path: Path) -> None
         parent.send_signal(signal.SIGKILL)
         parent.wait(timeout=30)
     assert _wait_gone(pid)
+
+
+async def test_the_redis_boundary_turns_redis_py_errors_into_tollways(tmp_path: Path) -> None:
+    """A queue call on a dead server raises RedisDown, one Redis refuses raises RedisRefused, each from redis-py's."""
+    server = await EmbeddedRedis.start(tmp_path / "r")
+    client = redis.asyncio.Redis.from_url(server.url)
+    queue = FinalizeQueue(client, Keys("tw", "boundary"), "c")
+    try:
+        await client.set(Keys("tw", "boundary").finalize, "not a stream")
+        with pytest.raises(RedisRefused) as refused:
+            await queue.depths()
+        assert isinstance(refused.value.__cause__, redis.exceptions.ResponseError)
+        server.kill()
+        with pytest.raises(RedisDown) as down:
+            await queue.depths()
+        assert isinstance(down.value.__cause__, redis.exceptions.ConnectionError | OSError)
+    finally:
+        await client.aclose()
+        await server.stop()

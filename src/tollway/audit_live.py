@@ -19,12 +19,12 @@ from __future__ import annotations
 from typing import Final
 
 import redis.asyncio as aioredis
-import redis.exceptions
 
 from tollway.audit import AuditReport, Section
 from tollway.core.lifecycle import EntryState
+from tollway.redis.errors import UNAVAILABLE
 from tollway.redis.keys import Keys
-from tollway.redis.parity import differences
+from tollway.redis.parity import applied_sequence, differences
 from tollway.settlement.client import FinalizedItem, SettlementClient, SettlementUnavailable
 
 LIST_PAGE_MAX: Final = 1000
@@ -36,7 +36,7 @@ async def redis_section(report: AuditReport, redis_url: str, keys: Keys) -> Sect
     """Compare the projection at ``redis_url`` with the audit's fold of the WAL."""
     client = aioredis.Redis.from_url(redis_url, socket_timeout=5)
     try:
-        applied = await client.hget(keys.meta, "applied_seq")
+        applied = await applied_sequence(client, keys)
         if applied is None:
             return Section("redis", ("the projection is missing (the service rebuilds it when it starts)",))
         if int(applied) != report.last_sequence:
@@ -47,7 +47,7 @@ async def redis_section(report: AuditReport, redis_url: str, keys: Keys) -> Sect
             return Section("redis", (problem,))
         problems = await differences(client, keys, report.state)
         return Section("redis", tuple(problems), (f"projection in parity at sequence {report.last_sequence}",))
-    except (redis.exceptions.RedisError, OSError) as exc:
+    except UNAVAILABLE as exc:
         return Section("redis", (f"redis at {redis_url} could not be read: {exc}",))
     finally:
         await client.aclose()

@@ -40,8 +40,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-import redis.exceptions
-
 from tollway.core import breaker as brk
 from tollway.core import commands as cmd
 from tollway.core import events as ev
@@ -50,7 +48,8 @@ from tollway.core.retry import Verdict, after_attempt
 from tollway.core.state import ESCALATED, Entry
 from tollway.core.validate import MAX_TEXT_LENGTH
 from tollway.engine import Engine
-from tollway.redis.projector import REDIS_ERRORS, raise_if_cancelled
+from tollway.redis.errors import RedisDown, RedisRefused
+from tollway.redis.projector import raise_if_cancelled
 from tollway.redis.queue import FinalizeQueue, parse_message
 from tollway.settlement.client import Attempt, SettlementClient
 from tollway.settlement.contract import FinalizeRequest
@@ -254,10 +253,10 @@ class FinalizeWorker:
                     await self.queue.ensure_group()
                     grouped = True
                 handled = await self.run_once(block_ms=BLOCK_MS)
-            except REDIS_ERRORS as exc:
+            except RedisDown as exc:
                 raise_if_cancelled()
                 log.warning("finalize worker: redis unavailable, retrying: %s", exc)
-            except redis.exceptions.ResponseError as exc:  # NOGROUP after a rebuild or FLUSHALL, maxmemory, …
+            except RedisRefused as exc:  # NOGROUP after a rebuild or FLUSHALL, maxmemory, …
                 raise_if_cancelled()
                 log.warning("finalize worker: %s; (re)creating the consumer group", exc)
                 grouped = False

@@ -44,8 +44,9 @@ from tollway.core.guard import PROJECTION_PARITY, CheckResult, Guard, GuardState
 from tollway.core.ledger import Ledger
 from tollway.core.validate import MAX_TEXT_LENGTH
 from tollway.engine import Engine
+from tollway.redis.errors import UNAVAILABLE
 from tollway.redis.parity import differences
-from tollway.redis.projector import REDIS_ERRORS, Projector
+from tollway.redis.projector import Projector
 from tollway.wal.segments import iter_events
 
 log = logging.getLogger("tollway.guard")
@@ -341,22 +342,16 @@ def fold_wal(wal_dir: Path, last_sequence: int) -> Ledger:
 # -- projection parity ---------------------------------------------------------------------
 
 
-async def _applied_sequence(projector: Projector) -> int | None:
-    """The projection's applied sequence; None while it is missing or being rebuilt."""
-    applied, rebuilding = await projector.redis.hmget(projector.keys.meta, ["applied_seq", "rebuilding"])
-    return None if applied is None or rebuilding is not None else int(applied)
-
-
 async def _parity_at_one_sequence(engine: Engine, projector: Projector) -> list[str] | None:
     """Differences between a state copy and a projection that held still at its sequence, else None."""
     state = await engine.export_state()
-    applied = await _applied_sequence(projector)
+    applied = await projector.applied_sequence()
     if applied is None:
         return []  # missing or rebuilding: the projector rebuilds it from the engine (SPEC §9)
     if applied != state.last_sequence:
         return None
     problems = await differences(projector.redis, projector.keys, state)
-    return problems if await _applied_sequence(projector) == state.last_sequence else None
+    return problems if await projector.applied_sequence() == state.last_sequence else None
 
 
 def redis_parity(
@@ -381,7 +376,7 @@ def redis_parity(
         for _ in range(attempts_max):
             try:
                 found = await _parity_at_one_sequence(engine, projector)
-            except REDIS_ERRORS as exc:
+            except UNAVAILABLE as exc:
                 raise CheckUnavailable(f"redis unreachable: {exc}") from exc
             if found is not None:
                 return found

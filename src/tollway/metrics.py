@@ -70,7 +70,7 @@ from tollway.core.events import Event
 from tollway.core.guard import CHECK_NAMES, CheckResult, CheckStatus, Guard, GuardState
 from tollway.core.lifecycle import TRANSITIONS, EntryState
 from tollway.core.state import Account, Transition
-from tollway.redis.projector import REDIS_ERRORS
+from tollway.redis.errors import UNAVAILABLE
 
 if TYPE_CHECKING:
     from tollway.engine import Engine
@@ -299,7 +299,7 @@ class Metrics:
         if queue is not None:
             try:
                 depths = await asyncio.wait_for(queue.depths(), QUEUE_DEPTH_TIMEOUT_S)
-            except (*REDIS_ERRORS, TimeoutError):
+            except (*UNAVAILABLE, TimeoutError):
                 return
             for name, depth in depths.items():
                 self.queue_depth.labels(name).set(depth)

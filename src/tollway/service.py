@@ -45,8 +45,9 @@ from tollway.guard import CheckUnavailable, GuardRunner, ParityCheck, redis_pari
 from tollway.housekeeping import run_archiver, run_sweeper
 from tollway.logs import direct_json_lines, structlog_alert
 from tollway.metrics import Metrics, MetricsObserver
+from tollway.redis.errors import UNAVAILABLE
 from tollway.redis.keys import Keys
-from tollway.redis.projector import REDIS_ERRORS, REFUSALS, ProjectionForeign, ProjectionViolation, Projector
+from tollway.redis.projector import ProjectionForeign, ProjectionViolation, Projector
 from tollway.redis.pump import ProjectionPump
 from tollway.redis.queue import FinalizeQueue
 from tollway.redis.server import EmbeddedRedis, ServerWatch
@@ -214,7 +215,7 @@ class Service:
         try:
             async with asyncio.timeout(FIRST_SYNC_TIMEOUT_S):
                 await self.projector.sync()
-        except (TimeoutError, *REDIS_ERRORS, *REFUSALS) as exc:
+        except (TimeoutError, *UNAVAILABLE) as exc:
             log.warning("projection not caught up at start (the projector keeps trying): %s", exc)
         except ProjectionViolation as exc:  # the projector repairs it as soon as it runs
             self.projector.request_repair(str(exc))
@@ -258,7 +259,7 @@ class Service:
         try:
             async with asyncio.timeout(FINAL_SYNC_TIMEOUT_S):
                 await self.projector.sync()
-        except (TimeoutError, *REDIS_ERRORS, *REFUSALS, ProjectionViolation, ProjectionForeign) as exc:
+        except (TimeoutError, *UNAVAILABLE, ProjectionViolation, ProjectionForeign) as exc:
             log.warning("projection not fully caught up at shutdown (it will at the next start): %s", exc)
         if self.settlement is not None:
             await self.settlement.aclose()

@@ -38,7 +38,6 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final, Literal, get_args, get_origin
 
-import redis.exceptions
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
@@ -50,6 +49,7 @@ from tollway.api.schemas import ErrorOut
 from tollway.api.wire import json_response
 from tollway.core.commands import Refusal, RefusalCode
 from tollway.core.errors import EngineStopped, InvalidInput, TollwayError, WalIOFailure
+from tollway.redis.errors import RedisDown, RedisRefused
 
 log = logging.getLogger("tollway.api")
 
@@ -244,7 +244,8 @@ HANDLERS: Final[Mapping[type[Exception], Handler]] = {
     StarletteHTTPException: _http_error,
     EngineStopped: _stopped,
     WalIOFailure: _stopped,
-    redis.exceptions.RedisError: _redis_down,
+    RedisDown: _redis_down,
+    RedisRefused: _redis_down,
 }
 """Every exception type above, by its row of the table (anything else is :func:`unexpected_response`: a 500)."""
 

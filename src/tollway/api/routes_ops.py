@@ -23,7 +23,8 @@ from tollway.api.errors import errors_doc
 from tollway.api.schemas import BreakerDetailOut, GuardOut, HealthOut, PoisonPageOut, PricesOut, ReadyOut, ReplayOut
 from tollway.api.wire import json_response
 from tollway.core.pricing import TOKENS_PER_PRICE_UNIT
-from tollway.redis.projector import REDIS_ERRORS, ProjectorStatus
+from tollway.redis.errors import UNAVAILABLE
+from tollway.redis.projector import ProjectorStatus
 
 POISON_PAGE_LIMIT_DEFAULT: Final = 100
 POISON_PAGE_LIMIT_MAX: Final = 1000
@@ -201,7 +202,7 @@ def _redis(ctx: AppContext, projection: ProjectorStatus) -> dict[str, object]:
 async def _depths(ctx: AppContext) -> dict[str, int] | None:
     try:
         return await asyncio.wait_for(ctx.service.queue.depths(), QUEUE_DEPTH_TIMEOUT_S)
-    except (*REDIS_ERRORS, TimeoutError):
+    except (*UNAVAILABLE, TimeoutError):
         return None
 
 

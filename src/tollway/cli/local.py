@@ -13,7 +13,6 @@ from typing import Annotated, Any
 
 import msgspec
 import redis.asyncio as aioredis
-import redis.exceptions
 import typer
 from rich.console import Console
 
@@ -25,6 +24,7 @@ from tollway.core.errors import InvalidInput, TollwayError
 from tollway.core.events import BILLING_WAL_SCHEMA_VERSION, Event, Unknown
 from tollway.core.ids import UNTRACED
 from tollway.engine import Engine
+from tollway.redis.errors import UNAVAILABLE
 from tollway.redis.parity import differences
 from tollway.redis.projector import Projector
 from tollway.service import SETTLEMENT_KEY_FILE, keys_dir, redis_keys
@@ -246,7 +246,7 @@ async def _rebuild(settings: Settings, url: str, *, take_over: bool) -> tuple[in
             sequence = await projector.rebuild(take_over=take_over)
             await projector.sync()
             return sequence, await differences(client, redis_keys(settings), engine.state)
-    except redis.exceptions.RedisError as exc:  # unreachable, full (maxmemory), read-only, …
+    except UNAVAILABLE as exc:  # unreachable, full (maxmemory), read-only, …
         raise RebuildFailed(f"could not rebuild the projection in the redis at {url}: {exc}") from exc
     finally:
         await client.aclose()

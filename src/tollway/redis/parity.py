@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 from tollway.core.ids import ulid_floor
 from tollway.core.lifecycle import EntryState
 from tollway.core.state import State
+from tollway.redis.errors import at_boundary
 from tollway.redis.keys import Keys
 from tollway.redis.projection import (
     AVAILABLE,
@@ -66,6 +67,14 @@ async def _count_keys(client: aioredis.Redis, pattern: str) -> int:
     return sum([1 async for _ in client.scan_iter(match=pattern, count=_PAGE)])
 
 
+@at_boundary
+async def applied_sequence(client: aioredis.Redis, keys: Keys) -> int | None:
+    """The sequence the projection under ``keys`` has applied (None: there is none)."""
+    applied = await client.hget(keys.meta, "applied_seq")
+    return None if applied is None else int(applied)
+
+
+@at_boundary
 async def differences(client: aioredis.Redis, keys: Keys, state: State) -> list[str]:
     """Every way the shard's projection differs from ``state`` (at most PROBLEMS_MAX)."""
     problems: list[str] = []

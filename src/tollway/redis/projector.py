@@ -64,6 +64,7 @@ from tollway.core import events as ev
 from tollway.core.errors import TollwayError
 from tollway.core.events import Event
 from tollway.core.state import State
+from tollway.redis.errors import REDIS_ERRORS, REFUSALS, RedisRefused, at_boundary
 from tollway.redis.keys import FINALIZE_GROUP, Keys
 from tollway.redis.projection import dead_letter, dead_letters, encode_batch, rebuild_commands
 from tollway.redis.pump import ProjectionPump, PumpGone
@@ -81,7 +82,6 @@ BUFFER_EVENTS_MAX: Final = 200_000
 WAL_READ_EVENTS_MAX: Final = 100_000
 REBUILD_PIPELINE_MAX: Final = 1_000
 RETRY_DELAY_MS: Final = (50, 100, 250, 500, 1000, 2000, 5000)
-REDIS_ERRORS: Final = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 REPAIRS_MAX: Final = 3
 """Divergences repaired within :data:`REPAIR_WINDOW_MS` before the projector stops for an operator."""
 REPAIR_WINDOW_MS: Final = 60_000
@@ -93,14 +93,6 @@ AUDIT_TEXT_MAX: Final = 1024
 def load_script(name: str) -> str:
     """The text of ``lua/<name>``."""
     return resources.files("tollway.redis").joinpath("lua", name).read_text()
-
-
-class RedisRefused(TollwayError):
-    """Redis is reachable but answered an error (maxmemory reached, a read-only replica, …): nothing was applied."""
-
-
-REFUSALS: Final = (RedisRefused, redis.exceptions.ResponseError)
-"""Redis answered but took nothing (a script's ``unwritable``, a rebuild's plain commands at maxmemory)."""
 
 
 class ProjectionViolation(TollwayError):
@@ -315,6 +307,7 @@ class Projector:
             log.warning("redis unavailable, projection paused (billing continues): %s", exc)
         self.connected = False
 
+    @at_boundary
     async def sync(self) -> int:
         """Bring the projection up to the engine's durable sequence; returns the applied one."""
         applied = await self._read_applied()
@@ -330,6 +323,12 @@ class Projector:
             self._trim(applied)
         self.applied_seq = applied
         return applied
+
+    @at_boundary
+    async def applied_sequence(self) -> int | None:
+        """The projection's applied sequence; None while it is missing or being rebuilt."""
+        applied, rebuilding = await self.redis.hmget(self.keys.meta, ["applied_seq", "rebuilding"])
+        return None if applied is None or rebuilding is not None else int(applied)
 
     async def _read_applied(self) -> int | None:
         """The projection's applied sequence; None when it must be rebuilt (missing, or unclaimed).
@@ -476,6 +475,7 @@ class Projector:
             "`tollway rebuild --data-dir DIR --redis-url URL --take-over` while no service uses them"
         )
 
+    @at_boundary
     async def claim(self, *, take_over: bool = False) -> None:
         """Make this data directory the projection's owner, unless another one is (``take_over``: even then)."""
         if take_over:
@@ -487,6 +487,7 @@ class Projector:
                 raise self._foreign(text)
         self.foreign_owner = None
 
+    @at_boundary
     async def rebuild(self, *, take_over: bool = False) -> int:
         """Recreate the shard's projection from a consistent copy of the engine state (claiming it first)."""
         started = time.perf_counter()

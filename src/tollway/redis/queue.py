@@ -24,6 +24,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from tollway.core.errors import InvalidInput
+from tollway.redis.errors import at_boundary
 from tollway.redis.keys import FINALIZE_GROUP, Keys
 from tollway.redis.projector import ensure_group, load_script
 
@@ -110,6 +111,7 @@ class FinalizeQueue:
         self._retry = client.register_script(load_script("finalize_retry.lua"))
         self._promote = client.register_script(load_script("finalize_promote.lua"))
 
+    @at_boundary
     async def foreign_owner(self) -> str | None:
         """The identity of another data directory that owns this shard's keys, else None (ours, or unclaimed)."""
         if self.owner is None:
@@ -118,10 +120,12 @@ class FinalizeQueue:
         text = None if found is None else _text(found)
         return None if text in (None, self.owner) else text
 
+    @at_boundary
     async def ensure_group(self) -> None:
         """Create the stream and the consumer group if they do not exist."""
         await ensure_group(self.redis, self.keys)
 
+    @at_boundary
     async def read(self, count: int = READ_COUNT_MAX, block_ms: int | None = None) -> list[tuple[str, object]]:
         """New messages for this consumer: ``(message id, raw fields)``."""
         reply: Any = await self.redis.xreadgroup(
@@ -129,6 +133,7 @@ class FinalizeQueue:
         )
         return [(_text(mid), raw) for _, messages in reply or [] for mid, raw in messages]
 
+    @at_boundary
     async def reclaim(self, idle_ms: int, count: int = READ_COUNT_MAX) -> list[tuple[str, object]]:
         """Messages another consumer held for more than ``idle_ms`` without finishing, now ours."""
         reply: Any = await self.redis.xautoclaim(
@@ -137,10 +142,12 @@ class FinalizeQueue:
         claimed: list[tuple[bytes, object]] = reply[1] if reply else []
         return [(_text(mid), raw) for mid, raw in claimed if raw is not None]
 
+    @at_boundary
     async def done(self, message_id: str) -> None:
         """Acknowledge and delete a finished message."""
         await self._done(keys=[self.keys.finalize], args=[FINALIZE_GROUP, message_id])
 
+    @at_boundary
     async def retry_later(self, message: Message, due_ms: int, reason: str) -> None:
         """Replace the message by its next attempt, deliverable at ``due_ms``."""
         member = msgspec.json.encode(message.retry(reason)).decode()
@@ -148,6 +155,7 @@ class FinalizeQueue:
             keys=[self.keys.finalize, self.keys.delayed], args=[FINALIZE_GROUP, message.message_id, due_ms, member]
         )
 
+    @at_boundary
     async def postpone(self, message: Message, due_ms: int) -> None:
         """Put the message back unchanged (no attempt spent), deliverable at ``due_ms``."""
         fields = message.retry(message.reason)
@@ -157,11 +165,13 @@ class FinalizeQueue:
             keys=[self.keys.finalize, self.keys.delayed], args=[FINALIZE_GROUP, message.message_id, due_ms, member]
         )
 
+    @at_boundary
     async def promote_due(self, now_ms: int, limit: int = PROMOTE_BATCH_MAX) -> int:
         """Move retries that are due back into the stream; returns how many."""
         moved = await self._promote(keys=[self.keys.delayed, self.keys.finalize], args=[now_ms, limit])
         return int(moved)
 
+    @at_boundary
     async def dead_letters(self, after: str = "-", count: int = POISON_PAGE_MAX) -> list[DeadLetter]:
         """One page of the poison stream, after message id ``after`` (exclusive).
 
@@ -178,6 +188,7 @@ class FinalizeQueue:
         reply = await self.redis.xrange(self.keys.poison, min=start, count=count)
         return [DeadLetter(_text(mid), _fields(raw)) for mid, raw in reply or []]
 
+    @at_boundary
     async def depths(self) -> dict[str, int]:
         """Messages in the stream, pending delivery acknowledgement, delayed, and dead letters."""
         pipe = self.redis.pipeline(transaction=False)
