@@ -71,6 +71,8 @@ TARGETS: Final[dict[str, float]] = {
 REDIS_TARGETS: Final[dict[str, float]] = {"events_per_s": 30_000, "projection_lag_ms_max": 1_000}
 """With ``--redis`` (issue 3): end to end with the projection on, and the lag it may reach."""
 PHASES: Final = ("ceiling", "load", "recovery")
+CALLERS_RATIO_MAX: Final = 2.0
+"""Issue 21's target: CPU per event with 16 concurrent callers within this factor of 128 callers'."""
 FUNDING_MICRO: Final = 10**12  # per account: far more than any run can spend
 ESTIMATE_MICRO: Final = 20_000
 BUILD_CONCURRENCY: Final = 512
@@ -635,8 +637,27 @@ def run_all(root: Path, args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(root / "load")
     if "recovery" in args.only:
         result["recovery"] = measure_recovery(root, args)
+    if args.callers:
+        result["callers"] = [callers_point(root, args, count) for count in args.callers]
     result["run_s"] = round(time.perf_counter() - result.pop("started"), 1)
     return result
+
+
+def callers_point(root: Path, args: argparse.Namespace, count: int) -> dict[str, Any]:
+    """One load phase with ``count`` concurrent callers: its rate and CPU per event."""
+    data_dir = root / f"callers-{count}"
+    load = child("load", data_dir, argparse.Namespace(**{**vars(args), "concurrency": count}))
+    if not args.keep:
+        shutil.rmtree(data_dir)
+    keys = ("events_per_s", "batch_avg", "process_cpu_us_per_event", "loop_cpu_us_per_event", "reserve_p50_us")
+    return {"concurrency": count} | {key: load.get(key) for key in (*keys, "reserve_p99_us", "machine_cpus_busy")}
+
+
+def callers_ratio(points: list[dict[str, Any]], few: int = 16, many: int = 128) -> float | None:
+    """Process CPU per event with ``few`` callers over that with ``many`` (None unless both ran)."""
+    cpu = {point["concurrency"]: point.get("process_cpu_us_per_event") for point in points}
+    low, high = cpu.get(few), cpu.get(many)
+    return round(low / high, 3) if low and high else None
 
 
 def summary(args: argparse.Namespace, measured: dict[str, Any], data_dir: Path) -> dict[str, Any]:
@@ -660,11 +681,16 @@ def summary(args: argparse.Namespace, measured: dict[str, Any], data_dir: Path) 
             else {}
         ),
         "recovery_s_1m": recovery.get("after_crash", {}).get("open_s"),
+        "callers": measured.get("callers"),
+        "callers_cpu_ratio_16_over_128": callers_ratio(measured.get("callers") or []),
         "recovery_s_1m_clean_shutdown": recovery.get("clean_shutdown", {}).get("open_s"),
         "recovery_events": recovery.get("events"),
         "ceiling": measured.get("ceiling"),
-        "targets": TARGETS | (REDIS_TARGETS if args.redis else {}),
-        "meets_targets": meets_targets(load if args.durability == "fsync" else {}, recovery, args.redis),
+        "targets": TARGETS
+        | (REDIS_TARGETS if args.redis else {})
+        | ({"callers_cpu_ratio_16_over_128_max": CALLERS_RATIO_MAX} if args.callers else {}),
+        "meets_targets": meets_targets(load if args.durability == "fsync" else {}, recovery, args.redis)
+        | _callers_verdict(measured.get("callers"), args.callers),
         "load": load or None,
         "recovery": recovery or None,
         "machine": machine(data_dir)
@@ -678,6 +704,7 @@ def summary(args: argparse.Namespace, measured: dict[str, Any], data_dir: Path) 
             "events_1m": args.events_1m,
             "quick": args.quick,
             "only": sorted(args.only),
+            "callers": args.callers,
         },
         "notes": NOTES,
     }
@@ -710,6 +737,13 @@ def meets_targets(load: dict[str, Any], recovery: dict[str, Any], redis: bool = 
         "replay_events_per_s": check(replay, replay is not None and replay >= TARGETS["replay_events_per_s"]),
         "recovery_s_1m": check(crash, crash is not None and crash <= TARGETS["recovery_s_1m"]),
     }
+
+
+def _callers_verdict(points: list[dict[str, Any]] | None, asked: list[int] | None) -> dict[str, bool | None]:
+    if not asked:
+        return {}
+    ratio = callers_ratio(points or [])
+    return {"callers_cpu_ratio_16_over_128_max": None if ratio is None else ratio <= CALLERS_RATIO_MAX}
 
 
 def machine(data_dir: Path) -> dict[str, Any]:
@@ -764,6 +798,12 @@ def table_rows(out: dict[str, Any]) -> Iterator[tuple[str, str, str, str]]:
     )
     yield ("ceiling: group_commit_records_per_s", fmt(ceiling.get("group_commit_records_per_s")), "", "")
     yield ("ceiling: wake-up late p99 (ms)", fmt(ceiling.get("wakeup_p99_ms")), "", "")
+    for point in out["callers"] or []:
+        label = f"callers {point['concurrency']}: CPU per event (us), events/s"
+        yield (label, f"{fmt(point['process_cpu_us_per_event'])}, {fmt(point['events_per_s'])}", "", "")
+    if out["callers"]:
+        verdict_16 = verdict(met.get("callers_cpu_ratio_16_over_128_max"))
+        yield ("callers: CPU per event 16 / 128", fmt(out["callers_cpu_ratio_16_over_128"]), "<= 2", verdict_16)
 
 
 def fmt(value: object) -> str:
@@ -835,6 +875,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_scratch_arguments(parser, "the scratch data directories")
     parser.add_argument("--only", action="append", choices=PHASES, help="run only these phases (repeatable)")
+    parser.add_argument(
+        "--callers",
+        type=_counts,
+        default=None,
+        help="also run the load phase at each of these concurrencies, e.g. 1,4,16,128: CPU per event for each "
+        "and the 16 over 128 ratio (issue 21's target: at most 2)",
+    )
     parser.add_argument("--phase", choices=("load", "build", "open"), help=argparse.SUPPRESS)
     parser.add_argument("--phase-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -848,6 +895,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.concurrency < 1 or args.accounts < 1:
         parser.error("--concurrency and --accounts must be positive")
     return args
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected whole numbers like 1,4,16,128, got {text!r}") from exc
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError("every concurrency must be at least 1")
+    return counts
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,8 +8,12 @@ process pinned to CPU 1, so server and load generator never share a core. Phases
 - **warm-up**: reserve → commit pairs for ``--warmup`` seconds (not reported);
 - **bare**: ``GET /healthz`` — the service's no-op route, on the same server stack (uvicorn
   with httptools, the FastAPI app, its middleware and router) — in a closed loop at
-  ``--concurrency`` connections: ``ceiling.bare_requests_per_s``, what this stack answers on
+  ``--concurrency`` connections: ``ceiling.bare_requests_per_s``, what tollway's app answers on
   one core when a request costs nothing else;
+- **ASGI hello**: ``bench/hello.py``, a raw ASGI app on the same stack (uvicorn, httptools,
+  uvloop), on the same core, with the same generator: ``ceiling.asgi_hello_requests_per_s``,
+  what the stack itself answers; ``ratio`` divides the billing requests by it (issue 21's
+  ceiling), ``ratio_vs_healthz`` by the ``/healthz`` figure;
 - **billing**: ``--concurrency`` connections each looping ``POST /v1/reservations`` then
   ``POST /v1/reservations/{id}/commit`` (gateway token from ``tollway token issue``) against
   ``--accounts`` funded accounts: ``pairs_per_s`` and ``billing_requests_per_s`` (= 2 × pairs);
@@ -63,6 +67,7 @@ from bench.server import (
     checked_settings,
     fund,
     served,
+    served_hello,
     wait_ready,
 )
 
@@ -98,6 +103,11 @@ def measure(runner: asyncio.Runner, server: Server, root: Path, args: argparse.N
         bare = wal.around(lambda: wrk_bare(target, conc, args.seconds))
     else:
         bare = wal.around(lambda: runner.run(closed_loop(target, conc, args.seconds, settle_s, bare_step(target))))
+    with served_hello(root, server.pinned) as hello:  # the stack's own ceiling, on the same core
+        if use_wrk(args.generator):
+            asgi_hello = wrk_bare(hello, conc, args.seconds)
+        else:
+            asgi_hello = runner.run(closed_loop(hello, conc, args.seconds, settle_s, bare_step(hello)))
     billing = billing_max("max")
     top = billing["done"] / billing["window_s"]
 
@@ -110,7 +120,8 @@ def measure(runner: asyncio.Runner, server: Server, root: Path, args: argparse.N
     curve = [at(share) for share in args.curve]
     again = billing_max("again")  # the maximum once more: did the machine's speed drift during the run?
     again.pop("reserve_ns", None)
-    return {"bare": bare, "billing": billing, "open_loop": opened, "curve": curve, "billing_again": again}
+    measured = {"bare": bare, "asgi_hello": asgi_hello, "billing": billing, "open_loop": opened, "curve": curve}
+    return measured | {"billing_again": again}
 
 
 # -- command line ----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -128,6 +129,47 @@ def served(
             yield server
         finally:
             server.exit_code = stop(process)
+
+
+HELLO: Final = Path(__file__).resolve().parent / "hello.py"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def served_hello(root: Path, pin: bool) -> Iterator[Target]:
+    """``bench/hello.py`` (a raw ASGI hello on tollway's stack) on a free port, on CPU 0 when ``pin``."""
+    port = free_port()
+    with (root / "hello.log").open("w") as log:
+        if pin:
+            os.sched_setaffinity(0, {SERVER_CPU})
+        process = subprocess.Popen([sys.executable, str(HELLO), "--port", str(port)], stdout=log, stderr=log, text=True)
+        if pin:
+            os.sched_setaffinity(0, {GENERATOR_CPU})
+        try:
+            _wait_listening("127.0.0.1", port, process)
+            yield Target("127.0.0.1", port, "", "", process.pid)
+        finally:
+            stop(process)
+
+
+def _wait_listening(host: str, port: int, process: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"bench/hello.py did not listen on {host}:{port}") from None
+            time.sleep(0.02)
+        else:
+            return
 
 
 def stop(process: subprocess.Popen[str]) -> int:

@@ -50,6 +50,17 @@ def test_the_bare_ceiling_is_measured_in_the_same_run(report: dict[str, object])
 
 
 @pytest.mark.slow
+def test_the_ratio_is_to_a_raw_asgi_hello_on_the_same_stack(report: dict[str, object]) -> None:
+    """The headline ratio divides billing requests by the raw ASGI hello; the /healthz ratio is the second figure."""
+    ceiling, billing = report["ceiling"], report["billing_requests_per_s"]
+    assert isinstance(ceiling, dict)
+    assert isinstance(billing, float)
+    hello, healthz = ceiling["asgi_hello_requests_per_s"], ceiling["bare_requests_per_s"]
+    assert (round(billing / hello, 3), round(billing / healthz, 3)) == (report["ratio"], report["ratio_vs_healthz"])
+    assert _is_number(ceiling["asgi_hello"]["server_cpu_us_per_request"])
+
+
+@pytest.mark.slow
 def test_the_machine_probes_come_with_the_figures(report: dict[str, object]) -> None:
     """How late the server's core wakes, how much more work costs on it after idling, and how evenly it runs."""
     ceiling = report["ceiling"]

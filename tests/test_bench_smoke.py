@@ -124,3 +124,25 @@ def test_redis_mode_reports_projection_figures(tmp_path: Path) -> None:
         assert isinstance(result[key], int), key
     assert isinstance(result["ceiling"]["redis_evalsha_per_s"], int)
     assert {"events_per_s": 30_000, "projection_lag_ms_max": 1_000}.items() <= result["targets"].items()
+
+
+@pytest.mark.slow
+def test_the_callers_sweep_reports_cpu_per_event_at_each_concurrency(tmp_path: Path) -> None:
+    """--callers runs the load at each concurrency and reports CPU per event and the 16/128 ratio with its target."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--json", "--only", "ceiling", "--callers", "1,16,128"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    points = report["callers"]
+    assert [1, 16, 128] == [point["concurrency"] for point in points]
+    assert all(point["process_cpu_us_per_event"] > 0 for point in points)
+    ratio = points[1]["process_cpu_us_per_event"] / points[2]["process_cpu_us_per_event"]
+    assert round(ratio, 3) == report["callers_cpu_ratio_16_over_128"]
+    verdict = report["meets_targets"]["callers_cpu_ratio_16_over_128_max"]
+    assert (2.0, ratio <= 2.0) == (report["targets"]["callers_cpu_ratio_16_over_128_max"], verdict)
