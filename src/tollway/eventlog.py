@@ -34,7 +34,7 @@ This module knows nothing of files, sockets, SQL or asyncio's machinery.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
 from tollway.core.events import Event
 
@@ -57,3 +57,25 @@ class EventLog(Protocol):
     async def abort(self) -> None:
         """Stop as a crash would: release the log without finishing anything but the append in flight."""
         ...
+
+
+READ_RUN_MAX: Final = 64
+"""Most sequences :func:`read_sequences` asks the log for in one read (a run of consecutive ones)."""
+
+
+async def read_sequences(log: EventLog, sequences: Sequence[int]) -> list[Event]:
+    """The durable events at ``sequences`` (ascending), read in runs of consecutive sequences.
+
+    What reads a settled entry back: its few events (creation, commit, stored response, settlement)
+    are named by their sequences in its idempotency record.
+    """
+    found: list[Event] = []
+    index = 0
+    while index < len(sequences):
+        first = end = sequences[index]
+        index += 1
+        while index < len(sequences) and sequences[index] == end + 1 and end - first + 1 < READ_RUN_MAX:
+            end = sequences[index]
+            index += 1
+        found += await log.read(first - 1, end - first + 1)
+    return found

@@ -276,7 +276,7 @@ class Metrics:
         if engine is not None:
             self.pending_reconciliation.set(engine.state.finalize_failed_count)
             self.wal_durable_sequence.set(engine.durable_sequence)
-            self.entries_kept.set(len(engine.state.entries))
+            self.entries_kept.set(len(engine.state.entries) + len(engine.state.settled))
             self.entries_archived.set(engine.state.archived_entries)
         if worker is not None:
             self.breaker_state.set(worker.breaker_state().value)
