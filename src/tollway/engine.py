@@ -51,7 +51,7 @@ from tollway.core.ids import UlidGenerator
 from tollway.core.observer import NoopObserver, Observer
 from tollway.core.state import Account, Entry, State, unpack_seqs
 from tollway.core.validate import validate
-from tollway.eventlog import EventLog, read_sequences
+from tollway.eventlog import EventLog, read_entry_events
 from tollway.group_commit import Batch, BatchListener, GroupCommit, Listener
 from tollway.wal import codec
 from tollway.wal.file_log import FileLog
@@ -246,7 +246,10 @@ class Engine:
         started = time.perf_counter()
         loaded: dict[str, Loaded] = {}
         while True:
-            await self._room()
+            if commits.pending.size >= self.settings.batch_bytes_max or len(commits.pending.chunks) >= (
+                self.settings.batch_records_max
+            ):
+                await self._room()
             now_ms = self._clock()
             decision = decide(self.state, command, now_ms, self.policy, self._ids.new, loaded=loaded)
             if not isinstance(decision, Fetch):
@@ -279,9 +282,10 @@ class Engine:
     async def _read_back(self, fetch: Fetch) -> Loaded:
         """The settled entry ``fetch`` names, folded from its events read back from the log."""
         await self._commits.wait_durable(max(fetch.sequences))
-        events = await read_sequences(self.log, fetch.sequences)
+        events = await read_entry_events(self.log, fetch.sequences)
+        found = {event.wal_sequence for event in events if event.billing_entry_id == fetch.billing_entry_id}
         ensure(
-            [event.billing_entry_id for event in events] == [fetch.billing_entry_id] * len(fetch.sequences),
+            len(found) == len(events) and found >= set(fetch.sequences),
             "the log's events at %s are not all of entry %s",
             fetch.sequences,
             fetch.billing_entry_id,

@@ -36,7 +36,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Sequence
 from typing import Final, Protocol
 
-from tollway.core.events import Event
+from tollway.core.events import BillingCommit, Event
+from tollway.core.history import response_after
 
 
 class EventLog(Protocol):
@@ -79,3 +80,14 @@ async def read_sequences(log: EventLog, sequences: Sequence[int]) -> list[Event]
             index += 1
         found += await log.read(first - 1, end - first + 1)
     return found
+
+
+async def read_entry_events(log: EventLog, sequences: Sequence[int]) -> list[Event]:
+    """The events of one entry at ``sequences``, and its stored response: the event right after its commit."""
+    events = await read_sequences(log, sequences)
+    commit = next((event for event in events if isinstance(event.payload, BillingCommit)), None)
+    if commit is not None and commit.wal_sequence + 1 not in sequences:
+        response = response_after(commit, next(iter(await log.read(commit.wal_sequence, 1)), None))
+        if response is not None:
+            events = sorted([*events, response], key=lambda event: event.wal_sequence)
+    return events

@@ -16,8 +16,8 @@ import msgspec
 
 from tollway.core import commands as cmd
 from tollway.core.decide import Fetch, Loaded, Replay, Write, decide, outcome
-from tollway.core.events import Event
-from tollway.core.history import apply_answering, fold_entry
+from tollway.core.events import BillingCommit, Event
+from tollway.core.history import apply_answering, fold_entry, response_after
 from tollway.core.ids import UlidGenerator
 from tollway.core.ledger import Ledger
 from tollway.core.state import Entry, State, Transition, unpack_seqs
@@ -91,9 +91,7 @@ class MemoryEngine:
         loaded: dict[str, Loaded] = {}
         decision = decide(self.state, command, now_ms, self.policy, self._ids.new, loaded=loaded)
         while isinstance(decision, Fetch):  # a settled entry: read it back from the log in memory
-            loaded[decision.billing_entry_id] = Loaded(
-                decision.record, *fold_entry([self.events[seq - 1] for seq in decision.sequences])
-            )
+            loaded[decision.billing_entry_id] = Loaded(decision.record, *self._fold_back(decision.sequences))
             decision = decide(self.state, command, now_ms, self.policy, self._ids.new, loaded=loaded)
         if isinstance(decision, cmd.Refusal):
             return decision
@@ -129,7 +127,16 @@ class MemoryEngine:
         record = self.state.settled.get(billing_entry_id)
         if record is None:
             return None
-        return fold_entry([self.events[seq - 1] for seq in unpack_seqs(record.packed)[1]])
+        return self._fold_back(unpack_seqs(record.packed)[1])
+
+    def _fold_back(self, sequences: Sequence[int]) -> tuple[Entry, str | None]:
+        """A settled entry folded from its events in the log in memory, with the response after its commit."""
+        events = [self.events[seq - 1] for seq in sequences]
+        for event in list(events):
+            if isinstance(event.payload, BillingCommit) and event.wal_sequence < len(self.events):
+                response = response_after(event, self.events[event.wal_sequence])
+                events += [] if response is None else [response]
+        return fold_entry(sorted(events, key=lambda event: event.wal_sequence))
 
     def fold(self) -> State:
         """A fresh fold of the log: what a replay after a crash would rebuild."""

@@ -243,7 +243,7 @@ def _find(
     RESERVATION_EXPIRED for a hold that expired, whether or not the sweeper got to it yet;
     INVALID_TRANSITION when the lifecycle table does not allow the move.
     """
-    entry = _entry_of(state, c.billing_entry_id, loaded)
+    entry = state.entries.get(c.billing_entry_id) or _entry_of(state, c.billing_entry_id, loaded)
     if entry is None:
         entry_id = c.billing_entry_id
         return _refuse(RefusalCode.NOT_FOUND, f"no billing entry {entry_id}{GONE}", billing_entry_id=entry_id)

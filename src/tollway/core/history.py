@@ -22,6 +22,13 @@ from tollway.core.state import Entry, State, Transition, new_entry
 S = EntryState
 
 
+def response_after(commit: ev.Event, following: ev.Event | None) -> ev.Event | None:
+    """The stored response of ``commit``: the event right after it, when that is its entry's RequestComplete."""
+    if following is None or following.billing_entry_id != commit.billing_entry_id:
+        return None
+    return following if isinstance(following.payload, ev.RequestComplete) else None
+
+
 def fold_entry(events: Sequence[ev.Event]) -> tuple[Entry, str | None]:
     """The entry (and its stored response) that ``events`` — its creation first, in order — made."""
     ensure(bool(events), "an entry needs at least its creating event")
@@ -30,7 +37,6 @@ def fold_entry(events: Sequence[ev.Event]) -> tuple[Entry, str | None]:
         ensure(event.billing_entry_id == entry.billing_entry_id, "event %s is another entry's", event.wal_sequence)
         if isinstance(event.payload, ev.RequestComplete):
             response_json = event.payload.response_json
-            entry = msgspec.structs.replace(entry, event_seqs=(*entry.event_seqs, event.wal_sequence))
         else:
             entry = entry_after(entry, event)
     return entry, response_json
@@ -86,6 +92,4 @@ def apply_answering(
         change = Transition(voided, read_back.state, voided.state)
     if change is not None:
         return change, change.entry
-    if entry is not None and entry.event_seqs and isinstance(event.payload, ev.RequestComplete):
-        entry = msgspec.structs.replace(entry, event_seqs=(*entry.event_seqs, event.wal_sequence))
     return None, entry
