@@ -6,9 +6,10 @@ service, no fsync: the log is the same bytes the engine writes), then, each in a
 
 - ``recover_from_log``: ``Engine.start`` folds the whole log (no snapshot yet);
 - ``snapshot``: ``snapshot_now()`` time and the snapshot file's size (per entry too);
-- ``recover_from_snapshot``: a second ``Engine.start`` that loads that snapshot (nothing to replay);
-  the process's resident memory before and after it gives ``rss_per_entry_bytes`` (what the
-  state keeps per settled entry, garbage collected, measured as RSS: allocator slack included).
+- ``recover_from_snapshot``: in another fresh process, ``Engine.start`` loads that snapshot
+  (nothing to replay); the process's resident memory before and after it gives
+  ``rss_per_entry_bytes`` (what the state keeps per settled entry, garbage collected, measured
+  as RSS: allocator slack included).
 
 ``--throughput`` adds reserve → commit pairs per second through ``Engine.execute`` (durability
 ``none``: the CPU of the command path only, 100 callers at a time). With ``--baseline-src DIR``
@@ -98,7 +99,20 @@ async def measure(data_dir: Path) -> dict[str, Any]:
     snapshot_s = time.perf_counter() - started
     await engine.close()
     snapshot = max(settings.snapshot_dir.iterdir(), key=lambda path: path.name)
-    del engine
+    return {
+        "entries_kept_whole": whole,
+        "recover_from_log_s": round(replay_s, 3),
+        "snapshot_s": round(snapshot_s, 3),
+        "snapshot_bytes": snapshot.stat().st_size,
+    }
+
+
+async def recover(data_dir: Path) -> dict[str, Any]:
+    """In a fresh process: recover from the snapshot; the resident memory that added."""
+    from tollway import Engine, Settings  # noqa: PLC0415
+    from tollway.config import Durability  # noqa: PLC0415
+
+    settings = Settings(data_dir=data_dir, durability=Durability.NONE, snapshot_every_events=10**12)
     gc.collect()
     before = rss_bytes()
     started = time.perf_counter()
@@ -110,10 +124,6 @@ async def measure(data_dir: Path) -> dict[str, Any]:
     return {
         "rss_delta_bytes": after - before,
         "rss_after_recovery_mb": round(after / 1e6, 1),
-        "entries_kept_whole": whole,
-        "recover_from_log_s": round(replay_s, 3),
-        "snapshot_s": round(snapshot_s, 3),
-        "snapshot_bytes": snapshot.stat().st_size,
         "recover_from_snapshot_s": round(from_snapshot_s, 3),
     }
 
@@ -145,6 +155,8 @@ def child(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir_child)
     if args.phase == "memory":
         result = asyncio.run(measure(data_dir))
+    elif args.phase == "recover":
+        result = asyncio.run(recover(data_dir))
     else:
         result = asyncio.run(throughput(data_dir, args.pairs))
     print(json.dumps(result))
@@ -176,13 +188,13 @@ def run(scratch: Path, args: argparse.Namespace) -> dict[str, Any]:
     if args.baseline_src is not None:
         versions = {"baseline": Path(args.baseline_src).resolve(), "this": None}
     memory: dict[str, dict[str, Any]] = {name: {} for name in versions}
-    for response_bytes in (0, args.response_bytes):
+    for response_bytes in sorted({0, args.response_bytes}):
         log_dir = scratch / f"log-{response_bytes}"
         write_log(log_dir / "wal", args.entries, response_bytes)
         for name, src in versions.items():
             data_dir = scratch / f"{name}-{response_bytes}"
             subprocess.run(["cp", "-r", str(log_dir), str(data_dir)], check=True)
-            result = run_child(src, "memory", data_dir)
+            result = run_child(src, "memory", data_dir) | run_child(src, "recover", data_dir)
             memory[name][f"response_{response_bytes}_bytes"] = per_entry(result, args.entries)
             subprocess.run(["rm", "-rf", str(data_dir)], check=True)
         subprocess.run(["rm", "-rf", str(log_dir)], check=True)
