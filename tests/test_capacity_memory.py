@@ -21,8 +21,9 @@ from tollway.audit import audit
 from tollway.config import Durability, Settings
 from tollway.core import commands as cmd
 from tollway.core.commands import CreditKind, EntryResult
+from tollway.core.decide import Fetch, Loaded, Replay, decide
 from tollway.core.lifecycle import EntryState
-from tollway.core.state import pack_seqs, unpack_seqs
+from tollway.core.state import Snapshot, State, pack_seqs, unpack_seqs
 from tollway.housekeeping import archive_once
 from tollway.testing import FakeClock, MemoryEngine
 from tollway.wal.segments import iter_events
@@ -190,3 +191,49 @@ async def test_log_reads_through_the_sparse_index_equal_a_scan(tmp_path: Path) -
                 (rng.randrange(last), rng.randrange(1, 300)) for _ in range(40)
             ]:
                 assert scanned[after : after + limit] == await engine.log.read(after, limit)
+
+
+def test_decide_asks_for_a_settled_entry_then_answers_from_what_was_read() -> None:
+    """decide stays pure: a repeat of a settled entry is a Fetch of its events' sequences, then the usual replay."""
+    mem = MemoryEngine()
+    mem.execute(cmd.Credit("acct", "seed", CreditKind.MINT, 10_000))
+    held = mem.execute(cmd.Reserve("acct", "r1", 1_000))
+    assert isinstance(held, EntryResult)
+    entry_id = held.entry.billing_entry_id
+    mem.execute(cmd.Commit(entry_id, 700, RESPONSE))
+    repeat = cmd.Reserve("acct", "r1", 1_000)
+    fetch = decide(mem.state, repeat, 0, mem.policy, lambda: "unused")
+    assert isinstance(fetch, Fetch)
+    assert (entry_id, (2, 3)) == (fetch.billing_entry_id, fetch.sequences)  # reserve, commit (response: after it)
+    read = mem.read_entry(entry_id)
+    assert read is not None
+    loaded = {entry_id: Loaded(fetch.record, read[0], read[1])}
+    replay = decide(mem.state, repeat, 0, mem.policy, lambda: "unused", loaded=loaded)
+    assert isinstance(replay, Replay)
+    assert (True, read[0]) == (replay.outcome.replayed, replay.outcome.entry)  # type: ignore[union-attr]
+
+
+def test_entries_from_an_older_snapshot_stay_whole_until_archived() -> None:
+    """An entry without recorded sequences (as older snapshots hold) settles whole and answers as before."""
+    mem = MemoryEngine()
+    mem.execute(cmd.Credit("acct", "seed", CreditKind.MINT, 10_000))
+    held = mem.execute(cmd.Reserve("acct", "r1", 1_000))
+    assert isinstance(held, EntryResult)
+    entry_id = held.entry.billing_entry_id
+    old = msgspec.structs.replace(held.entry, event_seqs=())  # as an older snapshot decodes it
+    mem.state.entries[entry_id] = old
+    snapshot = msgspec.msgpack.decode(msgspec.msgpack.encode(mem.state.to_snapshot()), type=Snapshot)
+    mem.state = State.from_snapshot(snapshot)
+    done = mem.execute(cmd.Commit(entry_id, 700, RESPONSE))
+    assert isinstance(done, EntryResult)
+    assert (EntryState.COMMITTED, RESPONSE, {}) == (
+        mem.state.entries[entry_id].state,
+        mem.state.responses[entry_id],
+        mem.state.settled,
+    )
+    again = mem.execute(cmd.Reserve("acct", "r1", 1_000))
+    assert EntryResult(done.entry, replayed=True, response_json=RESPONSE) == again
+    mem.clock.advance(2 * DAY_MS)
+    archived = mem.execute(cmd.Archive(mem.clock() - DAY_MS, 500))
+    assert isinstance(archived, cmd.ArchiveResult)
+    assert (1, None) == (archived.archived, mem.state.entry_state(entry_id))
