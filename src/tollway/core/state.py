@@ -6,10 +6,14 @@ For speed it mutates ``state`` in place instead of returning a copy; the engine 
 owner. Entries are frozen records replaced on change, so a result handed to a caller never
 changes underneath it.
 
-What the state knows: per-account balances, every entry and its lifecycle state, the
-idempotency records (request keys, credit keys, stored responses), the three system ledger
-accounts and a few counters the decisions need in O(1). The expiry index (a heap) is derived
-from the entries and is not part of a snapshot.
+What the state knows: per-account balances, every live entry whole (holds, charges waiting for
+settlement, with their stored responses), of every settled entry only its idempotency record
+(:class:`Settled`: the whole entry and its response are read back from the log by the sequences
+it keeps, :mod:`tollway.core.history`), the request and credit keys, the three system ledger
+accounts and a few counters the decisions need in O(1). Hot state is bounded by live work plus
+one small record per entry settled within the retention. The expiry index (a heap) is derived
+from the entries and is not part of a snapshot; it drops a settled hold's item once its expiry
+passes.
 
 What it deliberately does not know: configuration (the commit event says whether it
 finalizes), and anything about Redis or HTTP.
