@@ -85,7 +85,7 @@ async def run(data_dir: Path, entries: int) -> dict[str, Any]:
         await caught_up(service)
         projected_s = time.perf_counter() - started
         after = {"redis_used_memory_mb": await redis_mb(service), "snapshot_mb": await snapshot_mb(service)}
-        left = len(engine.state.entries)
+        left = len(engine.state.entries) + len(engine.state.settled)
     return {
         "entries": entries,
         "archived": archived,

@@ -63,7 +63,11 @@ class Loop:
             self.clock.advance(advance_ms)
 
     def states(self) -> dict[str, EntryState]:
-        return {entry_id: entry.state for entry_id, entry in self.engine.state.entries.items()}
+        """Every entry's state: whole (live) entries and settled entries' idempotency records."""
+        state = self.engine.state
+        return {
+            entry_id: item.state for entries in (state.entries, state.settled) for entry_id, item in entries.items()
+        }
 
 
 @pytest.fixture

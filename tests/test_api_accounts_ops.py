@@ -10,6 +10,7 @@ from tollway import Settings
 from tollway.api.schemas import BalanceOut, BreakerDetailOut, CreditOut, GuardOut, PoisonPageOut, ReadyOut
 from tollway.core import commands as cmd
 from tollway.core import events as ev
+from tollway.core.lifecycle import EntryState
 from tollway.engine import system_clock_ms
 from tollway.service import settlement_signing_key
 from tollway.settlement.sim_config import SimulatorConfig
@@ -126,7 +127,7 @@ async def test_dead_letters_replay_and_breaker_in_settlement_mode(tmp_path: Path
             assert [entry_id] == [item["billing_entry_id"] for item in page["items"]]
             replay = await api.http.post("/v1/settlement/poison/replay", headers=api.auth(ADMIN))
             assert {"examined": 1, "acked": 1, "still_failing": 0, "skipped": 0, "refused": 0} == replay.json()
-            assert "FINALIZE_ACKED" == api.service.engine.state.entries[entry_id].state.value
+            assert EntryState.FINALIZE_ACKED == api.service.engine.state.entry_state(entry_id)
             breaker = await api.http.get("/v1/settlement/breaker", headers=api.auth(ADMIN))
             reset = await api.http.post("/v1/settlement/breaker/reset", headers=api.auth(ADMIN))
             closed = {"state": "CLOSED", "value": 0, "failures": 0, "next_probe_at_ms": None}

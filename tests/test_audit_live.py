@@ -71,7 +71,8 @@ async def test_acked_here_but_missing_at_settlement_is_a_problem(loop: Loop) -> 
     done = await settled_loop(loop)
     amnesiac = FinalizedBook()  # settlement lost the record of the first charge
     for entry_id in done[1:]:
-        entry = loop.engine.state.entries[entry_id]
+        entry = await loop.engine.get_entry(entry_id)
+        assert entry is not None
         amnesiac.finalize(FinalizeRequest(entry_id, "acct", entry.charged_micro), loop.clock())
     loop.simulator.state.book = amnesiac
     report = audit(loop.engine.settings.data_dir)

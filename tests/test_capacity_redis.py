@@ -61,4 +61,4 @@ async def test_a_small_redis_stays_flat_under_many_times_its_size_of_billing(tmp
         assert [] == [key async for key in service.redis.scan_iter(match=pattern)]  # nothing live is left
         assert end < samples[0] + (2 << 20), (samples[0], end, samples)  # flat: live work only, never history
         assert PAIRS == len(committed)
-        assert {EntryState.COMMITTED} == {engine.state.entries[i].state for i in committed}
+        assert {EntryState.COMMITTED} == {engine.state.entry_state(i) for i in committed}

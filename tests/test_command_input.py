@@ -124,7 +124,6 @@ async def test_a_record_over_the_log_limit_is_refused_before_the_hold_moves(tmp_
         done = await engine.execute(Commit(entry_id, 50, response_json='{"ok": true}'))
         assert isinstance(done, cmd.EntryResult)
     async with Engine.open(tmp_path / "data", clock=clock) as engine:
-        assert (EntryState.COMMITTED, '{"ok": true}') == (
-            engine.state.entries[entry_id].state,
-            engine.state.responses[entry_id],
-        )
+        read = await engine.read_entry(entry_id)
+        assert read is not None
+        assert (EntryState.COMMITTED, '{"ok": true}') == (read[0].state, read[1])

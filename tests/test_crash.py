@@ -7,6 +7,7 @@ import random
 import signal
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -16,7 +17,7 @@ from tests.crash_worker import read_lines
 from tollway import Engine, EntryState
 from tollway.core import events as ev
 from tollway.core.ledger import Ledger, check_invariants
-from tollway.core.state import State, request_key
+from tollway.core.state import CreditRecord, Entry, request_key
 from tollway.testing import fold
 from tollway.wal import segments
 
@@ -55,14 +56,22 @@ class LoggedOps:
         ]
 
 
-def _mint_problem(ack: dict[str, Any], logged: LoggedOps, state: State) -> str | None:
+@dataclass(frozen=True)
+class View:
+    """What the checks read: the credit records, and every acknowledged entry whole (a settled one read back)."""
+
+    credits: dict[str, CreditRecord]
+    entries: dict[str, Entry]
+
+
+def _mint_problem(ack: dict[str, Any], logged: LoggedOps, state: View) -> str | None:
     record = state.credits.get(request_key(ack["account"], ack["id"]))
     if logged.mints[ack["account"], ack["id"]] != 1 or record is None or record.amount_micro != ack["amount"]:
         return "mint not logged exactly once"
     return None
 
 
-def _reserve_problem(ack: dict[str, Any], logged: LoggedOps, state: State) -> str | None:
+def _reserve_problem(ack: dict[str, Any], logged: LoggedOps, state: View) -> str | None:
     key = (ack["account"], ack["id"])
     if logged.reserves[key] != 1 or logged.entry_of.get(key) != ack["entry"]:
         return "reserve not logged exactly once"
@@ -72,7 +81,7 @@ def _reserve_problem(ack: dict[str, Any], logged: LoggedOps, state: State) -> st
     return None
 
 
-def _commit_problem(ack: dict[str, Any], logged: LoggedOps, state: State) -> str | None:
+def _commit_problem(ack: dict[str, Any], logged: LoggedOps, state: View) -> str | None:
     entry = state.entries.get(ack["entry"])
     if logged.settled["commit", ack["entry"]] != 1 or entry is None:
         return "commit not logged exactly once"
@@ -81,7 +90,7 @@ def _commit_problem(ack: dict[str, Any], logged: LoggedOps, state: State) -> str
     return None
 
 
-def _release_problem(ack: dict[str, Any], logged: LoggedOps, state: State) -> str | None:
+def _release_problem(ack: dict[str, Any], logged: LoggedOps, state: View) -> str | None:
     entry = state.entries.get(ack["entry"])
     if logged.settled["release", ack["entry"]] != 1 or entry is None or entry.state is not EntryState.RELEASED:
         return "release not logged exactly once"
@@ -139,7 +148,9 @@ async def test_acknowledged_operations_survive_kill_9(tmp_path: Path) -> None:
             assert len(events) == state.last_sequence
             logged = LoggedOps(events)
             assert [] == logged.duplicates()
-            missing = [(ack, why) for ack in acks if (why := _CHECKS[ack["op"]](ack, logged, state)) is not None]
+            entries = {ack["entry"]: await engine.get_entry(ack["entry"]) for ack in acks if "entry" in ack}
+            view = View(state.credits, {entry_id: entry for entry_id, entry in entries.items() if entry is not None})
+            missing = [(ack, why) for ack in acks if (why := _CHECKS[ack["op"]](ack, logged, view)) is not None]
             assert [] == missing, f"run {run}: {len(missing)} acknowledged operations lost or wrong"
             assert [] == check_invariants(state, Ledger().post_all(events))
             assert fold(events).to_snapshot() == state.to_snapshot()  # snapshot + tail equals a full replay

@@ -80,7 +80,7 @@ def test_idempotent_reserve_semantics() -> None:
     assert isinstance(again, EntryResult)
     assert (True, False, '{"text": "hi"}') == (again.replayed, again.created, again.response_json)
     assert first.entry.billing_entry_id == again.entry.billing_entry_id
-    assert 1 == len(engine.state.entries)
+    assert 1 == len(engine.state.entries) + len(engine.state.settled)
 
 
 def test_released_key_replays_the_released_entry() -> None:

@@ -316,12 +316,12 @@ async def test_sweeper_task_runs_on_its_interval(settings: Settings, clock: Fake
         sweeper = asyncio.create_task(run_sweeper(engine))
         try:
             for _ in range(500):
-                if engine.state.entries[held.entry.billing_entry_id].state is EntryState.RELEASED:
+                if engine.state.entry_state(held.entry.billing_entry_id) is EntryState.RELEASED:
                     break
                 await asyncio.sleep(0.001)
         finally:
             sweeper.cancel()
-        assert EntryState.RELEASED == engine.state.entries[held.entry.billing_entry_id].state
+        assert EntryState.RELEASED == engine.state.entry_state(held.entry.billing_entry_id)
 
 
 async def test_idempotency_survives_restart(settings: Settings, clock: FakeClock) -> None:
@@ -407,7 +407,8 @@ async def test_a_clock_step_back_mid_sweep_leaves_the_hold_in_the_sweepers_queue
         assert 0 == await sweep_once(engine)
         clock.advance(1_000)
         assert 1 == await sweep_once(engine)
-        entry = engine.state.entries[held.entry.billing_entry_id]
+        entry = await engine.get_entry(held.entry.billing_entry_id)
+        assert entry is not None
         assert (EntryState.RELEASED, "expired", 1_000) == (
             entry.state,
             entry.reason,

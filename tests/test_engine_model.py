@@ -3,7 +3,10 @@
 Each step drives the real engine (real WAL files, real fsync, tiny segments and frequent
 snapshots so rotation and snapshot recovery happen often) and the model side by side, then
 checks every ledger invariant and that the engine agrees with the model. Crash steps abandon
-the engine without a clean close and reopen the data directory from disk.
+the engine without a clean close and reopen the data directory from disk. Days pass, so the
+workload outlives the retention: repeats replay exactly (stored responses too) until the
+archiver's cutoff and are new requests after it; a settled entry leaves memory but for its
+idempotency record, and reads of it (read back from the log) give the entry it was.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from tollway.core import commands as cmd
 from tollway.core.commands import CreditKind, EntryResult, Refusal, RefusalCode
 from tollway.core.ledger import Ledger, check_invariants
 from tollway.core.lifecycle import ARCHIVABLE, EntryState
+from tollway.core.state import Entry
 from tollway.housekeeping import archive_once, sweep_once
 from tollway.redis.keys import Keys
 from tollway.redis.parity import differences
@@ -62,6 +66,8 @@ class ModelEntry:
     actual: int | None = None
     charged: int = 0
     archived: bool = False  # past the retention: the engine forgot it
+    response: str | None = None  # the response its commit stored
+    seen: Entry | None = None  # the entry as the last write on it answered (None: expired by the sweeper since)
 
 
 class EngineModel(RuleBasedStateMachine):
@@ -165,6 +171,8 @@ class EngineModel(RuleBasedStateMachine):
             else:
                 assert isinstance(result, EntryResult)
                 assert (True, existing) == (result.replayed, result.entry.billing_entry_id)
+                assert entry.response == result.response_json
+                assert entry.seen in (None, result.entry)
             return multiple()
         if estimate > self.available[account]:
             assert isinstance(result, Refusal)
@@ -173,18 +181,22 @@ class EngineModel(RuleBasedStateMachine):
         assert isinstance(result, EntryResult)
         entry_id = result.entry.billing_entry_id
         self.model[entry_id] = ModelEntry(account, request_id, estimate, self.clock.now + ttl_s * 1000)
+        self.model[entry_id].seen = result.entry
         self.keys[(account, request_id)] = entry_id
         self.available[account] -= estimate
         return entry_id
 
     @rule(entry_id=entries, actual=st.integers(0, 10_000))
     def commit(self, entry_id: str, actual: int) -> None:
-        if self.gone(entry_id, cmd.Commit(entry_id, actual)):
+        response = f'{{"output":"{actual}"}}' if actual % 2 else None  # some commits store a response
+        if self.gone(entry_id, cmd.Commit(entry_id, actual, response)):
             return
         entry = self.model[entry_id]
-        result = self.execute(cmd.Commit(entry_id, actual))
+        result = self.execute(cmd.Commit(entry_id, actual, response))
         if entry.state is S.RESERVE_HELD and self.clock.now < entry.expires_at:
             assert isinstance(result, EntryResult)
+            entry.seen, entry.response = result.entry, response
+            assert response == result.response_json
             excess = max(0, actual - entry.estimate)
             charged = min(actual, entry.estimate) + min(excess, self.available[entry.account])
             self.available[entry.account] += entry.estimate - charged
@@ -197,7 +209,7 @@ class EngineModel(RuleBasedStateMachine):
             )
         elif entry.actual == actual:
             assert isinstance(result, EntryResult)
-            assert result.replayed
+            assert (True, entry.response, entry.seen) == (result.replayed, result.response_json, result.entry)
         else:
             assert isinstance(result, Refusal)
             expired = entry.state is S.RESERVE_HELD or (entry.state is S.RELEASED and entry.actual == -1)
@@ -212,11 +224,11 @@ class EngineModel(RuleBasedStateMachine):
         result = self.execute(cmd.Release(entry_id, "pre_stream_failure"))
         if entry.state is S.RESERVE_HELD and self.clock.now < entry.expires_at:
             assert isinstance(result, EntryResult)
-            entry.state = S.RELEASED
+            entry.state, entry.seen = S.RELEASED, result.entry
             self.available[entry.account] += entry.estimate
         elif entry.state is S.RELEASED and entry.actual is None:
             assert isinstance(result, EntryResult)
-            assert result.replayed
+            assert (True, entry.seen) == (result.replayed, result.entry)
         else:
             assert isinstance(result, Refusal)
 
@@ -229,7 +241,7 @@ class EngineModel(RuleBasedStateMachine):
             swept += batch
         assert len(due) == swept
         for entry in due:
-            entry.state, entry.actual = S.RELEASED, -1  # -1 marks "released by expiry"
+            entry.state, entry.actual, entry.seen = S.RELEASED, -1, None  # -1 marks "released by expiry"
             self.available[entry.account] += entry.estimate
 
     @precondition(lambda self: not self.SETTLEMENT)
@@ -241,11 +253,12 @@ class EngineModel(RuleBasedStateMachine):
         result = self.execute(cmd.Void(entry_id, "refund", "admin-1"))
         if entry.state in (S.COMMITTED, S.FINALIZE_FAILED):
             assert isinstance(result, EntryResult)
-            entry.state = S.VOIDED
+            assert (S.VOIDED, entry.response) == (result.entry.state, result.response_json)
+            entry.state, entry.seen = S.VOIDED, result.entry
             self.available[entry.account] += entry.charged
         elif entry.state is S.VOIDED:
             assert isinstance(result, EntryResult)
-            assert result.replayed
+            assert (True, entry.seen, entry.response) == (result.replayed, result.entry, result.response_json)
         else:
             assert isinstance(result, Refusal)
             assert RefusalCode.INVALID_TRANSITION == result.code
@@ -262,10 +275,10 @@ class EngineModel(RuleBasedStateMachine):
         legal = {S.FINALIZE_PENDING} | ({S.FINALIZE_FAILED} if ack else set())
         if entry.state in legal:
             assert isinstance(result, EntryResult)
-            entry.state = target
+            entry.state, entry.seen = target, result.entry
         elif entry.state is target:
             assert isinstance(result, EntryResult)
-            assert result.replayed
+            assert (True, entry.seen, entry.response) == (result.replayed, result.entry, result.response_json)
         else:
             assert isinstance(result, Refusal)
 
@@ -278,7 +291,7 @@ class EngineModel(RuleBasedStateMachine):
         result = self.execute(cmd.Void(entry_id, "written off", "admin-2"))
         if entry.state is S.FINALIZE_FAILED:
             assert isinstance(result, EntryResult)
-            entry.state = S.VOIDED
+            entry.state, entry.seen = S.VOIDED, result.entry
             self.available[entry.account] += entry.charged
         else:
             assert isinstance(result, Refusal) or (isinstance(result, EntryResult) and result.replayed)
@@ -325,11 +338,19 @@ class EngineModel(RuleBasedStateMachine):
                 balance.held_micro,
             )
             assert balance.available_micro >= 0
+        state = self.engine.state
         for entry_id, entry in self.model.items():
             if entry.archived:
-                assert entry_id not in self.engine.state.entries
-            else:
-                assert entry.state == self.engine.state.entries[entry_id].state
+                assert (None, None) == (state.entry_state(entry_id), self.run(self.engine.read_entry(entry_id)))
+                continue
+            assert entry.state == state.entry_state(entry_id)
+            # Hot state holds live work only: a settled entry keeps just its idempotency record.
+            assert (entry.state in ARCHIVABLE) == (entry_id in state.settled) == (entry_id not in state.entries)
+            assert entry_id not in state.responses or entry.state not in ARCHIVABLE
+            read = self.run(self.engine.read_entry(entry_id))
+            assert read is not None
+            assert (entry.state, entry.response) == (read[0].state, read[1])
+            assert entry.seen in (None, read[0])  # read back from the log: the very entry it was
 
 
 class SettlementEngineModel(EngineModel):

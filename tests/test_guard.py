@@ -197,6 +197,7 @@ def test_amount_beyond_int64_breaks_micro_usd_format() -> None:
 def test_insane_rate_snapshot_breaks_rate_consistency() -> None:
     """A zero credit-unit rate, or one frozen after its entry was created, breaks rate_consistency."""
     mem = busy_memory_engine()
+    mem.execute(cmd.Reserve("acct", "r9", 100))  # two live holds: settled entries are records only
     ids = list(mem.state.entries)
     first, second = mem.state.entries[ids[0]], mem.state.entries[ids[1]]
     mem.state.entries[ids[0]] = msgspec.structs.replace(first, rate=ev.RateSnapshot(0, 1_000_000, 0))
@@ -235,10 +236,12 @@ def test_commit_with_a_different_rate_than_its_hold_is_caught() -> None:
     """A commit event whose rate snapshot differs from its reserve's breaks rate_consistency."""
     mem = busy_memory_engine()
     commit = next(e for e in mem.events if isinstance(e.payload, ev.BillingCommit))
-    assert [] == g.check_event(commit, mem.state)
+    read = mem.read_entry(commit.billing_entry_id)  # settled: the guard gets it from the commit's transition
+    assert read is not None
+    assert [] == g.check_event(commit, mem.state, read[0])
     forged_payload = msgspec.structs.replace(commit.payload, rate=ev.RateSnapshot(101, 1_000_000, 0))
     forged = msgspec.structs.replace(commit, payload=forged_payload)
-    assert [g.RATE_CONSISTENCY] == [result.name for result in g.check_event(forged, mem.state)]
+    assert [g.RATE_CONSISTENCY] == [result.name for result in g.check_event(forged, mem.state, read[0])]
 
 
 def test_event_with_a_negative_amount_is_caught() -> None:

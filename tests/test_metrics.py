@@ -381,7 +381,7 @@ async def test_entries_kept_and_archived_are_gauged(settings: Settings, clock: F
         await drive(engine)
         await metrics.collect_from(engine=engine)
         _, before = scrape(metrics)
-        kept = len(engine.state.entries)
+        kept = len(engine.state.entries) + len(engine.state.settled)
         clock.advance(25 * 3_600_000)
         archived = (await archive_once(engine)).entries
         await metrics.collect_from(engine=engine)

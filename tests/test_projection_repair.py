@@ -118,7 +118,7 @@ async def test_tampering_under_load_is_repaired_and_every_charge_is_finalized_on
             stop.set()
             await asyncio.gather(*tasks)
             await eventually(
-                lambda: all(engine.state.entries[i].state is EntryState.FINALIZE_ACKED for i in committed), WAIT_S
+                lambda: all(engine.state.entry_state(i) is EntryState.FINALIZE_ACKED for i in committed), WAIT_S
             )
             await eventually(lambda: service.projector.applied_seq == engine.durable_sequence, WAIT_S)
             assert [] == await differences(service.redis, service.keys, engine.state)

@@ -55,7 +55,7 @@ async def test_settlement_mode_finalizes_in_the_background(tmp_path: Path) -> No
             assert isinstance(held, EntryResult)
             entry_id = held.entry.billing_entry_id
             await engine.execute(cmd.Commit(entry_id, 2_500))
-            await eventually(lambda: engine.state.entries[entry_id].state is EntryState.FINALIZE_ACKED)
+            await eventually(lambda: engine.state.entry_state(entry_id) is EntryState.FINALIZE_ACKED)
         record = simulator.state.book.get(entry_id)
         assert record is not None
         assert (2_500, 1) == (record.actual_cost_micro, record.calls)
@@ -96,11 +96,13 @@ async def test_the_archiver_task_drops_old_entries_from_the_engine_and_redis(tmp
         await engine.execute(cmd.Commit(old, 1_000, response_json='{"ok": true}'))
         await eventually(lambda: service.projector.applied_seq == engine.durable_sequence)
         assert 0 == await service.redis.exists(service.keys.entry(old), service.keys.response(old))  # settled
-        assert 1 == engine.state.entries[old].charged_micro // 1_000  # still in the engine, until the retention
+        settled = await engine.get_entry(old)  # its record is still in the engine, until the retention
+        assert settled is not None
+        assert 1 == settled.charged_micro // 1_000
         clock.advance(25 * 3_600_000)
         live = await engine.execute(cmd.Reserve("acct", "new", 1_000))
         assert isinstance(live, EntryResult)
-        await eventually(lambda: old not in engine.state.entries, timeout_s=5)
+        await eventually(lambda: engine.state.entry_state(old) is None, timeout_s=5)
         archived_at = engine.state.last_sequence  # the archive event (applied; maybe not yet durable)
         await eventually(lambda: service.projector.applied_seq == archived_at)
         assert await service.redis.exists(service.keys.entry(old), service.keys.response(old)) == 0

@@ -24,7 +24,6 @@ about Redis, HTTP or the engine.
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,7 +137,9 @@ class _Fold:
         try:
             if isinstance(event.payload, EntriesArchived):
                 self._remember_archived(event.payload)
-            self.state.apply(event)
+            change = self.state.apply(event)
+            if change is not None and change.to_state is EntryState.FINALIZE_ACKED:
+                self.archived_acked[event.billing_entry_id] = change.entry.charged_micro
         except InvariantViolation as exc:
             self.apply_failure = f"seq {event.wal_sequence} ({event.event_type}): {exc}"
             return
@@ -147,6 +148,7 @@ class _Fold:
             self.snapshot_problems = _snapshot_differences(self.state, snapshot.state.to_snapshot())
 
     def _remember_archived(self, payload: EntriesArchived) -> None:
+        """Acknowledged entries kept whole (from an older snapshot) are remembered when archived."""
         for item in payload.entries:
             entry = self.state.entries.get(item.billing_entry_id)
             if entry is not None and entry.state is EntryState.FINALIZE_ACKED:
@@ -236,7 +238,7 @@ def _snapshot_differences(state: State, stored: Snapshot) -> list[str]:
 
 
 def _count_states(state: State) -> dict[EntryState, int]:
-    counts = Counter(entry.state for entry in state.entries.values())
+    counts = state.state_counts()
     return {s: counts.get(s, 0) for s in EntryState if s is not EntryState.IDLE}
 
 

@@ -66,12 +66,13 @@ async def settlement_section(report: AuditReport, client: SettlementClient) -> S
     for reservation_id, item in finalized.items():
         entry = entries.get(reservation_id)
         charged = report.archived_acked.get(reservation_id) if entry is None else None
-        if charged is not None:  # acknowledged, then archived past the retention
-            archived += 1
+        if charged is not None:  # acknowledged: settled (only its record in memory), or archived past the retention
+            archived += report.state.entry_state(reservation_id) is None
             if item.actual_cost_micro != charged:
                 problems.append(f"{reservation_id}: settlement has {item.actual_cost_micro}, tollway charged {charged}")
         elif entry is None or entry.state not in _CHARGED_STATES:
-            state = "unknown" if entry is None else entry.state.value
+            known = report.state.entry_state(reservation_id)
+            state = "unknown" if known is None else known.value
             problems.append(f"settlement finalized {reservation_id}, which is {state} here")
         elif item.actual_cost_micro != entry.charged_micro:
             problems.append(
@@ -80,9 +81,9 @@ async def settlement_section(report: AuditReport, client: SettlementClient) -> S
         elif entry.state is not EntryState.FINALIZE_ACKED:
             unrecorded.append(reservation_id)
     problems.extend(
-        f"{entry.billing_entry_id} is FINALIZE_ACKED but settlement has no record of it"
-        for entry in entries.values()
-        if entry.state is EntryState.FINALIZE_ACKED and entry.billing_entry_id not in finalized
+        f"{entry_id} is FINALIZE_ACKED but settlement has no record of it"
+        for entry_id in sorted(report.archived_acked)
+        if report.state.entry_state(entry_id) is EntryState.FINALIZE_ACKED and entry_id not in finalized
     )
     notes = [f"{len(finalized):,} charge(s) finalized at settlement"]
     if unrecorded:

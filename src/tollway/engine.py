@@ -37,18 +37,21 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import msgspec
+
 from tollway.config import Durability, Settings, WalSyncer
 from tollway.core import commands as cmd
 from tollway.core.commands import Refusal
-from tollway.core.decide import Replay, Write, decide, outcome
-from tollway.core.errors import EngineStopped, TollwayError
+from tollway.core.decide import Fetch, Loaded, Replay, Write, decide, outcome
+from tollway.core.errors import EngineStopped, TollwayError, ensure
 from tollway.core.events import Event
+from tollway.core.history import apply_answering, fold_entry
 from tollway.core.ids import UlidGenerator
 from tollway.core.observer import NoopObserver, Observer
-from tollway.core.state import Account, Entry, State
+from tollway.core.state import Account, Entry, State, unpack_seqs
 from tollway.core.validate import validate
-from tollway.eventlog import EventLog
-from tollway.group_commit import Batch, GroupCommit, Listener
+from tollway.eventlog import EventLog, read_entry_events
+from tollway.group_commit import Batch, BatchListener, GroupCommit, Listener
 from tollway.snapshots import Snapshotter
 from tollway.wal import codec
 from tollway.wal.file_log import FileLog
@@ -211,6 +214,13 @@ class Engine:
         """
         self._commits.subscribe(listener)
 
+    def subscribe_batches(self, listener: BatchListener) -> None:
+        """Call ``listener(batch)`` with each batch once it is durable (its events and their transitions).
+
+        A transition carries the whole entry even when it settled and only its record stays in the state.
+        """
+        self._commits.subscribe_batches(listener)
+
     def check_running(self) -> None:
         """Raise :class:`EngineStopped` after a fatal error or once closed."""
         self._commits.check_running()
@@ -230,29 +240,65 @@ class Engine:
         commits.check_running()
         command = validate(command)
         started = time.perf_counter()
-        while (
-            commits.pending.size >= self.settings.batch_bytes_max
-            or len(commits.pending.chunks) >= self.settings.batch_records_max
-        ):
-            await commits.pending.durable  # backpressure: the batch is full
-            commits.check_running()
-        now_ms = self._clock()
-        decision = decide(self.state, command, now_ms, self.policy, self._ids.new)
+        loaded: dict[str, Loaded] = {}
+        while True:
+            if commits.pending.size >= self.settings.batch_bytes_max or len(commits.pending.chunks) >= (
+                self.settings.batch_records_max
+            ):
+                await self._room()
+            now_ms = self._clock()
+            decision = decide(self.state, command, now_ms, self.policy, self._ids.new, loaded=loaded)
+            if not isinstance(decision, Fetch):
+                break
+            # A settled entry: read it back, then decide again (the state may have moved on meanwhile;
+            # a record changes at most twice, by a void and by the archiver, so this ends).
+            loaded[decision.billing_entry_id] = await self._read_back(decision)
         name = type(command).__name__
         if isinstance(decision, Refusal):
             self.observer.refused(name, decision.code.value)
             return decision
         if isinstance(decision, Replay):
             await commits.wait_durable(decision.wal_sequence)
-            return decision.outcome
-        batch, outcome = self._write(decision, command, now_ms)
+            return _with_stored_response(decision.outcome, loaded)
+        batch, outcome = self._write(decision, command, now_ms, loaded)
         await batch.durable
         self.observer.command_done(name, time.perf_counter() - started)
         return outcome
 
-    def _write(self, decision: Write, command: cmd.Command, now_ms: int) -> tuple[Batch, cmd.Outcome]:
+    async def _room(self) -> None:
+        """Wait while the pending batch is full (backpressure)."""
+        commits = self._commits
+        while (
+            commits.pending.size >= self.settings.batch_bytes_max
+            or len(commits.pending.chunks) >= self.settings.batch_records_max
+        ):
+            await commits.pending.durable
+            commits.check_running()
+
+    async def _read_back(self, fetch: Fetch) -> Loaded:
+        """The settled entry ``fetch`` names, folded from its events read back from the log."""
+        await self._commits.wait_durable(max(fetch.sequences))
+        events = await read_entry_events(self.log, fetch.sequences)
+        found = {event.wal_sequence for event in events if event.billing_entry_id == fetch.billing_entry_id}
+        ensure(
+            len(found) == len(events) and found >= set(fetch.sequences),
+            "the log's events at %s are not all of entry %s",
+            fetch.sequences,
+            fetch.billing_entry_id,
+        )
+        entry, response_json = fold_entry(events)
+        return Loaded(fetch.record, entry, response_json)
+
+    def _write(
+        self, decision: Write, command: cmd.Command, now_ms: int, loaded: dict[str, Loaded] | None = None
+    ) -> tuple[Batch, cmd.Outcome]:
         """Sequence, apply and enqueue the events of ``decision``. Never awaits."""
         batch = self._commits.pending
+        entry_id = decision.billing_entry_id
+        read_back = None if loaded is None else loaded.get(entry_id)
+        response_json = read_back.response_json if read_back is not None else self.state.responses.get(entry_id)
+        entry: Entry | None = None
+        previous = None if read_back is None else read_back.entry
         events = [
             Event(self.state.last_sequence + 1 + i, now_ms, decision.billing_entry_id, decision.correlation_id, payload)
             for i, payload in enumerate(decision.payloads)
@@ -260,11 +306,12 @@ class Engine:
         records = [codec.encode(event) for event in events]  # InvalidInput before anything changes
         try:
             for event, record in zip(events, records, strict=True):
-                batch = self._commits.add(event, record, self.state.apply(event))
+                change, entry = apply_answering(self.state, event, previous, entry)
+                batch = self._commits.add(event, record, change)
         except TollwayError as exc:  # an invariant broke inside apply: state is suspect
             self._commits.fail(exc)
             raise
-        return batch, outcome(self.state, decision, command)
+        return batch, outcome(self.state, decision, command, entry, response_json)
 
     # -- snapshots -------------------------------------------------------------------------
 
@@ -303,10 +350,41 @@ class Engine:
 
     async def get_entry(self, billing_entry_id: str) -> Entry | None:
         """An entry, once the state it reflects is durable."""
+        found = await self.read_entry(billing_entry_id)
+        return None if found is None else found[0]
+
+    async def read_entry(self, billing_entry_id: str) -> tuple[Entry, str | None] | None:
+        """An entry and its stored response, once durable; a settled one is read back from the log.
+
+        None for an unknown entry (never made, or archived past the retention).
+        """
         entry = self.state.entries.get(billing_entry_id)
         if entry is not None:
             await self._commits.wait_durable(entry.wal_sequence)
-        return entry
+            return entry, self.state.responses.get(billing_entry_id)
+        record = self.state.settled.get(billing_entry_id)
+        if record is None:
+            return None
+        self._commits.check_running()
+        loaded = await self._read_back(Fetch(billing_entry_id, unpack_seqs(record.packed)[1], record))
+        return loaded.entry, loaded.response_json
+
+    async def peek_entry(self, billing_entry_id: str) -> Entry | None:
+        """An entry as it is now, without waiting for durability; a settled one is read back from the log."""
+        entry = self.state.entries.get(billing_entry_id)
+        if entry is not None or billing_entry_id not in self.state.settled:
+            return entry
+        found = await self.read_entry(billing_entry_id)
+        return None if found is None else found[0]
+
+
+def _with_stored_response(result: cmd.Outcome, loaded: dict[str, Loaded]) -> cmd.Outcome:
+    """A replay of a settled entry answers with the stored response read back with it."""
+    if isinstance(result, cmd.EntryResult):
+        read_back = loaded.get(result.entry.billing_entry_id)
+        if read_back is not None:
+            return msgspec.structs.replace(result, response_json=read_back.response_json)
+    return result
 
 
 def _recover(settings: Settings, observer: Observer) -> tuple[State, WalWriter]:

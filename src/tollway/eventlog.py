@@ -34,9 +34,10 @@ This module knows nothing of files, sockets, SQL or asyncio's machinery.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
-from tollway.core.events import Event
+from tollway.core.events import BillingCommit, Event
+from tollway.core.history import response_after
 
 
 class EventLog(Protocol):
@@ -57,3 +58,36 @@ class EventLog(Protocol):
     async def abort(self) -> None:
         """Stop as a crash would: release the log without finishing anything but the append in flight."""
         ...
+
+
+READ_RUN_MAX: Final = 64
+"""Most sequences :func:`read_sequences` asks the log for in one read (a run of consecutive ones)."""
+
+
+async def read_sequences(log: EventLog, sequences: Sequence[int]) -> list[Event]:
+    """The durable events at ``sequences`` (ascending), read in runs of consecutive sequences.
+
+    What reads a settled entry back: its few events (creation, commit, stored response, settlement)
+    are named by their sequences in its idempotency record.
+    """
+    found: list[Event] = []
+    index = 0
+    while index < len(sequences):
+        first = end = sequences[index]
+        index += 1
+        while index < len(sequences) and sequences[index] == end + 1 and end - first + 1 < READ_RUN_MAX:
+            end = sequences[index]
+            index += 1
+        found += await log.read(first - 1, end - first + 1)
+    return found
+
+
+async def read_entry_events(log: EventLog, sequences: Sequence[int]) -> list[Event]:
+    """The events of one entry at ``sequences``, and its stored response: the event right after its commit."""
+    events = await read_sequences(log, sequences)
+    commit = next((event for event in events if isinstance(event.payload, BillingCommit)), None)
+    if commit is not None and commit.wal_sequence + 1 not in sequences:
+        response = response_after(commit, next(iter(await log.read(commit.wal_sequence, 1)), None))
+        if response is not None:
+            events = sorted([*events, response], key=lambda event: event.wal_sequence)
+    return events

@@ -335,8 +335,8 @@ class FinalizeWorker:
         result = await self.engine.execute(cmd.FinalizeAck(entry.billing_entry_id, source, attempt))
         if not isinstance(result, cmd.Refusal):
             return True
-        now = self.engine.state.entries.get(entry.billing_entry_id)
-        state = "archived" if now is None else now.state.value
+        now = self.engine.state.entry_state(entry.billing_entry_id)
+        state = "archived" if now is None else now.value
         detail = (
             f"settlement finalized {entry.billing_entry_id} ({entry.charged_micro} micro-USD of {entry.account_id}) "
             f"but the entry is {state} here ({result.message}); resolve by charging the account again "

@@ -32,6 +32,7 @@ SYNC_GAP_BATCH_RECORDS: Final = 32
 """A batch holding this many records starts at once, sync gap or not (measured: ``bench/README.md``)."""
 
 Listener = Callable[[list[Event], list[bytes]], None]
+BatchListener = Callable[["Batch"], None]
 
 
 class _Durable(asyncio.Future[None]):
@@ -87,12 +88,17 @@ class GroupCommit:
         self._next_write_at = 0.0  # perf_counter: the next batch starts no sooner (the sync gap)
         self._gap_timer: asyncio.TimerHandle | None = None
         self._listeners: list[Listener] = []
+        self._batch_listeners: list[BatchListener] = []
         self.failure: TollwayError | None = None
         self.closed = False
 
     def subscribe(self, listener: Listener) -> None:
         """Call ``listener(events, records)`` with each batch once it is durable."""
         self._listeners.append(listener)
+
+    def subscribe_batches(self, listener: BatchListener) -> None:
+        """Call ``listener(batch)`` with each batch once it is durable: its events with their transitions."""
+        self._batch_listeners.append(listener)
 
     def add(self, event: Event, record: bytes, change: Transition | None) -> Batch:
         """Add ``event`` and its framed ``record`` to the pending batch, which starts soon. Never awaits.
@@ -175,6 +181,8 @@ class GroupCommit:
         self._observer.wal_batch(len(batch.chunks), batch.size, time.perf_counter() - started)
         if batch.transitions:
             self._observer.transitioned(batch.transitions)
+        for batch_listener in self._batch_listeners:
+            batch_listener(batch)
         for listener in self._listeners:
             listener(batch.events, batch.chunks)
         if self.pending.chunks:

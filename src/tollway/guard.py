@@ -44,6 +44,7 @@ from tollway.core.guard import PROJECTION_PARITY, CheckResult, Guard, GuardState
 from tollway.core.ledger import Ledger
 from tollway.core.validate import MAX_TEXT_LENGTH
 from tollway.engine import Engine
+from tollway.group_commit import Batch
 from tollway.redis.errors import UNAVAILABLE
 from tollway.redis.parity import differences
 from tollway.redis.projector import Projector
@@ -158,7 +159,7 @@ class GuardRunner:
         if self._bypass:
             await self._enter_bypass()
         if self._watch:
-            self.engine.subscribe(self._on_durable)
+            self.engine.subscribe_batches(self._on_durable)
         return await self.check()
 
     async def close(self) -> None:
@@ -229,9 +230,14 @@ class GuardRunner:
             return core.result(PROJECTION_PARITY, [f"could not run: {exc}"], unavailable=True)
         return core.result(PROJECTION_PARITY, problems)
 
-    def _on_durable(self, events: list[ev.Event], _records: list[bytes]) -> None:
+    def _on_durable(self, batch: Batch) -> None:
         """Engine listener: the per-event checks on each durable batch. Never raises."""
-        found = [problem for event in events for problem in core.check_event(event, self.engine.state)]
+        state, changed = self.engine.state, {event.wal_sequence: change.entry for event, change in batch.transitions}
+        found = [
+            problem
+            for event in batch.events
+            for problem in core.check_event(event, state, changed.get(event.wal_sequence))
+        ]
         if found:
             self._record(found)
 

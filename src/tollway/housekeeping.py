@@ -43,7 +43,7 @@ async def sweep_once(engine: Engine) -> int:
 async def archive_once(engine: Engine) -> Archived:
     """Archive what is past the retention, at most :data:`ARCHIVE_BATCH` records per event.
 
-    Settled entries (with their idempotency keys and stored responses) and the idempotency
+    Settled entries' idempotency records (with their request keys) and the idempotency
     records of credits, oldest first. Runs until none is left, one event at a time, so billing
     gets in between. Returns zeros when retention is off (``entry_retention_hours`` 0).
     """

@@ -310,7 +310,7 @@ class Metrics:
         for name, total in balance_totals_micro(engine.state.accounts.values()).items():
             self.balance.labels(name).set(total)
         self.wal_durable_sequence.set(engine.durable_sequence)
-        self.entries_kept.set(len(engine.state.entries))
+        self.entries_kept.set(len(engine.state.entries) + len(engine.state.settled))
         self.entries_archived.set(engine.state.archived_entries)
 
     def _collect_projection(self, status: ProjectorStatus) -> None:

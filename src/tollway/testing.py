@@ -12,12 +12,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import msgspec
+
 from tollway.core import commands as cmd
-from tollway.core.decide import Replay, decide, outcome
-from tollway.core.events import Event
+from tollway.core.decide import Fetch, Loaded, Replay, Write, decide, outcome
+from tollway.core.events import BillingCommit, Event
+from tollway.core.history import apply_answering, fold_entry, response_after
 from tollway.core.ids import UlidGenerator
 from tollway.core.ledger import Ledger
-from tollway.core.state import State, Transition
+from tollway.core.state import Entry, State, Transition, unpack_seqs
 from tollway.core.validate import validate
 from tollway.wal import codec
 
@@ -85,21 +88,55 @@ class MemoryEngine:
         """Validate, decide and apply ``command``; the same answers the real engine gives."""
         command = validate(command)
         now_ms = self.clock()
-        decision = decide(self.state, command, now_ms, self.policy, self._ids.new)
+        loaded: dict[str, Loaded] = {}
+        decision = decide(self.state, command, now_ms, self.policy, self._ids.new, loaded=loaded)
+        while isinstance(decision, Fetch):  # a settled entry: read it back from the log in memory
+            loaded[decision.billing_entry_id] = Loaded(decision.record, *self._fold_back(decision.sequences))
+            decision = decide(self.state, command, now_ms, self.policy, self._ids.new, loaded=loaded)
         if isinstance(decision, cmd.Refusal):
             return decision
+        read_back = loaded.get(decision.billing_entry_id) if isinstance(decision, Write) else None
         if isinstance(decision, Replay):
-            return decision.outcome
+            result = decision.outcome
+            if isinstance(result, cmd.EntryResult) and result.entry.billing_entry_id in loaded:
+                return msgspec.structs.replace(
+                    result, response_json=loaded[result.entry.billing_entry_id].response_json
+                )
+            return result
         events = [
             Event(self.state.last_sequence + 1 + i, now_ms, decision.billing_entry_id, decision.correlation_id, payload)
             for i, payload in enumerate(decision.payloads)
         ]
         for event in events:
             codec.encode(event)  # the real engine refuses what its log could not hold, before anything changes
+        response_json = self.state.responses.get(decision.billing_entry_id)
+        if read_back is not None:
+            response_json = read_back.response_json
+        entry: Entry | None = None
+        previous = None if read_back is None else read_back.entry
         for event in events:
-            self.state.apply(event)
+            _, entry = apply_answering(self.state, event, previous, entry)
             self.events.append(event)
-        return outcome(self.state, decision, command)
+        return outcome(self.state, decision, command, entry, response_json)
+
+    def read_entry(self, billing_entry_id: str) -> tuple[Entry, str | None] | None:
+        """An entry and its stored response; a settled one read back from the log in memory."""
+        entry = self.state.entries.get(billing_entry_id)
+        if entry is not None:
+            return entry, self.state.responses.get(billing_entry_id)
+        record = self.state.settled.get(billing_entry_id)
+        if record is None:
+            return None
+        return self._fold_back(unpack_seqs(record.packed)[1])
+
+    def _fold_back(self, sequences: Sequence[int]) -> tuple[Entry, str | None]:
+        """A settled entry folded from its events in the log in memory, with the response after its commit."""
+        events = [self.events[seq - 1] for seq in sequences]
+        for event in list(events):
+            if isinstance(event.payload, BillingCommit) and event.wal_sequence < len(self.events):
+                response = response_after(event, self.events[event.wal_sequence])
+                events += [] if response is None else [response]
+        return fold_entry(sorted(events, key=lambda event: event.wal_sequence))
 
     def fold(self) -> State:
         """A fresh fold of the log: what a replay after a crash would rebuild."""

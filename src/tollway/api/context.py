@@ -50,13 +50,14 @@ class AppContext:
         """The single writer."""
         return self.service.engine
 
-    def entry_for(self, principal: Principal, scope: Scope, billing_entry_id: str) -> Entry | None:
+    async def entry_for(self, principal: Principal, scope: Scope, billing_entry_id: str) -> Entry | None:
         """The entry a request names, after checking the caller may touch its account.
 
         A malformed id is a 400; an unknown one returns None (the engine answers ``not_found``).
+        A settled entry is read back from the log (a repeat, or a move it can no longer make).
         """
         check_entry_id(billing_entry_id)
-        entry = self.engine.state.entries.get(billing_entry_id)
+        entry = await self.engine.peek_entry(billing_entry_id)
         if entry is not None:
             principal.require(scope, entry.account_id)
         return entry

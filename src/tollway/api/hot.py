@@ -156,7 +156,7 @@ async def answer(scope: Scope, found: tuple[str, str], token: str, body: bytes) 
     try:
         principal = ctx.authenticator.authenticate(token)
         principal.require(TokenScope.GATEWAY)
-        command = command_of(ctx, principal, model.model_validate_json(body), entry_id)
+        command = await command_of(ctx, principal, model.model_validate_json(body), entry_id)
     except (ApiError, InvalidInput, ValidationError):
         return None
     try:

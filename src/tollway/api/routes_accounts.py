@@ -79,9 +79,11 @@ async def list_entries(
     engine = context(request).engine
     states = frozenset(EntryState(name) for name in state or ())
     page, next_cursor = entries_page(engine.state, account_id, states, cursor, limit)
-    if page:
-        await engine.wait_durable(max(entry.wal_sequence for entry in page))
-    items = [entry_body(entry, response_json=engine.state.responses.get(entry.billing_entry_id)) for entry in page]
+    items = []
+    for entry_id in page:
+        found = await engine.read_entry(entry_id)  # a settled one from the log
+        if found is not None:  # None: archived since the page was chosen
+            items.append(entry_body(found[0], response_json=found[1]))
     return json_response({"items": items, "next_cursor": next_cursor})
 
 

@@ -13,7 +13,7 @@ machinery — one definition of what each route asks of the engine.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, Path, Request
@@ -58,39 +58,43 @@ def entry_outcome(outcome: cmd.Outcome) -> Response:
 # a check that fails raises ApiError or InvalidInput before anything is executed.
 
 
-def reserve_command_of(ctx: AppContext, principal: Principal, body: ReserveRequest, _: str) -> cmd.Command:
+async def reserve_command_of(ctx: AppContext, principal: Principal, body: ReserveRequest, _: str) -> cmd.Command:
     """POST /v1/reservations."""
     principal.require(Scope.GATEWAY, body.account_id)
     return reserve_command(body, ctx.pricing)
 
 
-def commit_command_of(ctx: AppContext, principal: Principal, body: CommitRequest, billing_entry_id: str) -> cmd.Command:
+async def commit_command_of(
+    ctx: AppContext, principal: Principal, body: CommitRequest, billing_entry_id: str
+) -> cmd.Command:
     """POST /v1/reservations/{billing_entry_id}/commit."""
-    entry = ctx.entry_for(principal, Scope.GATEWAY, billing_entry_id)
+    entry = await ctx.entry_for(principal, Scope.GATEWAY, billing_entry_id)
     return commit_command(billing_entry_id, body, entry, ctx.pricing)
 
 
-def release_command_of(
+async def release_command_of(
     ctx: AppContext, principal: Principal, body: ReleaseRequest, billing_entry_id: str
 ) -> cmd.Command:
     """POST /v1/reservations/{billing_entry_id}/release."""
-    ctx.entry_for(principal, Scope.GATEWAY, billing_entry_id)
+    await ctx.entry_for(principal, Scope.GATEWAY, billing_entry_id)
     return cmd.Release(billing_entry_id, body.reason)
 
 
-def extend_command_of(ctx: AppContext, principal: Principal, body: ExtendRequest, billing_entry_id: str) -> cmd.Command:
+async def extend_command_of(
+    ctx: AppContext, principal: Principal, body: ExtendRequest, billing_entry_id: str
+) -> cmd.Command:
     """POST /v1/reservations/{billing_entry_id}/extend."""
-    ctx.entry_for(principal, Scope.GATEWAY, billing_entry_id)
+    await ctx.entry_for(principal, Scope.GATEWAY, billing_entry_id)
     return cmd.Extend(billing_entry_id, body.ttl_s)
 
 
-def charge_command_of(_: AppContext, principal: Principal, body: ChargeRequest, __: str) -> cmd.Command:
+async def charge_command_of(_: AppContext, principal: Principal, body: ChargeRequest, __: str) -> cmd.Command:
     """POST /v1/charges."""
     principal.require(Scope.GATEWAY, body.account_id)
     return charge_command(body)
 
 
-GatewayCommand = Callable[[AppContext, Principal, Any, str], cmd.Command]
+GatewayCommand = Callable[[AppContext, Principal, Any, str], Awaitable[cmd.Command]]
 
 GATEWAY_COMMANDS: Final[Mapping[str, tuple[type[BaseModel], GatewayCommand]]] = {
     "reserve": (ReserveRequest, reserve_command_of),
@@ -121,7 +125,7 @@ _ENTRY_200: dict[int | str, dict[str, Any]] = {
 async def create_reservation(body: ReserveRequest, principal: Gateway, request: Request) -> Response:
     """Hold ``estimated_cost_micro`` (or the estimate of ``model`` for the token counts), keyed by ``request_id``."""
     ctx = context(request)
-    return entry_outcome(await ctx.engine.execute(reserve_command_of(ctx, principal, body, "")))
+    return entry_outcome(await ctx.engine.execute(await reserve_command_of(ctx, principal, body, "")))
 
 
 @router.get(
@@ -135,11 +139,11 @@ async def get_reservation(billing_entry_id: EntryId, principal: Reader, request:
     """The entry, once the state it reflects is durable, with its stored response if any."""
     ctx = context(request)
     check_entry_id(billing_entry_id)
-    entry = await ctx.engine.get_entry(billing_entry_id)
-    if entry is None:
+    found = await ctx.engine.read_entry(billing_entry_id)
+    if found is None:
         raise ApiError("not_found", f"no billing entry {billing_entry_id}{GONE}", billing_entry_id=billing_entry_id)
+    entry, response_json = found
     principal.require(Scope.READ, entry.account_id)
-    response_json = ctx.engine.state.responses.get(billing_entry_id)
     return json_response(entry_body(entry, response_json=response_json))
 
 
@@ -155,7 +159,7 @@ async def commit_reservation(
 ) -> Response:
     """Charge ``actual_cost_micro`` (or the price of the token counts); optionally store ``response``."""
     ctx = context(request)
-    return entry_outcome(await ctx.engine.execute(commit_command_of(ctx, principal, body, billing_entry_id)))
+    return entry_outcome(await ctx.engine.execute(await commit_command_of(ctx, principal, body, billing_entry_id)))
 
 
 @router.post(
@@ -170,7 +174,7 @@ async def release_reservation(
 ) -> Response:
     """Return the hold to available: the call failed before streaming, or the user cancelled."""
     ctx = context(request)
-    return entry_outcome(await ctx.engine.execute(release_command_of(ctx, principal, body, billing_entry_id)))
+    return entry_outcome(await ctx.engine.execute(await release_command_of(ctx, principal, body, billing_entry_id)))
 
 
 @router.post(
@@ -185,7 +189,7 @@ async def extend_reservation(
 ) -> Response:
     """Push ``expires_at_ms`` to ``ttl_s`` seconds from now, for long streams (never shortens it)."""
     ctx = context(request)
-    return entry_outcome(await ctx.engine.execute(extend_command_of(ctx, principal, body, billing_entry_id)))
+    return entry_outcome(await ctx.engine.execute(await extend_command_of(ctx, principal, body, billing_entry_id)))
 
 
 @router.post(
@@ -199,7 +203,7 @@ async def extend_reservation(
 async def create_charge(body: ChargeRequest, principal: Gateway, request: Request) -> Response:
     """All-or-nothing against available (or clamped with ``allow_partial``), keyed by ``request_id``."""
     ctx = context(request)
-    return entry_outcome(await ctx.engine.execute(charge_command_of(ctx, principal, body, "")))
+    return entry_outcome(await ctx.engine.execute(await charge_command_of(ctx, principal, body, "")))
 
 
 @router.post(
@@ -216,7 +220,7 @@ async def void_entry(billing_entry_id: EntryId, body: VoidRequest, principal: Ad
     the entry, so a refund never races a settlement that is confirming the charge; retry shortly.
     """
     ctx = context(request)
-    ctx.entry_for(principal, Scope.ADMIN, billing_entry_id)
+    await ctx.entry_for(principal, Scope.ADMIN, billing_entry_id)
     worker = ctx.service.worker
     if worker is not None and billing_entry_id in worker.in_flight:
         raise ApiError(
@@ -237,5 +241,5 @@ async def void_entry(billing_entry_id: EntryId, body: VoidRequest, principal: Ad
 async def finalize_entry(billing_entry_id: EntryId, principal: Admin, request: Request) -> Response:
     """Manual finalize ack (``source: admin``) of a ``FINALIZE_PENDING`` or ``FINALIZE_FAILED`` charge."""
     ctx = context(request)
-    ctx.entry_for(principal, Scope.ADMIN, billing_entry_id)
+    await ctx.entry_for(principal, Scope.ADMIN, billing_entry_id)
     return entry_outcome(await ctx.engine.execute(cmd.FinalizeAck(billing_entry_id, source="admin")))

@@ -176,7 +176,7 @@ async def readyz(request: Request) -> Response:
         "redis": _redis(ctx, projection),
         "queues": await _depths(ctx),
         "entries": {
-            "kept": len(engine.state.entries),
+            "kept": len(engine.state.entries) + len(engine.state.settled),
             "archived": engine.state.archived_entries,
             "retention_hours": engine.settings.entry_retention_hours,
         },

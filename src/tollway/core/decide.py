@@ -5,6 +5,10 @@ answer is one of:
 
 - :class:`Write` — the events to append (the engine sequences, applies and syncs them);
 - :class:`Replay` — an idempotent repeat, answered from state once the original is durable;
+- :class:`Fetch` — the command concerns a settled entry, of which the state keeps only its
+  idempotency record: the engine reads the entry back from the log (the sequences named) and
+  asks again with it in ``loaded``. A repeat or a wrong move on a settled entry then gets the
+  same answer as when the whole entry was in memory;
 - :class:`~tollway.core.commands.Refusal` — a typed business outcome; nothing is written.
 
 The checks run in a fixed order: idempotency first (a retry must get its original answer even
@@ -15,7 +19,7 @@ the id factory as arguments, so the same inputs give the same answer.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Final, Protocol, TypeVar
 
 import msgspec
@@ -23,9 +27,19 @@ import msgspec
 from tollway.core import commands as cmd
 from tollway.core import events as ev
 from tollway.core.commands import Policy, Refusal, RefusalCode
+from tollway.core.errors import ensure
 from tollway.core.lifecycle import EntryKind, EntryState, HoldEnd, can_transition
 from tollway.core.money import INT64_MAX, MICRO_PER_USD, Rounding, micro_to_cu, usdc_to_usd_micro
-from tollway.core.state import CreditRecord, Entry, State, credit_fingerprint, request_key, split_request_key
+from tollway.core.state import (
+    CreditRecord,
+    Entry,
+    Settled,
+    State,
+    credit_fingerprint,
+    request_key,
+    split_request_key,
+    unpack_seqs,
+)
 
 S = EntryState
 _RESERVE: Final = EntryKind.RESERVE  # module constants: an Enum's attribute costs ~0.2 µs on Python 3.11
@@ -51,29 +65,47 @@ class Replay(msgspec.Struct, frozen=True, gc=False):
     wal_sequence: int
 
 
-Decision = Write | Replay | Refusal
+class Fetch(msgspec.Struct, frozen=True, gc=False):
+    """Read the settled entry ``billing_entry_id`` back from the events at ``sequences``, then decide again."""
+
+    billing_entry_id: str
+    sequences: tuple[int, ...]
+    record: Settled  # the record it was asked for: an answer holds only while the state still has this one
+
+
+class Loaded(msgspec.Struct, frozen=True, gc=False):
+    """A settled entry read back from the log for a :class:`Fetch`, with its stored response."""
+
+    record: Settled
+    entry: Entry
+    response_json: str | None
+
+
+Decision = Write | Replay | Refusal | Fetch
 NewId = Callable[[], str]
+Loads = Mapping[str, Loaded]
+NOTHING_LOADED: Final[Loads] = {}
 
 
 def decide(  # noqa: C901 - one flat case per command type
-    state: State, command: cmd.Command, now_ms: int, policy: Policy, new_id: NewId
+    state: State, command: cmd.Command, now_ms: int, policy: Policy, new_id: NewId, *, loaded: Loads = NOTHING_LOADED
 ) -> Decision:
-    """Judge ``command`` against ``state`` at ``now_ms``."""
+    """Judge ``command`` against ``state`` at ``now_ms``; ``loaded``: settled entries read back for a :class:`Fetch`."""
     match command:
         case cmd.Reserve():
-            return _reserve(state, command, now_ms, policy, new_id)
+            return _reserve(state, command, now_ms, policy, new_id, loaded=loaded)
         case cmd.Commit():
-            return _commit(state, command, now_ms, policy)
+            return _commit(state, command, now_ms, policy, loaded)
         case cmd.Release():
-            return _release(state, command, now_ms)
+            return _release(state, command, now_ms, loaded)
         case cmd.Extend():
-            return _extend(state, command, now_ms, policy)
+            return _extend(state, command, now_ms, policy, loaded)
         case cmd.Expire():
-            return _expire(state, command, now_ms)
+            return _expire(state, command, now_ms, loaded)
         case cmd.Charge():
-            return _charge(state, command, now_ms, policy, new_id)
+            return _charge(state, command, now_ms, policy, new_id, loaded=loaded)
         case cmd.Void() | cmd.FinalizeAck() | cmd.FinalizeFail():
-            return _settle(state, command)
+            return _settle(state, command, loaded)
         case cmd.Credit():
             return _credit(state, command, policy, new_id)
         case cmd.Note():
@@ -82,8 +114,14 @@ def decide(  # noqa: C901 - one flat case per command type
             return _archive(state, command, new_id)
 
 
-def outcome(state: State, write: Write, command: cmd.Command) -> cmd.Outcome:
-    """The answer to ``command`` once its ``write`` has been applied to ``state``."""
+def outcome(
+    state: State, write: Write, command: cmd.Command, entry: Entry | None = None, response_json: str | None = None
+) -> cmd.Outcome:
+    """The answer to ``command`` once its ``write`` has been applied to ``state``.
+
+    ``entry`` is the entry as the write left it (it may have settled and left ``state``);
+    ``response_json`` its stored response before the write (a commit's is the command's own).
+    """
     if isinstance(command, cmd.Credit):
         account = state.account(command.account_id)
         balance = account.copy()
@@ -96,8 +134,12 @@ def outcome(state: State, write: Write, command: cmd.Command) -> cmd.Outcome:
         match write.payloads:
             case (ev.EntriesArchived() as archived,):
                 return cmd.ArchiveResult(len(archived.entries), state.last_sequence, len(archived.credits))
-    entry = state.entries[write.billing_entry_id]
-    return cmd.EntryResult(entry, created=write.created, response_json=state.responses.get(entry.billing_entry_id))
+    if entry is None:
+        entry = state.entries[write.billing_entry_id]
+        response_json = state.responses.get(entry.billing_entry_id)
+    elif isinstance(command, cmd.Commit):
+        response_json = command.response_json
+    return cmd.EntryResult(entry, created=write.created, response_json=response_json)
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -112,10 +154,7 @@ def _archive(state: State, command: cmd.Archive, new_id: NewId) -> Write | Refus
     old_credits = state.archivable_credits(command.older_than_ms, command.limit - len(found))
     if not found and not old_credits:
         return _refuse(RefusalCode.NOT_FOUND, "no entry or credit record is old enough to archive")
-    items = tuple(
-        ev.ArchivedEntry(entry.billing_entry_id, entry.account_id, entry.request_id, entry.state.value)
-        for entry in found
-    )
+    items = tuple(found)
     credit_items = tuple(
         ev.ArchivedCredit(*split_request_key(key), record.credit_event_id) for key, record in old_credits
     )
@@ -140,8 +179,23 @@ def _transition_refusal(entry: Entry, attempted: str) -> Refusal:
 
 
 def _replay(entry: Entry, state: State) -> Replay:
+    """Answer with ``entry`` as it is; a settled entry's stored response is filled in by the engine (it read it)."""
     response = state.responses.get(entry.billing_entry_id)
     return Replay(cmd.EntryResult(entry, replayed=True, response_json=response), entry.wal_sequence)
+
+
+def _entry_of(state: State, entry_id: str, loaded: Loads) -> Entry | Fetch | None:
+    """The whole entry ``entry_id``: in memory, read back for this command, or to be read (a Fetch); None: unknown."""
+    entry = state.entries.get(entry_id)
+    if entry is not None:
+        return entry
+    record = state.settled.get(entry_id)
+    if record is None:
+        return None
+    found = loaded.get(entry_id)
+    if found is not None and found.record is record:
+        return found.entry
+    return Fetch(entry_id, unpack_seqs(record.packed)[1], record)
 
 
 def _insufficient(available_micro: int, requested_micro: int, rate: int) -> Refusal:
@@ -173,18 +227,28 @@ Repeat = Callable[[State, Entry, C], Decision | None]
 
 
 def _find(
-    state: State, c: C, verb: str, target: EntryState, now_ms: int | None, *, repeat: Repeat[C] | None = None
+    state: State,
+    c: C,
+    verb: str,
+    target: EntryState,
+    now_ms: int | None,
+    *,
+    loaded: Loads,
+    repeat: Repeat[C] | None = None,
 ) -> Entry | Decision:
     """The entry that ``verb`` moves to ``target``, or the answer instead; the one legality check of ``decide``.
 
-    In order: NOT_FOUND; ``repeat``'s answer; for a verb on a live hold (``now_ms`` given),
+    In order: NOT_FOUND; a Fetch of a settled entry not read back yet (``loaded``: those that were);
+    ``repeat``'s answer; for a verb on a live hold (``now_ms`` given),
     RESERVATION_EXPIRED for a hold that expired, whether or not the sweeper got to it yet;
     INVALID_TRANSITION when the lifecycle table does not allow the move.
     """
-    entry = state.entries.get(c.billing_entry_id)
+    entry = state.entries.get(c.billing_entry_id) or _entry_of(state, c.billing_entry_id, loaded)
     if entry is None:
         entry_id = c.billing_entry_id
         return _refuse(RefusalCode.NOT_FOUND, f"no billing entry {entry_id}{GONE}", billing_entry_id=entry_id)
+    if isinstance(entry, Fetch):
+        return entry
     answer = None if repeat is None else repeat(state, entry, c)
     if answer is not None:
         return answer
@@ -252,12 +316,17 @@ def reserve_fingerprint(command: cmd.Reserve) -> str:
     return f"reserve:{command.estimated_cost_micro}:{command.basis}"
 
 
-def _known_request(state: State, account_id: str, request_id: str, fingerprint: str) -> Entry | Refusal | None:
-    """The entry an earlier request with this key created (None: a new key), or key reuse."""
+def _known_request(
+    state: State, account_id: str, request_id: str, fingerprint: str, loaded: Loads
+) -> Entry | Refusal | Fetch | None:
+    """The entry an earlier request with this key created (None: a new key), key reuse, or a Fetch of it."""
     existing = state.requests.get(request_key(account_id, request_id))
     if existing is None:
         return None
-    entry = state.entries[existing]
+    entry = _entry_of(state, existing, loaded)
+    if entry is None or isinstance(entry, Fetch):
+        ensure(entry is not None, "request key of unknown entry %s", existing)
+        return entry
     if entry.fingerprint != fingerprint:
         return _refuse(
             RefusalCode.IDEMPOTENCY_KEY_REUSED,
@@ -267,10 +336,10 @@ def _known_request(state: State, account_id: str, request_id: str, fingerprint: 
     return entry
 
 
-def _reserve(state: State, c: cmd.Reserve, now_ms: int, policy: Policy, new_id: NewId) -> Decision:
+def _reserve(state: State, c: cmd.Reserve, now_ms: int, policy: Policy, new_id: NewId, *, loaded: Loads) -> Decision:
     fingerprint = reserve_fingerprint(c)
-    known = _known_request(state, c.account_id, c.request_id, fingerprint)
-    if isinstance(known, Refusal):
+    known = _known_request(state, c.account_id, c.request_id, fingerprint, loaded)
+    if isinstance(known, Refusal | Fetch):
         return known
     if known is not None:
         if known.state is S.RESERVE_HELD:
@@ -315,8 +384,8 @@ def _repeated_commit(state: State, entry: Entry, c: cmd.Commit) -> Decision | No
     return _transition_refusal(entry, "commit")
 
 
-def _commit(state: State, c: cmd.Commit, now_ms: int, policy: Policy) -> Decision:
-    entry = _find(state, c, "commit", _COMMIT_TARGET[policy.finalize], now_ms, repeat=_repeated_commit)
+def _commit(state: State, c: cmd.Commit, now_ms: int, policy: Policy, loaded: Loads) -> Decision:
+    entry = _find(state, c, "commit", _COMMIT_TARGET[policy.finalize], now_ms, loaded=loaded, repeat=_repeated_commit)
     if not isinstance(entry, Entry):
         return entry
     refusal = _amount_limit(c.actual_cost_micro, policy, "actual_cost_micro")
@@ -347,19 +416,19 @@ def _repeated_release(state: State, entry: Entry, c: cmd.Release) -> Decision | 
     return _replay(entry, state) if released else None
 
 
-def _release(state: State, c: cmd.Release, now_ms: int) -> Decision:
+def _release(state: State, c: cmd.Release, now_ms: int, loaded: Loads) -> Decision:
     if c.reason not in cmd.RELEASE_REASONS:
         return _invalid(f"reason must be one of {sorted(cmd.RELEASE_REASONS)}", "reason")
-    entry = _find(state, c, "release", _RELEASED, now_ms, repeat=_repeated_release)
+    entry = _find(state, c, "release", _RELEASED, now_ms, loaded=loaded, repeat=_repeated_release)
     if not isinstance(entry, Entry):
         return entry
     payload = ev.BillingRelease(entry.account_id, entry.estimated_cost_micro, c.reason)
     return Write(entry.billing_entry_id, (payload,), entry.correlation_id)
 
 
-def _extend(state: State, c: cmd.Extend, now_ms: int, policy: Policy) -> Decision:
+def _extend(state: State, c: cmd.Extend, now_ms: int, policy: Policy, loaded: Loads) -> Decision:
     # An extension keeps the hold as it is: legal exactly while the hold may still end (RELEASED).
-    entry = _find(state, c, "extend", _RELEASED, now_ms)
+    entry = _find(state, c, "extend", _RELEASED, now_ms, loaded=loaded)
     if not isinstance(entry, Entry):
         return entry
     ttl = _ttl(c.ttl_s, policy)
@@ -373,8 +442,8 @@ def _extend(state: State, c: cmd.Extend, now_ms: int, policy: Policy) -> Decisio
     return Write(entry.billing_entry_id, (payload,), entry.correlation_id)
 
 
-def _expire(state: State, c: cmd.Expire, now_ms: int) -> Decision:
-    entry = _find(state, c, "expire", _RELEASED, None)
+def _expire(state: State, c: cmd.Expire, now_ms: int, loaded: Loads) -> Decision:
+    entry = _find(state, c, "expire", _RELEASED, None, loaded=loaded)
     if not isinstance(entry, Entry):
         return entry
     if not _is_expired(entry, now_ms):
@@ -387,11 +456,11 @@ def _expire(state: State, c: cmd.Expire, now_ms: int) -> Decision:
 # -- direct charge, admin and settlement outcomes, credits ---------------------------------
 
 
-def _charge(state: State, c: cmd.Charge, now_ms: int, policy: Policy, new_id: NewId) -> Decision:
+def _charge(state: State, c: cmd.Charge, now_ms: int, policy: Policy, new_id: NewId, *, loaded: Loads) -> Decision:
     fingerprint = f"charge:{c.amount_micro}:{c.allow_partial}"
-    known = _known_request(state, c.account_id, c.request_id, fingerprint)
+    known = _known_request(state, c.account_id, c.request_id, fingerprint, loaded)
     if known is not None:
-        return known if isinstance(known, Refusal) else _replay(known, state)
+        return known if isinstance(known, Refusal | Fetch) else _replay(known, state)
     refusal = _amount_limit(c.amount_micro, policy, "amount_micro")
     if refusal is None and not policy.holds_allowed:
         refusal = _refuse(RefusalCode.GUARD_UNAVAILABLE, "the conservation guard is not ready", retry_after_seconds=30)
@@ -422,8 +491,9 @@ def _repeated_settle(state: State, entry: Entry, c: cmd.Void | cmd.FinalizeAck |
     return _replay(entry, state) if entry.state is _SETTLE_TARGET[type(c)] else None
 
 
-def _settle(state: State, c: cmd.Void | cmd.FinalizeAck | cmd.FinalizeFail) -> Decision:
-    entry = _find(state, c, _SETTLE_VERB[type(c)], _SETTLE_TARGET[type(c)], None, repeat=_repeated_settle)
+def _settle(state: State, c: cmd.Void | cmd.FinalizeAck | cmd.FinalizeFail, loaded: Loads) -> Decision:
+    verb, target = _SETTLE_VERB[type(c)], _SETTLE_TARGET[type(c)]
+    entry = _find(state, c, verb, target, None, loaded=loaded, repeat=_repeated_settle)
     if not isinstance(entry, Entry):
         return entry
     payload: ev.Payload

@@ -302,11 +302,13 @@ def _ledger_zero_sum(state: State, ledger: Ledger | None) -> list[str]:
 # -- per-event checks ----------------------------------------------------------------------
 
 
-def check_event(event: ev.Event, state: State) -> list[CheckResult]:
+def check_event(event: ev.Event, state: State, changed: Entry | None = None) -> list[CheckResult]:
     """The violations one durable event shows on its own (empty when it is sound).
 
     Its amounts are MicroUSD (``micro_usd_format``, ``cost_non_negative``), and a commit uses
     the rate snapshot frozen into its hold (``rate_consistency``). Cheap enough for every event.
+    ``changed`` is the entry as the event left it, when known: a commit that settled its entry
+    left only an idempotency record in ``state``.
     """
     found: list[CheckResult] = []
     payload = event.payload
@@ -317,7 +319,7 @@ def check_event(event: ev.Event, state: State) -> list[CheckResult]:
         check = COST_NON_NEGATIVE if isinstance(value, int) and value < 0 else MICRO_USD_FORMAT
         found.append(result(check, [f"seq {event.wal_sequence}: {event.event_type}.{name} = {value!r}"]))
     if isinstance(payload, ev.BillingCommit):
-        entry = state.entries.get(event.billing_entry_id)
+        entry = changed or state.entries.get(event.billing_entry_id)
         if entry is not None and entry.rate != payload.rate:
             problem = f"seq {event.wal_sequence}: commit rate {payload.rate} != reserve rate {entry.rate}"
             found.append(result(RATE_CONSISTENCY, [problem]))

@@ -6,10 +6,14 @@ For speed it mutates ``state`` in place instead of returning a copy; the engine 
 owner. Entries are frozen records replaced on change, so a result handed to a caller never
 changes underneath it.
 
-What the state knows: per-account balances, every entry and its lifecycle state, the
-idempotency records (request keys, credit keys, stored responses), the three system ledger
-accounts and a few counters the decisions need in O(1). The expiry index (a heap) is derived
-from the entries and is not part of a snapshot.
+What the state knows: per-account balances, every live entry whole (holds, charges waiting for
+settlement, with their stored responses), of every settled entry only its idempotency record
+(:class:`Settled`: the whole entry and its response are read back from the log by the sequences
+it keeps, :mod:`tollway.core.history`), the request and credit keys, the three system ledger
+accounts and a few counters the decisions need in O(1). Hot state is bounded by live work plus
+one small record per entry settled within the retention. The expiry index (a heap) is derived
+from the entries and is not part of a snapshot; it drops a settled hold's item once its expiry
+passes.
 
 What it deliberately does not know: configuration (the commit event says whether it
 finalizes), and anything about Redis or HTTP.
@@ -29,6 +33,7 @@ from tollway.core.lifecycle import ARCHIVABLE, TRANSITIONS, UNSETTLED, EntryKind
 
 S = EntryState
 _RESERVE: Final = EntryKind.RESERVE  # module constants: an Enum's attribute costs ~0.2 µs on Python 3.11
+_SETTLES: Final = frozenset(map(id, ARCHIVABLE))  # by identity: hashing an Enum member runs Python code (~1 µs)
 _CHARGE: Final = EntryKind.CHARGE
 
 
@@ -66,6 +71,65 @@ class Entry(msgspec.Struct, frozen=True, gc=False):
     fingerprint: str
     reason: str | None = None  # release or void reason; finalize failure reason
     failed_at_ms: int | None = None  # when it entered FINALIZE_FAILED
+    # The sequences of the events that made it (its creation, its last extension, its commit, ...; a stored
+    # response is the event right after the commit): what reads it back from the log once it settles. Empty
+    # in entries from snapshots written before settled entries left memory: those stay whole until archived.
+    event_seqs: tuple[int, ...] = ()
+
+
+class Settled(msgspec.Struct, frozen=True, gc=False, array_like=True):
+    """What memory keeps of a settled entry (COMMITTED, FINALIZE_ACKED, RELEASED, VOIDED): its idempotency record.
+
+    The entry itself, and its stored response, are read back from the log by the sequences in
+    ``packed`` (:func:`unpack_seqs`). ``request_key`` is the very string object that keys
+    :attr:`State.requests`, so it costs nothing more; its account is the first part. What the
+    entry charged is already in ``archived_charged``; ``charged_micro`` is kept only for a
+    COMMITTED charge, which a void can still refund.
+    """
+
+    request_key: str
+    state: EntryState
+    charged_micro: int
+    packed: bytes  # updated_at_ms and the event sequences: pack_seqs
+
+
+_TIME_BYTES: Final = 6  # milliseconds since the epoch fit 48 bits until the year 10889
+
+
+def pack_seqs(updated_at_ms: int, seqs: tuple[int, ...]) -> bytes:
+    """``updated_at_ms`` (6 bytes) and ascending ``seqs`` as LEB128 varints: the first, then each one's distance.
+
+    About 12 bytes for an entry's usual three or four events: a bytes object, not a tuple of ints.
+    """
+    out = bytearray(updated_at_ms.to_bytes(_TIME_BYTES, "big"))  # OverflowError past 48 bits
+    previous = 0
+    for seq in seqs:  # ascending: the fold appends each entry's events in order
+        value = seq - previous
+        previous = seq
+        while value >= 0x80:
+            out.append((value & 0x7F) | 0x80)
+            value >>= 7
+        out.append(value)
+    return bytes(out)
+
+
+def packed_time(packed: bytes) -> int:
+    """The ``updated_at_ms`` of :func:`pack_seqs`."""
+    return int.from_bytes(packed[:_TIME_BYTES], "big")
+
+
+def unpack_seqs(packed: bytes) -> tuple[int, tuple[int, ...]]:
+    """``(updated_at_ms, seqs)`` of :func:`pack_seqs`."""
+    seqs: list[int] = []
+    value = shift = previous = 0
+    for byte in packed[_TIME_BYTES:]:
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            previous += value
+            seqs.append(previous)
+            value = shift = 0
+    return packed_time(packed), tuple(seqs)
 
 
 class CreditRecord(msgspec.Struct, frozen=True, gc=False):
@@ -102,6 +166,9 @@ class StoredState(msgspec.Struct):
     archived_uncollected_micro: int = 0
     archived_entries: int = 0
     archived_before_ms: int = 0  # the newest archiver cutoff: only entries created before it may be gone
+    # Settled entries' idempotency records, in the order of their last change (oldest first). What they
+    # charged is in archived_charged, what they left uncollected in archived_uncollected_micro.
+    settled: dict[str, Settled] = {}
 
 
 STORED_FIELDS: Final = StoredState.__struct_fields__
@@ -216,19 +283,26 @@ class State(_Stored):
             heapq.heappush(heap, item)
         return [entry_id for _, entry_id in due]
 
-    def archivable(self, older_than_ms: int, limit: int) -> list[Entry]:
-        """Up to ``limit`` entries in an archivable state whose last change is before ``older_than_ms``.
+    def archivable(self, older_than_ms: int, limit: int) -> list[ev.ArchivedEntry]:
+        """Up to ``limit`` settled entries whose last change is before ``older_than_ms``, as archive items.
 
-        Oldest first. Entries are kept in creation order, so the scan stops at the first one
-        created at or after the cutoff: it reads only the old entries that must stay (live
-        holds, unsettled charges) and the ones it returns.
+        Whole entries first (settled ones from an older snapshot), then idempotency records;
+        oldest first. Entries are kept in creation order, records in the order of their last
+        change, so each scan stops at the first one at or after the cutoff: it reads only the
+        old entries that must stay (live holds, unsettled charges) and the ones it returns.
         """
-        found: list[Entry] = []
+        found: list[ev.ArchivedEntry] = []
         for entry in self.entries.values():
             if entry.created_at_ms >= older_than_ms or len(found) >= limit:
                 break
             if entry.state in ARCHIVABLE and entry.updated_at_ms < older_than_ms:
-                found.append(entry)
+                found.append(
+                    ev.ArchivedEntry(entry.billing_entry_id, entry.account_id, entry.request_id, entry.state.value)
+                )
+        for entry_id, record in self.settled.items():
+            if len(found) >= limit or packed_time(record.packed) >= older_than_ms:
+                break
+            found.append(ev.ArchivedEntry(entry_id, *split_request_key(record.request_key), record.state.value))
         return found
 
     def archivable_credits(self, older_than_ms: int, limit: int) -> list[tuple[str, CreditRecord]]:
@@ -244,8 +318,24 @@ class State(_Stored):
             found.append((key, record))
         return found
 
+    def entry_state(self, billing_entry_id: str) -> EntryState | None:
+        """The lifecycle state of an entry, whole or settled; None when unknown (never made, or archived)."""
+        entry = self.entries.get(billing_entry_id)
+        if entry is not None:
+            return entry.state
+        record = self.settled.get(billing_entry_id)
+        return None if record is None else record.state
+
+    def state_counts(self) -> dict[EntryState, int]:
+        """How many entries (whole or settled, not archived) are in each state."""
+        counts: dict[EntryState, int] = {}
+        for entries in (self.entries.values(), self.settled.values()):
+            for item in entries:
+                counts[item.state] = counts.get(item.state, 0) + 1
+        return counts
+
     def iter_entries(self, account_id: str | None = None) -> Iterator[Entry]:
-        """Entries in id (creation) order, optionally of one account."""
+        """Whole entries (live; settled ones only from an older snapshot) in id order, optionally of one account."""
         for entry_id in sorted(self.entries):
             entry = self.entries[entry_id]
             if account_id is None or entry.account_id == account_id:
@@ -271,12 +361,35 @@ class State(_Stored):
             self.finalize_failed_count += delta
 
     def _move(self, new: Entry, old_state: EntryState) -> Transition:
-        """Store ``new`` and keep the counters; the caller checked the move with ``_legal``."""
-        self.entries[new.billing_entry_id] = new
+        """Store ``new`` (or, once it settled, its idempotency record) and keep the counters."""
+        if id(new.state) in _SETTLES and new.event_seqs:
+            self._settle(new)
+        else:
+            self.entries[new.billing_entry_id] = new
         if old_state is not S.IDLE:
             self._count(old_state, -1)
         self._count(new.state, +1)
         return Transition(new, old_state, new.state)
+
+    def _settle(self, entry: Entry) -> None:
+        """Keep only the idempotency record of an entry that just settled; its sums go to the archived totals.
+
+        Its request key is stored again with the record's own string, so the two share it.
+        """
+        entry_id = entry.billing_entry_id
+        self.entries.pop(entry_id, None)
+        self.responses.pop(entry_id, None)  # read back from the log: its sequence is among event_seqs
+        key = request_key(entry.account_id, entry.request_id)
+        if self.requests.get(key) == entry_id:
+            del self.requests[key]
+            self.requests[key] = entry_id
+        charged = entry.charged_micro if entry.state is S.COMMITTED else 0
+        self.settled[entry_id] = Settled(key, entry.state, charged, pack_seqs(entry.updated_at_ms, entry.event_seqs))
+        if entry.state is not S.VOIDED:
+            self.archived_charged[entry.account_id] = (
+                self.archived_charged.get(entry.account_id, 0) + entry.charged_micro
+            )
+        self.archived_uncollected_micro += entry.uncollected_micro
 
     def _acct(self, account_id: str) -> Account:
         account = self.accounts.get(account_id)
@@ -319,6 +432,9 @@ def new_entry(event: ev.Event) -> Entry:
             event.timestamp_ms,  # updated_at_ms
             event.wal_sequence,
             p.fingerprint,
+            None,  # reason
+            None,  # failed_at_ms
+            (event.wal_sequence,),  # event_seqs
         )
     if isinstance(p, ev.BillingCharge):
         return Entry(
@@ -338,8 +454,16 @@ def new_entry(event: ev.Event) -> Entry:
             event.timestamp_ms,  # updated_at_ms
             event.wal_sequence,
             p.fingerprint,
+            None,  # reason
+            None,  # failed_at_ms
+            (event.wal_sequence,),  # event_seqs
         )
     raise InvariantViolation(f"{event.event_type} does not create an entry")
+
+
+def _seqs(entry: Entry, event: ev.Event) -> tuple[int, ...]:
+    """``entry``'s event sequences with ``event``'s added (none for a whole entry from an older snapshot)."""
+    return (*entry.event_seqs, event.wal_sequence) if entry.event_seqs else ()
 
 
 def _reserve(state: State, event: ev.Event, p: ev.BillingReserve) -> Transition:
@@ -377,6 +501,7 @@ def _commit(state: State, event: ev.Event, p: ev.BillingCommit) -> Transition:
         uncollected_micro=p.uncollected_micro,
         updated_at_ms=event.timestamp_ms,
         wal_sequence=event.wal_sequence,
+        event_seqs=_seqs(entry, event),
     )
     return state._move(new, entry.state)
 
@@ -388,7 +513,12 @@ def _return_hold(state: State, event: ev.Event, estimate_micro: int, reason: str
     account.held_micro -= estimate_micro
     account.available_micro += estimate_micro
     new = msgspec.structs.replace(
-        entry, state=S.RELEASED, reason=reason, updated_at_ms=event.timestamp_ms, wal_sequence=event.wal_sequence
+        entry,
+        state=S.RELEASED,
+        reason=reason,
+        updated_at_ms=event.timestamp_ms,
+        wal_sequence=event.wal_sequence,
+        event_seqs=_seqs(entry, event),
     )
     return state._move(new, entry.state)
 
@@ -404,8 +534,14 @@ def _expire(state: State, event: ev.Event, p: ev.BillingReserveExpired) -> Trans
 def _extend(state: State, event: ev.Event, p: ev.BillingReserveExtended) -> Transition:
     entry = state._existing(event, None)
     ensure(entry.state is S.RESERVE_HELD, "extend of %s entry", entry.state)
+    # Only the last extension matters to the entry: it replaces an earlier one among the sequences.
+    seqs = (entry.event_seqs[0], event.wal_sequence) if entry.event_seqs else ()
     new = msgspec.structs.replace(
-        entry, expires_at_ms=p.expires_at_ms, updated_at_ms=event.timestamp_ms, wal_sequence=event.wal_sequence
+        entry,
+        expires_at_ms=p.expires_at_ms,
+        updated_at_ms=event.timestamp_ms,
+        wal_sequence=event.wal_sequence,
+        event_seqs=seqs,
     )
     state.entries[new.billing_entry_id] = new
     heapq.heappush(state._expiry_heap, (p.expires_at_ms, new.billing_entry_id))
@@ -426,7 +562,10 @@ def _charge(state: State, event: ev.Event, p: ev.BillingCharge) -> Transition:
     return state._move(entry, S.IDLE)
 
 
-def _void(state: State, event: ev.Event, p: ev.BillingVoid) -> Transition:
+def _void(state: State, event: ev.Event, p: ev.BillingVoid) -> Transition | None:
+    if event.billing_entry_id not in state.entries and event.billing_entry_id in state.settled:
+        _void_settled(state, event, p)
+        return None  # no whole entry here: the engine reports the transition from the entry it read back
     entry = state._existing(event, S.VOIDED)
     ensure(entry.state.value == p.from_state, "void from %s recorded as from %s", entry.state, p.from_state)
     account = state._acct(p.account_id)
@@ -436,9 +575,34 @@ def _void(state: State, event: ev.Event, p: ev.BillingVoid) -> Transition:
     if entry.state in UNSETTLED:
         account.unsettled_micro -= p.charged_micro
     new = msgspec.structs.replace(
-        entry, state=S.VOIDED, reason=p.reason, updated_at_ms=event.timestamp_ms, wal_sequence=event.wal_sequence
+        entry,
+        state=S.VOIDED,
+        reason=p.reason,
+        updated_at_ms=event.timestamp_ms,
+        wal_sequence=event.wal_sequence,
+        event_seqs=_seqs(entry, event),
     )
     return state._move(new, entry.state)
+
+
+def _void_settled(state: State, event: ev.Event, p: ev.BillingVoid) -> None:
+    """Refund a COMMITTED charge of which only the idempotency record is in memory."""
+    record = state.settled[event.billing_entry_id]
+    ensure(record.state is S.COMMITTED, "void of %s entry %s", record.state.value, event.billing_entry_id)
+    ensure(p.from_state == record.state.value, "void from %s recorded as from %s", record.state, p.from_state)
+    account_id = split_request_key(record.request_key)[0]
+    account = state._acct(account_id)
+    account.available_micro += p.charged_micro
+    account.charged_micro -= p.charged_micro
+    state.revenue_micro -= p.charged_micro
+    # What the entry had charged leaves the sums (as a whole VOIDED entry stops counting): a void that
+    # refunded another amount then shows in the conservation checks, as it did with the whole entry.
+    state.archived_charged[account_id] -= record.charged_micro
+    _, seqs = unpack_seqs(record.packed)
+    del state.settled[event.billing_entry_id]  # to the end: the records stay in the order of their last change
+    state.settled[event.billing_entry_id] = Settled(
+        record.request_key, S.VOIDED, 0, pack_seqs(event.timestamp_ms, (*seqs, event.wal_sequence))
+    )
 
 
 def _finalize_ack(state: State, event: ev.Event, p: ev.BillingFinalizeAck) -> Transition:
@@ -446,7 +610,11 @@ def _finalize_ack(state: State, event: ev.Event, p: ev.BillingFinalizeAck) -> Tr
     ensure(entry.state.value == p.from_state, "ack from %s recorded as from %s", entry.state, p.from_state)
     state._acct(entry.account_id).unsettled_micro -= entry.charged_micro
     new = msgspec.structs.replace(
-        entry, state=S.FINALIZE_ACKED, updated_at_ms=event.timestamp_ms, wal_sequence=event.wal_sequence
+        entry,
+        state=S.FINALIZE_ACKED,
+        updated_at_ms=event.timestamp_ms,
+        wal_sequence=event.wal_sequence,
+        event_seqs=_seqs(entry, event),
     )
     return state._move(new, entry.state)
 
@@ -460,6 +628,7 @@ def _finalize_fail(state: State, event: ev.Event, p: ev.BillingFinalizeFail) -> 
         failed_at_ms=event.timestamp_ms,
         updated_at_ms=event.timestamp_ms,
         wal_sequence=event.wal_sequence,
+        event_seqs=_seqs(entry, event),
     )
     return state._move(new, entry.state)
 
@@ -504,7 +673,15 @@ def _audit(state: State, event: ev.Event, p: ev.Audit) -> None:
 
 
 def _request_complete(state: State, event: ev.Event, p: ev.RequestComplete) -> None:
-    state.responses[event.billing_entry_id] = p.response_json
+    """Keep a live entry's stored response; a settled entry's stays in the log only.
+
+    A stored response is always the event right after its commit (``decide`` writes them together),
+    so reading a settled entry back finds it there without its sequence being kept.
+    """
+    entry_id = event.billing_entry_id
+    if entry_id in state.settled and entry_id not in state.entries:
+        return
+    state.responses[entry_id] = p.response_json
 
 
 def _archive(state: State, event: ev.Event, p: ev.EntriesArchived) -> None:  # noqa: ARG001 - the fold signature
@@ -516,15 +693,7 @@ def _archive(state: State, event: ev.Event, p: ev.EntriesArchived) -> None:  # n
     """
     ensure(len({item.billing_entry_id for item in p.entries}) == len(p.entries), "an archive lists an entry twice")
     for item in p.entries:
-        entry = state.entries.get(item.billing_entry_id)
-        if entry is None:
-            raise InvariantViolation(f"archive of unknown entry {item.billing_entry_id}")
-        ensure(entry.state in ARCHIVABLE, "archive of %s entry %s", entry.state.value, entry.billing_entry_id)
-        ensure(
-            (entry.account_id, entry.request_id, entry.state.value) == (item.account_id, item.request_id, item.state),
-            "archive record of %s does not match the entry",
-            entry.billing_entry_id,
-        )
+        _check_archived(state, item)
     credit_keys = [request_key(item.account_id, item.credit_id) for item in p.credits]
     ensure(len(set(credit_keys)) == len(credit_keys), "an archive lists a credit twice")
     for key, credit in zip(credit_keys, p.credits, strict=True):
@@ -536,6 +705,13 @@ def _archive(state: State, event: ev.Event, p: ev.EntriesArchived) -> None:  # n
     for key in credit_keys:
         del state.credits[key]
     for item in p.entries:
+        settled = state.settled.pop(item.billing_entry_id, None)
+        if settled is not None:  # its sums went to the archived totals when it settled
+            if state.requests.get(settled.request_key) == item.billing_entry_id:
+                del state.requests[settled.request_key]
+            state.escalations.pop(item.billing_entry_id, None)
+            state.archived_entries += 1
+            continue
         entry = state.entries.pop(item.billing_entry_id)
         key = request_key(entry.account_id, entry.request_id)
         if state.requests.get(key) == entry.billing_entry_id:
@@ -547,6 +723,24 @@ def _archive(state: State, event: ev.Event, p: ev.EntriesArchived) -> None:  # n
             state.archived_charged[entry.account_id] = charged
         state.archived_uncollected_micro += entry.uncollected_micro
         state.archived_entries += 1
+
+
+def _check_archived(state: State, item: ev.ArchivedEntry) -> None:
+    """``item`` names a settled entry (whole or its record) of the same account, request and state."""
+    entry = state.entries.get(item.billing_entry_id)
+    record = state.settled.get(item.billing_entry_id) if entry is None else None
+    if entry is not None:
+        found = (entry.account_id, entry.request_id, entry.state)
+    elif record is not None:
+        found = (*split_request_key(record.request_key), record.state)
+    else:
+        raise InvariantViolation(f"archive of unknown entry {item.billing_entry_id}")
+    ensure(found[2] in ARCHIVABLE, "archive of %s entry %s", found[2].value, item.billing_entry_id)
+    ensure(
+        (found[0], found[1], found[2].value) == (item.account_id, item.request_id, item.state),
+        "archive record of %s does not match the entry",
+        item.billing_entry_id,
+    )
 
 
 P = TypeVar("P", bound=ev.Payload)

@@ -36,10 +36,11 @@ from tollway.audit import AuditReport, audit
 from tollway.audit_live import redis_section, settlement_section
 from tollway.config import Durability, Settings
 from tollway.core.breaker import BreakerState
-from tollway.core.lifecycle import HoldEnd
+from tollway.core.events import BillingReserveExpired
 from tollway.demo.dashboard import Dashboard, Snapshot
 from tollway.demo.stack import Stack, demo_stack
 from tollway.demo.traffic import Budget, Demo, Tally, gateway, late_commits, mint
+from tollway.wal.segments import iter_events
 
 DRAIN_WAIT_S_MAX: Final = 30.0
 TICK_S: Final = 0.2
@@ -251,7 +252,6 @@ async def _audit(stack: Stack, settings: Settings) -> AuditReport:
 
 
 def _result(run: _Run, settings: Settings, report: AuditReport, stats: dict[str, Any]) -> DemoResult:
-    service = run.stack.service
     batches, records = _wal_batches(run)
     settlement = Settlement(
         finalized=int(stats["finalized"]),
@@ -259,7 +259,7 @@ def _result(run: _Run, settings: Settings, report: AuditReport, stats: dict[str,
         breaker_opened=run.breaker_opened,
         pending_at_outage_end=run.pending_at_outage_end,
     )
-    expired = sum(1 for entry in service.engine.state.entries.values() if entry.reason == HoldEnd.EXPIRED)
+    expired = sum(isinstance(event.payload, BillingReserveExpired) for event in iter_events(settings.wal_dir))
     return DemoResult(
         settings.data_dir,
         settings.durability,

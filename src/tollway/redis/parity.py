@@ -126,9 +126,7 @@ async def _entries(client: aioredis.Redis, keys: Keys, state: State) -> list[str
     index = {_text(member): int(score) for member, score in scored}
     if index != held:
         problems.append(f"expiry index has {len(index)} holds, the WAL {len(held)} (or their times differ)")
-    counts: dict[str, int] = {}
-    for entry in state.entries.values():
-        counts[entry.state.value] = counts.get(entry.state.value, 0) + 1
+    counts = {entry_state.value: count for entry_state, count in state.state_counts().items()}
     stored_counts = {k: int(v) for k, v in _hash(await client.hgetall(keys.counters)).items() if int(v)}
     if stored_counts != counts:
         problems.append(f"counters: redis {stored_counts}, WAL {counts}")
@@ -149,6 +147,7 @@ async def _queues(client: aioredis.Redis, keys: Keys, state: State) -> list[str]
     # made before the archiver's newest cutoff. Only an unknown entry newer than that is wrong.
     floor = ulid_floor(state.archived_before_ms) if state.archived_before_ms else ""
     settled = {entry_id for entry_id in state.entries if entry_id not in pending}
+    settled |= {entry_id for entry_id in waiting if entry_id in state.settled}
     settled |= {entry_id for entry_id in waiting if entry_id < floor and entry_id not in state.entries}
     if len(waiting) != len(set(waiting)):
         problems.append("an entry is queued for finalize more than once")

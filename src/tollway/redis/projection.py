@@ -580,9 +580,7 @@ def rebuild_commands(keys: Keys, state: State) -> Iterable[Command]:
     """
     ledger = {REVENUE: state.revenue_micro, FUNDING: state.funding_micro, CREDIT_NOTES: state.credit_notes_micro}
     yield ("HSET", keys.ledger, *_flat({name: str(value) for name, value in ledger.items()}))
-    counts: dict[str, int] = {}
-    for entry in state.entries.values():
-        counts[entry.state.value] = counts.get(entry.state.value, 0) + 1
+    counts = {entry_state.value: count for entry_state, count in state.state_counts().items()}
     if counts:
         yield ("HSET", keys.counters, *_flat({name: str(value) for name, value in counts.items()}))
     for account_id, account in state.accounts.items():

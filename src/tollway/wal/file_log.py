@@ -8,14 +8,14 @@ Either way :meth:`FileLog.append` returns a future that completes once the batch
 fails with :class:`~tollway.core.errors.WalIOFailure`.
 
 The log owns the data directory's lock for its lifetime: :meth:`close` and :meth:`abort`
-release it. Reads (:meth:`read`) scan the segment files in a thread and stop at the last batch
-known to be durable, so they never return a record that a crash could still take back.
+release it. Reads (:meth:`read`) run in a thread through a sparse index of the segment files
+(:mod:`tollway.wal.read_index`) and stop at the last batch known to be durable, so they never
+return a record that a crash could still take back.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +23,7 @@ from pathlib import Path
 from tollway.core.errors import WalIOFailure
 from tollway.core.events import Event
 from tollway.wal.log import DirectoryLock, WalWriter
-from tollway.wal.segments import iter_events
+from tollway.wal.read_index import ReadIndex
 from tollway.wal.syncer import SyncProcess
 
 
@@ -41,6 +41,7 @@ class FileLog:
         )  # the latest batch, its last sequence
         self._loop = asyncio.get_running_loop()
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tollway-wal")
+        self._index = ReadIndex(writer.wal_dir)  # reads seek to a sparse index instead of scanning segments
 
     @classmethod
     def start(cls, writer: WalWriter, lock: DirectoryLock, *, durable_seq: int, sync_helper: bool) -> FileLog:
@@ -91,15 +92,9 @@ class FileLog:
         """At most ``limit`` durable events after ``after_seq`` (read from the segment files in a thread)."""
         end_seq = self._durable_end()
 
-        def scan() -> list[Event]:
-            wanted = itertools.takewhile(
-                lambda event: event.wal_sequence <= end_seq, iter_events(self.wal_dir, after_seq + 1)
-            )
-            return list(itertools.islice(wanted, limit))
-
         if after_seq >= end_seq or limit <= 0:
             return []
-        return await asyncio.to_thread(scan)
+        return await asyncio.to_thread(self._index.read, after_seq, limit, end_seq)
 
     async def close(self) -> None:
         """Let a sync in flight finish, sync and close the active segment, release the lock."""
