@@ -48,7 +48,7 @@ from tollway.core.ids import UlidGenerator
 from tollway.core.observer import NoopObserver, Observer
 from tollway.core.state import Account, Entry, State
 from tollway.core.validate import validate
-from tollway.eventlog import EventLog
+from tollway.eventlog import EventLog, SnapshotStore
 from tollway.group_commit import Batch, GroupCommit, Listener
 from tollway.wal import codec
 from tollway.wal.file_log import FileLog
@@ -89,6 +89,8 @@ class Engine:
         observer: Observer,
         random80: Callable[[], int],
         identity: str = "",
+        new_id: Callable[[], str] | None = None,
+        snapshots: SnapshotStore | None = None,
     ) -> None:
         self.settings = settings
         self.state = state
@@ -97,7 +99,8 @@ class Engine:
         self.observer = observer
         self.log = event_log
         self._clock = clock
-        self._ids = UlidGenerator(clock, random80)
+        self._new_id = new_id if new_id is not None else UlidGenerator(clock, random80).new  # a shard's: ShardIds.new
+        self._snapshots = snapshots  # None: snapshot files in settings.snapshot_dir
         self._loop = asyncio.get_running_loop()
         self._snap_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tollway-snapshot")
         fsync = settings.durability is Durability.FSYNC
@@ -241,7 +244,7 @@ class Engine:
             await commits.pending.durable  # backpressure: the batch is full
             commits.check_running()
         now_ms = self._clock()
-        decision = decide(self.state, command, now_ms, self.policy, self._ids.new)
+        decision = decide(self.state, command, now_ms, self.policy, self._new_id)
         name = type(command).__name__
         if isinstance(decision, Refusal):
             self.observer.refused(name, decision.code.value)
@@ -289,6 +292,11 @@ class Engine:
         """Copy the state now; encode it a slice at a time; write it once all it includes is durable."""
         seq, chunks = await self._encode_snapshot(background)
         await self._commits.wait_durable(seq)
+        if self._snapshots is not None:
+            await self._snapshots.write_snapshot(seq, chunks)
+            self._snapshot_seq = max(self._snapshot_seq, seq)
+            self._snapshot_tried_seq = max(self._snapshot_tried_seq, seq)
+            return
         durable = self.settings.durability is Durability.FSYNC
         await self._loop.run_in_executor(
             self._snap_io,
