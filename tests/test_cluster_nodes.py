@@ -9,6 +9,7 @@ which is what makes a retry take effect once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import signal
 import time
@@ -16,6 +17,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Final
 
+import asyncpg
 import httpx
 import pytest
 
@@ -53,6 +55,7 @@ class Load:
         self.turn = itertools.count()
         self.retryable = 0
         self.other_failures: list[str] = []
+        self.answered: list[tuple[int, int, str, float, float]] = []  # shard, epoch, node, sent, received
 
     async def send(
         self, method: str, path: str, body: dict[str, Any] | None = None, token: str | None = None
@@ -61,12 +64,13 @@ class Load:
         deadline = time.monotonic() + RETRY_DEADLINE_S
         while True:
             node = self.nodes[next(self.turn) % len(self.nodes)]
-            try:
+            sent = time.monotonic()
+            response: httpx.Response | None = None
+            with contextlib.suppress(httpx.TransportError):  # a dead or stopped node: retryable
                 response = await self.client.request(
                     method, node.url + path, json=body, headers=self.cluster.auth(token)
                 )
-            except httpx.TransportError:
-                response = None
+                self.note(response, sent)
             if response is not None and not (response.status_code == 503 and response.json()["error"] == "shard_moved"):
                 if response.status_code >= 500:
                     self.other_failures.append(f"{response.status_code} {response.text}")
@@ -74,6 +78,25 @@ class Load:
             self.retryable += 1
             assert time.monotonic() < deadline, f"{method} {path} not answered within {RETRY_DEADLINE_S} s"
             await asyncio.sleep(0.05)
+
+    def note(self, response: httpx.Response, sent: float) -> None:
+        """Record which node answered for which shard and epoch, and when."""
+        answered_by = response.headers.get("x-tollway-answered-by")
+        if answered_by is not None:
+            node, number, epoch = answered_by.split()
+            self.answered.append((int(number), int(epoch), node, sent, time.monotonic()))
+
+    def overlaps(self) -> list[str]:
+        """Answers of an older epoch of a shard sent after an answer of a newer epoch was received."""
+        first_received: dict[tuple[int, int], float] = {}
+        for number, epoch, _, _, received in self.answered:
+            first_received[(number, epoch)] = min(received, first_received.get((number, epoch), received))
+        return [
+            f"shard {number}: epoch {epoch} answered by {node} after epoch {newer} had answered"
+            for number, epoch, node, sent, _ in self.answered
+            for (other, newer), received in first_received.items()
+            if other == number and newer > epoch and received < sent
+        ]
 
 
 async def mint_all(load: Load, amount_micro: int) -> None:
@@ -171,5 +194,120 @@ async def test_kill_9_of_a_node_under_load_loses_nothing_and_its_shards_answer_a
     audit = run_cli("cluster", "audit", "--postgres-url", cluster.postgres_url)
     assert 0 == audit.returncode, audit.stdout + audit.stderr
     assert [] == load.other_failures
+    assert [] == load.overlaps()
     assert recovered_s < LEASE_TTL_MS / 1000 + 5.0, recovered_s
     assert sum(len(e) for e in traffic.committed.values()) > 0
+
+
+async def test_a_paused_node_is_fenced_and_its_callers_retries_succeed_once(cluster: Cluster) -> None:
+    """SIGSTOP past the lease, takeover, SIGCONT: the zombie answers nothing for its old shards, nothing doubles."""
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=100)) as client:
+        load = Load(cluster, client, cluster.nodes)
+        await mint_all(load, 1_000_000)
+        owners = await cluster.settled(client, cluster.nodes)
+        zombie = cluster.nodes[1]
+        traffic = Traffic(load, cluster.gateway)
+        workers = [asyncio.create_task(traffic.worker(n)) for n in range(12)]
+        await asyncio.sleep(1.0)
+        zombie.signal(signal.SIGSTOP)
+        survivors = [cluster.nodes[0], cluster.nodes[2]]
+        taken = await cluster.settled(client, survivors)  # its shards served by the others, past its lease
+        zombie.signal(signal.SIGCONT)
+        await asyncio.sleep(LEASE_TTL_MS / 1000)
+        traffic.stop.set()
+        await asyncio.gather(*workers)
+        await traffic.check_balances(1_000_000)
+        after = await cluster.settled(client, cluster.nodes)
+    audit = run_cli("cluster", "audit", "--postgres-url", cluster.postgres_url)
+    assert 0 == audit.returncode, audit.stdout + audit.stderr
+    assert ([], []) == (load.other_failures, load.overlaps())
+    assert zombie.name in owners.values()
+    assert zombie.name not in taken.values()
+    assert sorted(owners) == sorted(after)
+
+
+async def test_forwarding_answers_exactly_as_the_owner(cluster: Cluster) -> None:
+    """Every v1 endpoint through a non-owner answers as through the owner: status, body, replays and errors."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        owners = await cluster.settled(client, cluster.nodes)
+        account = ACCOUNTS[0]
+        owner = next(n for n in cluster.nodes if n.name == owners[shard(account, SHARDS)])
+        other = next(n for n in cluster.nodes if n is not owner)
+        gw, admin = cluster.auth(cluster.gateway), cluster.auth()
+
+        async def both(method: str, path: str, body: dict[str, Any] | None = None, headers: Any = None) -> Any:
+            """The same request through the owner and through the other node: (status, body) of each."""
+            answers = []
+            for node in (owner, other):
+                response = await client.request(method, node.url + path, json=body, headers=headers)
+                answers.append((response.status_code, response.json()))
+            return answers
+
+        def first(method: str, path: str, body: dict[str, Any], headers: Any) -> Any:
+            return client.request(method, other.url + path, json=body, headers=headers)  # forwarded
+
+        credit = {"credit_id": "c1", "kind": "mint", "amount_micro": 1_000}
+        assert 201 == (await first("POST", f"/v1/accounts/{account}/credits", credit, admin)).status_code
+        pairs = [await both("POST", f"/v1/accounts/{account}/credits", credit, admin)]
+        hold = {"account_id": account, "request_id": "r1", "estimated_cost_micro": 100}
+        entry = (await first("POST", "/v1/reservations", hold, gw)).json()["billing_entry_id"]
+        pairs.append(await both("POST", "/v1/reservations", hold, gw))  # 409 request_in_progress
+        pairs.append(await both("GET", f"/v1/reservations/{entry}", None, gw))
+        pairs.append(await both("GET", f"/v1/accounts/{account}", None, gw))
+        await first("POST", f"/v1/reservations/{entry}/extend", {"ttl_s": 600}, gw)
+        await first("POST", f"/v1/reservations/{entry}/commit", {"actual_cost_micro": 60}, gw)
+        pairs.append(await both("POST", f"/v1/reservations/{entry}/commit", {"actual_cost_micro": 60}, gw))
+        pairs.append(await both("POST", f"/v1/reservations/{entry}/extend", {"ttl_s": 600}, gw))  # 409
+        await first("POST", f"/v1/entries/{entry}/void", {"reason": "refund"}, admin)
+        pairs.append(await both("POST", f"/v1/entries/{entry}/void", {"reason": "refund"}, admin))
+        pairs.append(await both("POST", f"/v1/entries/{entry}/finalize", None, admin))  # 409
+        second = {"account_id": account, "request_id": "r2", "estimated_cost_micro": 10}
+        held = (await first("POST", "/v1/reservations", second, gw)).json()["billing_entry_id"]
+        await first("POST", f"/v1/reservations/{held}/release", {"reason": "user_cancel"}, gw)
+        pairs.append(await both("POST", f"/v1/reservations/{held}/release", {"reason": "user_cancel"}, gw))
+        charge = {"account_id": account, "request_id": "ch1", "amount_micro": 5}
+        assert 201 == (await first("POST", "/v1/charges", charge, gw)).status_code
+        pairs.append(await both("POST", "/v1/charges", charge, gw))
+        pairs.append(await both("GET", f"/v1/accounts/{account}/entries", None, gw))
+        pairs.append(await both("GET", f"/v1/accounts/{account}", None, gw))
+        unknown = entry[:10] + held[10:12] + "0" * 14  # an unknown id of the same shard
+        pairs.append(await both("GET", f"/v1/reservations/{unknown}", None, gw))  # 404
+        pairs.append(
+            await both("POST", "/v1/reservations", {**hold, "request_id": "big", "estimated_cost_micro": 10**9}, gw)
+        )
+        pairs.append(await both("POST", "/v1/reservations", {"account_id": account}, gw))  # 400
+        pairs.append(await both("GET", f"/v1/accounts/{account}", None, None))  # 401
+    statuses = [owner_answer[0] for owner_answer, _ in pairs]
+    assert [a for a, _ in pairs] == [b for _, b in pairs]
+    assert [200, 409, 200, 200, 200, 409, 200, 409, 200, 200, 200, 200, 404, 402, 400, 401] == statuses
+
+
+async def test_sigterm_hands_shards_off_under_load_with_only_retryable_refusals(cluster: Cluster) -> None:
+    """SIGTERM of a node under load: snapshot, release, the others take over; only 503 shard_moved, nothing lost."""
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=100)) as client:
+        load = Load(cluster, client, cluster.nodes)
+        await mint_all(load, 1_000_000)
+        await cluster.settled(client, cluster.nodes)
+        owners = await cluster.settled(client, cluster.nodes)
+        leaving = cluster.nodes[0]
+        handed = sorted(n for n, name in owners.items() if name == leaving.name)
+        traffic = Traffic(load, cluster.gateway)
+        workers = [asyncio.create_task(traffic.worker(n)) for n in range(12)]
+        await asyncio.sleep(1.0)
+        leaving.signal(signal.SIGTERM)
+        code = await leaving.process.wait_exit()
+        after = await cluster.settled(client, cluster.nodes[1:])
+        await asyncio.sleep(0.5)
+        traffic.stop.set()
+        await asyncio.gather(*workers)
+        await traffic.check_balances(1_000_000)
+    audit = run_cli("cluster", "audit", "--postgres-url", cluster.postgres_url)
+    connection = await asyncpg.connect(cluster.postgres_url)
+    try:
+        snapshotted = await connection.fetch("SELECT DISTINCT shard FROM tollway.snapshots ORDER BY shard")
+    finally:
+        await connection.close()
+    assert (0, 0) == (code, audit.returncode), leaving.process.describe() + audit.stdout
+    assert ([], []) == (load.other_failures, load.overlaps())
+    assert leaving.name not in after.values()
+    assert set(handed) <= {row["shard"] for row in snapshotted}  # each handed-off shard wrote a snapshot row

@@ -63,7 +63,9 @@ FORWARD_TIMEOUT_MS: Final = 10_000
 """A forwarded request's deadline when the caller gave none."""
 FORWARD_CONNECTIONS_MAX: Final = 64
 """Keep-alive connections a node keeps to its peers, at most."""
-_PASSED_RESPONSE_HEADERS: Final = ("content-type", "retry-after", "www-authenticate")
+ANSWERED_BY_HEADER: Final = "x-tollway-answered-by"
+"""On an answer of a shard's engine: ``<node id> <shard> <epoch>`` (forwarded answers keep it)."""
+_PASSED_RESPONSE_HEADERS: Final = ("content-type", "retry-after", "www-authenticate", ANSWERED_BY_HEADER)
 
 EntryId = Annotated[str, Path()]
 AccountId = Annotated[str, Path()]
@@ -105,9 +107,11 @@ async def _via_shard(request: Request, number: int, local: Local) -> Response:
     route = ctx.node.route(number)
     if route.engine is not None:
         try:
-            return await local(route.engine)
+            response = await local(route.engine)
         except (ShardFenced, EngineStopped) as exc:
             raise shard_moved(number, "its engine here stopped") from exc
+        response.headers[ANSWERED_BY_HEADER] = f"{ctx.node.node_id} {number} {route.epoch}"
+        return response
     if route.forward_url is None:
         raise shard_moved(number, "no node serves it yet")
     if FORWARDED_HEADER in request.headers:

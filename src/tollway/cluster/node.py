@@ -140,6 +140,7 @@ class Route:
     shard: int
     engine: Engine | None = None
     forward_url: str | None = None
+    epoch: int = 0  # the lease epoch the local engine writes with
 
 
 class Node:
@@ -184,7 +185,7 @@ class Node:
         """The local engine of shard ``number``, the owner's URL, or neither (answer ``shard_moved``)."""
         epoch = self.membership.serving(number)
         if epoch is not None:
-            return Route(number, engine=self.engines.engine(number, epoch))
+            return Route(number, engine=self.engines.engine(number, epoch), epoch=epoch)
         row = self.lease_rows[number] if number < len(self.lease_rows) else None
         if row is None or not row.live or row.owner is None or row.owner == self.node_id:
             return Route(number)
