@@ -107,16 +107,17 @@ class Cluster:
         return body
 
     async def settled(self, client: httpx.AsyncClient, alive: list[Node]) -> dict[int, str]:
-        """Wait until every shard is served by exactly one of ``alive``; the shard → node map."""
+        """Wait until every shard is served by exactly one of ``alive`` and every node's map says so."""
         deadline = time.monotonic() + SETTLE_TIMEOUT_S
         while True:
             served: dict[int, list[str]] = {}
-            for node in alive:
-                with_view = await self._view_or_none(client, node)
-                for number in with_view.get("serving", []) if with_view else []:
+            views = [await self._view_or_none(client, node) for node in alive]
+            for node, view in zip(alive, views, strict=True):
+                for number in view.get("serving", []) if view else []:
                     served.setdefault(number, []).append(node.name)
-            if len(served) == self.shards and all(len(names) == 1 for names in served.values()):
-                return {number: names[0] for number, names in served.items()}
+            owners = {number: names[0] for number, names in served.items() if len(names) == 1}
+            if len(owners) == self.shards and all(view and _agrees(view, owners) for view in views):
+                return owners
             if time.monotonic() > deadline:
                 raise ProcessFailed(f"shards not settled: {served}\n" + "\n".join(n.process.describe() for n in alive))
             await asyncio.sleep(POLL_S * 4)
@@ -133,3 +134,8 @@ class Cluster:
             if node.process.popen.poll() is None:
                 node.signal(signal.SIGCONT)
             node.process.kill()
+
+
+def _agrees(view: dict[str, Any], owners: dict[int, str]) -> bool:
+    """Whether a node's shard map names the serving owner of every shard (so it forwards right)."""
+    return all(row["owner"] == owners[row["shard"]] for row in view["shard_map"])

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import asyncpg
 import httpx
+import pytest
 
 from tollway import Settings
 from tollway.api.auth import Authenticator, Scope, development_key, issue_token
 from tollway.api.node_app import create_node_app
 from tollway.cluster.node import Node
+from tollway.core.errors import LogUnavailable
 from tollway.core.lease import LeaseTiming
 from tollway.pg.log import PgLog
 from tollway.pg.schema import init_cluster, open_cluster
@@ -72,3 +74,44 @@ async def test_a_zombies_batch_is_fenced_and_the_retry_lands_once(pg_pool: async
     assert b.membership.serving(number) is None  # left
     assert epoch_a is not None
     assert f"b {number} {epoch_a + 1}" == retried.headers["x-tollway-answered-by"]
+
+
+async def test_a_shard_whose_batch_postgresql_failed_is_recovered_under_a_new_epoch(
+    pg_pool: asyncpg.Pool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL failing a batch stops only that shard; after its lease expires the node recovers it, epoch + 1."""
+    async with pg_pool.acquire() as connection:
+        await init_cluster(connection, shards=SHARDS)
+        info = await open_cluster(connection)
+    settings = Settings(data_dir=tmp_path)
+    key, _ = development_key(settings)
+    headers = {"authorization": f"Bearer {issue_token(key, settings, [Scope.ADMIN.value], subject='t', ttl_s=600)}"}
+    a = Node(pg_pool, info, settings, node_id="a", advertise_url="http://a.invalid", timing=TIMING)
+    await a.tick()
+    number = a.shard_of_account("alice")
+    epoch = a.membership.serving(number)
+    real_append = PgLog.append
+
+    async def failing(self: PgLog, records: list[bytes], first_seq: int, epoch: int) -> None:
+        raise LogUnavailable("the connection was lost")
+
+    async with httpx.AsyncClient() as forwarder:
+        app = create_node_app(
+            a, authenticator=Authenticator.from_settings(settings), pricing=default_prices(), client=forwarder
+        )
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://a") as to_a:
+            credit = {"credit_id": "c1", "kind": "mint", "amount_micro": 100}
+            monkeypatch.setattr(PgLog, "append", failing)
+            failed = await to_a.post("/v1/accounts/alice/credits", json=credit, headers=headers)
+            serving_after_failure = a.membership.serving(number)
+            monkeypatch.setattr(PgLog, "append", real_append)
+            await asyncio.sleep(TIMING.ttl_ms / 1000 + 0.2)  # the lease expires by PostgreSQL's clock
+            await a.tick()
+            await a.tick()
+            retried = await to_a.post("/v1/accounts/alice/credits", json=credit, headers=headers)
+            balance = (await to_a.get("/v1/accounts/alice", headers=headers)).json()
+        await a.leave()
+    assert (503, None) == (failed.status_code, serving_after_failure)
+    assert epoch is not None
+    assert (201, "100") == (retried.status_code, balance["available_micro"])
+    assert f"a {number} {epoch + 1}" == retried.headers["x-tollway-answered-by"]

@@ -51,7 +51,7 @@ from tollway.api.wire import balance_body, credit_body, entry_body, json_respons
 from tollway.cluster.node import Node
 from tollway.core import commands as cmd
 from tollway.core.decide import GONE
-from tollway.core.errors import EngineStopped, ShardFenced
+from tollway.core.errors import ClusterError, EngineStopped
 from tollway.core.ids import check_account_id, check_entry_id
 from tollway.core.lifecycle import EntryState
 from tollway.core.pricing import PriceTable
@@ -108,7 +108,7 @@ async def _via_shard(request: Request, number: int, local: Local) -> Response:
     if route.engine is not None:
         try:
             response = await local(route.engine)
-        except (ShardFenced, EngineStopped) as exc:
+        except (ClusterError, EngineStopped) as exc:  # fenced, or PostgreSQL failed the batch: retry
             raise shard_moved(number, "its engine here stopped") from exc
         response.headers[ANSWERED_BY_HEADER] = f"{ctx.node.node_id} {number} {route.epoch}"
         return response

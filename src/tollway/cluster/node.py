@@ -7,8 +7,11 @@
 - ``hand_off(shard)`` (SIGTERM, rebalancing) stops taking commands for the shard (requests get
   ``shard_moved``), lets the engine finish its batch and write a final snapshot row, and only
   then lets membership release the lease, so the next owner starts at once;
-- ``lost(shard)`` (the lease may be gone, or a batch was fenced) stops the shard at once: its
-  engine is aborted and its waiting callers get a retryable error.
+- ``lost(shard)`` (the lease may be gone) stops the shard at once: its engine is aborted and
+  its waiting callers get a retryable error. A shard whose engine stopped (a batch refused by
+  the fence, or PostgreSQL failing a batch) is dropped the same way without releasing its
+  lease: once the lease expires, a node (this one too) acquires it with a new epoch and
+  recovers the shard from what PostgreSQL holds.
 
 :class:`Node` ties membership, the engines and the cluster's view together and answers the one
 question a request asks (:meth:`Node.route`): the local engine of the shard, the URL of the
@@ -66,7 +69,7 @@ class ShardEngines:
         self.settings = settings
         self.running: dict[int, _Running] = {}
         self.moving: set[int] = set()  # in hand-off: no new commands
-        self.on_fenced: Callable[[int], None] = lambda _shard: None  # the node drops the shard
+        self.on_failed: Callable[[int], None] = lambda _shard: None  # the node drops the shard
         self._aborts: set[asyncio.Task[None]] = set()
 
     def engine(self, number: int, epoch: int) -> Engine | None:
@@ -79,12 +82,8 @@ class ShardEngines:
     async def start(self, lease: Lease) -> None:
         """Recover the shard and start its housekeeping; it is served once this returns."""
         number = lease.shard
-        engine = await start_shard_engine(
-            PgLog(self.pool, number),
-            lease.epoch,
-            self.settings,
-            on_fenced=lambda _exc: self.on_fenced(number),
-        )
+        engine = await start_shard_engine(PgLog(self.pool, number), lease.epoch, self.settings)
+        engine.on_fatal = lambda _exc: self.on_failed(number)  # fenced, or PostgreSQL failed a batch
         tasks = [asyncio.create_task(run_sweeper(engine)), asyncio.create_task(run_archiver(engine))]
         self.running[number] = _Running(engine, lease.epoch, tasks)
         log.info("shard %d recovered at sequence %d, epoch %d", number, engine.state.last_sequence, lease.epoch)
@@ -169,7 +168,7 @@ class Node:
             timing=timing,
             handler=self.engines,
         )
-        self.engines.on_fenced = lambda number: self.membership.forfeit(number, "a batch was refused by the fence")
+        self.engines.on_failed = lambda number: self.membership.forfeit(number, "its engine stopped (fenced or failed)")
         self.lease_rows: list[LeaseRow] = []
         self.urls: dict[str, str] = {}
 
