@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import asyncpg
@@ -11,7 +12,7 @@ from tollway import Settings
 from tollway.cluster.shard_log import recover_state, start_shard_engine
 from tollway.core import commands as cmd
 from tollway.core.commands import CreditKind, EntryResult
-from tollway.core.errors import EngineStopped, ShardFenced
+from tollway.core.errors import EngineStopped, LogUnavailable, ShardFenced
 from tollway.core.shard import shard, shard_of_entry_id
 from tollway.pg import leases
 from tollway.pg.leases import Lease
@@ -85,3 +86,27 @@ async def test_recovery_folds_the_newest_snapshot_row_and_later_records(cluster:
     recovered = await recover_state(pg_log)
     assert (5, expected) == (stored.seq if stored else None, recovered.to_snapshot())
     assert 5 == snapshot_seq
+
+
+async def test_a_refused_periodic_snapshot_row_is_logged_and_billing_goes_on(
+    cluster: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL refusing a background snapshot row stops nothing: it is logged and tried an interval later."""
+    number = shard(ACCOUNT, SHARDS)
+    lease = await take(cluster, number, "node-a")
+    engine = await start_shard_engine(PgLog(cluster, number), lease.epoch, Settings(snapshot_every_events=1))
+
+    async def refused(*_: object, **__: object) -> bool:
+        raise LogUnavailable("PostgreSQL went away")
+
+    monkeypatch.setattr(PgLog, "write_snapshot", refused)
+    try:
+        await engine.execute(cmd.Credit(ACCOUNT, "c1", CreditKind.MINT, 1_000))
+        while engine._snapshot_task is not None and not engine._snapshot_task.done():  # noqa: ASYNC110 - the private task is what we wait for
+            await asyncio.sleep(0.01)
+        after = await engine.execute(cmd.Credit(ACCOUNT, "c2", CreditKind.MINT, 1_000))
+    finally:
+        await engine.abort()
+    assert isinstance(after, cmd.CreditResult)
+    failures = {r.getMessage()[:15] for r in caplog.records if r.getMessage().startswith("snapshot failed")}
+    assert {"snapshot failed"} == failures

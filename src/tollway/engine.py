@@ -285,7 +285,7 @@ class Engine:
         """In the background; one that fails is logged and tried again a whole interval later, not at once."""
         try:
             await self._snapshot(background=True)
-        except OSError:  # the disk is full or unwritable: the WAL still has everything
+        except (OSError, TollwayError):  # a full disk, a fenced or failed snapshot row: the log has everything
             log.exception("snapshot failed, the next one is due in %d events", self.settings.snapshot_every_events)
 
     async def _snapshot(self, *, background: bool = False) -> None:
