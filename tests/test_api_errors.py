@@ -29,7 +29,7 @@ from tollway.api.schemas import (
     PricesOut,
 )
 from tollway.core import commands as cmd
-from tollway.core.errors import EngineStopped
+from tollway.core.errors import EngineStopped, ShardFenced
 from tollway.redis.errors import RedisDown
 from tollway.testing import FakeClock
 
@@ -86,6 +86,12 @@ async def _codes_of_a_failing_standalone_app(api: Api, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(api.service.engine, "execute", stopped)
     seen.append(await api.reserve("a", "r", 1))  # service_unavailable
+
+    async def fenced(*_: Any) -> None:
+        raise ShardFenced("fenced", shard=0, epoch=1)
+
+    monkeypatch.setattr(api.service.engine, "execute", fenced)
+    seen.append(await api.reserve("a", "r", 1))  # shard_moved (cluster mode: the batch was refused by the fence)
 
     async def bug(*_: Any) -> None:
         raise RuntimeError("a bug")

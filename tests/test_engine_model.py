@@ -16,7 +16,7 @@ import random
 import shutil
 import tempfile
 from collections import defaultdict
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,6 +40,7 @@ from tollway import Engine, Settings
 from tollway.config import Durability
 from tollway.core import commands as cmd
 from tollway.core.commands import CreditKind, EntryResult, Refusal, RefusalCode
+from tollway.core.events import Event
 from tollway.core.ledger import Ledger, check_invariants
 from tollway.core.lifecycle import ARCHIVABLE, EntryState
 from tollway.core.state import Entry
@@ -90,12 +91,15 @@ class EngineModel(RuleBasedStateMachine):
             entry_retention_hours=24,
             settlement_url="http://settlement.invalid" if self.SETTLEMENT else None,
         )
-        self.engine = self.run(Engine.start(self.settings, clock=self.clock, random80=self.randomness))
+        self.run_start()
         self.available: dict[str, int] = defaultdict(int)
         self.model: dict[str, ModelEntry] = {}
         self.keys: dict[tuple[str, str], str] = {}
         self.credit_seq = 0
         self.credits: dict[tuple[str, str], int] = {}  # the credit ids the engine still knows → amount
+
+    def run_start(self) -> None:
+        self.engine = self.run(Engine.start(self.settings, clock=self.clock, random80=self.randomness))
 
     def randomness(self) -> int:
         return self.rng.getrandbits(80)
@@ -109,7 +113,34 @@ class EngineModel(RuleBasedStateMachine):
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def execute(self, command: cmd.Command) -> cmd.Outcome:
-        return self.run(self.engine.execute(command))
+        return self.run(self.engine_for(command).execute(command))
+
+    # -- where the engine lives (the PostgreSQL models override these) ----------------------
+
+    def engine_for(self, command: cmd.Command) -> Engine:
+        return self.engine
+
+    def engine_of_account(self, account: str) -> Engine:
+        return self.engine
+
+    def engine_of_entry(self, entry_id: str) -> Engine:
+        return self.engine
+
+    def all_engines(self) -> list[Engine]:
+        return [self.engine]
+
+    def logged(self, engine: Engine) -> Iterable[Event]:
+        return iter_events(self.settings.wal_dir)
+
+    def reopen(self, *, crash: bool) -> None:
+        if crash:
+            self.run(self.engine.abort())
+        else:
+            self.run(self.engine.close())
+        self.engine = self.run(Engine.start(self.settings, clock=self.clock, random80=self.randomness))
+
+    def state_bytes(self) -> list[bytes]:
+        return [msgspec.msgpack.encode(engine.state.to_snapshot()) for engine in self.all_engines()]
 
     def gone(self, entry_id: str, command: cmd.Command) -> bool:
         """Whether ``entry_id`` was archived; if so ``command`` on it must be refused as not found."""
@@ -237,8 +268,9 @@ class EngineModel(RuleBasedStateMachine):
         self.clock.advance(ms)
         due = [e for e in self.model.values() if e.state is S.RESERVE_HELD and e.expires_at <= self.clock.now]
         swept = 0
-        while batch := self.run(sweep_once(self.engine)):
-            swept += batch
+        for engine in self.all_engines():
+            while batch := self.run(sweep_once(engine)):
+                swept += batch
         assert len(due) == swept
         for entry in due:
             entry.state, entry.actual, entry.seen = S.RELEASED, -1, None  # -1 marks "released by expiry"
@@ -301,7 +333,8 @@ class EngineModel(RuleBasedStateMachine):
         """25 hours later every settled entry is past the 24 h retention; holds and unsettled charges stay."""
         self.clock.advance(25 * 3_600_000)
         due = [e for e in self.model.values() if not e.archived and e.state in ARCHIVABLE]
-        assert (len(due), len(self.credits)) == self.run(archive_once(self.engine))
+        archived = [self.run(archive_once(engine)) for engine in self.all_engines()]
+        assert (len(due), len(self.credits)) == (sum(a.entries for a in archived), sum(a.credits for a in archived))
         self.credits.clear()  # every credit was made before the cutoff
         for entry in due:
             entry.archived = True
@@ -309,45 +342,45 @@ class EngineModel(RuleBasedStateMachine):
 
     @rule()
     def crash_and_replay(self) -> None:
-        before = msgspec.msgpack.encode(self.engine.state.to_snapshot())
-        self.run(self.engine.abort())
-        self.engine = self.run(Engine.start(self.settings, clock=self.clock, random80=self.randomness))
-        assert before == msgspec.msgpack.encode(self.engine.state.to_snapshot())
+        before = self.state_bytes()
+        self.reopen(crash=True)
+        assert before == self.state_bytes()
 
     @rule()
     def clean_restart(self) -> None:
-        sequence = self.engine.state.last_sequence
-        self.run(self.engine.close())
-        self.engine = self.run(Engine.start(self.settings, clock=self.clock, random80=self.randomness))
-        assert sequence == self.engine.state.last_sequence
+        sequences = [engine.state.last_sequence for engine in self.all_engines()]
+        self.reopen(crash=False)
+        assert sequences == [engine.state.last_sequence for engine in self.all_engines()]
 
     # -- invariants ------------------------------------------------------------------------
 
     @invariant()
     def ledger_invariants_hold(self) -> None:
-        ledger = Ledger().post_all(iter_events(self.settings.wal_dir))
-        assert [] == check_invariants(self.engine.state, ledger)
-        assert 0 == ledger.total()
+        for engine in self.all_engines():
+            ledger = Ledger().post_all(self.logged(engine))
+            assert [] == check_invariants(engine.state, ledger)
+            assert 0 == ledger.total()
 
     @invariant()
     def engine_agrees_with_model(self) -> None:
         for account in ("alice", "bob"):
-            balance = self.engine.balance(account)
+            balance = self.engine_of_account(account).balance(account)
             assert (self.available[account], self.held_total(account)) == (
                 balance.available_micro,
                 balance.held_micro,
             )
             assert balance.available_micro >= 0
-        state = self.engine.state
         for entry_id, entry in self.model.items():
+            engine = self.engine_of_entry(entry_id)  # the engine of the entry's shard
+            state = engine.state
             if entry.archived:
-                assert (None, None) == (state.entry_state(entry_id), self.run(self.engine.read_entry(entry_id)))
+                assert (None, None) == (state.entry_state(entry_id), self.run(engine.read_entry(entry_id)))
                 continue
             assert entry.state == state.entry_state(entry_id)
             # Hot state holds live work only: a settled entry keeps just its idempotency record.
             assert (entry.state in ARCHIVABLE) == (entry_id in state.settled) == (entry_id not in state.entries)
             assert entry_id not in state.responses or entry.state not in ARCHIVABLE
-            read = self.run(self.engine.read_entry(entry_id))
+            read = self.run(engine.read_entry(entry_id))
             assert read is not None
             assert (entry.state, entry.response) == (read[0].state, read[1])
             assert entry.seen in (None, read[0])  # read back from the log: the very entry it was

@@ -50,7 +50,7 @@ from tollway.core.ids import UlidGenerator
 from tollway.core.observer import NoopObserver, Observer
 from tollway.core.state import Account, Entry, State, unpack_seqs
 from tollway.core.validate import validate
-from tollway.eventlog import EventLog, read_entry_events
+from tollway.eventlog import EventLog, SnapshotStore, read_entry_events
 from tollway.group_commit import Batch, BatchListener, GroupCommit, Listener
 from tollway.snapshots import Snapshotter
 from tollway.wal import codec
@@ -87,6 +87,8 @@ class Engine:
         observer: Observer,
         random80: Callable[[], int],
         identity: str = "",
+        new_id: Callable[[], str] | None = None,
+        snapshots: SnapshotStore | None = None,
     ) -> None:
         self.settings = settings
         self.state = state
@@ -95,7 +97,7 @@ class Engine:
         self.observer = observer
         self.log = event_log
         self._clock = clock
-        self._ids = UlidGenerator(clock, random80)
+        self._new_id = new_id if new_id is not None else UlidGenerator(clock, random80).new  # a shard's: ShardIds.new
         fsync = settings.durability is Durability.FSYNC
         self._commits = GroupCommit(
             event_log,
@@ -112,6 +114,7 @@ class Engine:
             every_events=settings.snapshot_every_events,
             kept=settings.snapshots_kept,
             durable=fsync,
+            store=snapshots,
         )
         self.on_fatal: Callable[[BaseException], None] | None = None
 
@@ -247,7 +250,7 @@ class Engine:
             ):
                 await self._room()
             now_ms = self._clock()
-            decision = decide(self.state, command, now_ms, self.policy, self._ids.new, loaded=loaded)
+            decision = decide(self.state, command, now_ms, self.policy, self._new_id, loaded=loaded)
             if not isinstance(decision, Fetch):
                 break
             # A settled entry: read it back, then decide again (the state may have moved on meanwhile;

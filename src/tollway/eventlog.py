@@ -27,7 +27,9 @@ The contract, for every implementation:
   waiting for more than an append already in flight.
 
 Recovery is not part of the interface: each log folds its own snapshot and records into a
-:class:`~tollway.core.state.State` before the engine starts (the file WAL: ``Engine.start``).
+:class:`~tollway.core.state.State` before the engine starts (the file WAL: ``Engine.start``;
+PostgreSQL: ``tollway.cluster.shard_log``). A log that keeps snapshots itself gives the engine a
+:class:`SnapshotStore`; without one the engine writes snapshot files.
 This module knows nothing of files, sockets, SQL or asyncio's machinery.
 """
 
@@ -91,3 +93,11 @@ async def read_entry_events(log: EventLog, sequences: Sequence[int]) -> list[Eve
         if response is not None:
             events = sorted([*events, response], key=lambda event: event.wal_sequence)
     return events
+
+
+class SnapshotStore(Protocol):
+    """Where a log that is not the file WAL keeps the engine's snapshots (PostgreSQL rows in a cluster)."""
+
+    async def write_snapshot(self, seq: int, chunks: Sequence[bytes]) -> None:
+        """Store the state after ``seq``, given as the msgpack body in pieces (``wal.snapshot.snapshot_chunks``)."""
+        ...

@@ -23,7 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Final
 
+from tollway.core.errors import TollwayError
 from tollway.core.state import State
+from tollway.eventlog import SnapshotStore
 from tollway.wal.snapshot import snapshot_chunks, write_snapshot
 
 log = logging.getLogger("tollway.engine")
@@ -46,6 +48,7 @@ class Snapshotter:
         every_events: int,
         kept: int,
         durable: bool,
+        store: SnapshotStore | None = None,
     ) -> None:
         self._state = state
         self._wait_durable = wait_durable
@@ -53,6 +56,7 @@ class Snapshotter:
         self._every_events = every_events
         self._kept = kept
         self._durable = durable
+        self._store = store  # None: files in ``directory``; else rows of the log (a shard's in PostgreSQL)
         self._loop = asyncio.get_running_loop()
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tollway-snapshot")
         self.sequence = state.last_sequence  # of the newest snapshot written (or recovered from)
@@ -71,17 +75,20 @@ class Snapshotter:
         """In the background; one that fails is logged and tried again a whole interval later, not at once."""
         try:
             await self.take(background=True)
-        except OSError:  # the disk is full or unwritable: the WAL still has everything
+        except (OSError, TollwayError):  # a full disk, a fenced or failed snapshot row: the log has everything
             log.exception("snapshot failed, the next one is due in %d events", self._every_events)
 
     async def take(self, *, background: bool = False) -> int:
         """Copy the state now; encode it a slice at a time; write it once all it includes is durable."""
         seq, chunks = await self._encode(background)
         await self._wait_durable(seq)
-        directory, kept, durable = self._directory, self._kept, self._durable
-        await self._loop.run_in_executor(
-            self._io, lambda: write_snapshot(directory, seq, chunks, keep=kept, durable=durable)
-        )
+        if self._store is not None:
+            await self._store.write_snapshot(seq, chunks)
+        else:
+            directory, kept, durable = self._directory, self._kept, self._durable
+            await self._loop.run_in_executor(
+                self._io, lambda: write_snapshot(directory, seq, chunks, keep=kept, durable=durable)
+            )
         self.sequence = max(self.sequence, seq)
         self._tried_seq = max(self._tried_seq, seq)
         return self.sequence

@@ -24,10 +24,12 @@ code                                   status  raised by
 ``BILLING_EVALUATOR_UNAVAILABLE``      503     the conservation guard is not ready
 ``service_unavailable``                503     the engine stopped (fail-stop); restart recovers
 ``redis_unavailable``                  503     a read that needs Redis while it is down
+``shard_moved``                        503     cluster mode: the shard's lease moved or is moving; retry
 ``internal_error``                     500     a bug; never the answer to bad input
 =====================================  ======  =================================================
 
-Every 503 carries ``Retry-After`` (seconds). Amounts in details are decimal strings when the
+Every 503 carries ``Retry-After`` (seconds: :data:`RETRY_AFTER_S`, or :data:`SHARD_MOVED_RETRY_AFTER_S`
+for ``shard_moved``, since a shard is served again within a lease time). Amounts in details are decimal strings when the
 key ends in ``_micro``, like everywhere else on the wire. Handlers never build an error body
 themselves: they raise :class:`ApiError` or return the refusal to :func:`refusal_response`.
 """
@@ -48,13 +50,15 @@ from starlette.responses import Response
 from tollway.api.schemas import ErrorOut
 from tollway.api.wire import json_response
 from tollway.core.commands import Refusal, RefusalCode
-from tollway.core.errors import EngineStopped, InvalidInput, TollwayError, WalIOFailure
+from tollway.core.errors import EngineStopped, InvalidInput, ShardFenced, TollwayError, WalIOFailure
 from tollway.redis.errors import RedisDown, RedisRefused
 
 log = logging.getLogger("tollway.api")
 
 RETRY_AFTER_S: Final = 30
 """What every 503 tells the client to wait, in seconds."""
+SHARD_MOVED_RETRY_AFTER_S: Final = 1
+"""What ``shard_moved`` tells the client to wait: the new owner serves the shard within a lease time."""
 
 ERROR_STATUS: Final[Mapping[str, int]] = {
     "invalid_request": 400,
@@ -75,6 +79,7 @@ ERROR_STATUS: Final[Mapping[str, int]] = {
     "BILLING_EVALUATOR_UNAVAILABLE": 503,
     "service_unavailable": 503,
     "redis_unavailable": 503,
+    "shard_moved": 503,
     "internal_error": 500,
 }
 """The status of every error code. The one table."""
@@ -106,7 +111,8 @@ def error_response(code: str, message: str, details: Mapping[str, object] | None
     body: dict[str, object] = {"error": code, "message": message}
     for key, value in (details or {}).items():
         body[key] = str(value) if key.endswith("_micro") and isinstance(value, int) else value
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    retry_after_s = SHARD_MOVED_RETRY_AFTER_S if code == "shard_moved" else RETRY_AFTER_S
+    headers = {"Retry-After": str(retry_after_s)} if status == 503 else None
     if status == 401:
         headers = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
     return json_response(body, status, headers)
@@ -225,6 +231,10 @@ async def _stopped(_: Request, exc: Exception) -> Response:
     return error_response("service_unavailable", f"the billing engine is not running: {exc}")
 
 
+async def _fenced(_: Request, exc: Exception) -> Response:
+    return error_response("shard_moved", f"the shard moved to another node; retry: {exc}")
+
+
 async def _redis_down(_: Request, exc: Exception) -> Response:
     return error_response("redis_unavailable", f"Redis is unavailable: {type(exc).__name__}")
 
@@ -244,6 +254,7 @@ HANDLERS: Final[Mapping[type[Exception], Handler]] = {
     StarletteHTTPException: _http_error,
     EngineStopped: _stopped,
     WalIOFailure: _stopped,
+    ShardFenced: _fenced,
     RedisDown: _redis_down,
     RedisRefused: _redis_down,
 }

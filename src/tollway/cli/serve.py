@@ -28,6 +28,7 @@ from tollway.cli.common import (
     tollway_command,
     writable_data_dir,
 )
+from tollway.cli.node import NodeOptions, serve_node
 from tollway.cli.server import ServeOptions, serve
 from tollway.config import Settings
 from tollway.core.errors import ConfigError, InvalidInput
@@ -69,6 +70,19 @@ def serve_command(
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error or critical.")] = "info",
     log_format: Annotated[str, typer.Option(help="json, console, or auto (console on a terminal).")] = "auto",
     access_log: Annotated[bool, typer.Option(help="Log every HTTP request.")] = False,
+    postgres_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TOLLWAY_POSTGRES_URL", help="Cluster mode: the cluster's PostgreSQL (see docs/cluster.md)."
+        ),
+    ] = None,
+    node_id: Annotated[str | None, typer.Option(help="Cluster mode: this node's id [default: a random one].")] = None,
+    advertise_url: Annotated[
+        str | None, typer.Option(help="Cluster mode: the URL other nodes forward to [default: the bound address].")
+    ] = None,
+    lease_ttl_ms: Annotated[
+        int, typer.Option(min=100, max=600_000, help="Cluster mode: how long a shard's lease lasts unrenewed.")
+    ] = 5_000,
 ) -> None:
     """Run the billing service: HTTP API, engine, Redis projection, finalize worker, expiry sweeper.
 
@@ -86,6 +100,10 @@ def serve_command(
     writable_data_dir(settings)
     _print_first_tokens(settings)
     options = ServeOptions(pricing, Authenticator.from_settings(settings), _bypass_requested(), access_log)
+    if postgres_url is not None:
+        typer.echo("tollway: cluster mode (the log in PostgreSQL); no Redis projection or finalize worker yet")
+        nodes = NodeOptions(postgres_url, node_id, advertise_url, lease_ttl_ms)
+        raise typer.Exit(_run(serve_node(settings, sock, options, nodes, on_ready=_announce)))
     typer.echo(f"tollway: data in {settings.data_dir}; starting (WAL recovery, Redis, guard checks)...")
     code = _run(serve(settings, sock, options, on_ready=_announce))
     typer.echo(

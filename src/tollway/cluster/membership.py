@@ -121,6 +121,11 @@ class Membership:
             await self._hand_off(shard)
         await leases.deregister(self.pool, self.node_id)
 
+    def forfeit(self, shard: int, why: str) -> None:
+        """Stop serving ``shard`` now (its engine was fenced): drop it and tell the handler; a no-op if not held."""
+        if shard in self.held:
+            self._drop(shard, why)
+
     def _fence_expired(self) -> None:
         now_ms = self.clock_ms()
         for shard, lease in sorted(self.held.items()):

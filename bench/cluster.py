@@ -1,0 +1,222 @@
+"""Cluster mode's figures: one shard's engine on PostgreSQL against the file WAL, and failover time.
+
+``python bench/cluster.py --json`` prints one JSON object; without ``--json`` a table. In one run:
+
+- ``engine``: the same load (``--commands`` reserves from ``--concurrency`` callers, one event
+  each) through one :class:`~tollway.engine.Engine` on the file WAL (fsync, the sync helper) and
+  through one shard's engine on an embedded PostgreSQL (fsync and ``synchronous_commit`` on),
+  each with group commit: events/s and their ratio ``pg_over_file_wal`` (CLUSTER.md's target:
+  ≥ 0.5).
+- ``failover``: a two-node cluster of real ``tollway serve --postgres-url`` processes on
+  loopback; ``kill -9`` of the node that owns an account's shard, then a read of that account
+  through the survivor every 20 ms until it answers: ``kill_to_answer_s`` against the lease
+  time (target: ≤ lease + 2 s).
+
+PostgreSQL, the nodes and this process share the machine's cores; every number is measured by
+the run, nothing is hard-coded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Final
+
+import asyncpg
+
+from tollway import Engine, Settings
+from tollway.cluster.shard_log import start_shard_engine
+from tollway.core import commands as cmd
+from tollway.core.commands import CreditKind
+from tollway.core.shard import shard
+from tollway.pg import leases
+from tollway.pg.log import PgLog
+from tollway.pg.schema import init_cluster
+from tollway.pg.server import EmbeddedPostgres
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable for bench.*
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.machine import add_scratch_arguments, emit, loadavg, machine_facts, scratch_dir
+
+ACCOUNTS: Final = [f"bench-{i}" for i in range(64)]
+START_TIMEOUT_S: Final = 60.0
+POLL_S: Final = 0.02
+
+
+async def drive(engine: Engine, commands: int, concurrency: int) -> dict[str, Any]:
+    """``commands`` reserves from ``concurrency`` callers; events/s of the whole run."""
+    for account in ACCOUNTS:
+        await engine.execute(cmd.Credit(account, "seed", CreditKind.MINT, 10**12))
+    todo = iter(range(commands))
+
+    async def caller() -> None:
+        for n in todo:
+            await engine.execute(cmd.Reserve(ACCOUNTS[n % len(ACCOUNTS)], f"r{n}", 10, ttl_s=3_600))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    elapsed_s = time.perf_counter() - started
+    return {"events": commands, "seconds": round(elapsed_s, 3), "events_per_s": round(commands / elapsed_s)}
+
+
+async def file_wal_engine(directory: Path, commands: int, concurrency: int) -> dict[str, Any]:
+    async with Engine.open(directory, Settings(snapshot_every_events=10**9)) as engine:
+        return await drive(engine, commands, concurrency)
+
+
+async def pg_engine(url: str, commands: int, concurrency: int) -> dict[str, Any]:
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=4)
+    try:
+        async with pool.acquire() as connection:
+            await init_cluster(connection, shards=1)
+        lease = await leases.acquire(pool, 0, "bench", 600_000, time.monotonic_ns() // 1_000_000)
+        assert lease is not None
+        engine = await start_shard_engine(PgLog(pool, 0), lease.epoch, Settings(snapshot_every_events=10**9))
+        try:
+            return await drive(engine, commands, concurrency)
+        finally:
+            await engine.close()
+    finally:
+        await pool.close()
+
+
+def start_node(name: str, url: str, root: Path, ttl_ms: int) -> tuple[subprocess.Popen[bytes], Path]:
+    out = root / f"{name}.out"
+    argv = [sys.executable, "-m", "tollway.cli", "serve", "--postgres-url", url, "--data-dir", str(root / "keys")]
+    argv += ["--host", "127.0.0.1", "--port", "0", "--node-id", name, "--lease-ttl-ms", str(ttl_ms)]
+    argv += ["--log-level", "warning"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLWAY_")}
+    with out.open("w") as stdout:
+        process = subprocess.Popen(argv, stdout=stdout, stderr=subprocess.DEVNULL, env=env, cwd=root)
+    return process, out
+
+
+async def node_url(out: Path, process: subprocess.Popen[bytes]) -> str:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline and process.poll() is None:
+        for line in out.read_text().splitlines():  # noqa: ASYNC240 - a few lines of a local file
+            if "serving on " in line:
+                return line.split("serving on ", 1)[1].split()[0]
+        await asyncio.sleep(POLL_S)
+    raise RuntimeError(f"node did not start: {out.read_text()[-2000:]}")  # noqa: ASYNC240 - failing anyway
+
+
+async def get(url: str, path: str, token: str) -> tuple[int, Any]:
+    """A plain HTTP/1.1 GET (``bench/http.py`` shadows the standard ``http`` package for scripts here)."""
+    host, port = url.removeprefix("http://").rstrip("/").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        writer.write(request.encode())
+        answer = await reader.read()
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body) if body else None
+
+
+def cli(*args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "tollway.cli", *args], capture_output=True, text=True, check=True)
+    return done.stdout.strip().splitlines()[-1]
+
+
+async def failover(url: str, root: Path, ttl_ms: int) -> dict[str, Any]:
+    """Seconds from kill -9 of a shard's owner to the survivor answering for it."""
+    cli("cluster", "init", "--postgres-url", url, "--shards", "8")
+    token = cli("token", "issue", "--new-key", "--data-dir", str(root / "keys"), "--scope", "admin")
+    nodes = [start_node(name, url, root, ttl_ms) for name in ("a", "b")]
+    try:
+        urls = [await node_url(out, process) for process, out in nodes]
+        victim_shards = await settled_shards_of(urls, token)
+        account = next(a for a in ACCOUNTS if shard(a, 8) in victim_shards)
+        nodes[1][0].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        while (await get(urls[0], f"/v1/accounts/{account}", token))[0] != 200:  # noqa: ASYNC110 - polling HTTP
+            await asyncio.sleep(POLL_S)
+        answered_s = time.monotonic() - killed
+    finally:
+        for process, _ in nodes:
+            process.kill()
+            process.wait()
+    return {"lease_ttl_s": ttl_ms / 1000, "kill_to_answer_s": round(answered_s, 3)}
+
+
+async def settled_shards_of(urls: list[str], token: str) -> set[int]:
+    """Once all eight shards are served, the shards of the second node."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        views = [(await get(u, "/v1/cluster", token))[1] for u in urls]
+        if sum(len(v["serving"]) for v in views) == 8 and views[1]["serving"]:
+            return set(views[1]["serving"])
+        await asyncio.sleep(0.1)
+    raise RuntimeError("the cluster did not settle")
+
+
+async def measure_async(root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    wal = await file_wal_engine(root / "wal", args.commands, args.concurrency)
+    async with EmbeddedPostgres(root / "pg") as server:
+        admin = await asyncpg.connect(server.url)
+        try:
+            await admin.execute("CREATE DATABASE engine_bench")
+            await admin.execute("CREATE DATABASE failover_bench")
+        finally:
+            await admin.close()
+        base = server.url.rsplit("/", 1)[0]
+        pg = await pg_engine(f"{base}/engine_bench", args.commands, args.concurrency)
+        down = await failover(f"{base}/failover_bench", root, args.lease_ttl_ms)
+    return {
+        "engine": {
+            "commands": args.commands,
+            "concurrency": args.concurrency,
+            "file_wal": wal,
+            "pg": pg,
+            "pg_over_file_wal": round(pg["events_per_s"] / wal["events_per_s"], 3),
+        },
+        "failover": down,
+    }
+
+
+def measure(root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    if os.geteuid() == 0:
+        root.chmod(0o755)  # as root the server runs as nobody, who must reach its directory
+    load_before = loadavg()
+    out = asyncio.run(measure_async(root, args))
+    out["machine"] = {**machine_facts(root), "loadavg_before": load_before, "loadavg_after": loadavg()}
+    out["command"] = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    return out
+
+
+def print_table(out: dict[str, Any]) -> None:
+    engine = out["engine"]
+    print(f"{engine['commands']} reserves from {engine['concurrency']} callers, one engine")
+    for name in ("file_wal", "pg"):
+        print(f"  {name:9} {engine[name]['events_per_s']:>9} events/s")
+    print(f"  pg / file WAL = {engine['pg_over_file_wal']}")
+    down = out["failover"]
+    print(f"kill -9 to answering again: {down['kill_to_answer_s']} s (lease {down['lease_ttl_s']} s)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Cluster mode: PostgreSQL log against the file WAL; failover.")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--commands", type=int, default=None, help="reserves per engine (default 20000; quick 500)")
+    parser.add_argument("--concurrency", type=int, default=256, help="concurrent callers (default 256)")
+    parser.add_argument("--lease-ttl-ms", type=int, default=None, help="the nodes' lease (default 5000; quick 2000)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    add_scratch_arguments(parser)
+    args = parser.parse_args(argv)
+    args.commands = args.commands or (500 if args.quick else 20_000)
+    args.lease_ttl_ms = args.lease_ttl_ms or (2_000 if args.quick else 5_000)
+    with scratch_dir(args.data_dir, "cluster-", args.keep) as root:
+        emit(measure(root, args), args.json, print_table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""``tollway serve --postgres-url``: run a cluster node (the composition root's cluster half).
+
+In one event loop: a pool on the cluster's database, the cluster's identity checked
+(:func:`~tollway.pg.schema.open_cluster` refuses another format), a
+:class:`~tollway.cluster.node.Node` ticking (heartbeat, leases, one engine per held shard) and
+uvicorn serving :func:`~tollway.api.node_app.create_node_app` on a socket bound by the caller.
+
+On SIGTERM or SIGINT the server stops accepting and lets in-flight requests finish, then the
+node hands every shard off (no new commands, the batch finished, a snapshot row written, the
+lease released, so the other nodes take them at once) and leaves the registry. Nothing here
+decides anything about money.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import asyncpg
+import uvicorn
+
+from tollway.api.node_app import create_node_app, forwarding_client
+from tollway.cli.server import ServeOptions, _Control, _Server, _uvicorn_config, stop_on_signals
+from tollway.cluster.node import Node
+from tollway.config import Settings
+from tollway.core.errors import LogUnavailable
+from tollway.core.lease import LeaseTiming
+from tollway.net import url_of
+from tollway.pg.errors import PG_ERRORS
+from tollway.pg.schema import open_cluster
+
+POOL_CONNECTIONS_MAX = 16
+CONNECT_TIMEOUT_S = 10
+
+
+@dataclass(frozen=True, slots=True)
+class NodeOptions:
+    """What makes a ``serve`` a cluster node."""
+
+    postgres_url: str
+    node_id: str | None = None
+    advertise_url: str | None = None
+    lease_ttl_ms: int = 5_000
+
+
+def lease_timing(ttl_ms: int) -> LeaseTiming:
+    """Renew every fifth of the lease, stop serving a tenth before its end."""
+    return LeaseTiming(ttl_ms=ttl_ms, renew_every_ms=max(1, ttl_ms // 5), margin_ms=max(1, ttl_ms // 10))
+
+
+async def serve_node(
+    settings: Settings,
+    sock: socket.socket,
+    options: ServeOptions,
+    node_options: NodeOptions,
+    on_ready: Callable[[str], None],
+) -> int:
+    """Run a node until a stop signal (exit code 0); hand every shard off on the way out."""
+    url = url_of(sock)
+    pool = await _pool(node_options.postgres_url)
+    try:
+        async with pool.acquire() as connection:
+            info = await open_cluster(connection)
+        node = Node(
+            pool,
+            info,
+            settings,
+            node_id=node_options.node_id or f"node-{uuid.uuid4().hex[:8]}",
+            advertise_url=node_options.advertise_url or url,
+            timing=lease_timing(node_options.lease_ttl_ms),
+        )
+        await _run(node, sock, options, lambda: on_ready(url))
+    finally:
+        await pool.close()
+    return 0
+
+
+async def _run(node: Node, sock: socket.socket, options: ServeOptions, ready: Callable[[], None]) -> None:
+    """Serve until a signal; then hand every shard off while still answering (``shard_moved``), then stop."""
+    control = _Control()
+    stop = asyncio.Event()
+    ticking = asyncio.create_task(node.run(stop))
+    leaving: list[asyncio.Task[None]] = []
+
+    async def leave() -> None:
+        stop.set()
+        await ticking
+        await node.leave()
+        control.stop()
+
+    def on_signal() -> None:
+        if leaving:
+            control.stop()  # a second signal: stop waiting
+        else:
+            leaving.append(asyncio.create_task(leave()))
+
+    with stop_on_signals(on_signal):
+        async with forwarding_client() as client:
+            app = create_node_app(node, authenticator=options.authenticator, pricing=options.pricing, client=client)
+            server = control.attach(_Server(_uvicorn_config(app, options)))
+            announcer = asyncio.create_task(_announce(server, ready))
+            try:
+                await server.serve(sockets=[sock])
+            finally:
+                announcer.cancel()
+                if not leaving:
+                    leaving.append(asyncio.create_task(leave()))
+                await leaving[0]
+
+
+async def _announce(server: uvicorn.Server, ready: Callable[[], None]) -> None:
+    while not server.started:  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
+        await asyncio.sleep(0.01)
+    ready()
+
+
+async def _pool(url: str) -> asyncpg.Pool:
+    try:
+        return await asyncpg.create_pool(url, min_size=1, max_size=POOL_CONNECTIONS_MAX, timeout=CONNECT_TIMEOUT_S)
+    except (*PG_ERRORS, ValueError, OSError) as exc:
+        raise LogUnavailable(f"could not connect to PostgreSQL: {exc}") from exc

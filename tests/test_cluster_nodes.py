@@ -1,0 +1,313 @@
+"""Three real ``tollway serve --postgres-url`` nodes and the session's PostgreSQL, on loopback (CLUSTER.md §6).
+
+Every request goes over HTTP to a node; a node answers a shard it holds with its engine and
+forwards any other one hop to the owner. The load clients send to every node and retry a
+retryable answer (503 ``shard_moved``, a node that does not answer) with the same request id,
+which is what makes a retry take effect once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Final
+
+import asyncpg
+import httpx
+import pytest
+
+from tests.cluster_support import Cluster, Node, run_cli
+from tollway.core.shard import shard
+
+SHARDS: Final = 8
+LEASE_TTL_MS: Final = 2_000
+RETRY_DEADLINE_S: Final = 90.0
+ACCOUNTS: Final = [f"acct-{i}" for i in range(16)]
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture
+async def cluster(pg_url: str, tmp_path: Path) -> AsyncIterator[Cluster]:
+    """A cluster of eight shards with three running nodes, every shard served."""
+    made = Cluster(pg_url, tmp_path, shards=SHARDS, lease_ttl_ms=LEASE_TTL_MS)
+    try:
+        await made.start(3)
+        async with httpx.AsyncClient(timeout=10) as client:
+            await made.settled(client, made.nodes)
+        yield made
+    finally:
+        made.close()
+
+
+class Load:
+    """Clients that send to every node in turn and retry retryable answers with the same body."""
+
+    def __init__(self, cluster: Cluster, client: httpx.AsyncClient, nodes: list[Node]) -> None:
+        self.cluster = cluster
+        self.client = client
+        self.nodes = nodes
+        self.turn = itertools.count()
+        self.retryable = 0
+        self.other_failures: list[str] = []
+        self.answered: list[tuple[int, int, str, float, float]] = []  # shard, epoch, node, sent, received
+
+    async def send(
+        self, method: str, path: str, body: dict[str, Any] | None = None, token: str | None = None
+    ) -> httpx.Response:
+        """The first non-retryable answer, trying the nodes in turn."""
+        deadline = time.monotonic() + RETRY_DEADLINE_S
+        while True:
+            node = self.nodes[next(self.turn) % len(self.nodes)]
+            sent = time.monotonic()
+            response: httpx.Response | None = None
+            with contextlib.suppress(httpx.TransportError):  # a dead or stopped node: retryable
+                response = await self.client.request(
+                    method, node.url + path, json=body, headers=self.cluster.auth(token)
+                )
+                self.note(response, sent)
+            if response is not None and not (response.status_code == 503 and response.json()["error"] == "shard_moved"):
+                if response.status_code >= 500:
+                    self.other_failures.append(f"{response.status_code} {response.text}")
+                return response
+            self.retryable += 1
+            assert time.monotonic() < deadline, f"{method} {path} not answered within {RETRY_DEADLINE_S} s"
+            await asyncio.sleep(0.05)
+
+    def note(self, response: httpx.Response, sent: float) -> None:
+        """Record which node answered for which shard and epoch, and when."""
+        answered_by = response.headers.get("x-tollway-answered-by")
+        if answered_by is not None:
+            node, number, epoch = answered_by.split()
+            self.answered.append((int(number), int(epoch), node, sent, time.monotonic()))
+
+    def overlaps(self) -> list[str]:
+        """Answers of an older epoch of a shard sent after an answer of a newer epoch was received."""
+        first_received: dict[tuple[int, int], float] = {}
+        for number, epoch, _, _, received in self.answered:
+            first_received[(number, epoch)] = min(received, first_received.get((number, epoch), received))
+        return [
+            f"shard {number}: epoch {epoch} answered by {node} after epoch {newer} had answered"
+            for number, epoch, node, sent, _ in self.answered
+            for (other, newer), received in first_received.items()
+            if other == number and newer > epoch and received < sent
+        ]
+
+
+async def mint_all(load: Load, amount_micro: int) -> None:
+    for account in ACCOUNTS:
+        response = await load.send(
+            "POST",
+            f"/v1/accounts/{account}/credits",
+            {"credit_id": "seed", "kind": "mint", "amount_micro": amount_micro},
+        )
+        assert 201 == response.status_code, response.text
+
+
+async def test_a_thousand_reserves_against_funds_for_a_hundred_grant_exactly_a_hundred(cluster: Cluster) -> None:
+    """1,000 concurrent reserves of 10 against 1,000 micro-USD, spread over three nodes: exactly 100 granted."""
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=100)) as client:
+        load = Load(cluster, client, cluster.nodes)
+        response = await load.send(
+            "POST", "/v1/accounts/scarce/credits", {"credit_id": "seed", "kind": "mint", "amount_micro": 1_000}
+        )
+        assert 201 == response.status_code, response.text
+        body = {"account_id": "scarce", "estimated_cost_micro": 10}
+        answers = await asyncio.gather(
+            *(
+                load.send("POST", "/v1/reservations", {**body, "request_id": f"r-{i}"}, cluster.gateway)
+                for i in range(1_000)
+            )
+        )
+        statuses = sorted(r.status_code for r in answers)
+        balance = (await load.send("GET", "/v1/accounts/scarce")).json()
+    assert (100, 900) == (statuses.count(201), statuses.count(402))
+    assert ("0", "1000") == (balance["available_micro"], balance["held_micro"])
+
+
+class Traffic:
+    """Workers reserving 10 and committing 7, each pair retried to completion; what was acknowledged."""
+
+    def __init__(self, load: Load, gateway: str) -> None:
+        self.load = load
+        self.gateway = gateway
+        self.committed: dict[str, list[str]] = {account: [] for account in ACCOUNTS}
+        self.stop = asyncio.Event()
+        self.answers: list[tuple[float, int]] = []  # (monotonic time, status) of every pair's end
+
+    async def pair(self, account: str, request_id: str) -> None:
+        body = {"account_id": account, "request_id": request_id, "estimated_cost_micro": 10}
+        held = await self.load.send("POST", "/v1/reservations", body, self.gateway)
+        assert held.status_code in (201, 409), held.text  # 409 request_in_progress: a retry of a hold that landed
+        entry_id = held.json()["billing_entry_id"]
+        commit = await self.load.send(
+            "POST", f"/v1/reservations/{entry_id}/commit", {"actual_cost_micro": 7}, self.gateway
+        )
+        assert 200 == commit.status_code, commit.text
+        self.committed[account].append(entry_id)
+
+    async def worker(self, number: int) -> None:
+        for i in itertools.count():
+            if self.stop.is_set():
+                return
+            await self.pair(ACCOUNTS[(number + i) % len(ACCOUNTS)], f"w{number}-{i}")
+
+    async def check_balances(self, funded_micro: int) -> None:
+        """Every acknowledged commit charged exactly once, nothing held, nothing else charged."""
+        for account, entries in self.committed.items():
+            balance = (await self.load.send("GET", f"/v1/accounts/{account}")).json()
+            expected = (str(funded_micro - 7 * len(entries)), "0", str(7 * len(entries)))
+            assert expected == (balance["available_micro"], balance["held_micro"], balance["charged_micro"])
+            assert len(entries) == len(set(entries))
+
+
+async def first_answer_s(load: Load, account: str, started: float) -> float:
+    """Seconds from ``started`` until the account's shard answers a read again."""
+    response = await load.send("GET", f"/v1/accounts/{account}")
+    assert 200 == response.status_code, response.text
+    return time.monotonic() - started
+
+
+async def test_kill_9_of_a_node_under_load_loses_nothing_and_its_shards_answer_again(cluster: Cluster) -> None:
+    """kill -9 of one of three nodes under load: its shards answer elsewhere within lease + recovery, exactly once."""
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=100)) as client:
+        load = Load(cluster, client, cluster.nodes)
+        await mint_all(load, 1_000_000)
+        owners = await cluster.settled(client, cluster.nodes)
+        victim = cluster.nodes[2]
+        orphan = next(a for a in ACCOUNTS if owners[shard(a, SHARDS)] == victim.name)
+        traffic = Traffic(load, cluster.gateway)
+        workers = [asyncio.create_task(traffic.worker(n)) for n in range(12)]
+        await asyncio.sleep(1.5)
+        victim.signal(signal.SIGKILL)
+        killed = time.monotonic()
+        recovered_s = await first_answer_s(Load(cluster, client, cluster.nodes[:2]), orphan, killed)
+        await asyncio.sleep(1.0)
+        traffic.stop.set()
+        await asyncio.gather(*workers)
+        await traffic.check_balances(1_000_000)
+    audit = run_cli("cluster", "audit", "--postgres-url", cluster.postgres_url)
+    assert 0 == audit.returncode, audit.stdout + audit.stderr
+    assert [] == load.other_failures
+    assert [] == load.overlaps()
+    assert recovered_s < LEASE_TTL_MS / 1000 + 5.0, recovered_s
+    assert sum(len(e) for e in traffic.committed.values()) > 0
+
+
+async def test_a_paused_node_is_fenced_and_its_callers_retries_succeed_once(cluster: Cluster) -> None:
+    """SIGSTOP past the lease, takeover, SIGCONT: the zombie answers nothing for its old shards, nothing doubles."""
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=100)) as client:
+        load = Load(cluster, client, cluster.nodes)
+        await mint_all(load, 1_000_000)
+        owners = await cluster.settled(client, cluster.nodes)
+        zombie = cluster.nodes[1]
+        traffic = Traffic(load, cluster.gateway)
+        workers = [asyncio.create_task(traffic.worker(n)) for n in range(12)]
+        await asyncio.sleep(1.0)
+        zombie.signal(signal.SIGSTOP)
+        survivors = [cluster.nodes[0], cluster.nodes[2]]
+        taken = await cluster.settled(client, survivors)  # its shards served by the others, past its lease
+        zombie.signal(signal.SIGCONT)
+        await asyncio.sleep(LEASE_TTL_MS / 1000)
+        traffic.stop.set()
+        await asyncio.gather(*workers)
+        await traffic.check_balances(1_000_000)
+        after = await cluster.settled(client, cluster.nodes)
+    audit = run_cli("cluster", "audit", "--postgres-url", cluster.postgres_url)
+    assert 0 == audit.returncode, audit.stdout + audit.stderr
+    assert ([], []) == (load.other_failures, load.overlaps())
+    assert zombie.name in owners.values()
+    assert zombie.name not in taken.values()
+    assert sorted(owners) == sorted(after)
+
+
+async def test_forwarding_answers_exactly_as_the_owner(cluster: Cluster) -> None:
+    """Every v1 endpoint through a non-owner answers as through the owner: status, body, replays and errors."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        owners = await cluster.settled(client, cluster.nodes)
+        account = ACCOUNTS[0]
+        owner = next(n for n in cluster.nodes if n.name == owners[shard(account, SHARDS)])
+        other = next(n for n in cluster.nodes if n is not owner)
+        gw, admin = cluster.auth(cluster.gateway), cluster.auth()
+
+        async def both(method: str, path: str, body: dict[str, Any] | None = None, headers: Any = None) -> Any:
+            """The same request through the owner and through the other node: (status, body) of each."""
+            answers = []
+            for node in (owner, other):
+                response = await client.request(method, node.url + path, json=body, headers=headers)
+                answers.append((response.status_code, response.json()))
+            return answers
+
+        def first(method: str, path: str, body: dict[str, Any], headers: Any) -> Any:
+            return client.request(method, other.url + path, json=body, headers=headers)  # forwarded
+
+        credit = {"credit_id": "c1", "kind": "mint", "amount_micro": 1_000}
+        assert 201 == (await first("POST", f"/v1/accounts/{account}/credits", credit, admin)).status_code
+        pairs = [await both("POST", f"/v1/accounts/{account}/credits", credit, admin)]
+        hold = {"account_id": account, "request_id": "r1", "estimated_cost_micro": 100}
+        entry = (await first("POST", "/v1/reservations", hold, gw)).json()["billing_entry_id"]
+        pairs.append(await both("POST", "/v1/reservations", hold, gw))  # 409 request_in_progress
+        pairs.append(await both("GET", f"/v1/reservations/{entry}", None, gw))
+        pairs.append(await both("GET", f"/v1/accounts/{account}", None, gw))
+        await first("POST", f"/v1/reservations/{entry}/extend", {"ttl_s": 600}, gw)
+        await first("POST", f"/v1/reservations/{entry}/commit", {"actual_cost_micro": 60}, gw)
+        pairs.append(await both("POST", f"/v1/reservations/{entry}/commit", {"actual_cost_micro": 60}, gw))
+        pairs.append(await both("POST", f"/v1/reservations/{entry}/extend", {"ttl_s": 600}, gw))  # 409
+        await first("POST", f"/v1/entries/{entry}/void", {"reason": "refund"}, admin)
+        pairs.append(await both("POST", f"/v1/entries/{entry}/void", {"reason": "refund"}, admin))
+        pairs.append(await both("POST", f"/v1/entries/{entry}/finalize", None, admin))  # 409
+        second = {"account_id": account, "request_id": "r2", "estimated_cost_micro": 10}
+        held = (await first("POST", "/v1/reservations", second, gw)).json()["billing_entry_id"]
+        await first("POST", f"/v1/reservations/{held}/release", {"reason": "user_cancel"}, gw)
+        pairs.append(await both("POST", f"/v1/reservations/{held}/release", {"reason": "user_cancel"}, gw))
+        charge = {"account_id": account, "request_id": "ch1", "amount_micro": 5}
+        assert 201 == (await first("POST", "/v1/charges", charge, gw)).status_code
+        pairs.append(await both("POST", "/v1/charges", charge, gw))
+        pairs.append(await both("GET", f"/v1/accounts/{account}/entries", None, gw))
+        pairs.append(await both("GET", f"/v1/accounts/{account}", None, gw))
+        unknown = entry[:10] + held[10:12] + "0" * 14  # an unknown id of the same shard
+        pairs.append(await both("GET", f"/v1/reservations/{unknown}", None, gw))  # 404
+        pairs.append(
+            await both("POST", "/v1/reservations", {**hold, "request_id": "big", "estimated_cost_micro": 10**9}, gw)
+        )
+        pairs.append(await both("POST", "/v1/reservations", {"account_id": account}, gw))  # 400
+        pairs.append(await both("GET", f"/v1/accounts/{account}", None, None))  # 401
+    statuses = [owner_answer[0] for owner_answer, _ in pairs]
+    assert [a for a, _ in pairs] == [b for _, b in pairs]
+    assert [200, 409, 200, 200, 200, 409, 200, 409, 200, 200, 200, 200, 404, 402, 400, 401] == statuses
+
+
+async def test_sigterm_hands_shards_off_under_load_with_only_retryable_refusals(cluster: Cluster) -> None:
+    """SIGTERM of a node under load: snapshot, release, the others take over; only 503 shard_moved, nothing lost."""
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=100)) as client:
+        load = Load(cluster, client, cluster.nodes)
+        await mint_all(load, 1_000_000)
+        await cluster.settled(client, cluster.nodes)
+        owners = await cluster.settled(client, cluster.nodes)
+        leaving = cluster.nodes[0]
+        handed = sorted(n for n, name in owners.items() if name == leaving.name)
+        traffic = Traffic(load, cluster.gateway)
+        workers = [asyncio.create_task(traffic.worker(n)) for n in range(12)]
+        await asyncio.sleep(1.0)
+        leaving.signal(signal.SIGTERM)
+        code = await leaving.process.wait_exit()
+        after = await cluster.settled(client, cluster.nodes[1:])
+        await asyncio.sleep(0.5)
+        traffic.stop.set()
+        await asyncio.gather(*workers)
+        await traffic.check_balances(1_000_000)
+    audit = run_cli("cluster", "audit", "--postgres-url", cluster.postgres_url)
+    connection = await asyncpg.connect(cluster.postgres_url)
+    try:
+        snapshotted = await connection.fetch("SELECT DISTINCT shard FROM tollway.snapshots ORDER BY shard")
+    finally:
+        await connection.close()
+    assert (0, 0) == (code, audit.returncode), leaving.process.describe() + audit.stdout
+    assert ([], []) == (load.other_failures, load.overlaps())
+    assert leaving.name not in after.values()
+    assert set(handed) <= {row["shard"] for row in snapshotted}  # each handed-off shard wrote a snapshot row
