@@ -72,7 +72,7 @@ def find_bin_dir() -> Path:
 def reachable_bin_dir(bin_dir: Path, user: RunAs | None) -> Path:
     """``bin_dir``, or a copy of its installation that ``user`` can reach.
 
-    A virtualenv under a private directory (``/root/...``) hides the wheel's binaries from
+    A virtualenv under a private directory (root's home, say) hides the wheel's binaries from
     ``nobody``. Then the installation is copied once into the system's temporary directory,
     readable by everyone, named after the source path and its binary's size and time, and
     reused; the layout is kept, since the binaries find what they need relative to themselves:
