@@ -35,6 +35,7 @@ from starlette.responses import Response
 
 from tollway.api.auth import Authenticator, Principal, Scope
 from tollway.api.errors import ApiError, install_error_handlers, refusal_response
+from tollway.api.routes_accounts import history_page
 from tollway.api.routes_billing import entry_outcome
 from tollway.api.schemas import (
     ChargeRequest,
@@ -46,7 +47,7 @@ from tollway.api.schemas import (
     ReserveRequest,
     VoidRequest,
 )
-from tollway.api.translate import charge_command, commit_command, credit_command, entries_page, reserve_command
+from tollway.api.translate import charge_command, commit_command, credit_command, reserve_command
 from tollway.api.wire import balance_body, credit_body, entry_body, json_response
 from tollway.cluster.node import Node
 from tollway.core import commands as cmd
@@ -278,13 +279,7 @@ async def list_entries(
     states = frozenset(EntryState(name) for name in state or ())
 
     async def local(engine: Engine) -> Response:
-        page, next_cursor = entries_page(engine.state, account_id, states, cursor, limit)
-        items = []
-        for entry_id in page:
-            found = await engine.read_entry(entry_id)  # a settled one from the log
-            if found is not None:  # None: archived since the page was chosen
-                items.append(entry_body(found[0], response_json=found[1]))
-        return json_response({"items": items, "next_cursor": next_cursor})
+        return json_response(await history_page(engine, account_id, states, cursor, limit))
 
     return await _via_shard(request, number, local)
 

@@ -29,6 +29,7 @@ from tollway.api.wire import balance_body, credit_body, entry_body, json_respons
 from tollway.core import commands as cmd
 from tollway.core.ids import check_account_id
 from tollway.core.lifecycle import EntryState
+from tollway.engine import Engine
 
 ENTRY_PAGE_LIMIT_DEFAULT: Final = 100
 ENTRY_PAGE_LIMIT_MAX: Final = 1000
@@ -76,15 +77,21 @@ async def list_entries(
     """One page of the account's entries, filtered by state, in id (creation) order."""
     check_account_id(account_id)
     principal.require(Scope.READ, account_id)
-    engine = context(request).engine
     states = frozenset(EntryState(name) for name in state or ())
+    return json_response(await history_page(context(request).engine, account_id, states, cursor, limit))
+
+
+async def history_page(
+    engine: Engine, account_id: str, states: frozenset[EntryState], cursor: str | None, limit: int
+) -> dict[str, object]:
+    """One page of an account's entries (settled ones read back from the log) and the next cursor."""
     page, next_cursor = entries_page(engine.state, account_id, states, cursor, limit)
     items = []
     for entry_id in page:
-        found = await engine.read_entry(entry_id)  # a settled one from the log
+        found = await engine.read_entry(entry_id)
         if found is not None:  # None: archived since the page was chosen
             items.append(entry_body(found[0], response_json=found[1]))
-    return json_response({"items": items, "next_cursor": next_cursor})
+    return {"items": items, "next_cursor": next_cursor}
 
 
 @router.post(
