@@ -19,6 +19,7 @@ from typing import Any, Final
 import httpx
 
 from tests.e2e_support import LOOPBACK, POLL_S, Process, ProcessFailed, clean_environment, tollway_argv
+from tollway.core.assignment import assign
 
 SETTLE_TIMEOUT_S: Final = 60.0
 
@@ -107,7 +108,12 @@ class Cluster:
         return body
 
     async def settled(self, client: httpx.AsyncClient, alive: list[Node]) -> dict[int, str]:
-        """Wait until every shard is served by exactly one of ``alive`` and every node's map says so."""
+        """Wait until the shards are served as :func:`assign` spreads them over ``alive``, and every map says so.
+
+        Exactly one serving node per shard is not enough: a node that joined late serves nothing
+        until the others hand it its share, and a test that picks "a shard of node 2" needs it to.
+        """
+        target = assign(self.shards, [node.name for node in alive])
         deadline = time.monotonic() + SETTLE_TIMEOUT_S
         while True:
             served: dict[int, list[str]] = {}
@@ -116,7 +122,7 @@ class Cluster:
                 for number in view.get("serving", []) if view else []:
                     served.setdefault(number, []).append(node.name)
             owners = {number: names[0] for number, names in served.items() if len(names) == 1}
-            if len(owners) == self.shards and all(view and _agrees(view, owners) for view in views):
+            if owners == target and all(view and _agrees(view, owners) for view in views):
                 return owners
             if time.monotonic() > deadline:
                 raise ProcessFailed(f"shards not settled: {served}\n" + "\n".join(n.process.describe() for n in alive))
