@@ -61,6 +61,16 @@ class Node:
         line = await self.process.wait_for_output("serving on ")
         self.url = line.split("serving on ", 1)[1].split()[0]
 
+    async def wait_for_log(self, marker: str, timeout_s: float = 30.0) -> None:
+        """Wait until its log (stderr) says ``marker``."""
+        deadline = time.monotonic() + timeout_s
+        while marker not in self.process.err_path.read_text(errors="replace"):
+            if time.monotonic() > deadline:
+                raise ProcessFailed(
+                    f"{self.name} did not log {marker!r} within {timeout_s} s: {self.process.describe()}"
+                )
+            await asyncio.sleep(POLL_S)
+
     def signal(self, sig: signal.Signals) -> None:
         """Send ``sig`` (SIGKILL, SIGSTOP, SIGCONT, SIGTERM)."""
         self.process.popen.send_signal(sig)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import asyncpg
 
+from tests.cluster_support import run_cli
 from tests.test_audit import mint_and_hold, run_traffic
 from tollway import Settings
 from tollway.audit import audit
@@ -85,3 +87,32 @@ async def test_an_overdrawn_account_is_a_problem(pg_pool: asyncpg.Pool) -> None:
         f"shard {home}: seq 2: user:acct-1:available went negative",
     ] == report.problems
     assert not report.ok
+
+
+async def test_tollway_audit_with_a_postgres_url_audits_the_cluster_like_cluster_audit(
+    pg_pool: asyncpg.Pool, pg_url: str, tmp_path: Path
+) -> None:
+    """`tollway audit --postgres-url` says what `tollway cluster audit` says: clean, then exit 1 naming the problem."""
+    settings = Settings(data_dir=tmp_path / "data")
+    await run_traffic(settings, FakeClock())
+    pool = await cluster_of(pg_pool)
+    await store(pool, list(iter_events(settings.wal_dir)))
+    clean = [run_cli(*args, "--postgres-url", pg_url, "--json") for args in (("audit",), ("cluster", "audit"))]
+    bad = ev.Event(1, T0_MS, "01KDX00000000000000000000M", "untraced", ev.CreditMint("acct-9", "mint-9", 1))
+    used = {shard(account, SHARDS) for account in ("acct-1", "acct-2", "acct-9")}
+    wrong = next(n for n in range(SHARDS) if n not in used)  # a shard with no events yet: its log starts at 1
+    await store(pool, [bad], shard_of={"acct-9": wrong})
+    found = [run_cli(*args, "--postgres-url", pg_url) for args in (("audit",), ("cluster", "audit"))]
+    assert [0, 0] == [answer.returncode for answer in clean], clean
+    assert clean[0].stdout == clean[1].stdout
+    assert True is json.loads(clean[0].stdout)["ok"]
+    assert [1, 1] == [answer.returncode for answer in found]
+    assert found[0].stdout == found[1].stdout
+    assert f"account acct-9 belongs to shard {shard('acct-9', SHARDS)}" in found[0].stdout
+
+
+def test_tollway_audit_refuses_sections_a_cluster_audit_does_not_have(pg_url: str) -> None:
+    """`--redis-url` with `--postgres-url` is a clear refusal (exit 2), not a silent half-audit."""
+    answer = run_cli("audit", "--postgres-url", pg_url, "--redis-url", "redis://127.0.0.1:1")
+    assert (2, "") == (answer.returncode, answer.stdout)
+    assert "--redis-url cannot be combined with --postgres-url" in answer.stderr

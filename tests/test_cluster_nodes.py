@@ -13,7 +13,7 @@ import contextlib
 import itertools
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -199,31 +199,127 @@ async def test_kill_9_of_a_node_under_load_loses_nothing_and_its_shards_answer_a
     assert sum(len(e) for e in traffic.committed.values()) > 0
 
 
-async def test_a_paused_node_is_fenced_and_its_callers_retries_succeed_once(cluster: Cluster) -> None:
-    """SIGSTOP past the lease, takeover, SIGCONT: the zombie answers nothing for its old shards, nothing doubles."""
-    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=100)) as client:
-        load = Load(cluster, client, cluster.nodes)
-        await mint_all(load, 1_000_000)
-        owners = await cluster.settled(client, cluster.nodes)
-        zombie = cluster.nodes[1]
-        traffic = Traffic(load, cluster.gateway)
-        workers = [asyncio.create_task(traffic.worker(n)) for n in range(12)]
-        await asyncio.sleep(1.0)
-        zombie.signal(signal.SIGSTOP)
-        survivors = [cluster.nodes[0], cluster.nodes[2]]
-        taken = await cluster.settled(client, survivors)  # its shards served by the others, past its lease
-        zombie.signal(signal.SIGCONT)
-        await asyncio.sleep(LEASE_TTL_MS / 1000)
-        traffic.stop.set()
-        await asyncio.gather(*workers)
-        await traffic.check_balances(1_000_000)
-        after = await cluster.settled(client, cluster.nodes)
+async def wait_until(check: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 30.0) -> None:
+    """Poll ``check`` until it says yes; fail naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
+        await asyncio.sleep(0.05)
+
+
+async def appends_waiting(watcher: asyncpg.Connection, node: Node) -> int:
+    """How many of ``node``'s batch statements wait for a lock in PostgreSQL (its connections name it)."""
+    found: int = await watcher.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'"
+        " AND query LIKE '%INSERT INTO tollway.events%'",
+        f"tollway {node.name}",
+    )
+    return found
+
+
+async def epochs_of(watcher: asyncpg.Connection, numbers: list[int]) -> dict[int, tuple[int, str | None]]:
+    """Each shard's lease epoch and owner."""
+    rows = await watcher.fetch("SELECT shard, epoch, owner FROM tollway.leases WHERE shard = ANY($1)", numbers)
+    return {row["shard"]: (row["epoch"], row["owner"]) for row in rows}
+
+
+async def rows_of_epochs(watcher: asyncpg.Connection, epochs: dict[int, int]) -> dict[int, int]:
+    """How many event rows each shard holds written under its given epoch."""
+    return {
+        number: await watcher.fetchval(
+            "SELECT count(*) FROM tollway.events WHERE shard = $1 AND epoch = $2", number, epoch
+        )
+        for number, epoch in epochs.items()
+    }
+
+
+async def late_rows(watcher: asyncpg.Connection, epochs: dict[int, int]) -> list[str]:
+    """Rows of a shard's old epoch stored after the first row of a newer epoch (the fence forbids any)."""
+    late = []
+    for number, epoch in epochs.items():
+        first_new = await watcher.fetchval(
+            "SELECT min(seq) FROM tollway.events WHERE shard = $1 AND epoch > $2", number, epoch
+        )
+        count = await watcher.fetchval(
+            "SELECT count(*) FROM tollway.events WHERE shard = $1 AND epoch <= $2 AND seq > $3",
+            number,
+            epoch,
+            first_new,
+        )
+        if first_new is None or count:
+            late.append(f"shard {number}: new epoch's first row {first_new}, {count} old-epoch row(s) after it")
+    return late
+
+
+async def test_a_paused_nodes_batch_in_flight_is_refused_by_the_fence_and_its_callers_retries_succeed_once(
+    cluster: Cluster,
+) -> None:
+    """SIGSTOP with a batch waiting in PostgreSQL, takeover, SIGCONT: that batch writes nothing, retries land once.
+
+    A test transaction holds ``tollway.events`` in SHARE mode, so every batch statement waits
+    before touching the lease row (leases, heartbeats and recovery go on). Once one of the
+    zombie's batches waits, it is stopped; the others take its shards (new epochs, recovered
+    from what is stored); the lock is let go and the zombie's statement runs with the old epoch:
+    the fence matches nothing. SIGCONT: the zombie answers nothing for those shards any more,
+    and its callers' retries reach the new owners and take effect exactly once.
+    """
+    # node-0: when it goes, assign() moves no shard between the other two, so no hand-off waits on the lock
+    zombie, survivors = cluster.nodes[0], cluster.nodes[1:]
+    watcher = await asyncpg.connect(cluster.postgres_url)
+    blocker = await asyncpg.connect(cluster.postgres_url)
+    try:
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=100)) as client:
+            load = Load(cluster, client, cluster.nodes)
+            await mint_all(load, 1_000_000)
+            owners = await cluster.settled(client, cluster.nodes)
+            its_shards = sorted(n for n, name in owners.items() if name == zombie.name)
+            old = {n: epoch for n, (epoch, _) in (await epochs_of(watcher, its_shards)).items()}
+            traffic = Traffic(load, cluster.gateway)
+            workers = [asyncio.create_task(traffic.worker(n)) for n in range(12)]
+            await asyncio.sleep(1.0)
+            blocking = blocker.transaction()
+            await blocking.start()
+            await blocker.execute("LOCK TABLE tollway.events IN SHARE MODE")
+            await wait_until(lambda: _positive(appends_waiting(watcher, zombie)), "a batch of the zombie waits")
+            zombie.signal(signal.SIGSTOP)
+
+            async def taken_over() -> bool:
+                now = await epochs_of(watcher, its_shards)
+                return all(epoch > old[n] and owner not in (None, zombie.name) for n, (epoch, owner) in now.items())
+
+            await wait_until(taken_over, "the zombie's shards acquired by the others")
+            written_before = await rows_of_epochs(watcher, old)
+            await blocking.commit()  # the zombie's waiting statement runs now, with its old epoch
+            await wait_until(lambda: _zero(appends_waiting(watcher, zombie)), "the zombie's statement ran")
+            written_after = await rows_of_epochs(watcher, old)
+            taken = await cluster.settled(client, survivors)
+            zombie.signal(signal.SIGCONT)
+            await zombie.wait_for_log("refused by the fence")
+            await asyncio.sleep(LEASE_TTL_MS / 1000)
+            traffic.stop.set()
+            await asyncio.gather(*workers)
+            await traffic.check_balances(1_000_000)
+            after = await cluster.settled(client, cluster.nodes)
+        late = await late_rows(watcher, old)
+    finally:
+        await blocker.close()
+        await watcher.close()
     audit = run_cli("cluster", "audit", "--postgres-url", cluster.postgres_url)
     assert 0 == audit.returncode, audit.stdout + audit.stderr
+    assert written_before == written_after  # the batch in flight under the old epoch wrote nothing
+    assert [] == late
     assert ([], []) == (load.other_failures, load.overlaps())
-    assert zombie.name in owners.values()
+    assert load.retryable > 0
     assert zombie.name not in taken.values()
     assert sorted(owners) == sorted(after)
+
+
+async def _positive(count: Awaitable[int]) -> bool:
+    return await count > 0
+
+
+async def _zero(count: Awaitable[int]) -> bool:
+    return await count == 0
 
 
 async def test_forwarding_answers_exactly_as_the_owner(cluster: Cluster) -> None:
@@ -311,3 +407,40 @@ async def test_sigterm_hands_shards_off_under_load_with_only_retryable_refusals(
     assert ([], []) == (load.other_failures, load.overlaps())
     assert leaving.name not in after.values()
     assert set(handed) <= {row["shard"] for row in snapshotted}  # each handed-off shard wrote a snapshot row
+
+
+async def test_a_fourth_node_joining_under_load_takes_its_share_by_hand_off_losing_nothing(cluster: Cluster) -> None:
+    """A node joins under load: its shards are handed over (snapshot, release), only 503 shard_moved, nothing lost."""
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=100)) as client:
+        load = Load(cluster, client, cluster.nodes)
+        await mint_all(load, 1_000_000)
+        before = await cluster.settled(client, cluster.nodes)
+        epochs = {row["shard"]: row["epoch"] for row in (await cluster.view(client, cluster.nodes[0]))["shard_map"]}
+        traffic = Traffic(load, cluster.gateway)
+        workers = [asyncio.create_task(traffic.worker(n)) for n in range(12)]
+        await asyncio.sleep(1.0)
+        (joined,) = await cluster.start(1)
+        load.nodes = cluster.nodes  # the clients send to the new node too
+        after = await cluster.settled(client, cluster.nodes)
+        await asyncio.sleep(1.0)
+        traffic.stop.set()
+        await asyncio.gather(*workers)
+        await traffic.check_balances(1_000_000)
+    moved = sorted(n for n in after if after[n] != before[n])
+    audit = run_cli("cluster", "audit", "--postgres-url", cluster.postgres_url)
+    connection = await asyncpg.connect(cluster.postgres_url)
+    try:
+        handed = await connection.fetch(
+            "SELECT DISTINCT shard, epoch FROM tollway.snapshots WHERE shard = ANY($1)", moved
+        )
+        new_epochs = await epochs_of(connection, moved)
+    finally:
+        await connection.close()
+    assert 0 == audit.returncode, audit.stdout + audit.stderr
+    assert ([], []) == (load.other_failures, load.overlaps())
+    assert joined.name in after.values()
+    assert {(n, epochs[n]) for n in moved} <= {
+        (row["shard"], row["epoch"]) for row in handed
+    }  # the old owner's snapshot
+    assert all(epoch > epochs[n] for n, (epoch, _) in new_epochs.items())
+    assert sum(len(e) for e in traffic.committed.values()) > 0

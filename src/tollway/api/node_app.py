@@ -17,13 +17,20 @@ a charge, or in the path) or its billing entry id (characters 10-11). The node a
   effect once wherever the shard is then.
 
 The caller is authenticated and its body validated before a request is forwarded, so a
-non-owner refuses exactly what the owner would. Not served in cluster mode yet: the Redis
-projection, settlement (finalize worker, dead letters, breaker), the guard and metrics
-(``/readyz`` says so).
+non-owner refuses exactly what the owner would.
+
+Answered by every node itself, never forwarded: ``GET /v1/cluster``; ``GET /metrics`` (the
+shards this node serves, labelled by shard: :mod:`tollway.cluster.metrics`); ``GET /v1/prices``
+(this node's price table, which is configuration, not cluster state: every node should be
+given the same one, and ``/v1/cluster`` shows its ``prices_sha256`` to compare); ``/docs`` and
+``/openapi.json`` (Swagger UI from an installed package, as the single-node service). Not served
+in cluster mode yet: the Redis projection, settlement (finalize worker, dead letters, replay,
+breaker) and the conservation guard, whose checks need the Redis projection (``/readyz`` says so).
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -33,6 +40,8 @@ import httpx
 from fastapi import FastAPI, Path, Query, Request
 from starlette.responses import Response
 
+from tollway.api import docs
+from tollway.api.app import API_DESCRIPTION, API_TITLE, API_VERSION
 from tollway.api.auth import Authenticator, Principal, Scope
 from tollway.api.errors import ApiError, install_error_handlers, refusal_response
 from tollway.api.routes_accounts import history_page
@@ -48,7 +57,8 @@ from tollway.api.schemas import (
     VoidRequest,
 )
 from tollway.api.translate import charge_command, commit_command, credit_command, reserve_command
-from tollway.api.wire import balance_body, credit_body, entry_body, json_response
+from tollway.api.wire import balance_body, credit_body, entry_body, json_response, prices_body
+from tollway.cluster.metrics import NodeMetrics
 from tollway.cluster.node import Node
 from tollway.core import commands as cmd
 from tollway.core.decide import GONE
@@ -82,6 +92,8 @@ class NodeContext:
     authenticator: Authenticator
     pricing: PriceTable
     client: httpx.AsyncClient
+    metrics: NodeMetrics
+    prices_sha256: str  # of this node's GET /v1/prices body: equal on every node given the same table
 
 
 def _ctx(request: Request) -> NodeContext:
@@ -175,8 +187,9 @@ async def _checked_entry(engine: Engine, principal: Principal, scope: Scope, bil
 async def create_reservation(body: ReserveRequest, request: Request) -> Response:
     """POST /v1/reservations on the account's shard."""
     _principal(request, Scope.GATEWAY, body.account_id)
-    command = reserve_command(body, _ctx(request).pricing)
-    return await _via_shard(request, _account_shard(request, body.account_id), lambda e: _execute_entry(e, command))
+    pricing = _ctx(request).pricing  # the owner prices: a forwarded hold is priced by the node that serves it
+    number = _account_shard(request, body.account_id)
+    return await _via_shard(request, number, lambda e: _execute_entry(e, reserve_command(body, pricing)))
 
 
 async def create_charge(body: ChargeRequest, request: Request) -> Response:
@@ -307,7 +320,20 @@ async def create_credit(account_id: AccountId, body: CreditRequest, request: Req
 async def get_cluster(request: Request) -> Response:
     """GET /v1/cluster: the shard map (owner, epoch, last sequence), the live nodes, what this node serves."""
     _principal(request, Scope.READ)
-    return json_response(_ctx(request).node.view())
+    ctx = _ctx(request)
+    return json_response({**ctx.node.view(), "prices_sha256": ctx.prices_sha256})
+
+
+async def get_prices(request: Request) -> Response:
+    """GET /v1/prices: this node's price table (the owner of a shard prices its reservations and commits)."""
+    _principal(request, Scope.READ)
+    return json_response(prices_body(_ctx(request).pricing))
+
+
+async def metrics(request: Request) -> Response:
+    """GET /metrics: the figures of the shards this node serves, labelled by shard (Prometheus)."""
+    data, content_type = _ctx(request).metrics.render_for(request.headers.get("accept", ""))
+    return Response(data, media_type=content_type)
 
 
 async def healthz() -> Response:
@@ -324,7 +350,7 @@ async def readyz(request: Request) -> Response:
         "mode": "cluster",
         "node_id": node.node_id,
         "serving_shards": serving,
-        "not_running": ["redis_projection", "finalize_worker", "guard", "metrics"],
+        "not_running": ["redis_projection", "finalize_worker", "guard"],
     }
     return json_response(body, 200 if body["ready"] else 503)
 
@@ -342,6 +368,8 @@ _ROUTES: Final = (
     ("GET", "/v1/accounts/{account_id}/entries", list_entries, 200),
     ("POST", "/v1/accounts/{account_id}/credits", create_credit, 201),
     ("GET", "/v1/cluster", get_cluster, 200),
+    ("GET", "/v1/prices", get_prices, 200),
+    ("GET", "/metrics", metrics, 200),
     ("GET", "/healthz", healthz, 200),
     ("GET", "/readyz", readyz, 200),
 )
@@ -351,10 +379,19 @@ def create_node_app(
     node: Node, *, authenticator: Authenticator, pricing: PriceTable, client: httpx.AsyncClient
 ) -> FastAPI:
     """The API of a cluster node over ``node``; ``client`` is the pooled client forwarded requests use."""
-    app = FastAPI(title="tollway (cluster node)", openapi_url=None, docs_url=None, redoc_url=None)
-    app.state.node = NodeContext(node, authenticator, pricing, client)
+    app = FastAPI(
+        title=f"{API_TITLE} (cluster node)",
+        version=API_VERSION,
+        description=API_DESCRIPTION,
+        openapi_url="/openapi.json",
+        docs_url=None,  # tollway.api.docs serves /docs with local assets
+        redoc_url=None,
+    )
+    digest = hashlib.sha256(json_response(prices_body(pricing)).body).hexdigest()
+    app.state.node = NodeContext(node, authenticator, pricing, client, NodeMetrics(node), digest)
     for method, path, handler, status in _ROUTES:
         app.add_api_route(path, handler, methods=[method], status_code=status)
+    app.include_router(docs.router)
     install_error_handlers(app)
     return app
 

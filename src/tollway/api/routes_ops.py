@@ -21,8 +21,7 @@ from starlette.responses import Response
 from tollway.api.context import Admin, AppContext, Reader, context, require_worker
 from tollway.api.errors import errors_doc
 from tollway.api.schemas import BreakerDetailOut, GuardOut, HealthOut, PoisonPageOut, PricesOut, ReadyOut, ReplayOut
-from tollway.api.wire import json_response
-from tollway.core.pricing import TOKENS_PER_PRICE_UNIT
+from tollway.api.wire import json_response, prices_body
 from tollway.redis.errors import UNAVAILABLE
 from tollway.redis.projector import ProjectorStatus
 
@@ -141,11 +140,7 @@ async def reset_guard(principal: Admin, request: Request) -> Response:
 @router.get("/v1/prices", tags=["prices"], response_model=PricesOut, summary="The price table", responses=errors_doc())
 async def get_prices(_: Reader, request: Request) -> Response:
     """micro-USD per 1,000,000 tokens, input and output, per model."""
-    models = {
-        name: {"input_micro_per_mtok": price.input_micro_per_mtok, "output_micro_per_mtok": price.output_micro_per_mtok}
-        for name, price in context(request).pricing.items()
-    }
-    return json_response({"tokens_per_price_unit": TOKENS_PER_PRICE_UNIT, "models": models})
+    return json_response(prices_body(context(request).pricing))
 
 
 @router.get("/healthz", tags=["health"], response_model=HealthOut, summary="Liveness")

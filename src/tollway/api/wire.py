@@ -20,6 +20,7 @@ from starlette.responses import Response
 
 from tollway.core.commands import CreditResult
 from tollway.core.money import Rounding, micro_to_cu
+from tollway.core.pricing import TOKENS_PER_PRICE_UNIT, PriceTable
 from tollway.core.state import Account, Entry
 
 JSON_MEDIA_TYPE: Final = "application/json"
@@ -113,3 +114,12 @@ def credit_body(result: CreditResult, credit_units_per_usd: int) -> dict[str, ob
         "replayed": result.replayed,
         "balance": balance_body(result.account_id, result.balance, credit_units_per_usd, result.wal_sequence),
     }
+
+
+def prices_body(pricing: PriceTable) -> dict[str, object]:
+    """``GET /v1/prices``: micro-USD per 1,000,000 tokens, input and output, per model."""
+    models = {
+        name: {"input_micro_per_mtok": price.input_micro_per_mtok, "output_micro_per_mtok": price.output_micro_per_mtok}
+        for name, price in pricing.items()
+    }
+    return {"tokens_per_price_unit": TOKENS_PER_PRICE_UNIT, "models": models}

@@ -152,6 +152,14 @@ def audit_command(*, postgres_url: PostgresUrl, as_json: AsJson = False) -> None
     every event must concern an account of its shard. Exit 0 when clean, 1 listing every
     problem. Read-only; safe beside running nodes.
     """
+    run_cluster_audit(postgres_url, as_json=as_json)
+
+
+def run_cluster_audit(postgres_url: str, *, as_json: bool = False) -> None:
+    """Audit every shard and print the verdict; :class:`typer.Exit` (1) on a problem.
+
+    ``tollway cluster audit`` and ``tollway audit --postgres-url`` both run this.
+    """
     report = _with_pool(postgres_url, audit_cluster)
     problems = report.problems
     if as_json:

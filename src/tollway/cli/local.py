@@ -18,6 +18,7 @@ from rich.console import Console
 
 from tollway import audit as auditing
 from tollway.audit_live import redis_section, settlement_section
+from tollway.cli.cluster import run_cluster_audit
 from tollway.cli.common import ConfigFile, DataDir, Group, clean_errors, existing_data_dir
 from tollway.config import Settings
 from tollway.core.errors import InvalidInput, TollwayError
@@ -157,6 +158,14 @@ def audit_command(
             help="Also compare the settlement service's finalized list (signed with the data directory's key).",
         ),
     ] = None,
+    postgres_url: Annotated[
+        str | None,
+        typer.Option(
+            "--postgres-url",
+            help="Audit a cluster instead: every shard's log in this PostgreSQL (as `tollway cluster audit`).",
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="With --postgres-url: the verdict as JSON.")] = False,
 ) -> None:
     """Fold the WAL into ledger balances and prove conservation. Read-only.
 
@@ -167,13 +176,41 @@ def audit_command(
     acknowledged charge must be finalized there with the same amount. Prints entries by state
     and money by ledger account; exit 1 on any problem. Safe beside a running engine (the
     Redis comparison then needs an idle service).
+
+    With `--postgres-url`, the cluster instead (the same as `tollway cluster audit`): every
+    shard's log folded from PostgreSQL into the ledger and the engine's state and compared,
+    every event in the shard of its account, the ledger zero-sum over the whole cluster.
     """
+    if postgres_url is not None:
+        _refuse_with_cluster(per_account=per_account, redis_url=redis_url, settlement_url=settlement_url)
+        run_cluster_audit(postgres_url, as_json=as_json)
+        return
+    if as_json:
+        raise InvalidInput("--json is for a cluster's audit (--postgres-url)", field="json")
     settings = existing_data_dir(data_dir, config)
     report = auditing.audit(settings.data_dir)
     report = asyncio.run(_live_sections(report, settings, redis_url, settlement_url))
     Console().print(auditing.render(report, per_account=per_account))
     if not report.ok:
         raise typer.Exit(1)
+
+
+def _refuse_with_cluster(*, per_account: bool, redis_url: str | None, settlement_url: str | None) -> None:
+    """The sections of a data directory's audit that a cluster's audit does not have yet."""
+    given = [
+        flag
+        for flag, value in (
+            ("--per-account", per_account),
+            ("--redis-url", redis_url),
+            ("--settlement-url", settlement_url),
+        )
+        if value
+    ]
+    if given:
+        raise InvalidInput(
+            f"{', '.join(given)} cannot be combined with --postgres-url: a cluster's audit folds the log only",
+            field="postgres_url",
+        )
 
 
 async def _live_sections(

@@ -34,6 +34,9 @@ from tollway.pg.schema import open_cluster
 
 POOL_CONNECTIONS_MAX = 16
 CONNECT_TIMEOUT_S = 10
+APPLICATION_NAME_PREFIX = "tollway "
+"""A node's connections show as ``tollway <node id>`` in ``pg_stat_activity.application_name``."""
+APPLICATION_NAME_MAX = 63  # PostgreSQL truncates longer names (NAMEDATALEN - 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +63,8 @@ async def serve_node(
 ) -> int:
     """Run a node until a stop signal (exit code 0); hand every shard off on the way out."""
     url = url_of(sock)
-    pool = await _pool(node_options.postgres_url)
+    node_id = node_options.node_id or f"node-{uuid.uuid4().hex[:8]}"
+    pool = await _pool(node_options.postgres_url, node_id)
     try:
         async with pool.acquire() as connection:
             info = await open_cluster(connection)
@@ -68,7 +72,7 @@ async def serve_node(
             pool,
             info,
             settings,
-            node_id=node_options.node_id or f"node-{uuid.uuid4().hex[:8]}",
+            node_id=node_id,
             advertise_url=node_options.advertise_url or url,
             timing=lease_timing(node_options.lease_ttl_ms),
         )
@@ -117,8 +121,15 @@ async def _announce(server: uvicorn.Server, ready: Callable[[], None]) -> None:
     ready()
 
 
-async def _pool(url: str) -> asyncpg.Pool:
+async def _pool(url: str, node_id: str) -> asyncpg.Pool:
+    """The node's connections, named ``tollway <node id>`` in ``pg_stat_activity``."""
     try:
-        return await asyncpg.create_pool(url, min_size=1, max_size=POOL_CONNECTIONS_MAX, timeout=CONNECT_TIMEOUT_S)
+        return await asyncpg.create_pool(
+            url,
+            min_size=1,
+            max_size=POOL_CONNECTIONS_MAX,
+            timeout=CONNECT_TIMEOUT_S,
+            server_settings={"application_name": f"{APPLICATION_NAME_PREFIX}{node_id}"[:APPLICATION_NAME_MAX]},
+        )
     except (*PG_ERRORS, ValueError, OSError) as exc:
         raise LogUnavailable(f"could not connect to PostgreSQL: {exc}") from exc
