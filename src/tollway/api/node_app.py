@@ -17,9 +17,9 @@ a charge, or in the path) or its billing entry id (characters 10-11). The node a
   effect once wherever the shard is then.
 
 The caller is authenticated and its body validated before a request is forwarded, so a
-non-owner refuses exactly what the owner would. Not served in cluster mode yet: the Redis
-projection, settlement (finalize worker, dead letters, breaker), the guard and metrics
-(``/readyz`` says so).
+non-owner refuses exactly what the owner would. Settlement operations (dead letters, replay,
+breakers) span the cluster (:mod:`tollway.api.node_settlement`). Not served in cluster mode
+yet: the guard and metrics (``/readyz`` says so).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from starlette.responses import Response
 
 from tollway.api.auth import Authenticator, Principal, Scope
 from tollway.api.errors import ApiError, install_error_handlers, refusal_response
+from tollway.api.node_settlement import ROUTES as SETTLEMENT_ROUTES
 from tollway.api.routes_accounts import history_page
 from tollway.api.routes_billing import entry_outcome
 from tollway.api.schemas import (
@@ -324,9 +325,17 @@ async def readyz(request: Request) -> Response:
         "mode": "cluster",
         "node_id": node.node_id,
         "serving_shards": serving,
-        "not_running": ["redis_projection", "finalize_worker", "guard", "metrics"],
+        "not_running": _not_running(node),
     }
     return json_response(body, 200 if body["ready"] else 503)
+
+
+def _not_running(node: Node) -> list[str]:
+    side = node.engines.redis_side
+    missing = [] if side is not None else ["redis_projection"]
+    if side is None or side.settlement is None:
+        missing.append("finalize_worker")
+    return [*missing, "guard", "metrics"]
 
 
 _ROUTES: Final = (
@@ -353,7 +362,7 @@ def create_node_app(
     """The API of a cluster node over ``node``; ``client`` is the pooled client forwarded requests use."""
     app = FastAPI(title="tollway (cluster node)", openapi_url=None, docs_url=None, redoc_url=None)
     app.state.node = NodeContext(node, authenticator, pricing, client)
-    for method, path, handler, status in _ROUTES:
+    for method, path, handler, status in (*_ROUTES, *SETTLEMENT_ROUTES):
         app.add_api_route(path, handler, methods=[method], status_code=status)
     install_error_handlers(app)
     return app

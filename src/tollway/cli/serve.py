@@ -101,7 +101,9 @@ def serve_command(
     _print_first_tokens(settings)
     options = ServeOptions(pricing, Authenticator.from_settings(settings), _bypass_requested(), access_log)
     if postgres_url is not None:
-        typer.echo("tollway: cluster mode (the log in PostgreSQL); no Redis projection or finalize worker yet")
+        redis_note = "no Redis projection" if settings.redis_url is None else "Redis projection"
+        settle_note = "standalone" if settings.settlement_url is None else "settlement mode"
+        typer.echo(f"tollway: cluster mode (the log in PostgreSQL; {redis_note}; {settle_note})")
         nodes = NodeOptions(postgres_url, node_id, advertise_url, lease_ttl_ms)
         raise typer.Exit(_run(serve_node(settings, sock, options, nodes, on_ready=_announce)))
     typer.echo(f"tollway: data in {settings.data_dir}; starting (WAL recovery, Redis, guard checks)...")
