@@ -193,3 +193,67 @@ async def _old_epoch_refused(
     batch = encode_batch(keys, events, projection_owner(cluster_id, number), old_epoch)
     reply: list[Any] = await client.eval(load_script("apply_batch.lua"), len(batch.keys), *batch.keys, *batch.argv)
     return reply[0] == b"stale" and before == await client.hgetall(keys.meta)
+
+
+async def _dead_letters(client: httpx.AsyncClient, cluster: Cluster, url: str) -> list[dict[str, Any]]:
+    """Every dead letter of the cluster, read through one node in pages of three."""
+    items: list[dict[str, Any]] = []
+    after: str | None = None
+    for _ in range(1_000):  # a bound
+        params = {"limit": "3", **({"after": after} if after else {})}
+        response = await client.get(f"{url}/v1/settlement/poison", params=params, headers=cluster.auth())
+        assert 200 == response.status_code, response.text
+        page = response.json()
+        items += page["items"]
+        after = page["next_after"]
+        if after is None:
+            return items
+    raise AssertionError("the dead-letter pages did not end")
+
+
+async def test_dead_letters_of_every_shard_are_listed_and_replayed_through_any_node(
+    stack: tuple[Cluster, Simulator],
+) -> None:
+    """Settlement refusing (422): each shard's dead letters listed through one node; a replay on another acks all."""
+    cluster, sim = stack
+    await sim.set_faults(status_override=422)
+    async with httpx.AsyncClient(timeout=60) as client:
+        load = Load(cluster, client, cluster.nodes)
+        await mint_all(load, 1_000_000)
+        traffic = Traffic(load, cluster.gateway)
+        for i, account in enumerate(ACCOUNTS):
+            await traffic.pair(account, f"dead-{i}")
+        committed = {entry for entries in traffic.committed.values() for entry in entries}
+        deadline = time.monotonic() + FINALIZE_TIMEOUT_S
+        while len(letters := await _dead_letters(client, cluster, cluster.nodes[0].url)) < len(committed):
+            assert time.monotonic() < deadline, f"{len(letters)} dead letters of {len(committed)}"
+            await asyncio.sleep(0.5)
+        assert committed == {letter["billing_entry_id"] for letter in letters}
+        assert {shard(a, SHARDS) for a in ACCOUNTS} == {letter["shard"] for letter in letters}
+        breaker = (await client.get(f"{cluster.nodes[1].url}/v1/settlement/breaker", headers=cluster.auth())).json()
+        assert ("CLOSED", [], [], [str(n) for n in range(SHARDS)]) == (
+            breaker["state"],
+            breaker["unserved_shards"],
+            breaker["unreachable_nodes"],
+            list(breaker["shards"]),
+        )
+
+        await sim.set_faults(status_override=None)
+        replay = await client.post(f"{cluster.nodes[1].url}/v1/settlement/poison/replay", headers=cluster.auth())
+        assert 200 == replay.status_code, replay.text
+        report = replay.json()
+        assert (len(committed), len(committed), 0, []) == (
+            report["examined"],
+            report["acked"],
+            report["still_failing"],
+            report["unserved_shards"],
+        )
+        assert {"FINALIZE_ACKED": len(committed)} == dict(await _acked_entries(load))
+        reset = await client.post(f"{cluster.nodes[2].url}/v1/settlement/breaker/reset", headers=cluster.auth())
+        assert (200, "CLOSED", SHARDS) == (reset.status_code, reset.json()["state"], len(reset.json()["shards"]))
+        gateway = await client.get(
+            f"{cluster.nodes[0].url}/v1/settlement/breaker", headers=cluster.auth(cluster.gateway)
+        )
+        assert 403 == gateway.status_code, gateway.text
+    finalized = await sim.finalized()
+    assert sorted(committed) == sorted(item.reservation_id for item in finalized)
