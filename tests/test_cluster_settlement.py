@@ -22,6 +22,7 @@ import asyncpg
 import httpx
 import pytest
 import redis.asyncio
+from redis.asyncio.cluster import RedisCluster
 
 from tests.cluster_support import Cluster, run_cli
 from tests.e2e_support import Simulator
@@ -95,7 +96,7 @@ async def _wait_finalized(load: Load, sim: Simulator, count: int) -> None:
         await asyncio.sleep(0.5)
 
 
-async def _parity(pg_url: str, client: redis.asyncio.Redis) -> dict[int, list[str]]:
+async def _parity(pg_url: str, client: redis.asyncio.Redis | RedisCluster) -> dict[int, list[str]]:
     """Each shard's projection against its fold from PostgreSQL, once the projection caught up."""
     pool = await asyncpg.create_pool(pg_url, min_size=1, max_size=2)
     try:
@@ -107,7 +108,7 @@ async def _parity(pg_url: str, client: redis.asyncio.Redis) -> dict[int, list[st
             while int(await client.hget(keys.meta, "applied_seq") or 0) != state.last_sequence:
                 assert time.monotonic() < deadline, f"shard {number} projection not caught up"
                 await asyncio.sleep(0.1)
-            found[number] = await differences(client, keys, state)
+            found[number] = await differences(client, keys, state)  # type: ignore[arg-type]  # same commands
         return found
     finally:
         await pool.close()

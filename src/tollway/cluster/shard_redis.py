@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -43,6 +44,8 @@ log = logging.getLogger("tollway.cluster")
 
 FIRST_SYNC_POLL_S: Final = 0.05
 """How often a shard's finalize worker looks whether the projector has caught up, before it starts."""
+RESTART_PAUSE_S: Final = 1.0
+"""How long a shard's projector or worker that crashed waits before it runs again."""
 
 
 def projection_owner(cluster_id: str, shard: int) -> str:
@@ -114,10 +117,29 @@ def start_shard_redis(side: RedisSide, engine: Engine, shard: int, epoch: int) -
             claim_idle_ms=settings.claim_idle_ms,
         )
     running = ShardRedis(projector, queue, worker)
-    running.tasks.append(_spawn(projector.run(), f"projector-{shard}"))
+    running.tasks.append(_spawn(_supervised(projector.run, f"projector-{shard}"), f"projector-{shard}"))
     if worker is not None:
-        running.tasks.append(_spawn(_work_after_first_sync(projector, worker), f"finalize-worker-{shard}"))
+        work = _supervised(lambda: _work_after_first_sync(projector, worker), f"finalize-worker-{shard}")
+        running.tasks.append(_spawn(work, f"finalize-worker-{shard}"))
     return running
+
+
+async def _supervised(run: Callable[[], Awaitable[None]], name: str) -> None:
+    """Run ``run()`` again after an unexpected crash, until it returns or is cancelled.
+
+    The loops survive Redis going away by themselves; this is for what escapes them. redis-py's
+    cluster client, for one, can raise a bare ``AttributeError`` from a connection a killed
+    master closed under a blocked read (seen with redis-py 8.1): without a restart that shard
+    would never be finalized again on this node.
+    """
+    while True:
+        try:
+            await run()
+        except Exception:
+            log.exception("%s crashed; running it again in %s s", name, RESTART_PAUSE_S)
+            await asyncio.sleep(RESTART_PAUSE_S)
+        else:
+            return
 
 
 async def _work_after_first_sync(projector: Projector, worker: FinalizeWorker) -> None:
