@@ -61,7 +61,11 @@ def serve_command(
     host: Annotated[str | None, typer.Option(help="Listen on this address [default: http_host, 127.0.0.1].")] = None,
     port: Annotated[int | None, typer.Option(help="Listen on this port [default: http_port, 8080].")] = None,
     redis_url: Annotated[
-        str | None, typer.Option(help="An external Redis [default: a private redis-server in the data directory].")
+        str | None,
+        typer.Option(
+            help="An external Redis [default: a private redis-server in the data directory; cluster mode: none, "
+            "no projection]. Cluster mode: one Redis or a Redis Cluster for every shard."
+        ),
     ] = None,
     settlement_url: Annotated[
         str | None, typer.Option(help="The settlement service [default: none — standalone mode].")
