@@ -34,7 +34,17 @@ def run_cli(*args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[
 class Node:
     """One ``tollway serve --postgres-url`` process."""
 
-    def __init__(self, name: str, postgres_url: str, data_dir: Path, log_dir: Path, lease_ttl_ms: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        postgres_url: str,
+        data_dir: Path,
+        log_dir: Path,
+        lease_ttl_ms: int,
+        *,
+        extra_args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         args = [
             "serve",
             "--postgres-url",
@@ -51,9 +61,10 @@ class Node:
             str(lease_ttl_ms),
             "--log-level",
             "warning",
+            *extra_args,
         ]
         self.name = name
-        self.process = Process(name, tollway_argv(*args), log_dir)
+        self.process = Process(name, tollway_argv(*args), log_dir, env=env)
         self.url = ""
 
     async def started(self) -> None:
@@ -79,8 +90,19 @@ class Node:
 class Cluster:
     """A cluster of ``tollway serve`` nodes on one fresh database."""
 
-    def __init__(self, postgres_url: str, tmp_path: Path, *, shards: int, lease_ttl_ms: int) -> None:
+    def __init__(
+        self,
+        postgres_url: str,
+        tmp_path: Path,
+        *,
+        shards: int,
+        lease_ttl_ms: int,
+        node_args: tuple[str, ...] = (),
+        node_env: dict[str, str] | None = None,
+    ) -> None:
         self.postgres_url = postgres_url
+        self.node_args = node_args  # e.g. --redis-url, --settlement-url
+        self.node_env = node_env
         self.dir = tmp_path
         self.shards = shards
         self.lease_ttl_ms = lease_ttl_ms
@@ -99,7 +121,15 @@ class Cluster:
     async def start(self, count: int) -> list[Node]:
         """Start ``count`` more nodes and wait until each printed its URL."""
         new = [
-            Node(f"node-{len(self.nodes) + i}", self.postgres_url, self.data_dir, self.dir, self.lease_ttl_ms)
+            Node(
+                f"node-{len(self.nodes) + i}",
+                self.postgres_url,
+                self.data_dir,
+                self.dir,
+                self.lease_ttl_ms,
+                extra_args=self.node_args,
+                env=self.node_env,
+            )
             for i in range(count)
         ]
         self.nodes.extend(new)

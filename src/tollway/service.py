@@ -80,6 +80,26 @@ def redis_keys(settings: Settings) -> Keys:
     return Keys(settings.redis_prefix, settings.shard)
 
 
+def settlement_client(settings: Settings, clock: Callable[[], int] = system_clock_ms) -> SettlementClient:
+    """The client of the configured settlement service, signing with the data directory's key."""
+    assert settings.settlement_url is not None
+    key, created = settlement_signing_key(settings)
+    if created:
+        log.warning("created a settlement signing key in %s (kid %s)", keys_dir(settings), key.kid)
+    secret = settings.settlement_hs256_secret.encode() if settings.settlement_hs256_secret else None
+    auth = SettlementAuth(
+        signing_key=None if settings.settlement_allow_hs256 and secret else key,
+        hs256_secret=secret,
+        allow_hs256=settings.settlement_allow_hs256,
+        issuer=settings.settlement_issuer,
+        audience=settings.settlement_audience,
+        tenant_id=settings.settlement_tenant_id,
+    )
+    return SettlementClient.from_url(
+        settings.settlement_url, auth, clock_ms=clock, timeout_ms=settings.settlement_timeout_ms
+    )
+
+
 class Service:
     """One engine and everything that runs beside it. Create it with :meth:`running`."""
 
@@ -176,21 +196,7 @@ class Service:
         settings = self.settings
         if settings.settlement_url is None:
             return
-        key, created = settlement_signing_key(settings)
-        if created:
-            log.warning("created a settlement signing key in %s (kid %s)", keys_dir(settings), key.kid)
-        secret = settings.settlement_hs256_secret.encode() if settings.settlement_hs256_secret else None
-        auth = SettlementAuth(
-            signing_key=None if settings.settlement_allow_hs256 and secret else key,
-            hs256_secret=secret,
-            allow_hs256=settings.settlement_allow_hs256,
-            issuer=settings.settlement_issuer,
-            audience=settings.settlement_audience,
-            tenant_id=settings.settlement_tenant_id,
-        )
-        self.settlement = SettlementClient.from_url(
-            settings.settlement_url, auth, clock_ms=clock, timeout_ms=settings.settlement_timeout_ms
-        )
+        self.settlement = settlement_client(settings, clock)
         self.worker = FinalizeWorker(
             self.engine,
             self.queue,

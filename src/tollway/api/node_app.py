@@ -23,9 +23,10 @@ Answered by every node itself, never forwarded: ``GET /v1/cluster``; ``GET /metr
 shards this node serves, labelled by shard: :mod:`tollway.cluster.metrics`); ``GET /v1/prices``
 (this node's price table, which is configuration, not cluster state: every node should be
 given the same one, and ``/v1/cluster`` shows its ``prices_sha256`` to compare); ``/docs`` and
-``/openapi.json`` (Swagger UI from an installed package, as the single-node service). Not served
-in cluster mode yet: the Redis projection, settlement (finalize worker, dead letters, replay,
-breaker) and the conservation guard, whose checks need the Redis projection (``/readyz`` says so).
+``/openapi.json`` (Swagger UI from an installed package, as the single-node service).
+Settlement operations (dead letters, replay, breakers) span the cluster
+(:mod:`tollway.api.node_settlement`). Not served in cluster mode yet: the conservation guard
+(``/readyz`` says so).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from tollway.api import docs
 from tollway.api.app import API_DESCRIPTION, API_TITLE, API_VERSION
 from tollway.api.auth import Authenticator, Principal, Scope
 from tollway.api.errors import ApiError, install_error_handlers, refusal_response
+from tollway.api.node_settlement import ROUTES as SETTLEMENT_ROUTES
 from tollway.api.routes_accounts import history_page
 from tollway.api.routes_billing import entry_outcome
 from tollway.api.schemas import (
@@ -350,9 +352,17 @@ async def readyz(request: Request) -> Response:
         "mode": "cluster",
         "node_id": node.node_id,
         "serving_shards": serving,
-        "not_running": ["redis_projection", "finalize_worker", "guard"],
+        "not_running": _not_running(node),
     }
     return json_response(body, 200 if body["ready"] else 503)
+
+
+def _not_running(node: Node) -> list[str]:
+    side = node.engines.redis_side
+    missing = [] if side is not None else ["redis_projection"]
+    if side is None or side.settlement is None:
+        missing.append("finalize_worker")
+    return [*missing, "guard"]
 
 
 _ROUTES: Final = (
@@ -389,7 +399,7 @@ def create_node_app(
     )
     digest = hashlib.sha256(json_response(prices_body(pricing)).body).hexdigest()
     app.state.node = NodeContext(node, authenticator, pricing, client, NodeMetrics(node), digest)
-    for method, path, handler, status in _ROUTES:
+    for method, path, handler, status in (*_ROUTES, *SETTLEMENT_ROUTES):
         app.add_api_route(path, handler, methods=[method], status_code=status)
     app.include_router(docs.router)
     install_error_handlers(app)

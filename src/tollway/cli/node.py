@@ -4,6 +4,10 @@ In one event loop: a pool on the cluster's database, the cluster's identity chec
 (:func:`~tollway.pg.schema.open_cluster` refuses another format), a
 :class:`~tollway.cluster.node.Node` ticking (heartbeat, leases, one engine per held shard) and
 uvicorn serving :func:`~tollway.api.node_app.create_node_app` on a socket bound by the caller.
+With ``--redis-url`` (the settings' ``redis_url``), the node's shards have their Redis
+projection and, with ``--settlement-url``, their finalize workers
+(:mod:`tollway.cluster.shard_redis`); a URL naming a node of a Redis Cluster (``cluster_enabled``
+in its ``INFO``) gets redis-py's cluster client. Settlement needs Redis (the finalize queue).
 
 On SIGTERM or SIGINT the server stops accepting and lets in-flight requests finish, then the
 node hands every shard off (no new commands, the batch finished, a snapshot row written, the
@@ -20,23 +24,29 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import asyncpg
+import redis.asyncio as aioredis
+import redis.exceptions
 import uvicorn
+from redis.asyncio.cluster import RedisCluster
 
 from tollway.api.node_app import create_node_app, forwarding_client
 from tollway.cli.server import ServeOptions, _Control, _Server, _uvicorn_config, stop_on_signals
 from tollway.cluster.node import Node
+from tollway.cluster.shard_redis import RedisSide
 from tollway.config import Settings
-from tollway.core.errors import LogUnavailable
+from tollway.core.errors import ConfigError, LogUnavailable
 from tollway.core.lease import LeaseTiming
 from tollway.net import url_of
 from tollway.pg.errors import PG_ERRORS
-from tollway.pg.schema import open_cluster
+from tollway.pg.schema import ClusterInfo, open_cluster
+from tollway.service import settlement_client
 
 POOL_CONNECTIONS_MAX = 16
 CONNECT_TIMEOUT_S = 10
 APPLICATION_NAME_PREFIX = "tollway "
 """A node's connections show as ``tollway <node id>`` in ``pg_stat_activity.application_name``."""
 APPLICATION_NAME_MAX = 63  # PostgreSQL truncates longer names (NAMEDATALEN - 1)
+REDIS_SOCKET_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,11 +73,15 @@ async def serve_node(
 ) -> int:
     """Run a node until a stop signal (exit code 0); hand every shard off on the way out."""
     url = url_of(sock)
+    if settings.settlement_url is not None and settings.redis_url is None:
+        raise ConfigError("cluster mode: --settlement-url needs --redis-url (the finalize queues live in Redis)")
     node_id = node_options.node_id or f"node-{uuid.uuid4().hex[:8]}"
     pool = await _pool(node_options.postgres_url, node_id)
+    side: RedisSide | None = None
     try:
         async with pool.acquire() as connection:
             info = await open_cluster(connection)
+        side = await redis_side(settings, info, node_id)
         node = Node(
             pool,
             info,
@@ -75,11 +89,43 @@ async def serve_node(
             node_id=node_id,
             advertise_url=node_options.advertise_url or url,
             timing=lease_timing(node_options.lease_ttl_ms),
+            redis_side=side,
         )
         await _run(node, sock, options, lambda: on_ready(url))
     finally:
         await pool.close()
+        if side is not None:
+            await _close_side(side)
     return 0
+
+
+async def redis_side(settings: Settings, info: ClusterInfo, node_id: str) -> RedisSide | None:
+    """The node's Redis client (a cluster client for a Redis Cluster) and settlement client, if configured."""
+    if settings.redis_url is None:
+        return None
+    client = await redis_client(settings.redis_url)
+    settlement = None if settings.settlement_url is None else settlement_client(settings)
+    return RedisSide(client, info.cluster_id, node_id, settings, settlement)
+
+
+async def redis_client(url: str) -> aioredis.Redis:
+    """A client of ``url``: redis-py's cluster client when that server runs in cluster mode."""
+    plain = aioredis.Redis.from_url(url, socket_timeout=REDIS_SOCKET_TIMEOUT_S)
+    try:
+        info = await plain.info("cluster")
+    except (redis.exceptions.RedisError, OSError):  # away: the projector waits for it like a plain Redis
+        return plain
+    if not info.get("cluster_enabled"):
+        return plain
+    await plain.aclose()
+    cluster: aioredis.Redis = RedisCluster.from_url(url, socket_timeout=REDIS_SOCKET_TIMEOUT_S)  # type: ignore[assignment]
+    return cluster
+
+
+async def _close_side(side: RedisSide) -> None:
+    if side.settlement is not None:
+        await side.settlement.aclose()
+    await side.client.aclose()
 
 
 async def _run(node: Node, sock: socket.socket, options: ServeOptions, ready: Callable[[], None]) -> None:

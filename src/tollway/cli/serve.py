@@ -61,7 +61,11 @@ def serve_command(
     host: Annotated[str | None, typer.Option(help="Listen on this address [default: http_host, 127.0.0.1].")] = None,
     port: Annotated[int | None, typer.Option(help="Listen on this port [default: http_port, 8080].")] = None,
     redis_url: Annotated[
-        str | None, typer.Option(help="An external Redis [default: a private redis-server in the data directory].")
+        str | None,
+        typer.Option(
+            help="An external Redis [default: a private redis-server in the data directory; cluster mode: none, "
+            "no projection]. Cluster mode: one Redis or a Redis Cluster for every shard."
+        ),
     ] = None,
     settlement_url: Annotated[
         str | None, typer.Option(help="The settlement service [default: none — standalone mode].")
@@ -101,7 +105,9 @@ def serve_command(
     _print_first_tokens(settings)
     options = ServeOptions(pricing, Authenticator.from_settings(settings), _bypass_requested(), access_log)
     if postgres_url is not None:
-        typer.echo("tollway: cluster mode (the log in PostgreSQL); no Redis projection or finalize worker yet")
+        redis_note = "no Redis projection" if settings.redis_url is None else "Redis projection"
+        settle_note = "standalone" if settings.settlement_url is None else "settlement mode"
+        typer.echo(f"tollway: cluster mode (the log in PostgreSQL; {redis_note}; {settle_note})")
         nodes = NodeOptions(postgres_url, node_id, advertise_url, lease_ttl_ms)
         raise typer.Exit(_run(serve_node(settings, sock, options, nodes, on_ready=_announce)))
     typer.echo(f"tollway: data in {settings.data_dir}; starting (WAL recovery, Redis, guard checks)...")

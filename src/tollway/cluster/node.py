@@ -3,7 +3,9 @@
 :class:`ShardEngines` is the :class:`~tollway.cluster.membership.ShardHandler` of a node:
 
 - ``start(lease)`` recovers the shard from PostgreSQL (:func:`~tollway.cluster.shard_log.start_shard_engine`)
-  and starts its expiry sweeper and archiver; the node serves the shard once it returns;
+  and starts its expiry sweeper and archiver and, with Redis configured, its projector and (in
+  settlement mode) its finalize worker (:mod:`tollway.cluster.shard_redis`), all under the
+  lease's epoch; the node serves the shard once it returns;
 - ``hand_off(shard)`` (SIGTERM, rebalancing) stops taking commands for the shard (requests get
   ``shard_moved``), lets the engine finish its batch and write a final snapshot row, and only
   then lets membership release the lease, so the next owner starts at once;
@@ -20,8 +22,7 @@ the lease rows (live, by PostgreSQL's clock) and the registry's advertised URLs,
 tick. A node answers for a shard only while :meth:`Membership.serving` says so by its own
 monotonic clock, so two nodes never answer for one shard at once.
 
-Not here (yet): the Redis projection, finalize worker and guard of a shard (issue 19); a node
-runs its shards' engines on PostgreSQL alone.
+Not here (yet): the conservation guard of a shard.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import asyncpg
 
 from tollway.cluster.membership import Membership
 from tollway.cluster.shard_log import start_shard_engine
+from tollway.cluster.shard_redis import RedisSide, ShardRedis, start_shard_redis
 from tollway.config import Settings
 from tollway.core.errors import LogUnavailable, TollwayError
 from tollway.core.lease import LeaseTiming
@@ -59,14 +61,16 @@ class _Running:
     engine: Engine
     epoch: int
     tasks: list[asyncio.Task[None]]
+    redis: ShardRedis | None = None
 
 
 class ShardEngines:
     """The engines of the shards a node holds (a :class:`~tollway.cluster.membership.ShardHandler`)."""
 
-    def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
+    def __init__(self, pool: asyncpg.Pool, settings: Settings, redis_side: RedisSide | None = None) -> None:
         self.pool = pool
         self.settings = settings
+        self.redis_side = redis_side
         self.running: dict[int, _Running] = {}
         self.moving: set[int] = set()  # in hand-off: no new commands
         self.on_failed: Callable[[int], None] = lambda _shard: None  # the node drops the shard
@@ -85,7 +89,9 @@ class ShardEngines:
         engine = await start_shard_engine(PgLog(self.pool, number), lease.epoch, self.settings)
         engine.on_fatal = lambda _exc: self.on_failed(number)  # fenced, or PostgreSQL failed a batch
         tasks = [asyncio.create_task(run_sweeper(engine)), asyncio.create_task(run_archiver(engine))]
-        self.running[number] = _Running(engine, lease.epoch, tasks)
+        side = self.redis_side
+        redis = None if side is None else start_shard_redis(side, engine, number, lease.epoch)
+        self.running[number] = _Running(engine, lease.epoch, tasks, redis)
         log.info("shard %d recovered at sequence %d, epoch %d", number, engine.state.last_sequence, lease.epoch)
 
     async def hand_off(self, number: int) -> None:
@@ -95,6 +101,8 @@ class ShardEngines:
             return
         self.moving.add(number)
         try:
+            if running.redis is not None:  # the next owner catches the projection up from the log
+                await running.redis.stopped()
             await _stop_tasks(running.tasks)
             try:
                 await asyncio.wait_for(running.engine.close(), HAND_OFF_TIMEOUT_S)
@@ -112,6 +120,8 @@ class ShardEngines:
             return
         for task in running.tasks:
             task.cancel()
+        if running.redis is not None:
+            running.redis.stop()
         abort = asyncio.get_running_loop().create_task(running.engine.abort())
         self._aborts.add(abort)
         abort.add_done_callback(self._aborts.discard)
@@ -154,12 +164,13 @@ class Node:
         node_id: str,
         advertise_url: str,
         timing: LeaseTiming,
+        redis_side: RedisSide | None = None,
     ) -> None:
         self.pool = pool
         self.info = info
         self.node_id = node_id
         self.advertise_url = advertise_url
-        self.engines = ShardEngines(pool, settings)
+        self.engines = ShardEngines(pool, settings, redis_side)
         self.membership = Membership(
             pool,
             node_id=node_id,
@@ -189,6 +200,15 @@ class Node:
         if row is None or not row.live or row.owner is None or row.owner == self.node_id:
             return Route(number)
         return Route(number, forward_url=self.urls.get(row.owner))
+
+    def local_redis(self) -> dict[int, ShardRedis]:
+        """The Redis side (projector, queue, worker) of each shard this node serves now."""
+        served = self.local_engines()
+        return {
+            number: running.redis
+            for number, running in self.engines.running.items()
+            if number in served and running.redis is not None
+        }
 
     def local_engines(self) -> dict[int, Engine]:
         """The engines this node serves now, by shard."""

@@ -36,7 +36,13 @@ class RedisRefused(TollwayError):
     """Redis is reachable but answered an error (maxmemory reached, a read-only replica, …): nothing was applied."""
 
 
-REDIS_ERRORS: Final = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError, RedisDown)
+REDIS_ERRORS: Final = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.RedisClusterException,  # a Redis Cluster slot with no reachable master, …
+    OSError,
+    RedisDown,
+)
 """Redis unreachable, as redis-py and this boundary say it."""
 REFUSALS: Final = (RedisRefused, redis.exceptions.ResponseError)
 """Redis answered but took nothing (a script's ``unwritable``, a plain command at maxmemory)."""
@@ -48,7 +54,13 @@ def translate(exc: BaseException) -> TollwayError | None:
     """Tollway's exception for a redis-py one (None: not Redis's)."""
     if isinstance(exc, RedisDown | RedisRefused):
         return exc
-    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError | OSError):
+    if isinstance(
+        exc,
+        redis.exceptions.ConnectionError
+        | redis.exceptions.TimeoutError
+        | redis.exceptions.RedisClusterException
+        | OSError,
+    ):
         return RedisDown(f"redis unavailable: {type(exc).__name__}: {exc}")
     if isinstance(exc, redis.exceptions.RedisError):
         return RedisRefused(f"{type(exc).__name__}: {exc}")
@@ -62,7 +74,7 @@ def at_boundary(func: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, A
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await func(*args, **kwargs)
-        except (redis.exceptions.RedisError, OSError) as exc:
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
             mapped = translate(exc)
             if mapped is None:
                 raise

@@ -532,11 +532,12 @@ class _Fold:
 _PACK: Final = msgspec.msgpack.Encoder()
 
 
-def encode_batch(keys: Keys, events: Iterable[ev.Event], owner: str) -> Batch:
+def encode_batch(keys: Keys, events: Iterable[ev.Event], owner: str, epoch: int | None = None) -> Batch:
     """Pack the net operations of ``events`` (consecutive sequences) for ``apply_batch.lua``.
 
     ``owner`` is the identity of the writing data directory (ARGV[2]): the script applies
-    nothing to a projection another one owns.
+    nothing to a projection another one owns. ``epoch`` (cluster mode: the shard's lease epoch,
+    ARGV[3]) makes the script refuse the batch if a newer epoch wrote the projection.
 
     ARGV[1] is one msgpack array ``[first_seq, last_seq, money, rest]``, each of the last two a
     list of ``[opcode, arg, …]``: the events' operations folded into their net effect
@@ -564,7 +565,10 @@ def encode_batch(keys: Keys, events: Iterable[ev.Event], owner: str) -> Batch:
                 names.append(str(name))
                 found = index[name] = len(names)
             op[at] = found
-    return Batch(names, [_PACK.encode([first, last, money, rest]), owner.encode()], first, last)
+    argv = [_PACK.encode([first, last, money, rest]), owner.encode()]
+    if epoch is not None:
+        argv.append(str(epoch).encode())
+    return Batch(names, argv, first, last)
 
 
 # -- rebuild -------------------------------------------------------------------------------

@@ -41,6 +41,13 @@ Ownership: every projection belongs to one data directory (its identity,
 a rebuild). ``apply_batch.lua`` refuses a batch from another owner, and a rebuild never deletes
 another owner's projection: two engines configured with the same prefix and shard fail loudly
 (:class:`ProjectionForeign`) instead of overwriting each other.
+
+Cluster mode (``epoch`` given): the owner is the cluster and shard (``cluster <id> shard <n>``)
+and the meta hash also records the lease ``epoch`` of the writer. The projector claims the
+projection for its epoch (``claim_projection.lua``) before it reads or rebuilds, every batch
+carries the epoch, and a projection written under a newer epoch refuses it (``stale``): the
+projector stops (:class:`ProjectionStale`), since its engine has lost the shard. Missing events
+are read back from the engine's log (:meth:`tollway.eventlog.EventLog.read`), whichever it is.
 """
 
 from __future__ import annotations
@@ -68,7 +75,6 @@ from tollway.redis.errors import REDIS_ERRORS, REFUSALS, RedisRefused, at_bounda
 from tollway.redis.keys import FINALIZE_GROUP, Keys
 from tollway.redis.projection import dead_letter, dead_letters, encode_batch, rebuild_commands
 from tollway.redis.pump import ProjectionPump, PumpGone
-from tollway.wal.segments import iter_events
 
 if TYPE_CHECKING:
     from tollway.engine import Engine
@@ -101,6 +107,10 @@ class ProjectionViolation(TollwayError):
 
 class ProjectionForeign(TollwayError):
     """The projection at these keys belongs to another data directory; this engine must not touch it."""
+
+
+class ProjectionStale(ProjectionForeign):
+    """Cluster mode: a newer lease epoch wrote this shard's projection; this (older) writer must not."""
 
 
 DivergenceListener = Callable[[str], None]
@@ -137,6 +147,8 @@ class Projector:
         pump_batch_events_max: int = PUMP_BATCH_EVENTS_MAX,
         coalesce_ms: int = 0,
         pump: ProjectionPump | None = None,
+        owner: str | None = None,
+        epoch: int | None = None,
     ) -> None:
         self.engine = engine
         self.redis = client
@@ -145,6 +157,9 @@ class Projector:
         self.pump_batch_events_max = pump_batch_events_max
         self.coalesce_s = coalesce_ms / 1000
         self._apply = client.register_script(load_script("apply_batch.lua"))
+        self._claim = client.register_script(load_script("claim_projection.lua"))
+        self.epoch = epoch  # cluster mode: the shard's lease epoch, checked by every script call
+        self._claimed = False  # cluster mode: whether the projection was claimed for ``epoch`` yet
         self._buffer: collections.deque[Event] = collections.deque()
         self.pump = pump
         self._pump_failed = False
@@ -155,7 +170,7 @@ class Projector:
         self.rebuilds = 0
         self.violation: str | None = None  # set when the projector stopped for an operator
         self.redis_error: str | None = None
-        self.owner = engine.identity
+        self.owner = owner if owner is not None else engine.identity
         self.foreign_owner: str | None = None
         self.divergences = 0
         self.last_divergence: str | None = None
@@ -309,7 +324,14 @@ class Projector:
 
     @at_boundary
     async def sync(self) -> int:
-        """Bring the projection up to the engine's durable sequence; returns the applied one."""
+        """Bring the projection up to the engine's durable sequence; returns the applied one.
+
+        In cluster mode the first call claims the projection for this writer's epoch, so that an
+        older writer is refused from then on even before this one has a batch to apply.
+        """
+        if self.epoch is not None and not self._claimed:
+            await self._claim_epoch()
+            self._claimed = True
         applied = await self._read_applied()
         if applied is None or applied > self.engine.durable_sequence:
             applied = await self.rebuild()
@@ -335,14 +357,16 @@ class Projector:
 
         Raises :class:`ProjectionForeign` when another data directory owns it.
         """
-        raw, found = await self.redis.hmget(self.keys.meta, ["applied_seq", "owner"])
+        raw, found, epoch = await self.redis.hmget(self.keys.meta, ["applied_seq", "owner", "epoch"])
         owner = None if found is None else found.decode() if isinstance(found, bytes) else str(found)
         if owner is not None and owner != self.owner:
             raise self._foreign(owner)
+        if self.epoch is not None and epoch is not None and int(epoch) > self.epoch:
+            raise self._stale(int(epoch))
         return None if raw is None or owner is None else int(raw)
 
     async def _apply_events(self, events: list[Event]) -> int:
-        batch = encode_batch(self.keys, events, self.owner)
+        batch = encode_batch(self.keys, events, self.owner, self.epoch)
         return await self._settle(await self._apply(keys=batch.keys, args=batch.argv))
 
     async def _settle(self, reply: list[object]) -> int:
@@ -354,6 +378,8 @@ class Projector:
             return await self.rebuild()
         if status == "foreign":
             raise self._foreign(rest[0])
+        if status == "stale":
+            raise self._stale(int(rest[0]))
         if status == "unwritable":
             raise RedisRefused(rest[0])
         if status == "gap":
@@ -445,9 +471,7 @@ class Projector:
         if buffered:
             return buffered
         limit, durable = self.batch_events_max, self.engine.durable_sequence
-        events = await asyncio.to_thread(
-            _read_wal, self.engine, applied + 1, min(durable, applied + WAL_READ_EVENTS_MAX)
-        )
+        events = await self.engine.log.read(applied, min(durable - applied, WAL_READ_EVENTS_MAX))
         self._refill(events[limit:], events[-1].wal_sequence if events else applied)
         return events[:limit]
 
@@ -465,6 +489,12 @@ class Projector:
 
     # -- rebuild ---------------------------------------------------------------------------
 
+    def _stale(self, epoch: int) -> ProjectionStale:
+        return ProjectionStale(
+            f"the Redis projection of shard {self.keys.shard!r} was written under lease epoch {epoch}, newer than "
+            f"this writer's {self.epoch}: the shard has a new owner, this projector stops"
+        )
+
     def _foreign(self, owner: str) -> ProjectionForeign:
         self.foreign_owner = owner
         return ProjectionForeign(
@@ -477,8 +507,13 @@ class Projector:
 
     @at_boundary
     async def claim(self, *, take_over: bool = False) -> None:
-        """Make this data directory the projection's owner, unless another one is (``take_over``: even then)."""
-        if take_over:
+        """Make this data directory the projection's owner, unless another one is (``take_over``: even then).
+
+        In cluster mode the claim is the cluster's, for this writer's epoch (never a take-over).
+        """
+        if self.epoch is not None:
+            await self._claim_epoch()
+        elif take_over:
             await self.redis.hset(self.keys.meta, "owner", self.owner)
         elif not await self.redis.hsetnx(self.keys.meta, "owner", self.owner):
             owner = await self.redis.hget(self.keys.meta, "owner")
@@ -498,10 +533,13 @@ class Projector:
         state = await self.engine.export_state()
         await self._write(state)
         seq = state.last_sequence
-        await self.redis.hset(
-            self.keys.meta, mapping={"applied_seq": str(seq), "rebuilt_at_ms": str(self.engine.now_ms())}
-        )
-        await self.redis.hdel(self.keys.meta, "rebuilding")
+        if self.epoch is not None:  # finished only if no newer epoch claimed the shard meanwhile
+            await self._claim_epoch(seq)
+        else:
+            await self.redis.hset(
+                self.keys.meta, mapping={"applied_seq": str(seq), "rebuilt_at_ms": str(self.engine.now_ms())}
+            )
+            await self.redis.hdel(self.keys.meta, "rebuilding")
         self.rebuilds += 1
         self._trim(seq)
         # A Redis that holds no projection is the normal start of an embedded one (it keeps nothing on
@@ -513,6 +551,19 @@ class Projector:
             time.perf_counter() - started,
         )
         return seq
+
+    async def _claim_epoch(self, rebuilt_seq: int | None = None) -> None:
+        """``claim_projection.lua`` for this writer's epoch (finishing a rebuild at ``rebuilt_seq``)."""
+        args = [self.owner, str(self.epoch), self.keys.shard]
+        if rebuilt_seq is not None:
+            args += [str(rebuilt_seq), str(self.engine.now_ms())]
+        reply = await self._claim(keys=[self.keys.meta], args=args)
+        status, *rest = (part.decode() if isinstance(part, bytes) else str(part) for part in reply)
+        if status == "foreign":
+            raise self._foreign(rest[0])
+        if status == "stale":
+            raise self._stale(int(rest[0]))
+        self.foreign_owner = None
 
     async def _delete_shard(self) -> None:
         """Delete every key of the shard but its meta hash (which holds the owner's claim)."""
@@ -558,15 +609,6 @@ async def ensure_group(client: aioredis.Redis, keys: Keys) -> None:
     except redis.exceptions.ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
-
-
-def _read_wal(engine: Engine, first: int, last: int) -> list[Event]:
-    events = []
-    for event in iter_events(engine.settings.wal_dir, first):
-        if event.wal_sequence > last:
-            break
-        events.append(event)
-    return events
 
 
 async def _chunks(items: collections.abc.AsyncIterator[bytes], size: int) -> collections.abc.AsyncIterator[list[bytes]]:

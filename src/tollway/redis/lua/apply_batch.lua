@@ -3,7 +3,12 @@
 -- KEYS[1]      the shard's meta hash (field applied_seq: the last WAL sequence applied)
 -- KEYS[2..n]   every other key the operations touch (operations refer to them by index)
 --
--- ARGV[2]      the identity of the data directory whose engine writes (meta field owner)
+-- ARGV[2]      the identity of the data directory whose engine writes (meta field owner); in a
+--              cluster, the cluster and shard (``cluster <cluster id> shard <n>``)
+-- ARGV[3]      optional, cluster mode only: the lease epoch of the writing engine. A projection whose
+--              meta field epoch is larger refuses the batch ({"stale", epoch}); a larger ARGV[3]
+--              is written to meta epoch with the batch. Without ARGV[3] (single node) no epoch is
+--              read or written.
 -- ARGV[1]      msgpack: [first_seq, last_seq, money, rest], money and rest each a list of
 --              [opcode, arg, ...] — the net effect of the consecutive events first_seq..last_seq
 --              (the encoder folds them: one HSET per hash, one op per expiry member, summed
@@ -32,6 +37,8 @@
 --   {"duplicate", applied}               every event was applied before: nothing changed
 --   {"foreign", owner}                   the projection belongs to another data directory (meta owner
 --                                        differs from ARGV[2]): nothing changed, never write here
+--   {"stale", epoch}                     the projection was written under a newer lease epoch (meta epoch
+--                                        > ARGV[3]): this writer lost the shard, nothing changed
 --   {"missing"}                          no applied_seq, or no owner: the projection must be rebuilt first
 --   {"unwritable", error}                Redis refused the first write (maxmemory reached, read-only
 --                                        replica): nothing changed; apply the batch again later
@@ -47,10 +54,14 @@
 -- result, never for amounts.
 
 local meta = KEYS[1]
-local found = redis.call('HMGET', meta, 'applied_seq', 'owner')
-local applied_text, owner = found[1], found[2]
+local found = redis.call('HMGET', meta, 'applied_seq', 'owner', 'epoch')
+local applied_text, owner, epoch_text = found[1], found[2], found[3]
 if owner and owner ~= ARGV[2] then
   return {'foreign', owner}
+end
+local writer_epoch = ARGV[3]
+if writer_epoch and epoch_text and tonumber(epoch_text) > tonumber(writer_epoch) then
+  return {'stale', epoch_text}
 end
 if not applied_text or not owner then
   return {'missing'}
@@ -75,7 +86,13 @@ end
 -- at maxmemory (noeviction), or on a read-only replica, and lets every later one through (a
 -- script is never stopped half-way): a Redis that cannot take the batch is found here, before
 -- anything changed, and the projector waits for it instead of reading a violation.
-local probe = redis.pcall('HSET', meta, 'applied_seq', applied_text)
+-- In a cluster the same first write raises the projection's epoch to the writer's.
+local probe
+if writer_epoch then
+  probe = redis.pcall('HSET', meta, 'applied_seq', applied_text, 'epoch', writer_epoch)
+else
+  probe = redis.pcall('HSET', meta, 'applied_seq', applied_text)
+end
 if type(probe) == 'table' and probe.err then
   return {'unwritable', probe.err}
 end

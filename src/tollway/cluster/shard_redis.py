@@ -1,0 +1,163 @@
+"""The Redis side of a cluster node's shards: projector and finalize worker, moving with the lease.
+
+One Redis (or one Redis Cluster) serves every shard of a tollway cluster. A shard's keys are
+today's layout under the shard's hash tag (:class:`~tollway.redis.keys.Keys` with the shard
+number: ``<prefix>:{<shard>}:…``), so every script touches one Redis Cluster slot. The
+projection's meta hash records who wrote it: ``owner`` is ``cluster <cluster id> shard <n>``
+and ``epoch`` the writer's lease epoch; ``apply_batch.lua`` and ``claim_projection.lua``
+refuse an older epoch or another owner (a single-node data directory or another cluster using
+the same prefix).
+
+:class:`RedisSide` is what a node shares among its shards (one client, one settlement client,
+the settings); :func:`start_shard_redis` gives one shard, under one lease epoch, its projector
+(from the node's :class:`~tollway.cluster.node.ShardEngines.start`) and, in settlement mode, its
+finalize worker, which starts only once the projector has caught up or rebuilt the projection
+(a rebuild recreates the finalize stream). Redis being away never delays serving the shard:
+the projector catches up in the background, as in single-node mode. The tasks are cancelled on
+hand-off and on loss; the next owner claims the projection with its higher epoch and catches
+up from the shard's log in PostgreSQL (or rebuilds it from the recovered state if Redis lost it).
+
+Not here: the conservation guard per shard (its checks fold a file WAL) and the projection pump.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+import redis.asyncio as aioredis
+
+from tollway.config import Settings
+from tollway.core.breaker import BreakerConfig
+from tollway.engine import Engine
+from tollway.finalizer import FinalizeWorker
+from tollway.redis.keys import Keys
+from tollway.redis.projector import Projector
+from tollway.redis.queue import FinalizeQueue
+from tollway.settlement.client import SettlementClient
+
+log = logging.getLogger("tollway.cluster")
+
+FIRST_SYNC_POLL_S: Final = 0.05
+"""How often a shard's finalize worker looks whether the projector has caught up, before it starts."""
+RESTART_PAUSE_S: Final = 1.0
+"""How long a shard's projector or worker that crashed waits before it runs again."""
+
+
+def projection_owner(cluster_id: str, shard: int) -> str:
+    """The owner a shard's projection records (meta field ``owner``)."""
+    return f"cluster {cluster_id} shard {shard}"
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSide:
+    """What a node's shards share on the Redis side (built by the composition root)."""
+
+    client: aioredis.Redis  # a redis.asyncio.Redis, or a RedisCluster (same command surface)
+    cluster_id: str
+    node_id: str
+    settings: Settings
+    settlement: SettlementClient | None = None
+
+    def keys(self, shard: int) -> Keys:
+        """The keys of ``shard``: the configured prefix, the shard number as the hash tag."""
+        return Keys(self.settings.redis_prefix, str(shard))
+
+    def breaker_config(self) -> BreakerConfig:
+        """The settlement breaker of each shard's worker, from the settings."""
+        s = self.settings
+        return BreakerConfig(
+            s.breaker_failure_threshold, s.breaker_window_ms, s.breaker_cooldown_ms, s.breaker_probe_timeout_ms
+        )
+
+
+@dataclass(slots=True)
+class ShardRedis:
+    """One shard's projector, finalize queue and (settlement mode) worker, and their tasks."""
+
+    projector: Projector
+    queue: FinalizeQueue
+    worker: FinalizeWorker | None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def stop(self) -> None:
+        """Cancel the tasks at once (loss of the lease, hand-off)."""
+        for task in self.tasks:
+            task.cancel()
+
+    async def stopped(self) -> None:
+        """Cancel the tasks and wait until they ended."""
+        self.stop()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+def start_shard_redis(side: RedisSide, engine: Engine, shard: int, epoch: int) -> ShardRedis:
+    """Build shard ``shard``'s projector (and worker) for lease ``epoch`` and start their tasks."""
+    keys = side.keys(shard)
+    owner = projection_owner(side.cluster_id, shard)
+    settings = side.settings
+    projector = Projector(
+        engine, side.client, keys, coalesce_ms=settings.projection_coalesce_ms, owner=owner, epoch=epoch
+    )
+    queue = FinalizeQueue(side.client, keys, consumer=side.node_id, owner=owner)
+    worker = None
+    if side.settlement is not None:
+        worker = FinalizeWorker(
+            engine,
+            queue,
+            side.settlement,
+            breaker_config=side.breaker_config(),
+            concurrency=settings.worker_concurrency,
+            claim_idle_ms=settings.claim_idle_ms,
+        )
+    running = ShardRedis(projector, queue, worker)
+    running.tasks.append(_spawn(_supervised(projector.run, f"projector-{shard}"), f"projector-{shard}"))
+    if worker is not None:
+        work = _supervised(lambda: _work_after_first_sync(projector, worker), f"finalize-worker-{shard}")
+        running.tasks.append(_spawn(work, f"finalize-worker-{shard}"))
+    return running
+
+
+async def _supervised(run: Callable[[], Awaitable[None]], name: str) -> None:
+    """Run ``run()`` again after an unexpected crash, until it returns or is cancelled.
+
+    The loops survive Redis going away by themselves; this is for what escapes them. redis-py's
+    cluster client, for one, can raise a bare ``AttributeError`` from a connection a killed
+    master closed under a blocked read (seen with redis-py 8.1): without a restart that shard
+    would never be finalized again on this node.
+    """
+    while True:
+        try:
+            await run()
+        except Exception:
+            log.exception("%s crashed; running it again in %s s", name, RESTART_PAUSE_S)
+            await asyncio.sleep(RESTART_PAUSE_S)
+        else:
+            return
+
+
+async def _work_after_first_sync(projector: Projector, worker: FinalizeWorker) -> None:
+    """Run the worker once the projection is caught up (or rebuilt) under this epoch."""
+    while projector.applied_seq is None:  # noqa: ASYNC110 - the projector exposes its sequence, not an event
+        await asyncio.sleep(FIRST_SYNC_POLL_S)
+    await worker.run()
+
+
+def _spawn(coro: object, name: str) -> asyncio.Task[None]:
+    task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+    task.add_done_callback(_report_crash)
+    return task
+
+
+def _report_crash(task: asyncio.Task[None]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.critical("background task %s stopped: %r", task.get_name(), exc)
