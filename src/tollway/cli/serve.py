@@ -73,7 +73,11 @@ def serve_command(
     postgres_url: Annotated[
         str | None,
         typer.Option(
-            envvar="TOLLWAY_POSTGRES_URL", help="Cluster mode: the cluster's PostgreSQL (see docs/cluster.md)."
+            envvar="TOLLWAY_POSTGRES_URL",
+            help=(
+                "Cluster mode: the cluster's PostgreSQL; list every host with ?target_session_attrs=read-write"
+                " to follow a failover (see docs/cluster.md)."
+            ),
         ),
     ] = None,
     node_id: Annotated[str | None, typer.Option(help="Cluster mode: this node's id [default: a random one].")] = None,
