@@ -8,18 +8,28 @@ once, and the log must go on at the next sequence.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncpg
+import httpx
 import pytest
 
 from tests.cutting_proxy import APPEND_REPLY, CuttingProxy
 from tests.test_pg_log import make_events, records, take
+from tollway import Settings
+from tollway.api.auth import Authenticator, Scope, development_key, issue_token
+from tollway.api.node_app import create_node_app
+from tollway.cluster.node import Node
 from tollway.core.errors import LogOutcomeUnknown, LogUnavailable
+from tollway.core.lease import LeaseTiming
+from tollway.pg import leases
 from tollway.pg.errors import outcome_unknown
 from tollway.pg.log import PgLog
-from tollway.pg.schema import init_cluster
+from tollway.pg.schema import init_cluster, open_cluster
+from tollway.pricing import default_prices
 
 
 @pytest.fixture
@@ -113,3 +123,46 @@ async def test_a_statement_postgresql_refuses_fails_at_once() -> None:
         outcome_unknown(TimeoutError()),
     )
     assert issubclass(LogOutcomeUnknown, LogUnavailable)
+
+
+async def test_a_shard_whose_batch_outcome_stayed_unknown_is_released_and_recovered_at_once(
+    pg_pool: asyncpg.Pool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LogOutcomeUnknown: 503 shard_moved, the lease released, the next tick recovers the shard (epoch + 1)."""
+    async with pg_pool.acquire() as connection:
+        await init_cluster(connection, shards=2)
+        info = await open_cluster(connection)
+    settings = Settings(data_dir=tmp_path)
+    key, _ = development_key(settings)
+    headers = {"authorization": f"Bearer {issue_token(key, settings, [Scope.ADMIN.value], subject='t', ttl_s=600)}"}
+    timing = LeaseTiming(ttl_ms=60_000, renew_every_ms=12_000, margin_ms=6_000)  # expiry plays no part here
+    node = Node(pg_pool, info, settings, node_id="a", advertise_url="http://a.invalid", timing=timing)
+    await node.tick()
+    number = node.shard_of_account("alice")
+    epoch = node.membership.serving(number)
+    real_append = PgLog.append
+
+    async def unknown(self: PgLog, records: list[bytes], first_seq: int, epoch: int) -> None:
+        raise LogOutcomeUnknown("the connection was lost and never came back")
+
+    async with httpx.AsyncClient() as forwarder:
+        app = create_node_app(
+            node, authenticator=Authenticator.from_settings(settings), pricing=default_prices(), client=forwarder
+        )
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://a") as to_node:
+            credit = {"credit_id": "c1", "kind": "mint", "amount_micro": 100}
+            monkeypatch.setattr(PgLog, "append", unknown)
+            failed = await to_node.post("/v1/accounts/alice/credits", json=credit, headers=headers)
+            monkeypatch.setattr(PgLog, "append", real_append)
+            for _ in range(50):  # the release runs in the background
+                if (await leases.lease_rows(pg_pool))[number].owner is None:
+                    break
+                await asyncio.sleep(0.02)
+            await node.tick()
+            retried = await to_node.post("/v1/accounts/alice/credits", json=credit, headers=headers)
+            balance = (await to_node.get("/v1/accounts/alice", headers=headers)).json()
+        await node.leave()
+    assert (503, "shard_moved") == (failed.status_code, failed.json()["error"])
+    assert epoch is not None
+    assert (201, "100") == (retried.status_code, balance["available_micro"])
+    assert f"a {number} {epoch + 1}" == retried.headers["x-tollway-answered-by"]
