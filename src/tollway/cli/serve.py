@@ -29,6 +29,7 @@ from tollway.cli.common import (
     writable_data_dir,
 )
 from tollway.cli.node import NodeOptions, serve_node
+from tollway.cli.processes import PROCESSES_MAX, ChildOptions, reserve_port, serve_processes
 from tollway.cli.server import ServeOptions, serve
 from tollway.config import Settings
 from tollway.core.errors import ConfigError, InvalidInput
@@ -87,6 +88,18 @@ def serve_command(
     lease_ttl_ms: Annotated[
         int, typer.Option(min=100, max=600_000, help="Cluster mode: how long a shard's lease lasts unrenewed.")
     ] = 5_000,
+    processes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=PROCESSES_MAX,
+            help=(
+                "Cluster mode: run this many nodes on this machine, one port shared (SO_REUSEPORT), node ids"
+                " <node-id>-<i>; a node that dies is restarted (see docs/cluster.md)."
+            ),
+        ),
+    ] = 1,
+    reuse_port: Annotated[bool, typer.Option(hidden=True, help="Share the port (a child of --processes).")] = False,
 ) -> None:
     """Run the billing service: HTTP API, engine, Redis projection, finalize worker, expiry sweeper.
 
@@ -100,13 +113,24 @@ def serve_command(
     )
     _configure_logging(log_level, log_format)
     pricing = _pricing(settings)
-    sock = bind(settings.http_host, settings.http_port)  # a taken port stops here: no key, no tokens
+    if processes > 1:
+        if postgres_url is None or advertise_url is not None:
+            raise ConfigError(
+                "--processes runs cluster nodes: it needs --postgres-url, and each node advertises its own URL"
+            )
+        holder = reserve_port(settings.http_host, settings.http_port)  # a taken port stops here
+        writable_data_dir(settings)
+        _print_first_tokens(settings)  # once, before the children share the key
+        nodes = NodeOptions(postgres_url, node_id, None, lease_ttl_ms)
+        extra = ChildOptions(config, log_level, log_format, access_log, redis_url, settlement_url)
+        raise typer.Exit(serve_processes(settings, holder, processes, nodes, extra))
+    sock = bind(settings.http_host, settings.http_port, reuse_port=reuse_port)  # a taken port stops here
     writable_data_dir(settings)
     _print_first_tokens(settings)
     options = ServeOptions(pricing, Authenticator.from_settings(settings), _bypass_requested(), access_log)
     if postgres_url is not None:
         typer.echo("tollway: cluster mode (the log in PostgreSQL); no Redis projection or finalize worker yet")
-        nodes = NodeOptions(postgres_url, node_id, advertise_url, lease_ttl_ms)
+        nodes = NodeOptions(postgres_url, node_id, advertise_url, lease_ttl_ms, shared_port=reuse_port)
         raise typer.Exit(_run(serve_node(settings, sock, options, nodes, on_ready=_announce)))
     typer.echo(f"tollway: data in {settings.data_dir}; starting (WAL recovery, Redis, guard checks)...")
     code = _run(serve(settings, sock, options, on_ready=_announce))
