@@ -78,7 +78,7 @@ async def settled(client: httpx.AsyncClient, url: str, cluster: Cluster) -> dict
             served: dict[int, str] = {}
             for node in seen["nodes"]:
                 own = await view(client, node["advertise_url"], cluster)
-                served |= {number: node["node_id"] for number in (own or {}).get("serving", [])}
+                served |= dict.fromkeys((own or {}).get("serving", []), node["node_id"])
             if served == target:
                 return target
         await asyncio.sleep(0.2)
