@@ -133,12 +133,21 @@ class Supervisor:
     """Runs the children, restarts the ones that die, and stops them all on a signal; see the module docstring."""
 
     def __init__(
-        self, children: list[Child], env: dict[str, str], echo: Callable[[str], None], warn: Callable[[str], None]
+        self,
+        children: list[Child],
+        env: dict[str, str],
+        echo: Callable[[str], None],
+        warn: Callable[[str], None],
+        *,
+        delays_ms: tuple[int, ...] = RESTART_DELAYS_MS,
+        restarts_max: int = RESTARTS_MAX,
     ) -> None:
         self.children = children
         self.env = env
         self.echo = echo
         self.warn = warn  # deaths and giving up: loud, on stderr
+        self.delays_ms = delays_ms
+        self.restarts_max = restarts_max
         self.stopping = False
         self.gave_up = False
 
@@ -182,14 +191,14 @@ class Supervisor:
             status = child.popen.returncode
             child.popen = None
             child.deaths = [*(t for t in child.deaths if now - t < RESTART_WINDOW_MS / 1000), now]
-            if len(child.deaths) > RESTARTS_MAX:
+            if len(child.deaths) > self.restarts_max:
                 self.warn(
                     f"tollway: node {child.node_id} exited ({_status(status)}) {len(child.deaths)} times within "
                     f"{RESTART_WINDOW_MS // 1000} s; stopping every node (a restart does not fix this)"
                 )
                 self.gave_up = self.stopping = True
                 return
-            delay_ms = RESTART_DELAYS_MS[min(len(child.deaths), len(RESTART_DELAYS_MS)) - 1]
+            delay_ms = self.delays_ms[min(len(child.deaths), len(self.delays_ms)) - 1]
             self.warn(f"tollway: node {child.node_id} exited ({_status(status)}); restarting it in {delay_ms} ms")
             child.restart_at = now + delay_ms / 1000
         if child.popen is None and child.restart_at is not None and now >= child.restart_at:
