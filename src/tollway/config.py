@@ -307,7 +307,7 @@ def settings_from_environment(
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read configuration file {toml_path}: {exc}") from exc
     env = os.environ if environ is None else environ
-    ignored = {"TOLLWAY_CONFIG", "TOLLWAY_GUARD_BYPASS"}
+    ignored = {"TOLLWAY_CONFIG", "TOLLWAY_GUARD_BYPASS", "TOLLWAY_POSTGRES_URL"}  # options of commands, not settings
     for key, value in env.items():
         if key.startswith(ENV_PREFIX) and key not in ignored:
             mapping[key[len(ENV_PREFIX) :].lower()] = value

@@ -17,12 +17,18 @@ from tollway.core.errors import ConfigError
 LISTEN_BACKLOG: Final = 2048
 
 
-def bind(host: str, port: int, backlog: int = LISTEN_BACKLOG) -> socket.socket:
-    """A listening, non-blocking TCP socket on ``host:port``; ConfigError if it cannot be had."""
+def bind(host: str, port: int, backlog: int = LISTEN_BACKLOG, *, reuse_port: bool = False) -> socket.socket:
+    """A listening, non-blocking TCP socket on ``host:port``; ConfigError if it cannot be had.
+
+    ``reuse_port``: ``SO_REUSEPORT``, so several processes listen on one port and the kernel
+    spreads new connections over them (``tollway serve --processes``).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)

@@ -36,7 +36,7 @@ from tollway.cluster.shard_redis import RedisSide
 from tollway.config import Settings
 from tollway.core.errors import ConfigError, LogUnavailable
 from tollway.core.lease import LeaseTiming
-from tollway.net import url_of
+from tollway.net import bind, url_of
 from tollway.pg.errors import PG_ERRORS
 from tollway.pg.schema import ClusterInfo, open_cluster
 from tollway.service import settlement_client
@@ -57,6 +57,7 @@ class NodeOptions:
     node_id: str | None = None
     advertise_url: str | None = None
     lease_ttl_ms: int = 5_000
+    shared_port: bool = False  # the socket is shared (SO_REUSEPORT): advertise a private one for forwarding
 
 
 def lease_timing(ttl_ms: int) -> LeaseTiming:
@@ -71,11 +72,19 @@ async def serve_node(
     node_options: NodeOptions,
     on_ready: Callable[[str], None],
 ) -> int:
-    """Run a node until a stop signal (exit code 0); hand every shard off on the way out."""
+    """Run a node until a stop signal (exit code 0); hand every shard off on the way out.
+
+    On a shared port (``--processes``), a connection to it may reach any process of the
+    machine, so a request forwarded there could land on a node that does not own its shard: the
+    node also listens on a private port of the same address and advertises that one.
+    """
     url = url_of(sock)
     if settings.settlement_url is not None and settings.redis_url is None:
         raise ConfigError("cluster mode: --settlement-url needs --redis-url (the finalize queues live in Redis)")
     node_id = node_options.node_id or f"node-{uuid.uuid4().hex[:8]}"
+    sockets = [sock]
+    if node_options.shared_port:
+        sockets.append(bind(sock.getsockname()[0], 0))
     pool = await _pool(node_options.postgres_url, node_id)
     side: RedisSide | None = None
     try:
@@ -87,13 +96,15 @@ async def serve_node(
             info,
             settings,
             node_id=node_id,
-            advertise_url=node_options.advertise_url or url,
+            advertise_url=node_options.advertise_url or url_of(sockets[-1]),
             timing=lease_timing(node_options.lease_ttl_ms),
             redis_side=side,
         )
-        await _run(node, sock, options, lambda: on_ready(url))
+        await _run(node, sockets, options, lambda: on_ready(url))
     finally:
         await pool.close()
+        for each in sockets[1:]:
+            each.close()
         if side is not None:
             await _close_side(side)
     return 0
@@ -128,7 +139,7 @@ async def _close_side(side: RedisSide) -> None:
     await side.client.aclose()
 
 
-async def _run(node: Node, sock: socket.socket, options: ServeOptions, ready: Callable[[], None]) -> None:
+async def _run(node: Node, sockets: list[socket.socket], options: ServeOptions, ready: Callable[[], None]) -> None:
     """Serve until a signal; then hand every shard off while still answering (``shard_moved``), then stop."""
     control = _Control()
     stop = asyncio.Event()
@@ -153,7 +164,7 @@ async def _run(node: Node, sock: socket.socket, options: ServeOptions, ready: Ca
             server = control.attach(_Server(_uvicorn_config(app, options)))
             announcer = asyncio.create_task(_announce(server, ready))
             try:
-                await server.serve(sockets=[sock])
+                await server.serve(sockets=sockets)
             finally:
                 announcer.cancel()
                 if not leaving:

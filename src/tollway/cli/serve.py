@@ -29,6 +29,7 @@ from tollway.cli.common import (
     writable_data_dir,
 )
 from tollway.cli.node import NodeOptions, serve_node
+from tollway.cli.processes import PROCESSES_MAX, ChildOptions, reserve_port, serve_processes
 from tollway.cli.server import ServeOptions, serve
 from tollway.config import Settings
 from tollway.core.errors import ConfigError, InvalidInput
@@ -77,7 +78,11 @@ def serve_command(
     postgres_url: Annotated[
         str | None,
         typer.Option(
-            envvar="TOLLWAY_POSTGRES_URL", help="Cluster mode: the cluster's PostgreSQL (see docs/cluster.md)."
+            envvar="TOLLWAY_POSTGRES_URL",
+            help=(
+                "Cluster mode: the cluster's PostgreSQL; list every host with ?target_session_attrs=read-write"
+                " to follow a failover (see docs/cluster.md)."
+            ),
         ),
     ] = None,
     node_id: Annotated[str | None, typer.Option(help="Cluster mode: this node's id [default: a random one].")] = None,
@@ -87,6 +92,18 @@ def serve_command(
     lease_ttl_ms: Annotated[
         int, typer.Option(min=100, max=600_000, help="Cluster mode: how long a shard's lease lasts unrenewed.")
     ] = 5_000,
+    processes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=PROCESSES_MAX,
+            help=(
+                "Cluster mode: run this many nodes on this machine, one port shared (SO_REUSEPORT), node ids"
+                " <node-id>-<i>; a node that dies is restarted (see docs/cluster.md)."
+            ),
+        ),
+    ] = 1,
+    reuse_port: Annotated[bool, typer.Option(hidden=True, help="Share the port (a child of --processes).")] = False,
 ) -> None:
     """Run the billing service: HTTP API, engine, Redis projection, finalize worker, expiry sweeper.
 
@@ -100,7 +117,18 @@ def serve_command(
     )
     _configure_logging(log_level, log_format)
     pricing = _pricing(settings)
-    sock = bind(settings.http_host, settings.http_port)  # a taken port stops here: no key, no tokens
+    if processes > 1:
+        if postgres_url is None or advertise_url is not None:
+            raise ConfigError(
+                "--processes runs cluster nodes: it needs --postgres-url, and each node advertises its own URL"
+            )
+        holder = reserve_port(settings.http_host, settings.http_port)  # a taken port stops here
+        writable_data_dir(settings)
+        _print_first_tokens(settings)  # once, before the children share the key
+        nodes = NodeOptions(postgres_url, node_id, None, lease_ttl_ms)
+        extra = ChildOptions(config, log_level, log_format, access_log, redis_url, settlement_url)
+        raise typer.Exit(serve_processes(settings, holder, processes, nodes, extra))
+    sock = bind(settings.http_host, settings.http_port, reuse_port=reuse_port)  # a taken port stops here
     writable_data_dir(settings)
     _print_first_tokens(settings)
     options = ServeOptions(pricing, Authenticator.from_settings(settings), _bypass_requested(), access_log)
@@ -108,7 +136,7 @@ def serve_command(
         redis_note = "no Redis projection" if settings.redis_url is None else "Redis projection"
         settle_note = "standalone" if settings.settlement_url is None else "settlement mode"
         typer.echo(f"tollway: cluster mode (the log in PostgreSQL; {redis_note}; {settle_note})")
-        nodes = NodeOptions(postgres_url, node_id, advertise_url, lease_ttl_ms)
+        nodes = NodeOptions(postgres_url, node_id, advertise_url, lease_ttl_ms, shared_port=reuse_port)
         raise typer.Exit(_run(serve_node(settings, sock, options, nodes, on_ready=_announce)))
     typer.echo(f"tollway: data in {settings.data_dir}; starting (WAL recovery, Redis, guard checks)...")
     code = _run(serve(settings, sock, options, on_ready=_announce))

@@ -84,6 +84,7 @@ class Membership:
         self.handler = handler
         self.clock_ms = clock_ms
         self.held: dict[int, Lease] = {}
+        self._releases: set[asyncio.Task[None]] = set()
 
     def serving(self, shard: int) -> int | None:
         """The epoch to write ``shard`` with, or None if this node must not answer for it now."""
@@ -122,9 +123,27 @@ class Membership:
         await leases.deregister(self.pool, self.node_id)
 
     def forfeit(self, shard: int, why: str) -> None:
-        """Stop serving ``shard`` now (its engine was fenced): drop it and tell the handler; a no-op if not held."""
-        if shard in self.held:
-            self._drop(shard, why)
+        """Stop serving ``shard`` now (its engine stopped): drop it, tell the handler, release its lease.
+
+        A no-op if not held. The release (in the background; if PostgreSQL does not answer, the
+        lease expires instead) lets the shard be acquired again at once, with a new epoch, and
+        recovered from the log, which says how a batch whose commit was cut short ended. It is
+        safe whatever that batch does: the release takes the lease row's lock after it, and a
+        batch of the released epoch that comes later is refused by the fence.
+        """
+        lease = self.held.get(shard)
+        if lease is None:
+            return
+        self._drop(shard, why)
+        task = asyncio.get_running_loop().create_task(self._release(lease))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _release(self, lease: Lease) -> None:
+        try:
+            await leases.release(self.pool, lease)
+        except LogUnavailable as exc:
+            log.warning("node %s could not release shard %d (it will expire): %s", self.node_id, lease.shard, exc)
 
     def _fence_expired(self) -> None:
         now_ms = self.clock_ms()

@@ -11,9 +11,11 @@
   then lets membership release the lease, so the next owner starts at once;
 - ``lost(shard)`` (the lease may be gone) stops the shard at once: its engine is aborted and
   its waiting callers get a retryable error. A shard whose engine stopped (a batch refused by
-  the fence, or PostgreSQL failing a batch) is dropped the same way without releasing its
-  lease: once the lease expires, a node (this one too) acquires it with a new epoch and
-  recovers the shard from what PostgreSQL holds.
+  the fence, or a batch whose outcome PostgreSQL never confirmed: ``LogOutcomeUnknown``) is
+  dropped the same way and its lease released (or left to expire if PostgreSQL does not
+  answer): a node (this one too) acquires it with a new epoch and recovers the shard from what
+  PostgreSQL holds, which says whether that batch landed; a retry with the same request id
+  takes effect once either way.
 
 :class:`Node` ties membership, the engines and the cluster's view together and answers the one
 question a request asks (:meth:`Node.route`): the local engine of the shard, the URL of the

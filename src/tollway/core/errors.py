@@ -25,6 +25,7 @@ to handle (insufficient funds, an expired hold, a reused idempotency key) are *v
         ├── LogSequenceGap      a batch that does not start right after the shard's last record
         ├── LogCorrupt          a stored record that fails its checksum or its sequence
         └── LogUnavailable      PostgreSQL could not be reached or refused a statement
+            └── LogOutcomeUnknown  a batch's commit was cut short and never confirmed either way
 
 Adapters translate foreign exceptions into this tree with ``raise ... from exc``, and define
 the rest of it themselves (each a ``TollwayError``; ``docs/architecture.md`` draws the whole
@@ -144,6 +145,15 @@ class LogCorrupt(ClusterError):
 class LogUnavailable(ClusterError):
     """PostgreSQL could not be reached, timed out or refused a statement.
 
-    If it happened while a batch was committing, whether the batch landed is unknown: the writer
-    stops and the shard is recovered from the log, which says.
+    If it happened while a batch was committing, the log asks again (:class:`LogOutcomeUnknown`
+    if it never learns whether the batch landed).
+    """
+
+
+class LogOutcomeUnknown(LogUnavailable):
+    """A batch's commit was cut short and PostgreSQL never said, in time, whether it landed.
+
+    Its callers are not answered as if it had: the writer stops (a retryable error for them), and
+    the shard is recovered from the log, which then says; a retry with the same request id takes
+    effect once.
     """

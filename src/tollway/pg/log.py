@@ -23,6 +23,25 @@ then reads the lease row to say why: :class:`ShardFenced` or :class:`LogSequence
 round trip per batch; the batch is durable when the statement returns (``synchronous_commit``
 decides on how many servers).
 
+**A commit whose outcome is unknown** (the connection lost after the statement was sent, a
+timeout, a failover): the batch may or may not have committed, and a server whose client
+vanished may even still be running it. ``append`` does not guess. Through the pool (which
+reconnects, following a multi-host URL to the current primary) it asks again, for at most
+``resolve_ms``, until it knows:
+
+- the batch's rows are there, written under this epoch with these checksums: the batch
+  committed. The question is asked in a transaction that takes a transaction id, so its own
+  commit waits for the synchronous standby like any write, and with it every earlier commit
+  (a commit whose wait was cut short is visible on the primary before the standby has it);
+  only then does ``append`` return;
+- they are not: the batch is sent again, unchanged. It is the same rows under the same fence,
+  so of the two attempts at most one can match (the row lock orders them; the second sees
+  ``last_seq`` moved and writes nothing), and a refusal after a retry is checked against the
+  rows once more.
+
+When time runs out, :class:`LogOutcomeUnknown` (a :class:`LogUnavailable`): the writer must
+stop and the shard be recovered from the log, which then says what happened.
+
 Invariants: a shard's rows are gapless from 1 to ``leases.last_seq``; a row is never updated
 or deleted by this module; every row was written under the epoch it records.
 
@@ -32,6 +51,9 @@ leases are timed (:mod:`tollway.pg.leases` holds them; the cluster package will 
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -42,16 +64,21 @@ import msgspec
 from tollway.core.errors import (
     InvalidInput,
     LogCorrupt,
+    LogOutcomeUnknown,
     LogSequenceGap,
     LogUnavailable,
     ShardFenced,
     WalUnsupported,
 )
 from tollway.core.events import Event
-from tollway.pg.errors import PG_ERRORS
+from tollway.pg.errors import PG_ERRORS, outcome_unknown
 from tollway.wal import codec
 
+log = logging.getLogger("tollway.pg")
+
 STATEMENT_TIMEOUT_MS: Final = 10_000  # one append, read or snapshot statement
+RESOLVE_MS: Final = 10_000  # how long append keeps asking whether a batch whose commit was cut short landed
+RESOLVE_PAUSES_MS: Final = (20, 50, 100, 200, 400, 800)  # between those attempts (the last one repeats)
 BATCH_RECORDS_MAX: Final = 4_096  # records in one append (the engine's batches are far smaller)
 READ_LIMIT_MAX: Final = 10_000  # records returned by one read
 SNAPSHOTS_KEPT_MAX: Final = 1_000  # prune_snapshots keeps at most this many
@@ -66,6 +93,15 @@ INSERT INTO tollway.events (shard, seq, epoch, crc, body)
 SELECT fence.shard, batch.seq, $2, batch.crc, batch.body
 FROM fence, unnest($5::bigint[], $6::bigint[], $7::bytea[]) AS batch(seq, crc, body)
 """
+
+_WRITTEN: Final = """
+SELECT pg_current_xact_id() AS xid, count(*) AS found
+FROM tollway.events AS stored JOIN unnest($3::bigint[], $4::bigint[]) AS batch(seq, crc)
+  ON stored.seq = batch.seq AND stored.crc = batch.crc
+WHERE stored.shard = $1 AND stored.epoch = $2
+"""
+# pg_current_xact_id() gives the statement a transaction id, so its commit is a WAL record that
+# waits for the synchronous standby (synchronous_commit), and with it every earlier commit.
 
 _WRITE_SNAPSHOT: Final = """
 INSERT INTO tollway.snapshots (shard, seq, epoch, body)
@@ -83,6 +119,8 @@ WHERE shard = $1
               WHERE shard = $1 AND epoch = $2 AND owner IS NOT NULL AND expires_at > now())
 """
 
+_AppendArgs = tuple[int, int, int, int, list[int], list[int], list[bytes]]  # the parameters of _APPEND
+
 
 @dataclass(frozen=True, slots=True)
 class StoredSnapshot:
@@ -95,50 +133,87 @@ class StoredSnapshot:
 class PgLog:
     """The log of shard ``shard`` in the database behind ``pool``; see the module docstring."""
 
-    def __init__(self, pool: asyncpg.Pool, shard: int, *, timeout_ms: int = STATEMENT_TIMEOUT_MS) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, shard: int, *, timeout_ms: int = STATEMENT_TIMEOUT_MS, resolve_ms: int = RESOLVE_MS
+    ) -> None:
         self.pool = pool
         self.shard = shard
         self.timeout_ms = timeout_ms
+        self.resolve_ms = resolve_ms
 
     async def append(self, records: Sequence[bytes], first_seq: int, epoch: int) -> None:
         """Store framed ``records`` as ``first_seq …`` in one fenced transaction; return once durable.
 
         Raises :class:`ShardFenced` (the lease is not epoch ``epoch``'s, or expired) or
         :class:`LogSequenceGap` (``first_seq`` is not the shard's last sequence + 1), having
-        written nothing; :class:`LogUnavailable` if PostgreSQL failed.
+        written nothing; :class:`LogOutcomeUnknown` if PostgreSQL failed and, within
+        ``resolve_ms``, never said whether the batch landed (see the module docstring).
         """
         if not 1 <= len(records) <= BATCH_RECORDS_MAX:
             raise InvalidInput(f"a batch holds 1 … {BATCH_RECORDS_MAX} records, not {len(records)}")
         crcs, bodies = _unframe(records)
         last_seq = first_seq + len(records) - 1
         seqs = list(range(first_seq, last_seq + 1))
-        try:
-            status = await self.pool.execute(
-                _APPEND, self.shard, epoch, first_seq, last_seq, seqs, crcs, bodies, timeout=self.timeout_ms / 1000
-            )
-        except PG_ERRORS as exc:
-            raise LogUnavailable(
-                f"appending records {first_seq}…{last_seq} of shard {self.shard} failed: {exc}"
-            ) from exc
-        if status != f"INSERT 0 {len(records)}":
-            await self._refusal(first_seq, epoch)
+        args = (self.shard, epoch, first_seq, last_seq, seqs, crcs, bodies)
+        deadline = time.monotonic() + self.resolve_ms / 1000
+        attempt = 0
+        while True:
+            try:
+                if await self._attempt(args, retry=attempt > 0):
+                    return
+            except (*PG_ERRORS, LogUnavailable) as exc:
+                where = f"appending records {first_seq}…{last_seq} of shard {self.shard} failed"
+                if not attempt and (isinstance(exc, LogUnavailable) or not outcome_unknown(exc)):
+                    raise LogUnavailable(f"{where}, nothing was written: {exc}") from exc
+                if time.monotonic() >= deadline:
+                    raise LogOutcomeUnknown(
+                        f"{where}; after {self.resolve_ms} ms, whether it landed is unknown: {exc}"
+                    ) from exc
+                log.warning(
+                    "shard %d: batch %d…%d unconfirmed (%s); asking again", self.shard, first_seq, last_seq, exc
+                )
+            await asyncio.sleep(RESOLVE_PAUSES_MS[min(attempt, len(RESOLVE_PAUSES_MS) - 1)] / 1000)
+            attempt += 1
 
-    async def _refusal(self, first_seq: int, epoch: int) -> None:
-        """Raise why an append's fence did not match (the statement wrote nothing)."""
+    async def _attempt(self, args: _AppendArgs, *, retry: bool) -> bool:
+        """One try: True once the batch is stored; raises the fence's refusal, or what PostgreSQL raised.
+
+        A ``retry`` follows an attempt whose outcome is unknown, so it first asks whether that one landed.
+        """
+        _, epoch, first_seq, _, seqs, crcs, _ = args
+        if retry and await self._written(seqs, crcs, epoch):
+            return True
+        status = await self.pool.execute(_APPEND, *args, timeout=self.timeout_ms / 1000)
+        if status == f"INSERT 0 {len(seqs)}":
+            return True
+        if retry and await self._written(seqs, crcs, epoch):  # the earlier attempt committed meanwhile
+            return True
+        raise await self._refusal(first_seq, epoch)
+
+    async def _written(self, seqs: list[int], crcs: list[int], epoch: int) -> bool:
+        """Whether the batch ``seqs`` is stored under ``epoch`` with these checksums, durably (module docstring)."""
+        row = await self._fetchrow(_WRITTEN, self.shard, epoch, seqs, crcs)
+        found = 0 if row is None else int(row["found"])
+        if found not in (0, len(seqs)):
+            raise LogCorrupt(f"shard {self.shard}: {found} of the {len(seqs)} records from {seqs[0]} are stored")
+        return found == len(seqs)
+
+    async def _refusal(self, first_seq: int, epoch: int) -> ShardFenced | LogSequenceGap:
+        """Why an append's fence did not match (the statement wrote nothing)."""
         row = await self._fetchrow(
             "SELECT epoch, owner, expires_at > now() AS live, last_seq FROM tollway.leases WHERE shard = $1",
             self.shard,
         )
         if row is None:
-            raise ShardFenced(f"shard {self.shard} does not exist in this cluster", shard=self.shard, epoch=epoch)
+            return ShardFenced(f"shard {self.shard} does not exist in this cluster", shard=self.shard, epoch=epoch)
         if row["epoch"] != epoch or row["owner"] is None or not row["live"]:
             held = f"epoch {row['epoch']} held by {row['owner']}" if row["live"] else f"epoch {row['epoch']}, not live"
-            raise ShardFenced(
+            return ShardFenced(
                 f"shard {self.shard} is fenced for epoch {epoch}: its lease is at {held}; nothing was written",
                 shard=self.shard,
                 epoch=epoch,
             )
-        raise LogSequenceGap(
+        return LogSequenceGap(
             f"shard {self.shard} ends at sequence {row['last_seq']}; a batch must start at "
             f"{row['last_seq'] + 1}, not {first_seq}; nothing was written"
         )

@@ -211,8 +211,8 @@ def chown_tree(root: Path, user: RunAs) -> None:
             os.chown(Path(parent) / name, user.uid, user.gid, follow_symlinks=False)
 
 
-def die_with_parent() -> Callable[[], None] | None:
-    """A pre-exec hook that has Linux SIGKILL the child when this process dies.
+def die_with_parent(sig: signal.Signals = signal.SIGKILL) -> Callable[[], None] | None:
+    """A pre-exec hook that has Linux send ``sig`` (SIGKILL) to the child when this process dies.
 
     It runs in the forked child after the change of user (which clears the setting, so it must
     come after) and before ``exec``; it only makes system calls (``prctl(2)``, ``kill(2)``).
@@ -221,12 +221,12 @@ def die_with_parent() -> Callable[[], None] | None:
         return None
     prctl = ctypes.CDLL(None, use_errno=True).prctl
     parent_pid = os.getpid()
-    sigkill = int(signal.SIGKILL)
+    number = int(sig)
 
     def hook() -> None:
-        prctl(_PR_SET_PDEATHSIG, sigkill)
+        prctl(_PR_SET_PDEATHSIG, number)
         if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os.kill(os.getpid(), sigkill)
+            os.kill(os.getpid(), number)
 
     return hook
 
