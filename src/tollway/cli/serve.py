@@ -99,7 +99,7 @@ def serve_command(
             max=PROCESSES_MAX,
             help=(
                 "Cluster mode: run this many nodes on this machine, one port shared (SO_REUSEPORT), node ids"
-                " <node-id>-<i>; a node that dies is restarted (see docs/cluster.md)."
+                " NODE_ID-0, NODE_ID-1, …; a node that dies is restarted (see docs/cluster.md)."
             ),
         ),
     ] = 1,

@@ -6,7 +6,7 @@ Each :meth:`Membership.tick` (every ``renew_every_ms / 2``):
    is ``STOP`` by this node's monotonic clock is dropped and its handler told
    (:meth:`ShardHandler.lost`) — before any statement, so it happens even when PostgreSQL
    does not answer.
-2. **Heartbeat** in the registry, then **renew** the leases that are due; a renewal that
+2. **Renew** the leases that are due, then **heartbeat** in the registry; a renewal that
    fails (the epoch moved, or it expired by PostgreSQL's clock) drops the shard the same way.
 3. **Assign**: :func:`~tollway.core.assignment.assign` over the live nodes (heartbeat younger
    than the lease ttl, by PostgreSQL's clock; this node always counts itself).
@@ -97,8 +97,8 @@ class Membership:
         """One round: self-fence, heartbeat, renew, assign, hand off, acquire (see the module docstring)."""
         self._fence_expired()
         try:
+            await self._renew_due()  # first: a failed heartbeat must not cost the leases a renewal
             await leases.heartbeat(self.pool, self.node_id, self.advertise_url)
-            await self._renew_due()
             live = await leases.live_nodes(self.pool, self.timing.ttl_ms)
             owners = assign(self.shards, {node.node_id for node in live} | {self.node_id})
             wanted = {shard for shard, owner in owners.items() if owner == self.node_id}
