@@ -27,7 +27,9 @@ from tollway.pg.log import PgLog
 from tollway.pg.schema import init_cluster, open_cluster
 from tollway.pricing import default_prices
 
-TIMING = LeaseTiming(ttl_ms=1_000, renew_every_ms=200, margin_ms=100)
+TIMING = LeaseTiming(
+    ttl_ms=3_000, renew_every_ms=600, margin_ms=300
+)  # the mint must land before a's leases expire, on a loaded machine too
 SHARDS = 2
 
 
