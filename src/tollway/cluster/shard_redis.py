@@ -101,8 +101,14 @@ class ShardRedis:
             log.error("%s did not stop within %s s of its cancellation", task.get_name(), STOP_TIMEOUT_S)
 
 
-def start_shard_redis(side: RedisSide, engine: Engine, shard: int, epoch: int) -> ShardRedis:
-    """Build shard ``shard``'s projector (and worker) for lease ``epoch`` and start their tasks."""
+def start_shard_redis(
+    side: RedisSide, engine: Engine, shard: int, epoch: int, still_owner: Callable[[], bool]
+) -> ShardRedis:
+    """Build shard ``shard``'s projector (and worker) for lease ``epoch`` and start their tasks.
+
+    ``still_owner`` says whether the node still serves the shard under ``epoch`` (by its own
+    clock); the worker handles no message otherwise (see :class:`~tollway.finalizer.FinalizeWorker`).
+    """
     keys = side.keys(shard)
     owner = projection_owner(side.cluster_id, shard)
     settings = side.settings
@@ -119,6 +125,7 @@ def start_shard_redis(side: RedisSide, engine: Engine, shard: int, epoch: int) -
             breaker_config=side.breaker_config(),
             concurrency=settings.worker_concurrency,
             claim_idle_ms=settings.claim_idle_ms,
+            still_owner=still_owner,
         )
     running = ShardRedis(projector, queue, worker)
     running.tasks.append(_spawn(_supervised(projector.run, engine, f"projector-{shard}"), f"projector-{shard}"))
