@@ -39,7 +39,7 @@ from tollway.redis.projector import load_script
 from tollway.redis.server import EmbeddedRedis
 
 SHARDS: Final = 8
-LEASE_TTL_MS: Final = 2_000
+LEASE_TTL_MS: Final = 3_000  # 2 s leases churned under a load average of 17 on two cores
 FINALIZE_TIMEOUT_S: Final = 90.0
 NODE_ENV: Final = {"TOLLWAY_CLAIM_IDLE_MS": "1000"}  # a dead node's delivered messages are reclaimed soon
 
@@ -258,3 +258,40 @@ async def test_dead_letters_of_every_shard_are_listed_and_replayed_through_any_n
         assert 403 == gateway.status_code, gateway.text
     finalized = await sim.finalized()
     assert sorted(committed) == sorted(item.reservation_id for item in finalized)
+
+
+async def test_a_graceful_hand_off_moves_projector_and_worker_and_finalizes_every_charge_once(
+    stack: tuple[Cluster, Simulator], pg_url: str, redis_server: EmbeddedRedis
+) -> None:
+    """SIGTERM of a node under load: its shards' projections and queues go on under the new owners' epochs."""
+    cluster, sim = stack
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=100)) as client:
+        load = Load(cluster, client, cluster.nodes)
+        await mint_all(load, 1_000_000)
+        owners = await cluster.settled(client, cluster.nodes)
+        leaving = cluster.nodes[1]
+        moved = sorted(n for n, owner in owners.items() if owner == leaving.name)
+        traffic = Traffic(load, cluster.gateway)
+        workers = [asyncio.create_task(traffic.worker(n)) for n in range(12)]
+        await asyncio.sleep(2.0)
+        load.nodes = [cluster.nodes[0], cluster.nodes[2]]
+        assert 0 == await leaving.process.stop(signal.SIGTERM)
+        await asyncio.sleep(2.0)
+        traffic.stop.set()
+        await asyncio.gather(*workers)
+        committed = [entry for entries in traffic.committed.values() for entry in entries]
+        await _wait_finalized(load, sim, len(committed))
+        view = await cluster.view(client, cluster.nodes[0])
+    assert [] == load.other_failures
+    finalized = await sim.finalized()
+    assert sorted(committed) == sorted(item.reservation_id for item in finalized)
+    assert (len(committed), 0) == ((await sim.stats())["finalized"], (await sim.stats())["conflicts"])
+    client_redis = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        assert {n: [] for n in range(SHARDS)} == await _parity(pg_url, client_redis)
+        epochs = {row["shard"]: row["epoch"] for row in view["shard_map"]}
+        recorded = {n: int(await client_redis.hget(Keys("tw", str(n)).meta, "epoch") or 0) for n in moved}
+        assert {n: epochs[n] for n in moved} == recorded
+        assert all(view_owner != leaving.name for view_owner in (row["owner"] for row in view["shard_map"]))
+    finally:
+        await client_redis.aclose()

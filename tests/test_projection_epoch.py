@@ -1,4 +1,4 @@
-"""The epoch guard of a cluster shard's projection (CLUSTER.md §5), against a real redis-server.
+"""The epoch guard of a cluster shard's projection and worker (CLUSTER.md §5), against a real redis-server.
 
 In cluster mode a projector writes under its shard's lease epoch: the projection's meta hash
 records the owner (cluster and shard) and the newest epoch that wrote it, and a writer with an
@@ -17,9 +17,13 @@ import redis.asyncio as aioredis
 from tollway import Engine
 from tollway.core import commands as cmd
 from tollway.core.commands import CreditKind
+from tollway.finalizer import FinalizeWorker
 from tollway.redis.keys import Keys
 from tollway.redis.projector import ProjectionForeign, ProjectionStale, Projector
+from tollway.redis.queue import FinalizeQueue
 from tollway.redis.server import EmbeddedRedis
+from tollway.settlement.client import SettlementAuth, SettlementClient
+from tollway.tokens import generate_signing_key
 
 KEYS: Final = Keys("tw", "5")
 OWNER: Final = "cluster c-1 shard 5"
@@ -110,4 +114,27 @@ async def test_a_single_node_projection_records_no_epoch(tmp_path: Path, redis_s
             meta = await client.hgetall(Keys().meta)
             assert {b"applied_seq", b"owner", b"rebuilt_at_ms"} == set(meta)
     finally:
+        await client.aclose()
+
+
+async def test_a_worker_that_no_longer_owns_its_shard_leaves_the_messages_to_the_owner(
+    tmp_path: Path, redis_server: EmbeddedRedis
+) -> None:
+    """A worker whose node lost the shard handles nothing: a message its stale engine does not know stays queued."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    owner = {"still": False}
+    settlement = SettlementClient.from_url("http://127.0.0.1:9", SettlementAuth(signing_key=generate_signing_key()))
+    try:
+        async with Engine.open(tmp_path / "d") as engine:
+            queue = FinalizeQueue(client, KEYS, consumer="node-a", owner=OWNER)
+            await queue.ensure_group()
+            await client.xadd(KEYS.finalize, {"billing_entry_id": "01J9Z3NDEK1A3V4RRFFQ69G5FA", "account_id": "acct"})
+            worker = FinalizeWorker(engine, queue, settlement, still_owner=lambda: owner["still"])
+            assert 0 == await worker.run_once()
+            assert (1, 0) == (await client.xlen(KEYS.finalize), worker.calls)
+            owner["still"] = True  # the same worker, owning the shard: its engine knows no such entry
+            assert 1 == await worker.run_once()
+            assert 0 == await client.xlen(KEYS.finalize)
+    finally:
+        await settlement.aclose()
         await client.aclose()

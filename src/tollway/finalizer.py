@@ -117,8 +117,13 @@ class FinalizeWorker:
         concurrency: int = CONCURRENCY,
         claim_idle_ms: int = CLAIM_IDLE_MS,
         alert: Alert = log_alert,
+        still_owner: Callable[[], bool] | None = None,
     ) -> None:
         self.engine = engine
+        # Cluster mode: whether this node still serves the shard under the worker's lease epoch. A
+        # worker on a lost shard (its process paused past the lease) must not judge messages by its
+        # stale engine: it would drop the new owner's messages as "already settled".
+        self.still_owner = still_owner
         self.queue = queue
         self.settlement = settlement
         self.breaker = brk.Breaker(config=breaker_config or brk.BreakerConfig())
@@ -182,6 +187,8 @@ class FinalizeWorker:
 
     async def handle(self, message_id: str, raw: object) -> None:
         """Decide and act on one delivered message; the queue moves only after the WAL does."""
+        if self.still_owner is not None and not self.still_owner():
+            return  # left pending: the shard's owner reclaims it
         message = parse_message(message_id, raw)
         if message is None:
             log.error("unreadable finalize message %s dropped: %r", message_id, raw)
@@ -218,6 +225,8 @@ class FinalizeWorker:
         Returns how many messages were handled. With ``block_ms=None`` it never waits (burst
         mode, for tests and drains).
         """
+        if self.still_owner is not None and not self.still_owner():
+            return 0
         now = self.engine.now_ms()
         await self.queue.promote_due(now)
         await self.escalate(now)

@@ -18,6 +18,7 @@ decides anything about money.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import uuid
 from collections.abc import Callable
@@ -41,12 +42,16 @@ from tollway.pg.errors import PG_ERRORS
 from tollway.pg.schema import ClusterInfo, open_cluster
 from tollway.service import settlement_client
 
+log = logging.getLogger("tollway.cluster")
+
 POOL_CONNECTIONS_MAX = 16
 CONNECT_TIMEOUT_S = 10
 APPLICATION_NAME_PREFIX = "tollway "
 """A node's connections show as ``tollway <node id>`` in ``pg_stat_activity.application_name``."""
 APPLICATION_NAME_MAX = 63  # PostgreSQL truncates longer names (NAMEDATALEN - 1)
 REDIS_SOCKET_TIMEOUT_S = 5.0
+REDIS_DETECT_ATTEMPTS = 5
+REDIS_DETECT_PAUSE_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,12 +125,21 @@ async def redis_side(settings: Settings, info: ClusterInfo, node_id: str) -> Red
 
 
 async def redis_client(url: str) -> aioredis.Redis:
-    """A client of ``url``: redis-py's cluster client when that server runs in cluster mode."""
+    """A client of ``url``: redis-py's cluster client when that server runs in cluster mode.
+
+    Whether it does is asked with ``INFO cluster``, a few times if Redis does not answer; a Redis
+    still away after that is taken for a plain one (the projectors wait for it), and said so.
+    """
     plain = aioredis.Redis.from_url(url, socket_timeout=REDIS_SOCKET_TIMEOUT_S)
-    try:
-        info = await plain.info("cluster")
-    except (redis.exceptions.RedisError, OSError):  # away: the projector waits for it like a plain Redis
-        return plain
+    for attempt in range(REDIS_DETECT_ATTEMPTS):
+        try:
+            info = await plain.info("cluster")
+            break
+        except (redis.exceptions.RedisError, OSError) as exc:
+            if attempt + 1 == REDIS_DETECT_ATTEMPTS:
+                log.warning("redis at the --redis-url does not answer (%s); using it as a single Redis", exc)
+                return plain
+            await asyncio.sleep(REDIS_DETECT_PAUSE_S)
     if not info.get("cluster_enabled"):
         return plain
     await plain.aclose()

@@ -76,6 +76,7 @@ class ShardEngines:
         self.running: dict[int, _Running] = {}
         self.moving: set[int] = set()  # in hand-off: no new commands
         self.on_failed: Callable[[int], None] = lambda _shard: None  # the node drops the shard
+        self.serving: Callable[[int], int | None] = lambda _shard: None  # the node's Membership.serving
         self._aborts: set[asyncio.Task[None]] = set()
 
     def engine(self, number: int, epoch: int) -> Engine | None:
@@ -92,7 +93,12 @@ class ShardEngines:
         engine.on_fatal = lambda _exc: self.on_failed(number)  # fenced, or PostgreSQL failed a batch
         tasks = [asyncio.create_task(run_sweeper(engine)), asyncio.create_task(run_archiver(engine))]
         side = self.redis_side
-        redis = None if side is None else start_shard_redis(side, engine, number, lease.epoch)
+        epoch = lease.epoch
+        redis = (
+            None
+            if side is None
+            else start_shard_redis(side, engine, number, epoch, lambda: self.serving(number) == epoch)
+        )
         self.running[number] = _Running(engine, lease.epoch, tasks, redis)
         log.info("shard %d recovered at sequence %d, epoch %d", number, engine.state.last_sequence, lease.epoch)
 
@@ -182,6 +188,7 @@ class Node:
             handler=self.engines,
         )
         self.engines.on_failed = lambda number: self.membership.forfeit(number, "its engine stopped (fenced or failed)")
+        self.engines.serving = self.membership.serving
         self.lease_rows: list[LeaseRow] = []
         self.urls: dict[str, str] = {}
 

@@ -23,7 +23,6 @@ Not here: the conservation guard per shard (its checks fold a file WAL) and the 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -33,10 +32,11 @@ import redis.asyncio as aioredis
 
 from tollway.config import Settings
 from tollway.core.breaker import BreakerConfig
+from tollway.core.errors import EngineStopped
 from tollway.engine import Engine
 from tollway.finalizer import FinalizeWorker
 from tollway.redis.keys import Keys
-from tollway.redis.projector import Projector
+from tollway.redis.projector import Projector, raise_if_cancelled
 from tollway.redis.queue import FinalizeQueue
 from tollway.settlement.client import SettlementClient
 
@@ -44,6 +44,8 @@ log = logging.getLogger("tollway.cluster")
 
 FIRST_SYNC_POLL_S: Final = 0.05
 """How often a shard's finalize worker looks whether the projector has caught up, before it starts."""
+STOP_TIMEOUT_S: Final = 5.0
+"""Longest a hand-off waits for a shard's projector and worker to end once cancelled."""
 RESTART_PAUSE_S: Final = 1.0
 """How long a shard's projector or worker that crashed waits before it runs again."""
 
@@ -90,15 +92,23 @@ class ShardRedis:
             task.cancel()
 
     async def stopped(self) -> None:
-        """Cancel the tasks and wait until they ended."""
+        """Cancel the tasks and wait until they ended (at most :data:`STOP_TIMEOUT_S`, then say which did not)."""
         self.stop()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if not self.tasks:
+            return
+        _, stuck = await asyncio.wait(self.tasks, timeout=STOP_TIMEOUT_S)
+        for task in stuck:
+            log.error("%s did not stop within %s s of its cancellation", task.get_name(), STOP_TIMEOUT_S)
 
 
-def start_shard_redis(side: RedisSide, engine: Engine, shard: int, epoch: int) -> ShardRedis:
-    """Build shard ``shard``'s projector (and worker) for lease ``epoch`` and start their tasks."""
+def start_shard_redis(
+    side: RedisSide, engine: Engine, shard: int, epoch: int, still_owner: Callable[[], bool]
+) -> ShardRedis:
+    """Build shard ``shard``'s projector (and worker) for lease ``epoch`` and start their tasks.
+
+    ``still_owner`` says whether the node still serves the shard under ``epoch`` (by its own
+    clock); the worker handles no message otherwise (see :class:`~tollway.finalizer.FinalizeWorker`).
+    """
     keys = side.keys(shard)
     owner = projection_owner(side.cluster_id, shard)
     settings = side.settings
@@ -115,27 +125,36 @@ def start_shard_redis(side: RedisSide, engine: Engine, shard: int, epoch: int) -
             breaker_config=side.breaker_config(),
             concurrency=settings.worker_concurrency,
             claim_idle_ms=settings.claim_idle_ms,
+            still_owner=still_owner,
         )
     running = ShardRedis(projector, queue, worker)
-    running.tasks.append(_spawn(_supervised(projector.run, f"projector-{shard}"), f"projector-{shard}"))
+    running.tasks.append(_spawn(_supervised(projector.run, engine, f"projector-{shard}"), f"projector-{shard}"))
     if worker is not None:
-        work = _supervised(lambda: _work_after_first_sync(projector, worker), f"finalize-worker-{shard}")
+        work = _supervised(lambda: _work_after_first_sync(projector, worker), engine, f"finalize-worker-{shard}")
         running.tasks.append(_spawn(work, f"finalize-worker-{shard}"))
     return running
 
 
-async def _supervised(run: Callable[[], Awaitable[None]], name: str) -> None:
-    """Run ``run()`` again after an unexpected crash, until it returns or is cancelled.
+async def _supervised(run: Callable[[], Awaitable[None]], engine: Engine, name: str) -> None:
+    """Run ``run()`` again after an unexpected crash, while the shard's engine runs and nobody cancelled it.
 
     The loops survive Redis going away by themselves; this is for what escapes them. redis-py's
-    cluster client, for one, can raise a bare ``AttributeError`` from a connection a killed
-    master closed under a blocked read (seen with redis-py 8.1): without a restart that shard
-    would never be finalized again on this node.
+    cluster client, for one, can raise a bare ``AttributeError`` or ``RuntimeError`` from a
+    connection a killed master closed (seen with redis-py 8.1 under uvloop): without a restart
+    that shard would never be finalized again on this node. Never restarted: a task whose
+    cancellation a library turned into another exception (the shard is being stopped), or a loop
+    whose engine stopped (fenced, aborted, closed) — it would work for a shard it lost.
     """
     while True:
         try:
             await run()
         except Exception:
+            raise_if_cancelled()
+            try:
+                engine.check_running()
+            except EngineStopped:
+                log.warning("%s stopped with its shard's engine", name)
+                return
             log.exception("%s crashed; running it again in %s s", name, RESTART_PAUSE_S)
             await asyncio.sleep(RESTART_PAUSE_S)
         else:
