@@ -50,6 +50,7 @@ from tollway.core.commands import CreditKind
 from tollway.core.shard import shard
 from tollway.pg import leases
 from tollway.pg.log import PgLog
+from tollway.pg.pool import open_pool
 from tollway.pg.schema import init_cluster
 from tollway.pg.server import EmbeddedPostgres
 
@@ -100,7 +101,7 @@ async def file_wal_engine(directory: Path, commands: int, concurrency: int) -> d
 
 
 async def pg_engine(url: str, commands: int, concurrency: int) -> dict[str, Any]:
-    pool = await asyncpg.create_pool(url, min_size=1, max_size=4)
+    pool = await open_pool(url, max_size=4, timeout_s=10)  # as a node's pool
     try:
         async with pool.acquire() as connection:
             await init_cluster(connection, shards=1)

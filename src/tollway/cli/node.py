@@ -39,6 +39,7 @@ from tollway.core.errors import ConfigError, LogUnavailable
 from tollway.core.lease import LeaseTiming
 from tollway.net import bind, url_of
 from tollway.pg.errors import PG_ERRORS
+from tollway.pg.pool import open_pool
 from tollway.pg.schema import ClusterInfo, open_cluster
 from tollway.service import settlement_client
 
@@ -46,9 +47,6 @@ log = logging.getLogger("tollway.cluster")
 
 POOL_CONNECTIONS_MAX = 16
 CONNECT_TIMEOUT_S = 10
-APPLICATION_NAME_PREFIX = "tollway "
-"""A node's connections show as ``tollway <node id>`` in ``pg_stat_activity.application_name``."""
-APPLICATION_NAME_MAX = 63  # PostgreSQL truncates longer names (NAMEDATALEN - 1)
 REDIS_SOCKET_TIMEOUT_S = 5.0
 REDIS_DETECT_ATTEMPTS = 5
 REDIS_DETECT_PAUSE_S = 1.0
@@ -195,12 +193,6 @@ async def _announce(server: uvicorn.Server, ready: Callable[[], None]) -> None:
 async def _pool(url: str, node_id: str) -> asyncpg.Pool:
     """The node's connections, named ``tollway <node id>`` in ``pg_stat_activity``."""
     try:
-        return await asyncpg.create_pool(
-            url,
-            min_size=1,
-            max_size=POOL_CONNECTIONS_MAX,
-            timeout=CONNECT_TIMEOUT_S,
-            server_settings={"application_name": f"{APPLICATION_NAME_PREFIX}{node_id}"[:APPLICATION_NAME_MAX]},
-        )
+        return await open_pool(url, max_size=POOL_CONNECTIONS_MAX, timeout_s=CONNECT_TIMEOUT_S, name=node_id)
     except (*PG_ERRORS, ValueError, OSError) as exc:
         raise LogUnavailable(f"could not connect to PostgreSQL: {exc}") from exc
