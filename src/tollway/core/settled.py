@@ -16,10 +16,10 @@ idempotency, reads and expiry need, as one :data:`ROW` of :data:`ROW_BYTES` byte
 Rows are appended in the order entries settle (a void moves its row to the end), so the oldest
 are at the front: expiry scans from there and stops at the first row too young, and removed
 rows are cut off the front in one ``del`` once they are as many as the live ones. Two index
-arrays (``array('I')``, linear probing, at most half full, deletion by backward shift, so no
+arrays (``array('I')``, linear probing, at most two thirds full, deletion by backward shift, so no
 tombstones) map an entry id and a request-key hash to a row by its *absolute* number (mod 2³²),
-so cutting the front never touches them. At ~10M entries this is about 69 bytes of row plus
-8–16 bytes of indexes per entry.
+so cutting the front never touches them. That is 69 bytes of row plus 12–24 bytes of
+indexes per entry (about 83 in all at 10M entries).
 
 :meth:`SettledTable.to_bytes` / :meth:`SettledTable.from_bytes` copy the buffers as they are: a
 snapshot holds no request keys and recovery creates no object per entry. Every change is a
@@ -432,8 +432,8 @@ class SettledTable:
             self._base = self._head
 
     def _grow_if_full(self) -> None:
-        """Double both indexes (re-inserting every live row) before they are more than half full."""
-        if 2 * (self._live + 1) <= len(self._req_index):
+        """Double both indexes (re-inserting every live row) before they are more than two thirds full."""
+        if 3 * (self._live + 1) <= 2 * len(self._req_index):
             return
         size = 2 * len(self._req_index)
         self._id_index = array("I", [_EMPTY]) * size

@@ -167,7 +167,8 @@ class StoredState(msgspec.Struct):
     legacy_settled: dict[str, LegacySettled] = msgspec.field(default_factory=dict, name="settled")
     # Settled entries' records: SettledTable.to_bytes(), in the order of their last change (oldest first).
     # What they charged is in archived_charged, what they left uncollected in archived_uncollected_micro.
-    settled_rows: bytes = b""
+    # A view: decoding a snapshot does not copy the table's bytes out of the file's (msgspec decodes in place).
+    settled_rows: memoryview = memoryview(b"")
 
 
 STORED_FIELDS: Final = StoredState.__struct_fields__
@@ -239,7 +240,7 @@ class State(_Stored):
     def to_snapshot(self) -> Snapshot:
         """The state as a record (shares the dicts: encode it before applying more events)."""
         fields: dict[str, Any] = {name: getattr(self, name) for name in _PLAIN_FIELDS}
-        return Snapshot(**fields, settled_rows=self.settled.to_bytes())
+        return Snapshot(**fields, settled_rows=memoryview(self.settled.to_bytes()))
 
     def freeze(self) -> Snapshot:
         """A consistent copy that later events do not change: new dicts, copied accounts.
@@ -250,7 +251,7 @@ class State(_Stored):
         """
         fields: dict[str, Any] = {name: _copied(getattr(self, name)) for name in _PLAIN_FIELDS}
         fields["accounts"] = {name: account.copy() for name, account in self.accounts.items()}
-        return Snapshot(**fields, settled_rows=self.settled.to_bytes())
+        return Snapshot(**fields, settled_rows=memoryview(self.settled.to_bytes()))
 
     @classmethod
     def from_snapshot(cls, snap: Snapshot) -> State:
