@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tollway import Engine
+from tollway.api.routes_accounts import history_page
 from tollway.config import Durability, Settings
 from tollway.core import commands as cmd
 from tollway.core import settled as settled_module
@@ -203,3 +204,21 @@ def test_records_are_values() -> None:
     assert isinstance(moved, Settled)
     assert first != moved
     assert (S.VOIDED, (1, 2, 3)) == (moved.state, moved.seqs)
+
+
+async def test_colliding_account_hashes_keep_histories_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every account hashing alike: an account's history still lists its own settled entries only."""
+    monkeypatch.setattr(settled_module, "account_hash", lambda account_id: 3)
+    async with Engine.open(settings=Settings(data_dir=tmp_path, durability=Durability.NONE)) as engine:
+        made: dict[str, list[str]] = {"alice": [], "bob": []}
+        for account in ("alice", "bob"):
+            await engine.execute(cmd.Credit(account, "seed", CreditKind.MINT, 10**9))
+        for i in range(6):
+            account = ("alice", "bob")[i % 2]
+            held = await engine.execute(cmd.Reserve(account, f"r{i}", 1_000))
+            assert isinstance(held, EntryResult)
+            await engine.execute(cmd.Commit(held.entry.billing_entry_id, 700))
+            made[account].append(held.entry.billing_entry_id)
+        for account, ids in made.items():
+            page = await history_page(engine, account, frozenset(), None, 100)
+            assert ids == [item["billing_entry_id"] for item in page["items"]]  # type: ignore[attr-defined]
