@@ -182,7 +182,11 @@ async def redis_per_entry(data_dir: Path, pairs: int, response_bytes: int) -> di
         for first in range(0, pairs, 100):
             await asyncio.gather(*(pair(i) for i in range(first, min(pairs, first + 100))))
         after = await caught_up()
-    return {"pairs": pairs, "redis_used_memory_delta_bytes": after - before, "per_entry_bytes": (after - before) / pairs}
+    return {
+        "pairs": pairs,
+        "redis_used_memory_delta_bytes": after - before,
+        "per_entry_bytes": (after - before) / pairs,
+    }
 
 
 def child(args: argparse.Namespace) -> int:
