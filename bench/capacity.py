@@ -168,7 +168,7 @@ async def redis_per_entry(data_dir: Path, pairs: int, response_bytes: int) -> di
         await engine.execute(cmd.Credit("acct", "fund", cmd.CreditKind.MINT, 10**15))
 
         async def caught_up() -> int:
-            while service.projector.applied_seq != engine.durable_sequence:
+            while service.projector.applied_seq != engine.durable_sequence:  # noqa: ASYNC110 - owned by the projector
                 await asyncio.sleep(0.05)
             return int((await service.redis.info("memory"))["used_memory"])
 
