@@ -710,9 +710,8 @@ def _request_complete(state: State, event: ev.Event, p: ev.RequestComplete) -> N
     so reading a settled entry back finds it there without its sequence being kept.
     """
     entry_id = event.billing_entry_id
-    if entry_id not in state.entries and entry_id in state.settled:
-        return
-    state.responses[entry_id] = p.response_json
+    if entry_id in state.entries:  # else it settled with the commit before it: its response stays in the log
+        state.responses[entry_id] = p.response_json
 
 
 def _archive(state: State, event: ev.Event, p: ev.EntriesArchived) -> None:  # noqa: ARG001 - the fold signature
