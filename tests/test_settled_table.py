@@ -222,3 +222,18 @@ async def test_colliding_account_hashes_keep_histories_apart(tmp_path: Path, mon
         for account, ids in made.items():
             page = await history_page(engine, account, frozenset(), None, 100)
             assert ids == [item["billing_entry_id"] for item in page["items"]]  # type: ignore[attr-defined]
+
+
+def test_row_numbers_wrap_around_past_two_to_the_32() -> None:
+    """Rows numbered across 2³² (and past the number that marks an empty slot) are all found."""
+    table = SettledTable()
+    table._base = table._head = table._tail = (1 << 32) - 3  # as after ~4.3 billion settled entries
+    ids = [encode_ulid(1_000 + i) for i in range(6)]
+    for i, entry_id in enumerate(ids):
+        table.add(entry_id, "a", f"r{i}", state=S.COMMITTED, charged_micro=i, updated_at_ms=i, seqs=(i + 1,))
+    table = SettledTable.from_bytes(table.to_bytes())
+    assert ids == list(table)
+    assert [i for i in range(6)] == [table.get(entry_id).charged_micro for entry_id in ids]  # type: ignore[union-attr]
+    assert [[ids[2]]] == [[record.billing_entry_id for record in table.by_request("a", "r2")]]
+    table.remove(ids[0])
+    assert ids[1:] == list(table)

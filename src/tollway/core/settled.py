@@ -65,6 +65,7 @@ _CODES: Final = tuple(EntryState)
 _CODE: Final = {state: code for code, state in enumerate(_CODES)}
 _SEQS_MAX: Final = 5
 _DEAD: Final = 0x7F  # state code of a removed row
+_DEAD_ROW: Final = ROW.pack(bytes(16), 0, 0, 0, 0, _DEAD, 0, 0, 0, 0, 0)
 
 _Row = tuple[bytes, int, int, int, int, int, int, int, int, int, int]
 """The fields of one :data:`ROW`, unpacked."""
@@ -348,6 +349,9 @@ class SettledTable:
         seqs: tuple[int, ...],
     ) -> None:
         req_hash, acct_hash = hashes
+        if self._tail & _MASK32 == _EMPTY:  # that number marks an empty index slot: a removed row takes it
+            self._rows += _DEAD_ROW
+            self._tail += 1
         absolute = self._tail & _MASK32
         self._grow_if_full()
         value = _ulid_value(entry_id)
