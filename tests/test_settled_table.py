@@ -233,7 +233,7 @@ def test_row_numbers_wrap_around_past_two_to_the_32() -> None:
         table.add(entry_id, "a", f"r{i}", state=S.COMMITTED, charged_micro=i, updated_at_ms=i, seqs=(i + 1,))
     table = SettledTable.from_bytes(table.to_bytes())
     assert ids == list(table)
-    assert [i for i in range(6)] == [table.get(entry_id).charged_micro for entry_id in ids]  # type: ignore[union-attr]
+    assert list(range(6)) == [table.get(entry_id).charged_micro for entry_id in ids]  # type: ignore[union-attr]
     assert [[ids[2]]] == [[record.billing_entry_id for record in table.by_request("a", "r2")]]
     table.remove(ids[0])
     assert ids[1:] == list(table)
