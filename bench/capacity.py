@@ -11,6 +11,10 @@ service, no fsync: the log is the same bytes the engine writes), then, each in a
   ``rss_per_entry_bytes`` (what the state keeps per settled entry, garbage collected, measured
   as RSS: allocator slack included).
 
+``--redis-pairs`` P adds Redis memory per settled entry: a service with its embedded Redis
+takes P reserve → commit pairs (a stored response of 0 and of ``--response-bytes`` bytes); the
+projection's ``used_memory`` after it caught up, less before, over P.
+
 ``--throughput`` adds reserve → commit pairs per second through ``Engine.execute`` (durability
 ``none``: the CPU of the command path only, 100 callers at a time). With ``--baseline-src DIR``
 (a ``src`` directory of another commit, e.g. ``git archive <commit> src | tar -x -C DIR``) every
@@ -150,6 +154,41 @@ async def throughput(data_dir: Path, pairs: int) -> dict[str, Any]:
     return {"pairs": pairs, "pairs_per_s": round(pairs / elapsed), "cpu_us_per_pair": round(cpu_s / pairs * 1e6, 1)}
 
 
+async def redis_per_entry(data_dir: Path, pairs: int, response_bytes: int) -> dict[str, Any]:
+    """Redis memory a settled entry leaves behind: a service, ``pairs`` reserve → commit pairs, used_memory."""
+    from tollway import Settings  # noqa: PLC0415
+    from tollway.config import Durability  # noqa: PLC0415
+    from tollway.core import commands as cmd  # noqa: PLC0415
+    from tollway.service import Service  # noqa: PLC0415
+
+    response = '{"text":"' + "x" * max(0, response_bytes - 11) + '"}' if response_bytes else None
+    settings = Settings(data_dir=data_dir, durability=Durability.NONE)
+    async with Service.running(settings) as service:
+        engine = service.engine
+        await engine.execute(cmd.Credit("acct", "fund", cmd.CreditKind.MINT, 10**15))
+
+        async def caught_up() -> int:
+            while service.projector.applied_seq != engine.durable_sequence:  # noqa: ASYNC110 - owned by the projector
+                await asyncio.sleep(0.05)
+            return int((await service.redis.info("memory"))["used_memory"])
+
+        before = await caught_up()
+
+        async def pair(i: int) -> None:
+            held = await engine.execute(cmd.Reserve("acct", f"r{i}", 10_000))
+            assert isinstance(held, cmd.EntryResult), held
+            await engine.execute(cmd.Commit(held.entry.billing_entry_id, 7_000, response))
+
+        for first in range(0, pairs, 100):
+            await asyncio.gather(*(pair(i) for i in range(first, min(pairs, first + 100))))
+        after = await caught_up()
+    return {
+        "pairs": pairs,
+        "redis_used_memory_delta_bytes": after - before,
+        "per_entry_bytes": (after - before) / pairs,
+    }
+
+
 def child(args: argparse.Namespace) -> int:
     """One measurement in this (fresh) process; prints its JSON."""
     data_dir = Path(args.data_dir_child)
@@ -157,6 +196,8 @@ def child(args: argparse.Namespace) -> int:
         result = asyncio.run(measure(data_dir))
     elif args.phase == "recover":
         result = asyncio.run(recover(data_dir))
+    elif args.phase.startswith("redis-"):
+        result = asyncio.run(redis_per_entry(data_dir, args.pairs, int(args.phase.removeprefix("redis-"))))
     else:
         result = asyncio.run(throughput(data_dir, args.pairs))
     print(json.dumps(result))
@@ -198,6 +239,13 @@ def run(scratch: Path, args: argparse.Namespace) -> dict[str, Any]:
             memory[name][f"response_{response_bytes}_bytes"] = per_entry(result, args.entries)
             subprocess.run(["rm", "-rf", str(data_dir)], check=True)
         subprocess.run(["rm", "-rf", str(log_dir)], check=True)
+    redis: dict[str, dict[str, Any]] = {name: {} for name in versions}
+    for response_bytes in sorted({0, args.response_bytes}) if args.redis_pairs else []:
+        for name, src in versions.items():
+            data_dir = scratch / f"redis-{name}-{response_bytes}"
+            result = run_child(src, f"redis-{response_bytes}", data_dir, args.redis_pairs)
+            redis[name][f"response_{response_bytes}_bytes"] = result
+            subprocess.run(["rm", "-rf", str(data_dir)], check=True)
     rates: dict[str, list[int]] = {name: [] for name in versions}
     cpu: dict[str, list[float]] = {name: [] for name in versions}
     for round_ in range(args.throughput_rounds if args.throughput else 0):
@@ -211,6 +259,7 @@ def run(scratch: Path, args: argparse.Namespace) -> dict[str, Any]:
         "entries": args.entries,
         "response_bytes": args.response_bytes,
         "memory": memory,
+        "redis": redis,
         "throughput_pairs_per_s": rates,
         "cpu_us_per_pair": cpu,
         "machine": machine_facts(scratch) | {"loadavg": loadavg()},
@@ -229,6 +278,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--entries", type=int, default=1_000_000, help="settled entries (default 1,000,000)")
     parser.add_argument("--response-bytes", type=int, default=2_000, help="the stored response's size (default 2000)")
+    parser.add_argument("--redis-pairs", type=int, default=0, help="pairs for Redis memory per entry (0: none)")
     parser.add_argument("--throughput", type=int, default=0, help="reserve+commit pairs per throughput run (0: none)")
     parser.add_argument("--throughput-rounds", type=int, default=3, help="alternating throughput runs per version")
     parser.add_argument("--baseline-src", default=None, help="a src directory of the code to compare with")
@@ -242,7 +292,7 @@ def main() -> int:
     if args.phase is not None:
         return child(args)
     if args.quick:
-        args.entries, args.throughput, args.throughput_rounds = 2_000, 500, 1
+        args.entries, args.throughput, args.throughput_rounds, args.redis_pairs = 2_000, 500, 1, 200
     with scratch_dir(args.data_dir, "tollway-capacity-", args.keep) as scratch:
         result = run(scratch, args)
     emit(result, args.json, lambda out: print(json.dumps(out, indent=2)))

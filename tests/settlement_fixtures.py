@@ -65,9 +65,8 @@ class Loop:
     def states(self) -> dict[str, EntryState]:
         """Every entry's state: whole (live) entries and settled entries' idempotency records."""
         state = self.engine.state
-        return {
-            entry_id: item.state for entries in (state.entries, state.settled) for entry_id, item in entries.items()
-        }
+        states = {entry_id: entry.state for entry_id, entry in state.entries.items()}
+        return states | {record.billing_entry_id: record.state for record in state.settled.records()}
 
 
 @pytest.fixture

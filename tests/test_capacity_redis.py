@@ -11,8 +11,12 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import httpx
+import pytest
+
 from tests.test_service import eventually
 from tollway import Settings
+from tollway.api import Authenticator, create_app
 from tollway.core import commands as cmd
 from tollway.core.commands import CreditKind, EntryResult
 from tollway.core.lifecycle import EntryState
@@ -62,3 +66,35 @@ async def test_a_small_redis_stays_flat_under_many_times_its_size_of_billing(tmp
         assert end < samples[0] + (2 << 20), (samples[0], end, samples)  # flat: live work only, never history
         assert PAIRS == len(committed)
         assert {EntryState.COMMITTED} == {engine.state.entry_state(i) for i in committed}
+
+
+async def test_a_redis_refusing_writes_says_so_at_once_and_the_projection_resumes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis at maxmemory: billing goes on, /readyz, a metric and a log line say so; room back, it catches up."""
+    settings = Settings(data_dir=tmp_path / "data")
+    async with Service.running(settings) as service:
+        engine, app = service.engine, create_app(service, authenticator=Authenticator.from_settings(settings))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://tollway") as http:
+            await engine.execute(cmd.Credit("acct", "m", CreditKind.MINT, 10_000_000))
+            await eventually(lambda: service.projector.applied_seq == engine.durable_sequence, WAIT_S)
+            await service.redis.config_set("maxmemory", "1")  # every write that may grow memory is refused
+            try:
+                for step in range(20):  # billing goes on
+                    held = await engine.execute(cmd.Reserve("acct", f"r{step}", 1_000))
+                    assert isinstance(held, EntryResult), held
+                    assert isinstance(await engine.execute(cmd.Commit(held.entry.billing_entry_id, 900)), EntryResult)
+                await eventually(lambda: service.projector.status().redis_error is not None, WAIT_S)
+                ready = (await http.get("/readyz")).json()
+                await service.collect_metrics()
+                refusing = service.metrics.projection_redis_refusing._value.get()  # the gauge's value
+                assert ("OOM" in ready["redis"]["error"], True, 1.0) == (True, ready["ready"], refusing)
+                assert any("projection paused" in record.getMessage() for record in caplog.records)
+            finally:
+                await service.redis.config_set("maxmemory", str(MEMORY_MAX))
+            await eventually(lambda: service.projector.applied_seq == engine.durable_sequence, WAIT_S)
+            await eventually(lambda: service.projector.status().redis_error is None, WAIT_S)
+            await service.collect_metrics()
+            assert 0.0 == service.metrics.projection_redis_refusing._value.get()
+            assert None is (await http.get("/readyz")).json()["redis"]["error"]
+            assert [] == await differences(service.redis, service.keys, engine.state)

@@ -48,7 +48,7 @@ from tollway.core.events import Event
 from tollway.core.history import apply_answering, fold_entry
 from tollway.core.ids import UlidGenerator
 from tollway.core.observer import NoopObserver, Observer
-from tollway.core.state import Account, Entry, State, unpack_seqs
+from tollway.core.state import Account, Entry, State
 from tollway.core.validate import validate
 from tollway.eventlog import EventLog, SnapshotStore, read_entry_events
 from tollway.group_commit import Batch, BatchListener, GroupCommit, Listener
@@ -369,7 +369,7 @@ class Engine:
         if record is None:
             return None
         self._commits.check_running()
-        loaded = await self._read_back(Fetch(billing_entry_id, unpack_seqs(record.packed)[1], record))
+        loaded = await self._read_back(Fetch(billing_entry_id, record.seqs, record))
         return loaded.entry, loaded.response_json
 
     async def peek_entry(self, billing_entry_id: str) -> Entry | None:

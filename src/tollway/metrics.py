@@ -24,6 +24,8 @@ billing_invariant_violations_total          counter     {check} check runs that 
 billing_projection_lag_events               gauge       durable WAL events not yet in Redis
 billing_projection_lag_seconds              gauge       age of the oldest unprojected event
 billing_projection_connected                gauge       1 while Redis answers the projector
+billing_projection_redis_refusing           gauge       1 while Redis answers the projector's writes with an
+                                                        error (maxmemory reached, read-only, …): billing goes on
 billing_projection_divergences              gauge       projections found differing from the WAL (each rebuilt)
 billing_projection_stopped                  gauge       1 when the projector stopped for an operator (repeated
                                                         divergences, or keys owned by another data directory)
@@ -178,6 +180,11 @@ class Metrics:
         self.projection_connected = Gauge(
             "billing_projection_connected", "1 while the projector reaches Redis.", registry=r
         )
+        self.projection_redis_refusing = Gauge(
+            "billing_projection_redis_refusing",
+            "1 while Redis answers the projector's writes with an error (maxmemory, read-only): billing goes on.",
+            registry=r,
+        )
         self.projection_divergences = Gauge(
             "billing_projection_divergences", "Projections found differing from the WAL, each rebuilt.", registry=r
         )
@@ -317,6 +324,7 @@ class Metrics:
         self.projection_lag_events.set(status.lag_events)
         self.projection_lag_seconds.set(status.lag_ms / 1000)
         self.projection_connected.set(1 if status.connected else 0)
+        self.projection_redis_refusing.set(1 if status.redis_error is not None else 0)
         self.projection_divergences.set(status.divergences)
         self.projection_stopped.set(1 if status.violation is not None else 0)
         for state in PUMP_STATES:

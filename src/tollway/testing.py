@@ -20,7 +20,7 @@ from tollway.core.events import BillingCommit, Event
 from tollway.core.history import apply_answering, fold_entry, response_after
 from tollway.core.ids import UlidGenerator
 from tollway.core.ledger import Ledger
-from tollway.core.state import Entry, State, Transition, unpack_seqs
+from tollway.core.state import Entry, State, Transition
 from tollway.core.validate import validate
 from tollway.wal import codec
 
@@ -127,7 +127,7 @@ class MemoryEngine:
         record = self.state.settled.get(billing_entry_id)
         if record is None:
             return None
-        return self._fold_back(unpack_seqs(record.packed)[1])
+        return self._fold_back(record.seqs)
 
     def _fold_back(self, sequences: Sequence[int]) -> tuple[Entry, str | None]:
         """A settled entry folded from its events in the log in memory, with the response after its commit."""

@@ -89,7 +89,8 @@ async def history_page(
     items = []
     for entry_id in page:
         found = await engine.read_entry(entry_id)
-        if found is not None:  # None: archived since the page was chosen
+        # None: archived since the page was chosen; another account: its hash matched (the page is one shorter)
+        if found is not None and found[0].account_id == account_id:
             items.append(entry_body(found[0], response_json=found[1]))
     return {"items": items, "next_cursor": next_cursor}
 

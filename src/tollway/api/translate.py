@@ -26,7 +26,7 @@ from tollway.core.errors import InvalidInput
 from tollway.core.ids import UNTRACED
 from tollway.core.lifecycle import EntryState
 from tollway.core.pricing import PriceTable, estimate_basis
-from tollway.core.state import Entry, State, request_key
+from tollway.core.state import Entry, State
 
 _BASIS_MODEL: Final = "model="
 _BASIS_INPUT: Final = ";input_tokens="
@@ -120,16 +120,13 @@ def entries_page(
     back from the log). Neither is indexed by account: a page is one scan of them
     (``O(entries within the retention)``, about 0.1 µs each), bounded in what it returns by ``limit``.
     """
-    prefix = request_key(account_id, "")
     live = (
         entry_id
         for entry_id, entry in state.entries.items()
         if entry.account_id == account_id and (not states or entry.state in states)
     )
-    settled = (
-        entry_id
-        for entry_id, record in state.settled.items()
-        if record.request_key.startswith(prefix) and (not states or record.state in states)
+    settled = (  # by a hash of the account: the caller drops what the entry read back shows is another's
+        entry_id for entry_id, state_now in state.settled.of_account(account_id) if not states or state_now in states
     )
     matching = (entry_id for entry_id in itertools.chain(live, settled) if after is None or entry_id > after)
     found = heapq.nsmallest(limit + 1, matching)

@@ -5,10 +5,12 @@ answer is one of:
 
 - :class:`Write` — the events to append (the engine sequences, applies and syncs them);
 - :class:`Replay` — an idempotent repeat, answered from state once the original is durable;
-- :class:`Fetch` — the command concerns a settled entry, of which the state keeps only its
-  idempotency record: the engine reads the entry back from the log (the sequences named) and
-  asks again with it in ``loaded``. A repeat or a wrong move on a settled entry then gets the
-  same answer as when the whole entry was in memory;
+- :class:`Fetch` — the command concerns a settled entry, of which the state keeps only a packed
+  record: the engine reads the entry back from the log (the sequences named) and asks again
+  with it in ``loaded``. A repeat or a wrong move on a settled entry then gets the same answer
+  as when the whole entry was in memory. A request key finds settled records by its hash only:
+  each candidate is read back and must carry the very account and request id, so a hash
+  collision costs a read, never another request's answer;
 - :class:`~tollway.core.commands.Refusal` — a typed business outcome; nothing is written.
 
 The checks run in a fixed order: idempotency first (a retry must get its original answer even
@@ -38,7 +40,6 @@ from tollway.core.state import (
     credit_fingerprint,
     request_key,
     split_request_key,
-    unpack_seqs,
 )
 
 S = EntryState
@@ -193,9 +194,20 @@ def _entry_of(state: State, entry_id: str, loaded: Loads) -> Entry | Fetch | Non
     if record is None:
         return None
     found = loaded.get(entry_id)
-    if found is not None and found.record is record:
+    if found is not None and found.record == record:
         return found.entry
-    return Fetch(entry_id, unpack_seqs(record.packed)[1], record)
+    return Fetch(entry_id, record.seqs, record)
+
+
+def _settled_request(state: State, account_id: str, request_id: str, loaded: Loads) -> Entry | Fetch | None:
+    """The settled entry of this request key: each record with its hash is read back and confirmed in turn."""
+    for record in state.settled.by_request(account_id, request_id):
+        found = loaded.get(record.billing_entry_id)
+        if found is None or found.record != record:
+            return Fetch(record.billing_entry_id, record.seqs, record)
+        if (found.entry.account_id, found.entry.request_id) == (account_id, request_id):
+            return found.entry
+    return None  # no record, or only other requests' records whose hash matches (read back, told apart)
 
 
 def _insufficient(available_micro: int, requested_micro: int, rate: int) -> Refusal:
@@ -322,11 +334,16 @@ def _known_request(
     """The entry an earlier request with this key created (None: a new key), key reuse, or a Fetch of it."""
     existing = state.requests.get(request_key(account_id, request_id))
     if existing is None:
-        return None
-    entry = _entry_of(state, existing, loaded)
-    if entry is None or isinstance(entry, Fetch):
-        ensure(entry is not None, "request key of unknown entry %s", existing)
-        return entry
+        found = _settled_request(state, account_id, request_id, loaded)
+        if found is None or isinstance(found, Fetch):
+            return found
+        existing, entry = found.billing_entry_id, found
+    else:
+        live = _entry_of(state, existing, loaded)
+        if live is None or isinstance(live, Fetch):
+            ensure(live is not None, "request key of unknown entry %s", existing)
+            return live
+        entry = live
     if entry.fingerprint != fingerprint:
         return _refuse(
             RefusalCode.IDEMPOTENCY_KEY_REUSED,

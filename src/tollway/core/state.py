@@ -7,11 +7,12 @@ owner. Entries are frozen records replaced on change, so a result handed to a ca
 changes underneath it.
 
 What the state knows: per-account balances, every live entry whole (holds, charges waiting for
-settlement, with their stored responses), of every settled entry only its idempotency record
-(:class:`Settled`: the whole entry and its response are read back from the log by the sequences
-it keeps, :mod:`tollway.core.history`), the request and credit keys, the three system ledger
+settlement, with their stored responses) with its request key, of every settled entry only a
+fixed-size row in :class:`~tollway.core.settled.SettledTable` (its id, hashes of its request key
+and account, its state and the sequences of its events: the whole entry and its response are
+read back from the log, :mod:`tollway.core.history`), the credit keys, the three system ledger
 accounts and a few counters the decisions need in O(1). Hot state is bounded by live work plus
-one small record per entry settled within the retention. The expiry index (a heap) is derived
+about 80 bytes per entry settled within the retention. The expiry index (a heap) is derived
 from the entries and is not part of a snapshot; it drops a settled hold's item once its expiry
 passes.
 
@@ -30,6 +31,9 @@ import msgspec
 from tollway.core import events as ev
 from tollway.core.errors import InvariantViolation, ensure
 from tollway.core.lifecycle import ARCHIVABLE, TRANSITIONS, UNSETTLED, EntryKind, EntryState, HoldEnd
+from tollway.core.settled import Settled, SettledTable
+
+__all__ = ["Settled", "SettledTable"]  # re-exported: the decisions and the engine name them from here
 
 S = EntryState
 _RESERVE: Final = EntryKind.RESERVE  # module constants: an Enum's attribute costs ~0.2 µs on Python 3.11
@@ -77,15 +81,8 @@ class Entry(msgspec.Struct, frozen=True, gc=False):
     event_seqs: tuple[int, ...] = ()
 
 
-class Settled(msgspec.Struct, frozen=True, gc=False, array_like=True):
-    """What memory keeps of a settled entry (COMMITTED, FINALIZE_ACKED, RELEASED, VOIDED): its idempotency record.
-
-    The entry itself, and its stored response, are read back from the log by the sequences in
-    ``packed`` (:func:`unpack_seqs`). ``request_key`` is the very string object that keys
-    :attr:`State.requests`, so it costs nothing more; its account is the first part. What the
-    entry charged is already in ``archived_charged``; ``charged_micro`` is kept only for a
-    COMMITTED charge, which a void can still refund.
-    """
+class LegacySettled(msgspec.Struct, frozen=True, gc=False, array_like=True):
+    """A settled entry's record in snapshots written before the packed table; converted when loaded."""
 
     request_key: str
     state: EntryState
@@ -166,12 +163,17 @@ class StoredState(msgspec.Struct):
     archived_uncollected_micro: int = 0
     archived_entries: int = 0
     archived_before_ms: int = 0  # the newest archiver cutoff: only entries created before it may be gone
-    # Settled entries' idempotency records, in the order of their last change (oldest first). What they
-    # charged is in archived_charged, what they left uncollected in archived_uncollected_micro.
-    settled: dict[str, Settled] = {}
+    # Settled entries' records in snapshots written before the packed table (read, converted, written empty).
+    legacy_settled: dict[str, LegacySettled] = msgspec.field(default_factory=dict, name="settled")
+    # Settled entries' records: SettledTable.to_bytes(), in the order of their last change (oldest first).
+    # What they charged is in archived_charged, what they left uncollected in archived_uncollected_micro.
+    # A view: decoding a snapshot does not copy the table's bytes out of the file's (msgspec decodes in place).
+    settled_rows: memoryview = memoryview(b"")
 
 
 STORED_FIELDS: Final = StoredState.__struct_fields__
+_TABLE_FIELDS: Final = ("legacy_settled", "settled_rows")
+_PLAIN_FIELDS: Final = tuple(name for name in STORED_FIELDS if name not in _TABLE_FIELDS)
 
 
 class Snapshot(StoredState):
@@ -213,12 +215,20 @@ else:  # ... while at run time State is a plain slotted class: a Struct's attrib
 class State(_Stored):
     """The authoritative state: a fold of the WAL. Its stored fields are :class:`StoredState`'s."""
 
-    __slots__ = (*STORED_FIELDS, "_expiry_heap", "finalize_failed_count", "finalize_pending_count", "held_count")
+    __slots__ = (
+        *_PLAIN_FIELDS,
+        "_expiry_heap",
+        "finalize_failed_count",
+        "finalize_pending_count",
+        "held_count",
+        "settled",
+    )
 
     def __init__(self) -> None:
         empty = StoredState()  # fresh defaults (new dicts) for every stored field
-        for name in STORED_FIELDS:
+        for name in _PLAIN_FIELDS:
             setattr(self, name, getattr(empty, name))
+        self.settled = SettledTable()  # stored as settled_rows
         # Derived from the entries, never stored: rebuilt by from_snapshot, kept by the fold.
         self.finalize_failed_count = 0
         self.finalize_pending_count = 0
@@ -229,8 +239,8 @@ class State(_Stored):
 
     def to_snapshot(self) -> Snapshot:
         """The state as a record (shares the dicts: encode it before applying more events)."""
-        fields: dict[str, Any] = {name: getattr(self, name) for name in STORED_FIELDS}
-        return Snapshot(**fields)
+        fields: dict[str, Any] = {name: getattr(self, name) for name in _PLAIN_FIELDS}
+        return Snapshot(**fields, settled_rows=memoryview(self.settled.to_bytes()))
 
     def freeze(self) -> Snapshot:
         """A consistent copy that later events do not change: new dicts, copied accounts.
@@ -239,16 +249,31 @@ class State(_Stored):
         them is enough; accounts are mutable and are copied one by one. Costs a few
         milliseconds per hundred thousand entries, against hundreds for encoding in one go.
         """
-        fields: dict[str, Any] = {name: _copied(getattr(self, name)) for name in STORED_FIELDS}
+        fields: dict[str, Any] = {name: _copied(getattr(self, name)) for name in _PLAIN_FIELDS}
         fields["accounts"] = {name: account.copy() for name, account in self.accounts.items()}
-        return Snapshot(**fields)
+        return Snapshot(**fields, settled_rows=memoryview(self.settled.to_bytes()))
 
     @classmethod
     def from_snapshot(cls, snap: Snapshot) -> State:
         """Rebuild a state, its counters and its expiry index from a snapshot."""
         state = cls()
-        for name in STORED_FIELDS:
+        for name in _PLAIN_FIELDS:
             setattr(state, name, _copied(getattr(snap, name)))
+        state.settled = SettledTable.from_bytes(snap.settled_rows)
+        for entry_id, record in snap.legacy_settled.items():  # a snapshot from before the packed table
+            account_id, request_id = split_request_key(record.request_key)
+            if state.requests.get(record.request_key) == entry_id:
+                del state.requests[record.request_key]
+            updated_at_ms, seqs = unpack_seqs(record.packed)
+            state.settled.add(
+                entry_id,
+                account_id,
+                request_id,
+                state=record.state,
+                charged_micro=record.charged_micro,
+                updated_at_ms=updated_at_ms,
+                seqs=seqs,
+            )
         for entry in state.entries.values():
             state._count(entry.state, +1)
             if entry.state is S.RESERVE_HELD and entry.expires_at_ms is not None:
@@ -299,10 +324,10 @@ class State(_Stored):
                 found.append(
                     ev.ArchivedEntry(entry.billing_entry_id, entry.account_id, entry.request_id, entry.state.value)
                 )
-        for entry_id, record in self.settled.items():
-            if len(found) >= limit or packed_time(record.packed) >= older_than_ms:
+        for record in self.settled.records():  # account and request ids are not in memory: the archive names neither
+            if len(found) >= limit or record.updated_at_ms >= older_than_ms:
                 break
-            found.append(ev.ArchivedEntry(entry_id, *split_request_key(record.request_key), record.state.value))
+            found.append(ev.ArchivedEntry(record.billing_entry_id, "", "", record.state.value))
         return found
 
     def archivable_credits(self, older_than_ms: int, limit: int) -> list[tuple[str, CreditRecord]]:
@@ -328,10 +353,9 @@ class State(_Stored):
 
     def state_counts(self) -> dict[EntryState, int]:
         """How many entries (whole or settled, not archived) are in each state."""
-        counts: dict[EntryState, int] = {}
-        for entries in (self.entries.values(), self.settled.values()):
-            for item in entries:
-                counts[item.state] = counts.get(item.state, 0) + 1
+        counts = self.settled.state_counts()
+        for entry in self.entries.values():
+            counts[entry.state] = counts.get(entry.state, 0) + 1
         return counts
 
     def iter_entries(self, account_id: str | None = None) -> Iterator[Entry]:
@@ -372,9 +396,9 @@ class State(_Stored):
         return Transition(new, old_state, new.state)
 
     def _settle(self, entry: Entry) -> None:
-        """Keep only the idempotency record of an entry that just settled; its sums go to the archived totals.
+        """Keep only the packed record of an entry that just settled; its sums go to the archived totals.
 
-        Its request key is stored again with the record's own string, so the two share it.
+        Its request key leaves :attr:`requests`: the record keeps a hash of it.
         """
         entry_id = entry.billing_entry_id
         self.entries.pop(entry_id, None)
@@ -382,9 +406,16 @@ class State(_Stored):
         key = request_key(entry.account_id, entry.request_id)
         if self.requests.get(key) == entry_id:
             del self.requests[key]
-            self.requests[key] = entry_id
         charged = entry.charged_micro if entry.state is S.COMMITTED else 0
-        self.settled[entry_id] = Settled(key, entry.state, charged, pack_seqs(entry.updated_at_ms, entry.event_seqs))
+        self.settled.add(
+            entry_id,
+            entry.account_id,
+            entry.request_id,
+            state=entry.state,
+            charged_micro=charged,
+            updated_at_ms=entry.updated_at_ms,
+            seqs=entry.event_seqs,
+        )
         if entry.state is not S.VOIDED:
             self.archived_charged[entry.account_id] = (
                 self.archived_charged.get(entry.account_id, 0) + entry.charged_micro
@@ -586,11 +617,14 @@ def _void(state: State, event: ev.Event, p: ev.BillingVoid) -> Transition | None
 
 
 def _void_settled(state: State, event: ev.Event, p: ev.BillingVoid) -> None:
-    """Refund a COMMITTED charge of which only the idempotency record is in memory."""
-    record = state.settled[event.billing_entry_id]
+    """Refund a COMMITTED charge of which only the packed record is in memory."""
+    record = state.settled.get(event.billing_entry_id)
+    if record is None:
+        raise InvariantViolation(f"void of unknown entry {event.billing_entry_id}")
     ensure(record.state is S.COMMITTED, "void of %s entry %s", record.state.value, event.billing_entry_id)
     ensure(p.from_state == record.state.value, "void from %s recorded as from %s", record.state, p.from_state)
-    account_id = split_request_key(record.request_key)[0]
+    account_id = p.account_id
+    ensure(state.settled.matches(record, account_id), "void of %s names another account", event.billing_entry_id)
     account = state._acct(account_id)
     account.available_micro += p.charged_micro
     account.charged_micro -= p.charged_micro
@@ -598,11 +632,8 @@ def _void_settled(state: State, event: ev.Event, p: ev.BillingVoid) -> None:
     # What the entry had charged leaves the sums (as a whole VOIDED entry stops counting): a void that
     # refunded another amount then shows in the conservation checks, as it did with the whole entry.
     state.archived_charged[account_id] -= record.charged_micro
-    _, seqs = unpack_seqs(record.packed)
-    del state.settled[event.billing_entry_id]  # to the end: the records stay in the order of their last change
-    state.settled[event.billing_entry_id] = Settled(
-        record.request_key, S.VOIDED, 0, pack_seqs(event.timestamp_ms, (*seqs, event.wal_sequence))
-    )
+    # To the end: the records stay in the order of their last change.
+    state.settled.replace(event.billing_entry_id, S.VOIDED, 0, event.timestamp_ms, event.wal_sequence)
 
 
 def _finalize_ack(state: State, event: ev.Event, p: ev.BillingFinalizeAck) -> Transition:
@@ -679,9 +710,8 @@ def _request_complete(state: State, event: ev.Event, p: ev.RequestComplete) -> N
     so reading a settled entry back finds it there without its sequence being kept.
     """
     entry_id = event.billing_entry_id
-    if entry_id in state.settled and entry_id not in state.entries:
-        return
-    state.responses[entry_id] = p.response_json
+    if entry_id in state.entries:  # else it settled with the commit before it: its response stays in the log
+        state.responses[entry_id] = p.response_json
 
 
 def _archive(state: State, event: ev.Event, p: ev.EntriesArchived) -> None:  # noqa: ARG001 - the fold signature
@@ -705,10 +735,8 @@ def _archive(state: State, event: ev.Event, p: ev.EntriesArchived) -> None:  # n
     for key in credit_keys:
         del state.credits[key]
     for item in p.entries:
-        settled = state.settled.pop(item.billing_entry_id, None)
-        if settled is not None:  # its sums went to the archived totals when it settled
-            if state.requests.get(settled.request_key) == item.billing_entry_id:
-                del state.requests[settled.request_key]
+        if item.billing_entry_id not in state.entries:  # a packed record: its sums went to the archived totals
+            state.settled.remove(item.billing_entry_id)
             state.escalations.pop(item.billing_entry_id, None)
             state.archived_entries += 1
             continue
@@ -726,13 +754,23 @@ def _archive(state: State, event: ev.Event, p: ev.EntriesArchived) -> None:  # n
 
 
 def _check_archived(state: State, item: ev.ArchivedEntry) -> None:
-    """``item`` names a settled entry (whole or its record) of the same account, request and state."""
+    """``item`` names a settled entry (whole or its record) of the same account, request and state.
+
+    An item made from a packed record names no account or request (memory has only their
+    hashes); one from an older log does, and is checked against the hashes.
+    """
     entry = state.entries.get(item.billing_entry_id)
     record = state.settled.get(item.billing_entry_id) if entry is None else None
     if entry is not None:
         found = (entry.account_id, entry.request_id, entry.state)
     elif record is not None:
-        found = (*split_request_key(record.request_key), record.state)
+        named = (item.account_id, item.request_id)
+        ensure(
+            named == ("", "") or state.settled.matches(record, *named),
+            "archive record of %s does not match the entry",
+            item.billing_entry_id,
+        )
+        found = (*named, record.state)
     else:
         raise InvariantViolation(f"archive of unknown entry {item.billing_entry_id}")
     ensure(found[2] in ARCHIVABLE, "archive of %s entry %s", found[2].value, item.billing_entry_id)

@@ -120,17 +120,43 @@ def _extend(index: _Segment, end_seq: int) -> None:
 
 
 def _decode_from(segment: SegmentFile, offset: int, start_seq: int, first: int, last: int) -> list[Event]:
-    """The events ``first..last`` of ``segment`` (as many as it holds), decoding from ``offset`` (``start_seq``)."""
+    """The events ``first..last`` of ``segment`` (as many as it holds), decoding from ``offset`` (``start_seq``).
+
+    The records before ``first`` are stepped over by their headers (at most
+    :data:`INDEX_EVERY_RECORDS` of them), and decoding stops at ``last``: a read costs the few
+    records it returns, not the window it reads.
+    """
     window = READ_WINDOW_BYTES
     while True:
         with segment.path.open("rb") as file:
             file.seek(offset)
             data = file.read(window)
+        skip, seq = _skip_to(data, start_seq, first)
         box: list[codec.ScanEnd] = []
-        found = [event for _, event in codec.scan(data, 0, start_seq, box) if first <= event.wal_sequence <= last]
+        found: list[Event] = []
+        if seq == first:
+            for _, event in codec.scan(data, skip, first, box):
+                found.append(event)
+                if event.wal_sequence >= last:
+                    break
         complete = len(data) < window  # read to the end of the file: what is there is all there is
         if (found and found[-1].wal_sequence == last) or complete:
             if not found and box and box[0].stop is codec.Stop.BAD_CHECKSUM:
                 raise WalCorrupt("a record read back is damaged", segment=segment.name, offset=offset + box[0].offset)
             return found
         window *= 2
+
+
+def _skip_to(data: bytes, seq: int, first: int) -> tuple[int, int]:
+    """The offset in ``data`` (records from ``seq`` on) of record ``first``, and the sequence found there.
+
+    Only headers are read; a record cut off by the window's end stops the walk short of ``first``.
+    """
+    offset, size = 0, len(data)
+    while seq < first and size - offset >= codec.HEADER_BYTES:
+        _, length = codec.HEADER.unpack_from(data, offset)
+        end = offset + codec.HEADER_BYTES + length
+        if end > size:
+            break
+        offset, seq = end, seq + 1
+    return offset, seq

@@ -75,6 +75,19 @@ def _map_header(count: int) -> bytes:
     return b"\xdf" + count.to_bytes(4, "big")
 
 
+def _bin_header(size: int) -> bytes:
+    """The msgpack header of a bin (bytes) of ``size`` bytes."""
+    return b"\xc6" + size.to_bytes(4, "big")
+
+
+def _whole_bytes(value: bytes | memoryview) -> bytes:
+    """``value`` as bytes: the object a view covers whole (what ``State.freeze`` makes), else a copy."""
+    if isinstance(value, memoryview):
+        whole = value.obj
+        return whole if isinstance(whole, bytes) and len(whole) == value.nbytes else value.tobytes()
+    return value
+
+
 def snapshot_chunks(snap: Snapshot, pairs_per_chunk: int = SNAPSHOT_PAIRS_PER_CHUNK) -> Iterator[bytes]:
     """The msgpack body of ``snap`` in pieces, so a caller can encode it a slice at a time.
 
@@ -87,6 +100,10 @@ def snapshot_chunks(snap: Snapshot, pairs_per_chunk: int = SNAPSHOT_PAIRS_PER_CH
     for name in fields:
         yield _ENCODER.encode(name)
         value = getattr(snap, name)
+        if isinstance(value, bytes | memoryview) and len(value) > pairs_per_chunk:  # the settled table: not copied
+            yield _bin_header(len(value))
+            yield _whole_bytes(value)
+            continue
         if not isinstance(value, dict) or len(value) <= pairs_per_chunk:
             yield _ENCODER.encode(value)
             continue

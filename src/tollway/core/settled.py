@@ -1,0 +1,471 @@
+"""The packed table of settled entries: a fixed-size row per entry, two open-addressing indexes. Pure.
+
+Once an entry settles (COMMITTED, FINALIZE_ACKED, RELEASED, VOIDED) memory keeps only what
+idempotency, reads and expiry need, as one :data:`ROW` of :data:`ROW_BYTES` bytes in a
+``bytearray`` — no Python object per entry:
+
+- the entry id, exactly: a ULID is 128 bits (an id that is not a ULID, which the engine never
+  makes, is kept in a small dict beside the rows);
+- a 64-bit hash of its request key and a 32-bit hash of its account — *never* trusted alone:
+  a caller confirms a match against the entry read back from the log (:mod:`tollway.core.history`),
+  so a hash collision costs one more read, never someone else's answer;
+- its state, what a COMMITTED charge may still refund, when it last changed, and the sequences
+  of its events (the first in full, up to four more as 32-bit distances from it; a longer or
+  wider list goes to a small dict).
+
+Rows are appended in the order entries settle (a void moves its row to the end), so the oldest
+are at the front: expiry scans from there and stops at the first row too young, and removed
+rows are cut off the front in one ``del`` once they are as many as the live ones. Two index
+arrays (``array('I')``, linear probing, at most two thirds full, deletion by backward shift, so no
+tombstones) map an entry id and a request-key hash to a row by its *absolute* number (mod 2³²),
+so cutting the front never touches them. That is 69 bytes of row plus 12–24 bytes of
+indexes per entry (about 83 in all at 10M entries).
+
+:meth:`SettledTable.to_bytes` / :meth:`SettledTable.from_bytes` copy the buffers as they are: a
+snapshot holds no request keys and recovery creates no object per entry. Every change is a
+deterministic function of the calls made, so a table rebuilt by a full replay equals, byte for
+byte, one loaded from a snapshot and brought forward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import struct
+import zlib
+from array import array
+from collections.abc import Iterator
+from typing import Final
+
+import msgspec
+
+from tollway.core.errors import InvariantViolation, ensure
+from tollway.core.ids import encode_ulid
+from tollway.core.lifecycle import EntryState
+
+ROW: Final = struct.Struct("<16sQIQqBQIIII")
+"""id (ULID, 16 bytes big-endian), request-key hash, account hash, updated_at_ms, charged_micro,
+state code (bit 7: the id is not a ULID), first sequence, four distances (0: none)."""
+ROW_BYTES: Final = ROW.size
+_REQ: Final = struct.Struct("<Q")  # the request-key hash, at offset 16
+_REQ_AT: Final = 16
+_STATE_AT: Final = 44
+_EMPTY: Final = 0xFFFFFFFF
+_MASK32: Final = 0xFFFFFFFF
+_MASK64: Final = (1 << 64) - 1
+_WIDE: Final = 0xFFFFFFFF  # first distance: the sequences are in the wide dict
+_ODD: Final = 0x80  # state bit: the id is in the odd-id dict
+_BITS_MIN: Final = 10
+_BITS_MAX: Final = 40
+_ULID_RE: Final = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}")  # as ids.py checks an entry id
+_CUT_MIN_ROWS: Final = 1024
+_HEADER: Final = struct.Struct("<4sQQQQBB")  # magic, base, head, tail, live, id bits, request bits
+_MAGIC: Final = b"STB1"
+_CODES: Final = tuple(EntryState)
+_CODE: Final = {state: code for code, state in enumerate(_CODES)}
+_SEQS_MAX: Final = 5
+_DEAD: Final = 0x7F  # state code of a removed row
+_DEAD_ROW: Final = ROW.pack(bytes(16), 0, 0, 0, 0, _DEAD, 0, 0, 0, 0, 0)
+
+_Row = tuple[bytes, int, int, int, int, int, int, int, int, int, int]
+"""The fields of one :data:`ROW`, unpacked."""
+
+_FROM_CROCKFORD: Final = str.maketrans("0123456789ABCDEFGHJKMNPQRSTVWXYZ", "0123456789abcdefghijklmnopqrstuv")
+
+
+class Settled(msgspec.Struct, frozen=True, gc=False):
+    """A row of the table, as a value made on demand (equal rows give equal values)."""
+
+    row: int  # absolute row number: a void moves the entry to a new one
+    billing_entry_id: str
+    state: EntryState
+    charged_micro: int  # what a COMMITTED charge may still refund; 0 otherwise
+    updated_at_ms: int
+    seqs: tuple[int, ...]  # the sequences of the events that made it
+
+
+class _Extras(msgspec.Struct, array_like=True):
+    odd: dict[str, int] = {}  # non-ULID entry id → absolute row
+    wide: dict[int, tuple[int, ...]] = {}  # absolute row → its sequences (too many or too far apart)
+
+
+def request_hash(account_id: str, request_id: str) -> int:
+    """The 64-bit hash of a request key (stable across processes: stored in snapshots)."""
+    digest = hashlib.blake2b(f"{account_id} {request_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def account_hash(account_id: str) -> int:
+    """The 32-bit hash of an account id, to narrow a scan of one account's entries."""
+    return zlib.crc32(account_id.encode())
+
+
+def _ulid_value(entry_id: str) -> int | None:
+    """The 128-bit value of a canonical ULID, None for any other id."""
+    if _ULID_RE.fullmatch(entry_id) is None:
+        return None
+    return int(entry_id.translate(_FROM_CROCKFORD), 32)
+
+
+def _id_home(value: int) -> int:
+    """A well-mixed 64-bit hash of an id's 128 bits (splitmix64's finalizer): every bit counts in the low ones.
+
+    Ids made in one millisecond differ in few low bits, and test ids in even fewer: the index
+    takes the low bits of this, so they must depend on all of the id.
+    """
+    z = (value ^ (value >> 64)) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+class SettledTable:
+    """Settled entries' records: fixed-size rows in settle order, indexed by entry id and request-key hash."""
+
+    __slots__ = ("_base", "_extras", "_head", "_id_index", "_live", "_odd_rows", "_req_index", "_rows", "_tail")
+
+    def __init__(self) -> None:
+        self._rows = bytearray()  # rows base..tail-1
+        self._base = 0  # absolute number of the first row in _rows
+        self._head = 0  # absolute number of the first row that may be live
+        self._tail = 0  # absolute number of the next row
+        self._live = 0
+        self._id_index = array("I", [_EMPTY]) * (1 << _BITS_MIN)
+        self._req_index = array("I", [_EMPTY]) * (1 << _BITS_MIN)
+        self._extras = _Extras({}, {})
+        self._odd_rows: dict[int, str] = {}  # derived from _extras.odd
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._live
+
+    def __contains__(self, entry_id: object) -> bool:
+        return isinstance(entry_id, str) and self._find(entry_id) is not None
+
+    def get(self, entry_id: str) -> Settled | None:
+        """The record of ``entry_id``, None when it has none."""
+        row = self._find(entry_id)
+        return None if row is None else self._record(row)
+
+    def by_request(self, account_id: str, request_id: str) -> list[Settled]:
+        """Records whose request-key hash matches: candidates, to be confirmed against the log."""
+        key = request_hash(account_id, request_id)
+        index, mask = self._req_index, len(self._req_index) - 1
+        slot, found = key & mask, []
+        while (value := index[slot]) != _EMPTY:
+            row = (value - self._base) & _MASK32
+            if _REQ.unpack_from(self._rows, row * ROW_BYTES + _REQ_AT)[0] == key:
+                found.append(self._record(row))
+            slot = (slot + 1) & mask
+        return found
+
+    def __iter__(self) -> Iterator[str]:
+        """The entry ids of live records, oldest change first (like a dict's keys)."""
+        return (record.billing_entry_id for record in self.records())
+
+    def records(self) -> Iterator[Settled]:
+        """Live records, oldest change first."""
+        for row in range((self._head - self._base) & _MASK32, (self._tail - self._base) & _MASK32):
+            if self._rows[row * ROW_BYTES + _STATE_AT] & 0x7F != _DEAD:
+                yield self._record(row)
+
+    def of_account(self, account_id: str) -> Iterator[tuple[str, EntryState]]:
+        """(entry id, state) of records whose account hash matches ``account_id``'s: candidates to confirm."""
+        wanted = account_hash(account_id)
+        for row in range((self._head - self._base) & _MASK32, (self._tail - self._base) & _MASK32):
+            fields = self._fields(row)
+            if fields[2] == wanted and fields[5] & 0x7F != _DEAD:
+                yield self._id_of(row, fields), _CODES[fields[5] & 0x7F]
+
+    def state_counts(self) -> dict[EntryState, int]:
+        """How many live records are in each state."""
+        counts: dict[EntryState, int] = {}
+        rows = self._rows
+        for row in range((self._head - self._base) & _MASK32, (self._tail - self._base) & _MASK32):
+            code = rows[row * ROW_BYTES + _STATE_AT] & 0x7F
+            if code != _DEAD:
+                counts[_CODES[code]] = counts.get(_CODES[code], 0) + 1
+        return counts
+
+    # -- changes ---------------------------------------------------------------------------
+
+    def add(
+        self,
+        entry_id: str,
+        account_id: str,
+        request_id: str,
+        *,
+        state: EntryState,
+        charged_micro: int,
+        updated_at_ms: int,
+        seqs: tuple[int, ...],
+    ) -> None:
+        """A record for ``entry_id``, at the end. The caller knows it has none (the fold settles an entry once)."""
+        hashes = (request_hash(account_id, request_id), account_hash(account_id))
+        self._append(entry_id, hashes, state=state, charged_micro=charged_micro, updated_at_ms=updated_at_ms, seqs=seqs)
+
+    def replace(self, entry_id: str, state: EntryState, charged_micro: int, updated_at_ms: int, seq: int) -> None:
+        """Move ``entry_id``'s record to the end with a new state, refund and time, and event ``seq`` added."""
+        row = self._find(entry_id)
+        if row is None:
+            raise InvariantViolation(f"no settled record of {entry_id}")
+        fields = self._fields(row)
+        seqs = (*self._seqs(row, fields), seq)
+        self._remove(row)
+        self._append(
+            entry_id,
+            (fields[1], fields[2]),
+            state=state,
+            charged_micro=charged_micro,
+            updated_at_ms=updated_at_ms,
+            seqs=seqs,
+        )
+
+    def remove(self, entry_id: str) -> Settled:
+        """Forget ``entry_id``'s record (archived past the retention); returns it."""
+        row = self._find(entry_id)
+        if row is None:
+            raise InvariantViolation(f"no settled record of {entry_id}")
+        record = self._record(row)
+        self._remove(row)
+        return record
+
+    def matches(self, record: Settled, account_id: str, request_id: str | None = None) -> bool:
+        """Whether ``record``'s hashes are those of ``account_id`` (and ``request_id``): a check, not a proof."""
+        fields = self._fields((record.row - self._base) & _MASK32)
+        if fields[2] != account_hash(account_id):
+            return False
+        return request_id is None or fields[1] == request_hash(account_id, request_id)
+
+    # -- snapshots -------------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        """The table as bytes: its buffers as they are (live span of the rows, both indexes)."""
+        start = (self._head - self._base) * ROW_BYTES
+        header = _HEADER.pack(
+            _MAGIC,
+            self._head,
+            self._head,
+            self._tail,
+            self._live,
+            len(self._id_index).bit_length() - 1,
+            len(self._req_index).bit_length() - 1,
+        )
+        extras = msgspec.msgpack.encode(self._extras)
+        return b"".join(
+            [header, memoryview(self._rows)[start:], self._id_index.tobytes(), self._req_index.tobytes(), extras]
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes | memoryview) -> SettledTable:
+        """The table :meth:`to_bytes` wrote; ``ValueError`` when the bytes do not hold one."""
+        table = cls()
+        if not data:
+            return table
+        view = memoryview(data)
+        magic, base, head, tail, live, id_bits, req_bits = _HEADER.unpack_from(view)
+        bits_ok = _BITS_MIN <= min(id_bits, req_bits) <= max(id_bits, req_bits) < _BITS_MAX
+        if magic != _MAGIC or not head <= tail or not bits_ok:
+            raise ValueError("not a settled-entry table")
+        at = _HEADER.size
+        rows_end = at + (tail - base) * ROW_BYTES
+        id_end = rows_end + (4 << id_bits)
+        req_end = id_end + (4 << req_bits)
+        if len(view) < req_end:
+            raise ValueError("settled-entry table cut short")
+        table._rows = bytearray(view[at:rows_end])
+        table._id_index = array("I")
+        table._id_index.frombytes(view[rows_end:id_end])
+        table._req_index = array("I")
+        table._req_index.frombytes(view[id_end:req_end])
+        table._base, table._head, table._tail, table._live = base, head, tail, live
+        table._extras = msgspec.msgpack.decode(view[req_end:], type=_Extras)
+        table._odd_rows = {row: entry_id for entry_id, row in table._extras.odd.items()}
+        return table
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SettledTable) and self.to_bytes() == other.to_bytes()
+
+    __hash__ = None  # type: ignore[assignment] # mutable
+
+    def copy(self) -> SettledTable:
+        """A detached copy (buffers copied in C)."""
+        return SettledTable.from_bytes(self.to_bytes())
+
+    # -- inside ----------------------------------------------------------------------------
+
+    def _record(self, row: int) -> Settled:
+        fields = self._fields(row)
+        return Settled(
+            (self._base + row) & _MASK32,
+            self._id_of(row, fields),
+            _CODES[fields[5] & 0x7F],
+            fields[4],
+            fields[3],
+            self._seqs(row, fields),
+        )
+
+    def _fields(self, row: int) -> _Row:
+        fields: _Row = ROW.unpack_from(self._rows, row * ROW_BYTES)
+        return fields
+
+    def _id_of(self, row: int, fields: _Row) -> str:
+        if fields[5] & _ODD:
+            return self._odd_rows[(self._base + row) & _MASK32]
+        return encode_ulid(int.from_bytes(fields[0], "big"))
+
+    def _seqs(self, row: int, fields: _Row) -> tuple[int, ...]:
+        first, distances = fields[6], fields[7:]
+        if distances[0] == _WIDE:
+            return self._extras.wide[(self._base + row) & _MASK32]
+        return (first, *(first + d for d in distances if d))
+
+    def _find(self, entry_id: str) -> int | None:
+        """The row (relative to the buffer) of ``entry_id``'s record."""
+        value = _ulid_value(entry_id)
+        if value is None:
+            absolute = self._extras.odd.get(entry_id)
+            return None if absolute is None else (absolute - self._base) & _MASK32
+        wanted = value.to_bytes(16, "big")
+        index, mask, rows = self._id_index, len(self._id_index) - 1, self._rows
+        slot = _id_home(value) & mask
+        while (stored := index[slot]) != _EMPTY:
+            row = (stored - self._base) & _MASK32
+            at = row * ROW_BYTES
+            if rows[at : at + 16] == wanted and not rows[at + _STATE_AT] & _ODD:
+                return row
+            slot = (slot + 1) & mask
+        return None
+
+    def _append(
+        self,
+        entry_id: str,
+        hashes: tuple[int, int],
+        *,
+        state: EntryState,
+        charged_micro: int,
+        updated_at_ms: int,
+        seqs: tuple[int, ...],
+    ) -> None:
+        req_hash, acct_hash = hashes
+        if self._tail & _MASK32 == _EMPTY:  # that number marks an empty index slot: a removed row takes it
+            self._rows += _DEAD_ROW
+            self._tail += 1
+        absolute = self._tail & _MASK32
+        self._grow_if_full()
+        value = _ulid_value(entry_id)
+        code = _CODE[state]
+        if value is None:
+            self._extras.odd[entry_id] = absolute
+            self._odd_rows[absolute] = entry_id
+            code |= _ODD
+        first = seqs[0] if seqs else 0
+        distances = (*(seq - first for seq in seqs[1:]), 0, 0, 0, 0)
+        if len(seqs) > _SEQS_MAX or (len(seqs) > 1 and seqs[-1] - first >= _WIDE):  # ascending: the last is the widest
+            self._extras.wide[absolute] = seqs
+            distances = (_WIDE, 0, 0, 0)
+        self._rows += ROW.pack(
+            (value or 0).to_bytes(16, "big"),
+            req_hash,
+            acct_hash,
+            updated_at_ms,
+            charged_micro,
+            code,
+            first,
+            *distances[:4],
+        )
+        self._tail += 1
+        self._live += 1
+        if value is not None:
+            self._insert(self._id_index, _id_home(value), absolute)
+        self._insert(self._req_index, req_hash, absolute)
+
+    @staticmethod
+    def _insert(index: array[int], home: int, absolute: int) -> None:
+        mask = len(index) - 1
+        slot = home & mask
+        while index[slot] != _EMPTY:
+            slot = (slot + 1) & mask
+        index[slot] = absolute
+
+    def _remove(self, row: int) -> None:
+        at = row * ROW_BYTES
+        fields = self._fields(row)
+        absolute = (self._base + row) & _MASK32
+        if fields[5] & _ODD:
+            del self._extras.odd[self._odd_rows.pop(absolute)]
+        else:
+            self._unlink(self._id_index, _id_home(int.from_bytes(fields[0], "big")), absolute, self._id_home_of)
+        self._unlink(self._req_index, fields[1], absolute, self._req_home_of)
+        self._extras.wide.pop(absolute, None)
+        self._rows[at + _STATE_AT] = _DEAD
+        self._live -= 1
+        self._cut_front()
+
+    def _id_home_of(self, absolute: int) -> int:
+        at = ((absolute - self._base) & _MASK32) * ROW_BYTES
+        return _id_home(int.from_bytes(self._rows[at : at + 16], "big"))
+
+    def _req_home_of(self, absolute: int) -> int:
+        return int(_REQ.unpack_from(self._rows, ((absolute - self._base) & _MASK32) * ROW_BYTES + _REQ_AT)[0])
+
+    @staticmethod
+    def _unlink(index: array[int], home: int, absolute: int, home_of: object) -> None:
+        """Remove ``absolute`` from a linear-probing index, shifting later items of its run back (no tombstones)."""
+        assert callable(home_of)
+        mask = len(index) - 1
+        hole = home & mask
+        while index[hole] != absolute:
+            ensure(index[hole] != _EMPTY, "settled row %d missing from its index", absolute)
+            hole = (hole + 1) & mask
+        slot = hole
+        while True:
+            slot = (slot + 1) & mask
+            stored = index[slot]
+            if stored == _EMPTY:
+                break
+            want = home_of(stored) & mask
+            # ``stored`` may move back to ``hole`` unless its home lies cyclically in (hole, slot].
+            if (hole < slot and hole < want <= slot) or (hole > slot and (want > hole or want <= slot)):
+                continue
+            index[hole] = stored
+            hole = slot
+        index[hole] = _EMPTY
+
+    def _cut_front(self) -> None:
+        """Skip removed rows at the front; cut them off once they are as many as the live rows."""
+        rows, head = self._rows, (self._head - self._base) & _MASK32
+        end = (self._tail - self._base) & _MASK32
+        while head < end and rows[head * ROW_BYTES + _STATE_AT] & 0x7F == _DEAD:
+            head += 1
+        self._head = self._base + head
+        if head >= max(_CUT_MIN_ROWS, self._live) or head == end:
+            del rows[: head * ROW_BYTES]
+            self._base = self._head
+
+    def _grow_if_full(self) -> None:
+        """Double both indexes (re-inserting every live row) before they are more than two thirds full."""
+        if 3 * (self._live + 1) <= 2 * len(self._req_index):
+            return
+        size = 2 * len(self._req_index)
+        self._id_index = array("I", [_EMPTY]) * size
+        self._req_index = array("I", [_EMPTY]) * size
+        ids, requests, mask = self._id_index, self._req_index, size - 1
+        first = (self._head - self._base) & _MASK32
+        live = memoryview(self._rows)[first * ROW_BYTES :]
+        for offset, fields in enumerate(ROW.iter_unpack(live), first):  # the insert loops inlined: ~2 per row
+            code = fields[5]
+            if code & 0x7F == _DEAD:
+                continue
+            absolute = (self._base + offset) & _MASK32
+            if not code & _ODD:
+                slot = _id_home(int.from_bytes(fields[0], "big")) & mask
+                while ids[slot] != _EMPTY:
+                    slot = (slot + 1) & mask
+                ids[slot] = absolute
+            slot = fields[1] & mask
+            while requests[slot] != _EMPTY:
+                slot = (slot + 1) & mask
+            requests[slot] = absolute
+        live.release()
