@@ -99,6 +99,10 @@ __all__ = [
 
 TIMEOUT_S_DEFAULT: Final = 10.0
 CONNECTIONS_MAX_DEFAULT: Final = 100
+KEEPALIVE_S: Final = 2.0
+"""How long an idle connection is kept: less than servers keep theirs (uvicorn: 5 s), so the SDK
+closes it first and never sends a request on a connection the server is closing (which aiohttp
+reports as "Can not write request body", and which a POST must not be retried after)."""
 PAGE_LIMIT_DEFAULT: Final = 100
 
 
@@ -176,8 +180,9 @@ class AsyncClient:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 headers=self._headers,
-                connector=aiohttp.TCPConnector(limit=self._connections_max),
-                timeout=aiohttp.ClientTimeout(total=self._timeout_s),
+                connector=aiohttp.TCPConnector(limit=self._connections_max, keepalive_timeout=KEEPALIVE_S),
+                # as httpx's timeout: each phase (a free connection, reading), not the whole request
+                timeout=aiohttp.ClientTimeout(total=None, connect=self._timeout_s, sock_read=self._timeout_s),
                 trust_env=False,  # its proxy lookup costs two thread hops per request: read once, below
             )
         return self._session
