@@ -11,7 +11,7 @@ from tests.bench_run import quick_report
 
 @pytest.mark.slow
 def test_sdk_bench_quick_run_measures_both_paths(tmp_path: Path) -> None:
-    """--quick --json: CPU per pair of the aiohttp path and of the httpx transport, at 1 and 16 callers, and their ratio."""
+    """--quick --json: CPU per pair of the aiohttp path and the httpx transport at 1 and 16 callers, and their ratio."""
     report = quick_report("sdk.py", tmp_path)
     assert [1, 16] == [row["concurrency"] for row in report["results"]]
     for row in report["results"]:
