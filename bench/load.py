@@ -29,6 +29,9 @@ ESTIMATE_MICRO: Final = 20_000
 ACTUAL_MICRO: Final = 12_345
 REQUEST_TIMEOUT_S: Final = 10.0
 HEALTH_PATH: Final = "/healthz"
+GENERATOR_LAG_P99_MS_MAX: Final = 1.0
+"""An open-loop phase whose generator started pairs later than this at p99, though their
+connections were free, measured the generator: ``valid`` is false (a tenth of the p99 target)."""
 _ENTRY_ID: Final = re.compile(rb'"billing_entry_id":"([0-9A-Z]{26})"')
 WRK_PAIRS_LUA: Final = Path(__file__).with_name("wrk_pairs.lua")
 
@@ -241,6 +244,7 @@ class OpenLoop:
     next_index: int = 0
     reserve_ns: list[int] = field(default_factory=list)  # answer time minus due time
     start_lag_ns: list[int] = field(default_factory=list)  # when the pair was sent, minus due time
+    generator_lag_ns: list[int] = field(default_factory=list)  # the same, for pairs whose connection was free in time
 
     async def worker(self, connection: Connection) -> None:
         """Start pairs, one at a time, until the schedule is exhausted."""
@@ -248,8 +252,12 @@ class OpenLoop:
             index = self.next_index
             self.next_index += 1
             due_ns = self.start_ns + int(index * self.interval_ns)
+            free_ns = time.perf_counter_ns()
             await sleep_until(due_ns)
-            self.start_lag_ns.append(time.perf_counter_ns() - due_ns)
+            sent_ns = time.perf_counter_ns()
+            self.start_lag_ns.append(sent_ns - due_ns)
+            if free_ns < due_ns:  # nothing of the server's held this pair back: its lateness is the generator's
+                self.generator_lag_ns.append(sent_ns - due_ns)
             account = account_name(index % self.accounts)
             reserved_ns = await pair(connection, self.target, account, f"{self.run}-{index}")
             self.reserve_ns.append(reserved_ns - due_ns)
@@ -274,6 +282,7 @@ async def open_loop(
         for connection in opened:
             connection.close()
     after = Usage.now(target.server_pid)
+    generator_lag_p99_ms = percentile_ms(run.generator_lag_ns, 99)
     return {
         "rate_pairs_per_s": round(rate_per_s, 1),
         "scheduled": count,
@@ -283,6 +292,9 @@ async def open_loop(
         "reserve_p99_ms": percentile_ms(run.reserve_ns, 99),
         "reserve_max_ms": percentile_ms(run.reserve_ns, 100),
         "start_lag_p99_ms": percentile_ms(run.start_lag_ns, 99),
+        "generator_lag_p99_ms": generator_lag_p99_ms,
+        "generator_lag_samples": len(run.generator_lag_ns),
+        "valid": generator_lag_p99_ms is None or generator_lag_p99_ms <= GENERATOR_LAG_P99_MS_MAX,
         "connections": concurrency,
     } | after.busy(before)
 

@@ -1,11 +1,19 @@
-"""The SDK (tollway.client.AsyncClient) against the real app in-process: typed results and typed errors."""
+"""The SDK (tollway.client.AsyncClient): typed results and typed errors.
+
+Each test runs twice: through httpx straight into the app in-process (``transport``), and through
+the SDK's own path (aiohttp) to the same app served by uvicorn on a loopback port.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import socket
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+import uvicorn
 
 from tests.api_fixtures import ADMIN, BASE_URL, GATEWAY, READ, Api, api
 from tollway import client as sdk
@@ -14,15 +22,35 @@ from tollway.client import AsyncClient
 __all__ = ["api"]
 
 
-def _client(api: Api, *scopes: str, accounts: list[str] | None = None) -> AsyncClient:
+@pytest.fixture(params=["asgi", "loopback"])
+async def base_url(request: pytest.FixtureRequest, api: Api) -> AsyncIterator[str | None]:
+    """None: httpx into the app in-process; else the URL of the app served by uvicorn on loopback."""
+    if request.param == "asgi":
+        yield None
+        return
+    listener = socket.create_server(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(api.app, log_level="warning", lifespan="off"))
+    serving = asyncio.create_task(server.serve(sockets=[listener]))
+    try:  # the socket listens already: a connection made before uvicorn accepts waits in its backlog
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
+        listener.close()
+
+
+def _client(api: Api, base_url: str | None, *scopes: str, accounts: list[str] | None = None) -> AsyncClient:
     token = api.token(*scopes, accounts=accounts) if scopes else None
-    return AsyncClient(BASE_URL, token, transport=httpx.ASGITransport(app=api.app))
+    if base_url is None:
+        return AsyncClient(BASE_URL, token, transport=httpx.ASGITransport(app=api.app))
+    return AsyncClient(base_url, token)
 
 
 @pytest.fixture
-async def admin(api: Api) -> AsyncIterator[AsyncClient]:
+async def admin(api: Api, base_url: str | None) -> AsyncIterator[AsyncClient]:
     """An SDK client with an admin token."""
-    async with _client(api, ADMIN) as client:
+    async with _client(api, base_url, ADMIN) as client:
         yield client
 
 
@@ -99,16 +127,16 @@ async def test_typed_errors(api: Api, admin: AsyncClient) -> None:
         await admin.breaker()
 
 
-async def test_auth_and_availability_errors(api: Api) -> None:
+async def test_auth_and_availability_errors(api: Api, base_url: str | None) -> None:
     """No token → Unauthorized; other accounts → Forbidden; guard closed → ServiceUnavailable with retry_after_s."""
-    async with _client(api) as anonymous:
+    async with _client(api, base_url) as anonymous:
         with pytest.raises(sdk.Unauthorized):
             await anonymous.balance("acct-1")
-    async with _client(api, READ, accounts=["other"]) as reader:
+    async with _client(api, base_url, READ, accounts=["other"]) as reader:
         with pytest.raises(sdk.Forbidden):
             await reader.balance("acct-1")
     api.service.engine.set_holds_allowed(False)
-    async with _client(api, GATEWAY) as gateway:
+    async with _client(api, base_url, GATEWAY) as gateway:
         with pytest.raises(sdk.ServiceUnavailable) as busy:
             await gateway.reserve("acct-1", "r", estimated_cost_micro=1)
     assert (503, "BILLING_EVALUATOR_UNAVAILABLE", 30) == (busy.value.status, busy.value.code, busy.value.retry_after_s)
@@ -122,6 +150,12 @@ async def test_transport_failures_are_typed() -> None:
 
     async with AsyncClient(BASE_URL, "t", transport=httpx.MockTransport(refuse)) as client:
         with pytest.raises(sdk.TransportFailure):
+            await client.balance("acct-1")
+    closed = socket.create_server(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    closed.close()  # nothing listens there any more
+    async with AsyncClient(url, "t") as client:
+        with pytest.raises(sdk.TransportFailure, match=f"GET {url}/v1/accounts/acct-1: ClientConnectorError"):
             await client.balance("acct-1")
 
 

@@ -17,17 +17,24 @@ converted both ways). Results are frozen dataclasses; every error the API answer
 :class:`RequestInProgress`, …) carrying ``status``, ``code``, ``message`` and ``details``; a
 network failure raises :class:`TransportFailure`. Both derive from :class:`ClientError`.
 
-The SDK is standalone on purpose: it imports httpx and the standard library only, never the
-engine, so a gateway can depend on it without the server's dependencies. Pass ``transport``
-(e.g. ``httpx.ASGITransport(app)``) to talk to an in-process app.
+The SDK is standalone on purpose: it imports aiohttp, httpx and the standard library only, never
+the engine, so a gateway can depend on it without the server's dependencies. Requests go
+through one reused ``aiohttp.ClientSession`` (its pool of ``connections_max`` connections): a
+gateway pays the SDK's CPU on every model call, and httpx's cost per request grows with the
+connections in its pool (``bench/README.md``, "`bench/litellm.py`"). Pass ``transport`` (e.g.
+``httpx.ASGITransport(app)``) to talk to an in-process app through httpx instead.
 """
 
 from __future__ import annotations
 
+import json
+import urllib.request
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Final
+from urllib.parse import urlsplit
 
+import aiohttp
 import httpx
 
 from tollway.client.errors import (
@@ -47,7 +54,7 @@ from tollway.client.errors import (
     ServiceUnavailable,
     TransportFailure,
     Unauthorized,
-    error_from_response,
+    error_from_answer,
 )
 from tollway.client.results import (
     Balance,
@@ -91,7 +98,28 @@ __all__ = [
 ]
 
 TIMEOUT_S_DEFAULT: Final = 10.0
+CONNECTIONS_MAX_DEFAULT: Final = 100
+KEEPALIVE_S: Final = 2.0
+"""How long an idle connection is kept: less than servers keep theirs (uvicorn: 5 s), so the SDK
+closes it first and never sends a request on a connection the server is closing (which aiohttp
+reports as "Can not write request body", and which a POST must not be retried after)."""
 PAGE_LIMIT_DEFAULT: Final = 100
+
+
+_JSON_HEADERS: Final = {"content-type": "application/json"}
+
+
+def _json(body: Mapping[str, object]) -> bytes:
+    """A request body as httpx encodes ``json=``: compact, UTF-8, no NaN."""
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _environment_proxy(base_url: str) -> str | None:
+    """The proxy the environment names for ``base_url`` (``HTTP_PROXY``, ``HTTPS_PROXY``, ``NO_PROXY``), if any."""
+    parts = urlsplit(base_url)
+    if parts.hostname is None or urllib.request.proxy_bypass(parts.hostname):
+        return None
+    return urllib.request.getproxies().get(parts.scheme)
 
 
 def _drop_none(body: Mapping[str, object]) -> dict[str, object]:
@@ -106,7 +134,11 @@ def _wire_micro(value: int | None) -> str | None:
 
 
 class AsyncClient:
-    """An asynchronous client of one tollway service. Close it (``async with`` or :meth:`aclose`)."""
+    """An asynchronous client of one tollway service. Close it (``async with`` or :meth:`aclose`).
+
+    ``connections_max`` bounds the connections kept to the service (one request at a time
+    each); ``transport`` sends every request through httpx and that transport instead.
+    """
 
     def __init__(
         self,
@@ -115,9 +147,19 @@ class AsyncClient:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         timeout_s: float = TIMEOUT_S_DEFAULT,
+        connections_max: int = CONNECTIONS_MAX_DEFAULT,
     ) -> None:
-        headers = {"authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.AsyncClient(base_url=base_url, headers=headers, transport=transport, timeout=timeout_s)
+        self._headers = {"authorization": f"Bearer {token}"} if token else {}
+        self._base_url = base_url.rstrip("/")
+        self._timeout_s = timeout_s
+        self._connections_max = connections_max
+        self._proxy = _environment_proxy(self._base_url)
+        self._session: aiohttp.ClientSession | None = None  # made on the first request, in its event loop
+        self._http: httpx.AsyncClient | None = None
+        if transport is not None:
+            self._http = httpx.AsyncClient(
+                base_url=base_url, headers=self._headers, transport=transport, timeout=timeout_s
+            )
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -129,18 +171,48 @@ class AsyncClient:
 
     async def aclose(self) -> None:
         """Close the connections."""
-        await self._http.aclose()
+        if self._http is not None:
+            await self._http.aclose()
+        if self._session is not None:
+            await self._session.close()
+
+    def _aiohttp(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                headers=self._headers,
+                connector=aiohttp.TCPConnector(limit=self._connections_max, keepalive_timeout=KEEPALIVE_S),
+                # as httpx's timeout: each phase (a free connection, reading), not the whole request
+                timeout=aiohttp.ClientTimeout(total=None, connect=self._timeout_s, sock_read=self._timeout_s),
+                trust_env=False,  # its proxy lookup costs two thread hops per request: read once, below
+            )
+        return self._session
+
+    async def _send(
+        self, method: str, path: str, body: Mapping[str, object] | None, params: Any
+    ) -> tuple[int, bytes, str]:
+        """Status, body and Retry-After header ("" when absent) of one request; TransportFailure when none."""
+        content = None if body is None else _json(body)
+        headers = None if content is None else _JSON_HEADERS
+        url = self._base_url + path
+        try:
+            if self._http is not None:
+                response = await self._http.request(method, path, content=content, headers=headers, params=params)
+                return response.status_code, response.content, response.headers.get("retry-after", "")
+            session = self._aiohttp()
+            async with session.request(
+                method, url, data=content, headers=headers, params=params, proxy=self._proxy, allow_redirects=False
+            ) as answer:
+                return answer.status, await answer.read(), answer.headers.get("retry-after", "")
+        except (TimeoutError, httpx.HTTPError, aiohttp.ClientError) as exc:
+            # the whole URL: a wrong host or port shows at once
+            raise TransportFailure(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
 
     async def _call(self, method: str, path: str, body: Mapping[str, object] | None = None, params: Any = None) -> Any:
         """One request; the decoded JSON of a 2xx answer, else the typed error."""
-        try:
-            response = await self._http.request(method, path, json=body, params=params)
-        except httpx.HTTPError as exc:
-            url = self._http.base_url.join(path)  # the whole URL: a wrong host or port shows at once
-            raise TransportFailure(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
-        if response.status_code >= 400:
-            raise error_from_response(response)
-        return response.json() if response.content else None
+        status, content, retry = await self._send(method, path, body, params)
+        if status >= 400:
+            raise error_from_answer(status, content, retry)
+        return json.loads(content) if content else None
 
     # -- reservations ----------------------------------------------------------------------
 
@@ -319,9 +391,6 @@ class AsyncClient:
 
     async def ready(self) -> dict[str, Any]:
         """The readiness report (``ready`` is False while new holds are refused; no error is raised)."""
-        try:
-            response = await self._http.get("/readyz")
-        except httpx.HTTPError as exc:
-            raise TransportFailure(f"GET {self._http.base_url.join('/readyz')}: {type(exc).__name__}: {exc}") from exc
-        result: dict[str, Any] = response.json()
+        _, content, _ = await self._send("GET", "/readyz", None, None)
+        result: dict[str, Any] = json.loads(content)
         return result

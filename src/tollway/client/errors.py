@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -134,14 +135,18 @@ _BY_STATUS: Final[dict[int, type[ApiError]]] = {
 
 def error_from_response(response: httpx.Response) -> ApiError:
     """The typed error for an error response (any body, even a non-JSON one)."""
+    return error_from_answer(response.status_code, response.content, response.headers.get("retry-after", ""))
+
+
+def error_from_answer(status: int, content: bytes, retry: str = "") -> ApiError:
+    """The typed error for an error answer: its status, body and Retry-After header ("" when absent)."""
     try:
-        body = response.json()
+        body = json.loads(content)
     except ValueError:
         body = None
     if not isinstance(body, dict):
-        body = {"error": f"http_{response.status_code}", "message": response.text[:200]}
+        body = {"error": f"http_{status}", "message": content.decode(errors="replace")[:200]}
     code, message = str(body.pop("error", "")), str(body.pop("message", ""))
-    retry = response.headers.get("retry-after", "")
-    retry_after_s = int(retry) if retry.isdigit() else (RETRY_AFTER_S_DEFAULT if response.status_code == 503 else None)
-    kind = _BY_CODE.get(code) or _BY_STATUS.get(response.status_code, ApiError)
-    return kind(response.status_code, code, message, body, retry_after_s)
+    retry_after_s = int(retry) if retry.isdigit() else (RETRY_AFTER_S_DEFAULT if status == 503 else None)
+    kind = _BY_CODE.get(code) or _BY_STATUS.get(status, ApiError)
+    return kind(status, code, message, body, retry_after_s)

@@ -42,7 +42,6 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import httpx
 import litellm
 from fastapi import HTTPException
 from litellm.integrations.custom_logger import CustomLogger
@@ -155,9 +154,7 @@ class TollwayBilling(CustomLogger):  # type: ignore[misc]  # LiteLLM is not type
         if client is None:
             for stale in [known for known in self._clients if known.is_closed()]:
                 del self._clients[stale]
-            limits = httpx.Limits(max_connections=self._connections, max_keepalive_connections=self._connections)
-            transport = httpx.AsyncHTTPTransport(limits=limits)
-            client = AsyncClient(self._url, self._token, transport=transport, timeout_s=self._timeout_s)
+            client = AsyncClient(self._url, self._token, timeout_s=self._timeout_s, connections_max=self._connections)
             self._clients[loop] = client
         return client
 
