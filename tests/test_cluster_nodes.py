@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import random
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,16 +27,18 @@ from tollway.core.shard import shard
 
 SHARDS: Final = 8
 LEASE_TTL_MS: Final = 2_000
+STEADY_LEASE_TTL_MS: Final = 10_000
+"""For tests of a cluster that should not move: a loaded machine must not expire a lease under them."""
 RETRY_DEADLINE_S: Final = 90.0
+RETRY_BACKOFF_MAX_S: Final = 1.0
 ACCOUNTS: Final = [f"acct-{i}" for i in range(16)]
 
 pytestmark = pytest.mark.timeout(240)
 
 
-@pytest.fixture
-async def cluster(pg_url: str, tmp_path: Path) -> AsyncIterator[Cluster]:
+async def started(pg_url: str, tmp_path: Path, lease_ttl_ms: int) -> AsyncIterator[Cluster]:
     """A cluster of eight shards with three running nodes, every shard served."""
-    made = Cluster(pg_url, tmp_path, shards=SHARDS, lease_ttl_ms=LEASE_TTL_MS)
+    made = Cluster(pg_url, tmp_path, shards=SHARDS, lease_ttl_ms=lease_ttl_ms)
     try:
         await made.start(3)
         async with httpx.AsyncClient(timeout=10) as client:
@@ -43,6 +46,20 @@ async def cluster(pg_url: str, tmp_path: Path) -> AsyncIterator[Cluster]:
         yield made
     finally:
         made.close()
+
+
+@pytest.fixture
+async def cluster(pg_url: str, tmp_path: Path) -> AsyncIterator[Cluster]:
+    """Three nodes with short leases, for tests that kill, pause or stop one."""
+    async for made in started(pg_url, tmp_path, LEASE_TTL_MS):
+        yield made
+
+
+@pytest.fixture
+async def steady_cluster(pg_url: str, tmp_path: Path) -> AsyncIterator[Cluster]:
+    """Three nodes with long leases, for tests where no shard should move."""
+    async for made in started(pg_url, tmp_path, STEADY_LEASE_TTL_MS):
+        yield made
 
 
 class Load:
@@ -62,6 +79,7 @@ class Load:
     ) -> httpx.Response:
         """The first non-retryable answer, trying the nodes in turn."""
         deadline = time.monotonic() + RETRY_DEADLINE_S
+        attempt = 0
         while True:
             node = self.nodes[next(self.turn) % len(self.nodes)]
             sent = time.monotonic()
@@ -77,7 +95,8 @@ class Load:
                 return response
             self.retryable += 1
             assert time.monotonic() < deadline, f"{method} {path} not answered within {RETRY_DEADLINE_S} s"
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(backoff_s(attempt))
+            attempt += 1
 
     def note(self, response: httpx.Response, sent: float) -> None:
         """Record which node answered for which shard and epoch, and when."""
@@ -99,6 +118,15 @@ class Load:
         ]
 
 
+def backoff_s(attempt: int) -> float:
+    """Seconds before retry number ``attempt``: capped exponential backoff with jitter.
+
+    A thousand callers retrying every 50 ms while shards move would be a retry storm that keeps a
+    loaded node from renewing its leases; a well-behaved client backs off.
+    """
+    return random.uniform(0.5, 1.0) * min(RETRY_BACKOFF_MAX_S, 0.05 * 2.0**attempt)
+
+
 async def mint_all(load: Load, amount_micro: int) -> None:
     for account in ACCOUNTS:
         response = await load.send(
@@ -109,10 +137,10 @@ async def mint_all(load: Load, amount_micro: int) -> None:
         assert 201 == response.status_code, response.text
 
 
-async def test_a_thousand_reserves_against_funds_for_a_hundred_grant_exactly_a_hundred(cluster: Cluster) -> None:
+async def test_a_thousand_reserves_against_funds_for_a_hundred_grant_exactly_a_hundred(steady_cluster: Cluster) -> None:
     """1,000 concurrent reserves of 10 against 1,000 micro-USD, spread over three nodes: exactly 100 granted."""
     async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=100)) as client:
-        load = Load(cluster, client, cluster.nodes)
+        load = Load(steady_cluster, client, steady_cluster.nodes)
         response = await load.send(
             "POST", "/v1/accounts/scarce/credits", {"credit_id": "seed", "kind": "mint", "amount_micro": 1_000}
         )
@@ -120,7 +148,7 @@ async def test_a_thousand_reserves_against_funds_for_a_hundred_grant_exactly_a_h
         body = {"account_id": "scarce", "estimated_cost_micro": 10}
         answers = await asyncio.gather(
             *(
-                load.send("POST", "/v1/reservations", {**body, "request_id": f"r-{i}"}, cluster.gateway)
+                load.send("POST", "/v1/reservations", {**body, "request_id": f"r-{i}"}, steady_cluster.gateway)
                 for i in range(1_000)
             )
         )
@@ -322,14 +350,14 @@ async def _zero(count: Awaitable[int]) -> bool:
     return await count == 0
 
 
-async def test_forwarding_answers_exactly_as_the_owner(cluster: Cluster) -> None:
+async def test_forwarding_answers_exactly_as_the_owner(steady_cluster: Cluster) -> None:
     """Every v1 endpoint through a non-owner answers as through the owner: status, body, replays and errors."""
     async with httpx.AsyncClient(timeout=30) as client:
-        owners = await cluster.settled(client, cluster.nodes)
+        owners = await steady_cluster.settled(client, steady_cluster.nodes)
         account = ACCOUNTS[0]
-        owner = next(n for n in cluster.nodes if n.name == owners[shard(account, SHARDS)])
-        other = next(n for n in cluster.nodes if n is not owner)
-        gw, admin = cluster.auth(cluster.gateway), cluster.auth()
+        owner = next(n for n in steady_cluster.nodes if n.name == owners[shard(account, SHARDS)])
+        other = next(n for n in steady_cluster.nodes if n is not owner)
+        gw, admin = steady_cluster.auth(steady_cluster.gateway), steady_cluster.auth()
 
         async def both(method: str, path: str, body: dict[str, Any] | None = None, headers: Any = None) -> Any:
             """The same request through the owner and through the other node: (status, body) of each."""

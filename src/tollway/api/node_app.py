@@ -37,7 +37,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Final
 
-import httpx
+import aiohttp
 from fastapi import FastAPI, Path, Query, Request
 from starlette.responses import Response
 
@@ -93,7 +93,7 @@ class NodeContext:
     node: Node
     authenticator: Authenticator
     pricing: PriceTable
-    client: httpx.AsyncClient
+    client: aiohttp.ClientSession
     metrics: NodeMetrics
     prices_sha256: str  # of this node's GET /v1/prices body: equal on every node given the same table
 
@@ -144,19 +144,18 @@ async def _forward(request: Request, base_url: str, number: int) -> Response:
     for name in ("authorization", "content-type"):
         if name in request.headers:
             headers[name] = request.headers[name]
+    query = request.url.query
+    url = base_url.rstrip("/") + request.url.path + (f"?{query}" if query else "")
+    timeout = aiohttp.ClientTimeout(total=max(0.001, (deadline_ms - now_ms) / 1000))
     try:
-        answer = await ctx.client.request(
-            request.method,
-            base_url.rstrip("/") + request.url.path,
-            params=request.url.query,
-            content=await request.body(),
-            headers=headers,
-            timeout=max(0.001, (deadline_ms - now_ms) / 1000),
-        )
-    except httpx.HTTPError as exc:
+        async with ctx.client.request(
+            request.method, url, data=await request.body(), headers=headers, timeout=timeout
+        ) as answer:
+            content = await answer.read()
+    except (TimeoutError, aiohttp.ClientError) as exc:
         raise shard_moved(number, f"its owner did not answer: {type(exc).__name__}") from exc
     passed = {name: answer.headers[name] for name in _PASSED_RESPONSE_HEADERS if name in answer.headers}
-    return Response(answer.content, status_code=answer.status_code, headers=passed)
+    return Response(content, status_code=answer.status, headers=passed)
 
 
 def _deadline_ms(request: Request, now_ms: int) -> int:
@@ -386,7 +385,7 @@ _ROUTES: Final = (
 
 
 def create_node_app(
-    node: Node, *, authenticator: Authenticator, pricing: PriceTable, client: httpx.AsyncClient
+    node: Node, *, authenticator: Authenticator, pricing: PriceTable, client: aiohttp.ClientSession
 ) -> FastAPI:
     """The API of a cluster node over ``node``; ``client`` is the pooled client forwarded requests use."""
     app = FastAPI(
@@ -406,7 +405,16 @@ def create_node_app(
     return app
 
 
-def forwarding_client() -> httpx.AsyncClient:
-    """The pooled keep-alive client a node forwards with (built by the composition root)."""
-    limits = httpx.Limits(max_connections=FORWARD_CONNECTIONS_MAX, max_keepalive_connections=FORWARD_CONNECTIONS_MAX)
-    return httpx.AsyncClient(limits=limits, timeout=FORWARD_TIMEOUT_MS / 1000)
+def forwarding_client() -> aiohttp.ClientSession:
+    """The pooled keep-alive session a node forwards with (built by the composition root, in its loop).
+
+    aiohttp rather than httpx, as the SDK and the settlement client: httpx's pool cost a forwarded
+    request several times the client CPU (bench/README.md, ``bench/sdk.py``). Bodies pass as they
+    are: no decompression, no added ``Accept-Encoding``.
+    """
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=FORWARD_CONNECTIONS_MAX, limit_per_host=FORWARD_CONNECTIONS_MAX),
+        timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT_MS / 1000),
+        auto_decompress=False,
+        skip_auto_headers=("Accept-Encoding", "User-Agent"),
+    )

@@ -23,7 +23,7 @@ import asyncio
 import dataclasses
 from typing import TYPE_CHECKING, Annotated, Final
 
-import httpx
+import aiohttp
 from fastapi import Query, Request
 from starlette.responses import Response
 
@@ -187,12 +187,13 @@ async def _fan_out(request: Request, ctx: NodeContext, local: Parts) -> tuple[Pa
 
 async def _ask(ctx: NodeContext, request: Request, url: str, headers: dict[str, str]) -> Parts | None:
     """Another node's part of the operation (its ``shards``), or None when it did not answer it."""
+    timeout = aiohttp.ClientTimeout(total=FAN_OUT_TIMEOUT_S)
     try:
-        answer = await ctx.client.request(
-            request.method, url.rstrip("/") + request.url.path, headers=headers, timeout=FAN_OUT_TIMEOUT_S
-        )
-        body = answer.json() if answer.status_code == 200 else None
-    except (httpx.HTTPError, ValueError):
+        async with ctx.client.request(
+            request.method, url.rstrip("/") + request.url.path, headers=headers, timeout=timeout
+        ) as answer:
+            body = await answer.json(content_type=None) if answer.status == 200 else None
+    except (TimeoutError, aiohttp.ClientError, ValueError):
         return None
     shards = body.get("shards") if isinstance(body, dict) else None
     if not isinstance(shards, dict):
