@@ -69,6 +69,13 @@ def fresh_shell_in_a_clone(clone: Path) -> dict[str, str]:
     return env
 
 
+def test_the_first_command_is_on_the_first_screen() -> None:
+    """A newcomer reaches ``make demo`` within the README's first 40 lines."""
+    lines = README.read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("make demo"))
+    assert (True, "<!-- readme-example: setup -->") == (first < 40, lines[first - 2])
+
+
 def test_setup_activates_the_environment_the_walkthrough_needs() -> None:
     """The set-up block says how ``tollway`` gets on ``PATH`` after ``make demo``."""
     assert ". .venv/bin/activate" in example("setup", "sh")
