@@ -10,13 +10,17 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
 from tests.e2e_support import clean_environment
 from tests.litellm_support import PROXY_BIN, Upstream
 from tests.litellm_upstream import OUT_TOKENS_DEFAULT, PROMPT_TOKENS
+from tollway.api.schemas import ReleaseRequest
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -57,6 +61,21 @@ def path_without_tollway() -> str:
     return os.pathsep.join(d for d in directories if d and not (Path(d) / "tollway").exists())
 
 
+def fresh_shell_in_a_clone(clone: Path) -> dict[str, str]:
+    """An environment as in a new shell after ``make demo``: ``clone/.venv`` is this one, nothing activated."""
+    (clone / ".venv").symlink_to(sys.prefix, target_is_directory=True)
+    env = {**os.environ, "PATH": path_without_tollway()}
+    env.pop("VIRTUAL_ENV", None)
+    return env
+
+
+def test_the_first_command_is_on_the_first_screen() -> None:
+    """A newcomer reaches ``make demo`` within the README's first 40 lines."""
+    lines = README.read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("make demo"))
+    assert (True, "<!-- readme-example: setup -->") == (first < 40, lines[first - 2])
+
+
 def test_setup_activates_the_environment_the_walkthrough_needs() -> None:
     """The set-up block says how ``tollway`` gets on ``PATH`` after ``make demo``."""
     assert ". .venv/bin/activate" in example("setup", "sh")
@@ -70,9 +89,7 @@ def test_http_walkthrough_runs_as_written(tmp_path: Path) -> None:
     as in a new shell after ``make demo``: the walk-through itself must put it there.
     """
     script = example("walkthrough", "sh").replace("PORT=8080", f"PORT={free_port()}")
-    (tmp_path / ".venv").symlink_to(sys.prefix, target_is_directory=True)
-    env = {**os.environ, "PATH": path_without_tollway()}
-    env.pop("VIRTUAL_ENV", None)
+    env = fresh_shell_in_a_clone(tmp_path)
     result = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", script],
         cwd=tmp_path,
@@ -86,6 +103,50 @@ def test_http_walkthrough_runs_as_written(tmp_path: Path) -> None:
     assert '"replayed":true' in result.stdout.replace(" ", "")
     assert '"available_micro":"' in result.stdout
     assert "Verdict: CLEAN" in result.stdout
+
+
+class _Unready(BaseHTTPRequestHandler):
+    """Another program on the walk-through's port: every request gets 503."""
+
+    def do_GET(self) -> None:
+        self.send_error(503)
+
+    def log_message(self, *args: object) -> None:
+        """Quiet."""
+
+
+def test_the_walkthrough_wait_ends_when_serve_cannot_start(tmp_path: Path) -> None:
+    """Another program on the port: serve fails naming it, and the walk-through's readiness wait still ends.
+
+    The program answers 503, so an unbounded ``until curl …/readyz`` would wait forever.
+    """
+    lines = example("walkthrough", "sh").splitlines(keepends=True)
+    wait = next(i for i, line in enumerate(lines) if "/readyz" in line)
+    script = "".join(lines[: wait + 1]) + "echo waited\n"
+    env = fresh_shell_in_a_clone(tmp_path)
+    with ThreadingHTTPServer(("127.0.0.1", 0), _Unready) as other:
+        threading.Thread(target=other.serve_forever, daemon=True).start()
+        port = other.server_address[1]
+        result = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script.replace("PORT=8080", f"PORT={port}")],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=90,  # the wait's own bound is 30 s
+            check=False,
+        )
+        other.shutdown()
+    assert (0, "waited\n") == (result.returncode, result.stdout), result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_the_walkthrough_names_release_and_its_reasons() -> None:
+    """A reader learns that a release needs a ``reason`` and which values the API takes."""
+    reasons = get_args(ReleaseRequest.model_fields["reason"].annotation)
+    walkthrough = example("walkthrough", "sh")
+    missing = [reason for reason in reasons if f'{{"reason": "{reason}"}}' not in walkthrough]
+    assert (True, True, []) == (len(reasons) >= 2, "/release" in walkthrough, missing)
 
 
 def test_the_terms_a_reader_meets_are_defined() -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from tollway import Settings
 from tollway.audit import audit
@@ -59,6 +62,21 @@ async def test_settlement_mode_finalizes_in_the_background(tmp_path: Path) -> No
         record = simulator.state.book.get(entry_id)
         assert record is not None
         assert (2_500, 1) == (record.actual_cost_micro, record.calls)
+
+
+async def test_a_normal_restart_logs_no_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A restart on existing data rebuilds the embedded Redis's projection at info level: a warning means trouble."""
+    settings = Settings(data_dir=tmp_path / "data")
+    async with Service.running(settings) as service:
+        await service.engine.execute(cmd.Credit("acct", "m", CreditKind.MINT, 10_000))
+        await service.engine.execute(cmd.Reserve("acct", "r", 3_000))
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="tollway")
+    async with Service.running(settings) as service:
+        await eventually(lambda: service.projector.applied_seq == service.engine.durable_sequence)
+    rebuilt = [r.levelno for r in caplog.records if r.getMessage().startswith("projection rebuilt from the WAL")]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert ([logging.INFO], []) == (rebuilt, warnings)
 
 
 async def test_guard_is_ready_and_metrics_are_scrapeable(tmp_path: Path) -> None:
