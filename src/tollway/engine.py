@@ -5,8 +5,9 @@ applying, so each command sees every earlier one::
 
     decision = decide(state, command, now)        # pure; a refusal writes nothing
     event    = Event(next sequence, now, ...)     # for each payload of a Write
-    change = state.apply(event)                   # the same fold replay uses
-    batch = group_commit.add(event, change)       # framed into the pending group-commit batch
+    record   = codec.encode(event)                # framed first: a record too large changes nothing
+    change   = state.apply(event)                 # the same fold replay uses
+    batch    = group_commit.add(event, record, change)  # into the pending group-commit batch
     await batch.durable                           # answered only once the log made it durable
 
 Group commit (:mod:`tollway.group_commit`): while one batch is being made durable, new records

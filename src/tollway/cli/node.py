@@ -23,10 +23,10 @@ import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
-import redis.exceptions
 import uvicorn
 from redis.asyncio.cluster import RedisCluster
 
@@ -41,6 +41,7 @@ from tollway.net import bind, url_of
 from tollway.pg.errors import PG_ERRORS
 from tollway.pg.pool import open_pool
 from tollway.pg.schema import ClusterInfo, open_cluster
+from tollway.redis.errors import UNAVAILABLE, at_boundary
 from tollway.service import settlement_client
 
 log = logging.getLogger("tollway.cluster")
@@ -131,9 +132,9 @@ async def redis_client(url: str) -> aioredis.Redis:
     plain = aioredis.Redis.from_url(url, socket_timeout=REDIS_SOCKET_TIMEOUT_S)
     for attempt in range(REDIS_DETECT_ATTEMPTS):
         try:
-            info = await plain.info("cluster")
+            info = await _cluster_info(plain)
             break
-        except (redis.exceptions.RedisError, OSError) as exc:
+        except UNAVAILABLE as exc:
             if attempt + 1 == REDIS_DETECT_ATTEMPTS:
                 log.warning("redis at the --redis-url does not answer (%s); using it as a single Redis", exc)
                 return plain
@@ -143,6 +144,13 @@ async def redis_client(url: str) -> aioredis.Redis:
     await plain.aclose()
     cluster: aioredis.Redis = RedisCluster.from_url(url, socket_timeout=REDIS_SOCKET_TIMEOUT_S)  # type: ignore[assignment]
     return cluster
+
+
+@at_boundary
+async def _cluster_info(client: aioredis.Redis) -> dict[str, Any]:
+    """``INFO cluster``, through the Redis boundary (RedisDown, RedisRefused)."""
+    info: dict[str, Any] = await client.info("cluster")
+    return info
 
 
 async def _close_side(side: RedisSide) -> None:

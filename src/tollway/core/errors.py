@@ -31,8 +31,8 @@ Adapters translate foreign exceptions into this tree with ``raise ... from exc``
 the rest of it themselves (each a ``TollwayError``; ``docs/architecture.md`` draws the whole
 tree): ``TokenError`` (``TokenInvalid``, ``KeyMaterialError``) in ``tokens``,
 ``SettlementUnavailable`` in ``settlement.client``, ``RedisUnavailable`` in ``redis.server``,
-``RedisDown`` and ``RedisRefused`` in ``redis.errors`` (the Redis boundary), ``ProjectionViolation``
-and ``ProjectionForeign`` in ``redis.projector``,
+``RedisDown`` and ``RedisRefused`` in ``redis.errors`` (the Redis boundary), ``ProjectionViolation``,
+``ProjectionForeign`` and ``ProjectionStale`` in ``redis.projector``,
 ``PumpGone`` in ``redis.pump``, ``PostgresUnavailable`` in ``pg.process``, ``CheckUnavailable`` in
 ``guard``, ``ApiError`` in ``api.errors`` and ``RebuildFailed`` in ``cli.local``.
 """
