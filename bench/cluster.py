@@ -76,6 +76,8 @@ START_TIMEOUT_S: Final = 60.0
 POLL_S: Final = 0.02
 HTTP_NODES: Final = (1, 2)
 RETRY_S: Final = 0.05
+RETRY_503_S: Final = 60.0
+UNAVAILABLE: Final = 503
 ENTRY_ID: Final = re.compile(rb'"billing_entry_id":"([0-9A-Z]{26})"')
 
 
@@ -217,6 +219,18 @@ async def post(url: str, path: str, token: str, body: dict[str, Any]) -> int:
     return int(answer.split(maxsplit=2)[1])
 
 
+async def post_until_served(url: str, path: str, token: str, body: dict[str, Any]) -> int:
+    """:func:`post`, again while it answers 503 (a shard still moving on a loaded machine), up to a minute."""
+    deadline = time.monotonic() + RETRY_503_S
+    status = await post(url, path, token, body)
+    for _ in itertools.count():
+        if status != UNAVAILABLE or time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(0.2)
+        status = await post(url, path, token, body)
+    return status
+
+
 async def settled(urls: list[str], names: list[str], token: str, shards: int) -> None:
     """Wait until each node serves exactly the shards :func:`assign` gives it."""
     target = assign(shards, names)
@@ -277,7 +291,9 @@ async def http_pairs(url: str, root: Path, count: int, args: argparse.Namespace,
         await settled(urls, [f"http{count}-{i}" for i in range(count)], admin, 8)
         for index in range(args.http_accounts):
             credit = {"credit_id": "seed", "kind": "mint", "amount_micro": FUNDING_MICRO}
-            status = await post(urls[index % count], f"/v1/accounts/{account_name(index)}/credits", admin, credit)
+            status = await post_until_served(
+                urls[index % count], f"/v1/accounts/{account_name(index)}/credits", admin, credit
+            )
             if status != 201:
                 raise BenchError(f"funding answered {status}")
         ports = tuple(int(u.rsplit(":", 1)[1].rstrip("/")) for u in urls)
