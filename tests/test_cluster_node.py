@@ -17,6 +17,7 @@ import asyncpg
 import httpx
 import pytest
 
+from tests.in_process_forwarder import HttpxForwarder
 from tollway import Settings
 from tollway.api.auth import Authenticator, Scope, development_key, issue_token
 from tollway.api.node_app import create_node_app
@@ -49,8 +50,8 @@ async def test_a_zombies_batch_is_fenced_and_the_retry_lands_once(pg_pool: async
     a.membership.clock_ms = lambda: frozen_ms  # a is "paused": its own clock says its leases are fresh
     async with httpx.AsyncClient() as forwarder:
         auth = Authenticator.from_settings(settings)
-        app_a = create_node_app(a, authenticator=auth, pricing=default_prices(), client=forwarder)
-        app_b = create_node_app(b, authenticator=auth, pricing=default_prices(), client=forwarder)
+        app_a = create_node_app(a, authenticator=auth, pricing=default_prices(), forwarder=HttpxForwarder(forwarder))
+        app_b = create_node_app(b, authenticator=auth, pricing=default_prices(), forwarder=HttpxForwarder(forwarder))
         async with (
             httpx.AsyncClient(transport=httpx.ASGITransport(app=app_a), base_url="http://a") as to_a,
             httpx.AsyncClient(transport=httpx.ASGITransport(app=app_b), base_url="http://b") as to_b,
@@ -99,7 +100,10 @@ async def test_a_shard_whose_batch_postgresql_failed_is_recovered_under_a_new_ep
 
     async with httpx.AsyncClient() as forwarder:
         app = create_node_app(
-            a, authenticator=Authenticator.from_settings(settings), pricing=default_prices(), client=forwarder
+            a,
+            authenticator=Authenticator.from_settings(settings),
+            pricing=default_prices(),
+            forwarder=HttpxForwarder(forwarder),
         )
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://a") as to_a:
             credit = {"credit_id": "c1", "kind": "mint", "amount_micro": 100}

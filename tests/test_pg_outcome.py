@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from tests.cutting_proxy import APPEND_REPLY, CuttingProxy
+from tests.in_process_forwarder import HttpxForwarder
 from tests.test_pg_log import make_events, records, take
 from tollway import Settings
 from tollway.api.auth import Authenticator, Scope, development_key, issue_token
@@ -147,7 +148,10 @@ async def test_a_shard_whose_batch_outcome_stayed_unknown_is_released_and_recove
 
     async with httpx.AsyncClient() as forwarder:
         app = create_node_app(
-            node, authenticator=Authenticator.from_settings(settings), pricing=default_prices(), client=forwarder
+            node,
+            authenticator=Authenticator.from_settings(settings),
+            pricing=default_prices(),
+            forwarder=HttpxForwarder(forwarder),
         )
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://a") as to_node:
             credit = {"credit_id": "c1", "kind": "mint", "amount_micro": 100}

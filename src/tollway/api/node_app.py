@@ -8,10 +8,11 @@ a charge, or in the path) or its billing entry id (characters 10-11). The node a
   translation, commands and wire bodies as the single-node API (``translate``, ``wire``, the
   one error table);
 - **forward**: another live node holds it: the request (method, path, query, body,
-  ``Authorization``) goes to the owner's advertised URL over one pooled keep-alive client, at
-  most one hop (a forwarded request is never forwarded again), within the caller's deadline
-  (``X-Tollway-Deadline-Ms``, epoch milliseconds, passed on; :data:`FORWARD_TIMEOUT_MS` when
-  absent), and the owner's status and body are answered as they are;
+  ``Authorization``) goes to the owner's advertised URL through the node's
+  :class:`~tollway.api.forwarding.Forwarder`, at most one hop (a forwarded request is never
+  forwarded again), within the caller's deadline (``X-Tollway-Deadline-Ms``, epoch
+  milliseconds, passed on; :data:`FORWARD_TIMEOUT_MS` when absent), and the owner's status
+  and body are answered as they are;
 - **nobody now** (the shard is moving, its batch was fenced, the owner cannot be reached):
   503 ``shard_moved`` with a short ``Retry-After``; commands are idempotent, so the retry takes
   effect once wherever the shard is then.
@@ -37,7 +38,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Final
 
-import aiohttp
 from fastapi import FastAPI, Path, Query, Request
 from starlette.responses import Response
 
@@ -45,6 +45,7 @@ from tollway.api import docs
 from tollway.api.app import API_DESCRIPTION, API_TITLE, API_VERSION
 from tollway.api.auth import Authenticator, Principal, Scope
 from tollway.api.errors import ApiError, install_error_handlers, refusal_response
+from tollway.api.forwarding import Forwarder, ForwardFailed
 from tollway.api.node_settlement import ROUTES as SETTLEMENT_ROUTES
 from tollway.api.routes_accounts import history_page
 from tollway.api.routes_billing import entry_outcome
@@ -75,8 +76,6 @@ FORWARDED_HEADER: Final = "x-tollway-forwarded-by"
 DEADLINE_HEADER: Final = "x-tollway-deadline-ms"
 FORWARD_TIMEOUT_MS: Final = 10_000
 """A forwarded request's deadline when the caller gave none."""
-FORWARD_CONNECTIONS_MAX: Final = 64
-"""Keep-alive connections a node keeps to its peers, at most."""
 ANSWERED_BY_HEADER: Final = "x-tollway-answered-by"
 """On an answer of a shard's engine: ``<node id> <shard> <epoch>`` (forwarded answers keep it)."""
 _PASSED_RESPONSE_HEADERS: Final = ("content-type", "retry-after", "www-authenticate", ANSWERED_BY_HEADER)
@@ -93,7 +92,7 @@ class NodeContext:
     node: Node
     authenticator: Authenticator
     pricing: PriceTable
-    client: aiohttp.ClientSession
+    forwarder: Forwarder
     metrics: NodeMetrics
     prices_sha256: str  # of this node's GET /v1/prices body: equal on every node given the same table
 
@@ -146,16 +145,18 @@ async def _forward(request: Request, base_url: str, number: int) -> Response:
             headers[name] = request.headers[name]
     query = request.url.query
     url = base_url.rstrip("/") + request.url.path + (f"?{query}" if query else "")
-    timeout = aiohttp.ClientTimeout(total=max(0.001, (deadline_ms - now_ms) / 1000))
     try:
-        async with ctx.client.request(
-            request.method, url, data=await request.body(), headers=headers, timeout=timeout
-        ) as answer:
-            content = await answer.read()
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        raise shard_moved(number, f"its owner did not answer: {type(exc).__name__}") from exc
+        answer = await ctx.forwarder.send(
+            request.method,
+            url,
+            content=await request.body(),
+            headers=headers,
+            timeout_s=max(0.001, (deadline_ms - now_ms) / 1000),
+        )
+    except ForwardFailed as exc:
+        raise shard_moved(number, f"its owner did not answer: {exc}") from exc
     passed = {name: answer.headers[name] for name in _PASSED_RESPONSE_HEADERS if name in answer.headers}
-    return Response(content, status_code=answer.status, headers=passed)
+    return Response(answer.content, status_code=answer.status, headers=passed)
 
 
 def _deadline_ms(request: Request, now_ms: int) -> int:
@@ -384,10 +385,8 @@ _ROUTES: Final = (
 )
 
 
-def create_node_app(
-    node: Node, *, authenticator: Authenticator, pricing: PriceTable, client: aiohttp.ClientSession
-) -> FastAPI:
-    """The API of a cluster node over ``node``; ``client`` is the pooled client forwarded requests use."""
+def create_node_app(node: Node, *, authenticator: Authenticator, pricing: PriceTable, forwarder: Forwarder) -> FastAPI:
+    """The API of a cluster node over ``node``; ``forwarder`` sends what goes to other nodes."""
     app = FastAPI(
         title=f"{API_TITLE} (cluster node)",
         version=API_VERSION,
@@ -397,24 +396,9 @@ def create_node_app(
         redoc_url=None,
     )
     digest = hashlib.sha256(json_response(prices_body(pricing)).body).hexdigest()
-    app.state.node = NodeContext(node, authenticator, pricing, client, NodeMetrics(node), digest)
+    app.state.node = NodeContext(node, authenticator, pricing, forwarder, NodeMetrics(node), digest)
     for method, path, handler, status in (*_ROUTES, *SETTLEMENT_ROUTES):
         app.add_api_route(path, handler, methods=[method], status_code=status)
     app.include_router(docs.router)
     install_error_handlers(app)
     return app
-
-
-def forwarding_client() -> aiohttp.ClientSession:
-    """The pooled keep-alive session a node forwards with (built by the composition root, in its loop).
-
-    aiohttp rather than httpx, as the SDK and the settlement client: httpx's pool cost a forwarded
-    request several times the client CPU (bench/README.md, ``bench/sdk.py``). Bodies pass as they
-    are: no decompression, no added ``Accept-Encoding``.
-    """
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=FORWARD_CONNECTIONS_MAX, limit_per_host=FORWARD_CONNECTIONS_MAX),
-        timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT_MS / 1000),
-        auto_decompress=False,
-        skip_auto_headers=("Accept-Encoding", "User-Agent"),
-    )

@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from typing import TYPE_CHECKING, Annotated, Final
 
-import aiohttp
 from fastapi import Query, Request
 from starlette.responses import Response
 
 from tollway.api.auth import Scope
 from tollway.api.errors import ApiError
+from tollway.api.forwarding import ForwardFailed
 from tollway.api.wire import json_response
 from tollway.cluster.shard_redis import RedisSide, ShardRedis
 from tollway.finalizer import FinalizeWorker
@@ -187,13 +188,16 @@ async def _fan_out(request: Request, ctx: NodeContext, local: Parts) -> tuple[Pa
 
 async def _ask(ctx: NodeContext, request: Request, url: str, headers: dict[str, str]) -> Parts | None:
     """Another node's part of the operation (its ``shards``), or None when it did not answer it."""
-    timeout = aiohttp.ClientTimeout(total=FAN_OUT_TIMEOUT_S)
     try:
-        async with ctx.client.request(
-            request.method, url.rstrip("/") + request.url.path, headers=headers, timeout=timeout
-        ) as answer:
-            body = await answer.json(content_type=None) if answer.status == 200 else None
-    except (TimeoutError, aiohttp.ClientError, ValueError):
+        answer = await ctx.forwarder.send(
+            request.method,
+            url.rstrip("/") + request.url.path,
+            content=b"",
+            headers=headers,
+            timeout_s=FAN_OUT_TIMEOUT_S,
+        )
+        body = json.loads(answer.content) if answer.status == 200 else None
+    except (ForwardFailed, ValueError):
         return None
     shards = body.get("shards") if isinstance(body, dict) else None
     if not isinstance(shards, dict):

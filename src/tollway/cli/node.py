@@ -30,7 +30,8 @@ import redis.asyncio as aioredis
 import uvicorn
 from redis.asyncio.cluster import RedisCluster
 
-from tollway.api.node_app import create_node_app, forwarding_client
+from tollway.api.forwarding import AiohttpForwarder
+from tollway.api.node_app import create_node_app
 from tollway.cli.server import ServeOptions, _Control, _Server, _uvicorn_config, stop_on_signals
 from tollway.cluster.node import Node
 from tollway.cluster.shard_redis import RedisSide
@@ -179,8 +180,10 @@ async def _run(node: Node, sockets: list[socket.socket], options: ServeOptions, 
             leaving.append(asyncio.create_task(leave()))
 
     with stop_on_signals(on_signal):
-        async with forwarding_client() as client:
-            app = create_node_app(node, authenticator=options.authenticator, pricing=options.pricing, client=client)
+        async with AiohttpForwarder.open() as forwarder:
+            app = create_node_app(
+                node, authenticator=options.authenticator, pricing=options.pricing, forwarder=forwarder
+            )
             server = control.attach(_Server(_uvicorn_config(app, options)))
             announcer = asyncio.create_task(_announce(server, ready))
             try:
