@@ -96,6 +96,21 @@ async def test_credits_are_idempotent_on_credit_id(api: Api) -> None:
     assert 201 == (await api.http.post(path, json=note, headers=api.auth(ADMIN))).status_code
 
 
+async def test_a_mint_that_does_not_match_its_payment_says_what_the_payment_converts_to(api: Api) -> None:
+    """400 invalid_request naming amount_micro, with the payment, the rate and converted_micro (SPEC §3)."""
+    path = "/v1/accounts/acct-1/credits"
+    body = {"credit_id": "m1", "kind": "mint", "amount_micro": "5000000", "paid_micro_usdc": "1"}
+    refused = check_error(await api.http.post(path, json=body, headers=api.auth(ADMIN)), 400, "invalid_request")
+    assert (["amount_micro"], "1", 1, 1_000_000) == (
+        [error["field"] for error in refused["field_errors"]],
+        refused["converted_micro"],
+        refused["paid_micro_usdc"],
+        refused["usd_usdc_rate_ppm"],
+    )
+    paid = await api.http.post(path, json={**body, "amount_micro": "1"}, headers=api.auth(ADMIN))
+    assert 201 == paid.status_code, paid.text
+
+
 async def test_standalone_settlement_operations(api: Api) -> None:
     """Standalone mode: the dead-letter list is empty; replay and breaker are 409 settlement_not_configured."""
     poison = await api.http.get("/v1/settlement/poison", headers=api.auth(ADMIN))

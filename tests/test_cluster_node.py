@@ -16,17 +16,24 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
+import redis.asyncio as aioredis
 
 from tests.in_process_forwarder import HttpxForwarder
+from tests.test_service import eventually
 from tollway import Settings
 from tollway.api.auth import Authenticator, Scope, development_key, issue_token
 from tollway.api.node_app import create_node_app
 from tollway.cluster.node import Node
+from tollway.cluster.shard_redis import RedisSide
+from tollway.core import commands as cmd
 from tollway.core.errors import LogUnavailable
 from tollway.core.lease import LeaseTiming
 from tollway.pg.log import PgLog
 from tollway.pg.schema import init_cluster, open_cluster
 from tollway.pricing import default_prices
+from tollway.redis.server import EmbeddedRedis
+from tollway.settlement.client import SettlementAuth, SettlementClient
+from tollway.tokens import generate_signing_key
 
 TIMING = LeaseTiming(
     ttl_ms=3_000, renew_every_ms=600, margin_ms=300
@@ -121,3 +128,57 @@ async def test_a_shard_whose_batch_postgresql_failed_is_recovered_under_a_new_ep
     assert epoch is not None
     assert (201, "100") == (retried.status_code, balance["available_micro"])
     assert f"a {number} {epoch + 1}" == retried.headers["x-tollway-answered-by"]
+
+
+async def test_a_void_is_refused_while_the_shards_worker_calls_settlement_for_the_entry(
+    pg_pool: asyncpg.Pool, tmp_path: Path, redis_server: EmbeddedRedis
+) -> None:
+    """409 settlement_call_in_flight on a node as on a single service; the void goes through after."""
+    async with pg_pool.acquire() as connection:
+        await init_cluster(connection, shards=SHARDS)
+        info = await open_cluster(connection)
+    settings = Settings(data_dir=tmp_path, settlement_url="http://127.0.0.1:9")
+    key, _ = development_key(settings)
+    headers = {"authorization": f"Bearer {issue_token(key, settings, [Scope.ADMIN.value], subject='t', ttl_s=600)}"}
+    client = aioredis.Redis.from_url(redis_server.url)
+    settlement = SettlementClient.from_url("http://127.0.0.1:9", SettlementAuth(signing_key=generate_signing_key()))
+    side = RedisSide(client, info.cluster_id, "a", settings, settlement)
+    a = Node(pg_pool, info, settings, node_id="a", advertise_url="http://a.invalid", timing=TIMING, redis_side=side)
+    try:
+        await a.tick()
+        async with httpx.AsyncClient() as forwarder:
+            app = create_node_app(
+                a,
+                authenticator=Authenticator.from_settings(settings),
+                pricing=default_prices(),
+                forwarder=HttpxForwarder(forwarder),
+            )
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://a") as to_a:
+                credit = {"credit_id": "c1", "kind": "mint", "amount_micro": 10_000}
+                assert 201 == (await to_a.post("/v1/accounts/alice/credits", json=credit, headers=headers)).status_code
+                hold = {"account_id": "alice", "request_id": "r1", "estimated_cost_micro": 1_000}
+                entry_id = (await to_a.post("/v1/reservations", json=hold, headers=headers)).json()["billing_entry_id"]
+                commit = {"actual_cost_micro": 800}
+                await to_a.post(f"/v1/reservations/{entry_id}/commit", json=commit, headers=headers)
+                number = a.shard_of_entry(entry_id)
+                engine = a.route(number).engine
+                assert engine is not None
+                await engine.execute(cmd.FinalizeFail(entry_id, "test", 5))
+                worker = a.local_redis()[number].worker
+                assert worker is not None
+                await eventually(lambda: entry_id not in worker.in_flight)  # no call of its own any more
+                worker.in_flight.add(entry_id)  # the worker is between its request and settlement's answer
+                void = f"/v1/entries/{entry_id}/void"
+                refused = await to_a.post(void, json={"reason": "refund"}, headers=headers)
+                assert (409, "settlement_call_in_flight", entry_id) == (
+                    refused.status_code,
+                    refused.json()["error"],
+                    refused.json()["billing_entry_id"],
+                )
+                worker.in_flight.discard(entry_id)
+                voided = await to_a.post(void, json={"reason": "refund"}, headers=headers)
+                assert (200, "VOIDED") == (voided.status_code, voided.json()["state"])
+    finally:
+        await a.leave()
+        await settlement.aclose()
+        await client.aclose()

@@ -119,19 +119,26 @@ def error_response(code: str, message: str, details: Mapping[str, object] | None
 
 
 def refusal_response(refusal: Refusal) -> Response:
-    """A refusal of the engine, answered by its code's row of the table (``invalid_request`` with field errors)."""
+    """A refusal of the engine, answered by its code's row of the table (``invalid_request`` with field errors).
+
+    An ``invalid_request`` refusal keeps its other details beside the field errors (a mint that
+    does not match its payment: ``converted_micro``, ``paid_micro_usdc``, ``usd_usdc_rate_ppm``).
+    """
     if refusal.code is RefusalCode.INVALID_REQUEST:
-        return field_errors_response([(str(refusal.details.get("field", "")), refusal.message)])
+        details = {key: value for key, value in refusal.details.items() if key != "field"}
+        return field_errors_response([(str(refusal.details.get("field", "")), refusal.message)], details=details)
     return error_response(refusal.code.value, refusal.message, refusal.details)
 
 
-def field_errors_response(errors: Sequence[tuple[str, str]], message: str | None = None) -> Response:
-    """400 ``invalid_request`` naming each offending field."""
+def field_errors_response(
+    errors: Sequence[tuple[str, str]], message: str | None = None, *, details: Mapping[str, object] | None = None
+) -> Response:
+    """400 ``invalid_request`` naming each offending field (and ``details``, if any, beside them)."""
     items = [{"field": field, "message": text} for field, text in errors]
     summary = message or "; ".join(
         text if not field or text.startswith(field) else f"{field}: {text}" for field, text in errors
     )
-    return error_response("invalid_request", summary, {"field_errors": items})
+    return error_response("invalid_request", summary, {**(details or {}), "field_errors": items})
 
 
 _GATES: Final = ("pending_settlement_limit", "billing_service_unavailable", "BILLING_EVALUATOR_UNAVAILABLE")

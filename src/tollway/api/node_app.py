@@ -252,9 +252,26 @@ async def extend_reservation(billing_entry_id: EntryId, body: ExtendRequest, req
 
 
 async def void_entry(billing_entry_id: EntryId, body: VoidRequest, request: Request) -> Response:
-    """POST /v1/entries/{id}/void (admin) on the entry's shard."""
-    handler = _entry_verb(Scope.ADMIN, lambda _e, p, i: cmd.Void(i, body.reason, p.subject))
-    return await handler(billing_entry_id, request)
+    """POST /v1/entries/{id}/void (admin) on the entry's shard.
+
+    Refused (409 ``settlement_call_in_flight``) while the shard's finalize worker is calling
+    settlement for the entry, as on a single node.
+    """
+    principal = _principal(request, Scope.ADMIN)
+    number = _entry_shard(request, billing_entry_id)
+
+    async def local(engine: Engine) -> Response:
+        await _checked_entry(engine, principal, Scope.ADMIN, billing_entry_id)
+        side = _ctx(request).node.local_redis().get(number)
+        if side is not None and side.worker is not None and billing_entry_id in side.worker.in_flight:
+            raise ApiError(
+                "settlement_call_in_flight",
+                "settlement is being called for this entry right now; retry the void once the call ends",
+                billing_entry_id=billing_entry_id,
+            )
+        return entry_outcome(await engine.execute(cmd.Void(billing_entry_id, body.reason, principal.subject)))
+
+    return await _via_shard(request, number, local)
 
 
 async def finalize_entry(billing_entry_id: EntryId, request: Request) -> Response:

@@ -20,12 +20,15 @@ meet their commits in it and fold into one write. Events read back from the WAL 
 applied here as before, and a pump that fails is dropped for good (encoding here from then on).
 
 Redis going away never stops billing: the engine does not wait for the projector. The task
-backs off and retries; when Redis returns it catches up. When ``applied_seq`` is missing
-(a flushed or brand-new Redis) or ahead of the WAL (Redis kept state the log never made
-durable), the projector deletes the shard's keys and **rebuilds** everything from a consistent
-copy of the engine state — balances, entries, expiry index, stored responses, the finalize
-queue of every ``FINALIZE_PENDING`` entry and the dead letter of every ``FINALIZE_FAILED`` one —
-then catches up from there.
+backs off and retries; when Redis returns it catches up. A caught-up projector still reads the
+projection's ``applied_seq`` every :data:`IDLE_CHECK_MS`, so a Redis that goes away, or comes
+back empty (an embedded one restarted, an external one flushed), is noticed and rebuilt while
+nobody bills: the finalize queue of every charge still awaiting settlement comes back with it.
+When ``applied_seq`` is missing (a flushed or brand-new Redis) or ahead of the WAL (Redis kept
+state the log never made durable), the projector deletes the shard's keys and **rebuilds**
+everything from a consistent copy of the engine state — balances, entries, expiry index,
+stored responses, the finalize queue of every ``FINALIZE_PENDING`` entry and the dead letter of
+every ``FINALIZE_FAILED`` one — then catches up from there.
 
 A violation reported by the script (a balance that would go negative) means the projection
 and the log disagree (someone wrote to Redis behind tollway's back, or a bug): nothing was
@@ -91,6 +94,8 @@ RETRY_DELAY_MS: Final = (50, 100, 250, 500, 1000, 2000, 5000)
 REPAIRS_MAX: Final = 3
 """Divergences repaired within :data:`REPAIR_WINDOW_MS` before the projector stops for an operator."""
 REPAIR_WINDOW_MS: Final = 60_000
+IDLE_CHECK_MS: Final = 1_000
+"""How long a caught-up projector waits for events before it looks at Redis anyway (one ``HMGET``)."""
 AUDIT_DIVERGENCE: Final = "projection_divergence"
 AUDIT_REBUILT: Final = "projection_rebuilt"
 AUDIT_TEXT_MAX: Final = 1024
@@ -146,6 +151,7 @@ class Projector:
         batch_events_max: int = BATCH_EVENTS_MAX,
         pump_batch_events_max: int = PUMP_BATCH_EVENTS_MAX,
         coalesce_ms: int = 0,
+        idle_check_ms: int = IDLE_CHECK_MS,
         pump: ProjectionPump | None = None,
         owner: str | None = None,
         epoch: int | None = None,
@@ -156,6 +162,7 @@ class Projector:
         self.batch_events_max = batch_events_max
         self.pump_batch_events_max = pump_batch_events_max
         self.coalesce_s = coalesce_ms / 1000
+        self.idle_check_s = idle_check_ms / 1000
         self._apply = client.register_script(load_script("apply_batch.lua"))
         self._claim = client.register_script(load_script("claim_projection.lua"))
         self.epoch = epoch  # cluster mode: the shard's lease epoch, checked by every script call
@@ -270,13 +277,22 @@ class Projector:
                 log.info("redis reachable again: the projection is caught up at sequence %s", self.applied_seq)
 
     async def _wait_for_work(self) -> None:
-        """Sleep until new durable events (or a repair request) arrive, then let a few gather."""
+        """Sleep until new durable events (or a repair request) arrive, then let a few gather.
+
+        At most :data:`IDLE_CHECK_MS`: then the next step only reads the applied sequence, so a
+        Redis that went away (``connected`` false) or came back empty (rebuilt) is noticed while
+        nobody bills.
+        """
         if self._repair_asked is not None or self.applied_seq is None:
             return
         if self.applied_seq >= self.engine.durable_sequence:
             self._wake.clear()
             if self.applied_seq >= self.engine.durable_sequence and self._repair_asked is None:
-                await self._wake.wait()
+                try:
+                    async with asyncio.timeout(self.idle_check_s):
+                        await self._wake.wait()
+                except TimeoutError:
+                    return
                 if self.coalesce_s > 0:  # let a few batches gather: one call instead of one per batch
                     await asyncio.sleep(self.coalesce_s)
 
