@@ -172,8 +172,8 @@ async def test_a_projection_tampered_in_redis_degrades_that_shards_guard_only_un
             return int(await store.hget(key, "available") or -1)
 
         async def degraded() -> bool:
-            part = (await api.guard(other, f"?shard={sick}"))["shards"].get(str(sick), {})
-            return part.get("state") == "degraded"
+            part: dict[str, Any] = (await api.guard(other, f"?shard={sick}"))["shards"].get(str(sick), {})
+            return "degraded" == part.get("state")
 
         async def rebuilt() -> bool:
             return (AUDIT_REBUILT, "projector") in await _audits(pg_url, sick) and await projected() == expected
