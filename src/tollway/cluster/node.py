@@ -172,8 +172,8 @@ class ShardEngines:
 
 
 async def _abort(running: _Running) -> None:
-    await running.guard.close()
-    await running.engine.abort()
+    """Abort the engine at once, closing its guard alongside."""
+    await asyncio.gather(running.engine.abort(), running.guard.close())
 
 
 async def _stop_tasks(tasks: list[asyncio.Task[None]]) -> None:
