@@ -41,7 +41,7 @@ from tollway.core.breaker import BreakerConfig
 from tollway.core.observer import Observer
 from tollway.engine import Engine, system_clock_ms
 from tollway.finalizer import Alert, FinalizeWorker
-from tollway.guard import CheckUnavailable, GuardRunner, ParityCheck, redis_parity
+from tollway.guard import GuardRunner, lenient_parity, redis_parity
 from tollway.housekeeping import run_archiver, run_sweeper
 from tollway.logs import direct_json_lines, structlog_alert
 from tollway.metrics import Metrics, MetricsObserver
@@ -127,7 +127,7 @@ class Service:
         self.worker: FinalizeWorker | None = None
         self.guard = GuardRunner(
             engine,
-            parity=_lenient(redis_parity(engine, self.projector)),
+            parity=lenient_parity(redis_parity(engine, self.projector)),
             bypass=guard_bypass,
             on_checked=metrics.guard_checked,
         )
@@ -270,24 +270,6 @@ class Service:
         if self.settlement is not None:
             await self.settlement.aclose()
         await self.redis.aclose()
-
-
-def _lenient(check: ParityCheck) -> ParityCheck:
-    """Projection parity that cannot be checked (Redis away, catching up) does not block billing.
-
-    SPEC §7: Redis down never stops billing; §9: the guard is ready when the projection is
-    consistent *or rebuilding* — an unreachable or moving projection is caught up by the
-    projector, so it passes here with a warning. A real difference still fails.
-    """
-
-    async def wrapped() -> list[str]:
-        try:
-            return await check()
-        except CheckUnavailable as exc:
-            log.warning("projection parity not checked (the projector catches up): %s", exc)
-            return []
-
-    return wrapped
 
 
 def _report_crash(task: asyncio.Task[None]) -> None:

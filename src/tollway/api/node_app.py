@@ -26,8 +26,10 @@ shards this node serves, labelled by shard: :mod:`tollway.cluster.metrics`); ``G
 given the same one, and ``/v1/cluster`` shows its ``prices_sha256`` to compare); ``/docs`` and
 ``/openapi.json`` (Swagger UI from an installed package, as the single-node service).
 Settlement operations (dead letters, replay, breakers) span the cluster
-(:mod:`tollway.api.node_settlement`). Not served in cluster mode yet: the conservation guard
-(``/readyz`` says so).
+(:mod:`tollway.api.node_settlement`), and so does the conservation guard of every shard
+(``GET /v1/guard``, ``POST /v1/guard/reset``: :mod:`tollway.api.node_guard`). ``/readyz`` is
+200 while the node serves its share and the guard of every shard it serves allows new holds,
+503 otherwise; its body shows each served shard's guard.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ from tollway.api.app import API_DESCRIPTION, API_TITLE, API_VERSION
 from tollway.api.auth import Authenticator, Principal, Scope
 from tollway.api.errors import ApiError, install_error_handlers, refusal_response
 from tollway.api.forwarding import Forwarder, ForwardFailed
+from tollway.api.node_guard import ROUTES as GUARD_ROUTES
+from tollway.api.node_guard import summary as guard_summary
 from tollway.api.node_settlement import ROUTES as SETTLEMENT_ROUTES
 from tollway.api.routes_accounts import history_page
 from tollway.api.routes_billing import entry_outcome
@@ -71,6 +75,7 @@ from tollway.core.lifecycle import EntryState
 from tollway.core.pricing import PriceTable
 from tollway.core.state import Entry
 from tollway.engine import Engine
+from tollway.guard import RETRY_AFTER_SECONDS
 
 FORWARDED_HEADER: Final = "x-tollway-forwarded-by"
 DEADLINE_HEADER: Final = "x-tollway-deadline-ms"
@@ -361,17 +366,30 @@ async def healthz() -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """Ready once this node serves its share; says what cluster mode does not run yet."""
+    """Ready once this node serves its share and the guards of its shards allow new holds; says what does not run."""
     node = _ctx(request).node
     serving = sorted(node.local_engines())
+    guards: dict[str, dict[str, object]] = {
+        str(number): {
+            "state": status.state.value,
+            "holds_allowed": status.holds_allowed,
+            "recovery_stopped": status.recovery_stopped,
+            "reason": status.reason,
+        }
+        for number, status in ((n, guard.runner.status()) for n, guard in node.local_guards().items())
+    }
+    guard = {**guard_summary(guards), "shards": guards}
     body = {
-        "ready": bool(serving) or not node.lease_rows,
+        "ready": (bool(serving) or not node.lease_rows) and guard["holds_allowed"] is True,
         "mode": "cluster",
         "node_id": node.node_id,
         "serving_shards": serving,
+        "guard": guard,
         "not_running": _not_running(node),
     }
-    return json_response(body, 200 if body["ready"] else 503)
+    if body["ready"]:
+        return json_response(body)
+    return json_response(body, 503, {"Retry-After": str(RETRY_AFTER_SECONDS)} if guards else None)
 
 
 def _not_running(node: Node) -> list[str]:
@@ -379,7 +397,7 @@ def _not_running(node: Node) -> list[str]:
     missing = [] if side is not None else ["redis_projection"]
     if side is None or side.settlement is None:
         missing.append("finalize_worker")
-    return [*missing, "guard"]
+    return missing
 
 
 _ROUTES: Final = (
@@ -414,7 +432,7 @@ def create_node_app(node: Node, *, authenticator: Authenticator, pricing: PriceT
     )
     digest = hashlib.sha256(json_response(prices_body(pricing)).body).hexdigest()
     app.state.node = NodeContext(node, authenticator, pricing, forwarder, NodeMetrics(node), digest)
-    for method, path, handler, status in (*_ROUTES, *SETTLEMENT_ROUTES):
+    for method, path, handler, status in (*_ROUTES, *SETTLEMENT_ROUTES, *GUARD_ROUTES):
         app.add_api_route(path, handler, methods=[method], status_code=status)
     app.include_router(docs.router)
     install_error_handlers(app)

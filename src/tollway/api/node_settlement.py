@@ -10,8 +10,9 @@ worker with its own circuit breaker. The admin operations span the cluster:
 - ``POST /v1/settlement/poison/replay``, ``GET /v1/settlement/breaker`` and
   ``POST /v1/settlement/breaker/reset`` need the workers, which run on the shards' owners: the
   node answers for the shards it serves and **fans out** the same request to every other live
-  node (marked as forwarded, so it is answered locally there and never fanned out again); the
-  answer merges them per shard, lists nodes that did not answer, and the shards nobody served.
+  node (:mod:`tollway.api.node_fanout`: marked as forwarded, so it is answered locally there
+  and never fanned out again); the answer merges them per shard, lists nodes that did not
+  answer, and the shards nobody served.
 
 Without Redis every one answers 409 ``settlement_not_configured`` (the dead-letter list: an empty
 page); the worker operations need ``--settlement-url`` too.
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 from typing import TYPE_CHECKING, Annotated, Final
 
 from fastapi import Query, Request
@@ -29,7 +29,7 @@ from starlette.responses import Response
 
 from tollway.api.auth import Scope
 from tollway.api.errors import ApiError
-from tollway.api.forwarding import ForwardFailed
+from tollway.api.node_fanout import Parts, fan_out
 from tollway.api.wire import json_response
 from tollway.cluster.shard_redis import RedisSide, ShardRedis
 from tollway.finalizer import FinalizeWorker
@@ -38,9 +38,6 @@ from tollway.redis.queue import FinalizeQueue
 if TYPE_CHECKING:
     from tollway.api.node_app import NodeContext
 
-FORWARDED_HEADER: Final = "x-tollway-forwarded-by"  # the node API's: answer here, never pass it on
-FAN_OUT_TIMEOUT_S: Final = 30.0
-"""How long a node waits for each other node's part of a fanned-out operation."""
 POISON_PAGE_LIMIT_DEFAULT: Final = 100
 POISON_PAGE_LIMIT_MAX: Final = 1000
 CURSOR_PATTERN: Final = "^[0-9]{1,4}/[0-9]{1,20}-[0-9]{1,20}$"
@@ -113,10 +110,6 @@ async def list_poison(
 # -- worker operations: fanned out to the owners -------------------------------------------------
 
 
-Parts = dict[str, dict[str, object]]
-"""A fanned-out operation's answer per shard (the shard number as text)."""
-
-
 async def replay_poison(request: Request) -> Response:
     """POST /v1/settlement/poison/replay (admin): every dead letter of every shard, by its owner."""
     ctx = _ctx(request, Scope.ADMIN)
@@ -124,7 +117,7 @@ async def replay_poison(request: Request) -> Response:
     concurrency = _side(ctx).settings.replay_concurrency
     reports = await asyncio.gather(*(worker.replay_dead_letters(concurrency) for worker in workers.values()))
     local: Parts = {str(n): dataclasses.asdict(report) for n, report in zip(workers, reports, strict=True)}
-    shards, about = await _fan_out(request, ctx, local)
+    shards, about = await fan_out(request, ctx, local)
     totals = dict.fromkeys(("examined", "acked", "still_failing", "skipped", "refused"), 0)
     for report in shards.values():
         for name in totals:
@@ -137,7 +130,7 @@ async def get_breaker(request: Request) -> Response:
     """GET /v1/settlement/breaker (admin): every shard's breaker, and the worst state among them."""
     ctx = _ctx(request, Scope.ADMIN)
     local: Parts = {str(n): worker.breaker_view() for n, worker in _workers(ctx).items()}
-    return json_response(_with_worst(*await _fan_out(request, ctx, local)))
+    return json_response(_with_worst(*await fan_out(request, ctx, local)))
 
 
 async def reset_breaker(request: Request) -> Response:
@@ -147,62 +140,13 @@ async def reset_breaker(request: Request) -> Response:
     for worker in workers.values():
         worker.reset_breaker()
     local: Parts = {str(n): worker.breaker_view() for n, worker in workers.items()}
-    return json_response(_with_worst(*await _fan_out(request, ctx, local)))
+    return json_response(_with_worst(*await fan_out(request, ctx, local)))
 
 
 def _with_worst(shards: Parts, about: dict[str, object]) -> dict[str, object]:
     states = [str(view.get("state", "CLOSED")) for view in shards.values()]
     worst = max(states, key=lambda state: _STATE_RANK.get(state, 0), default="CLOSED")
     return {"state": worst, "shards": shards, **about}
-
-
-async def _fan_out(request: Request, ctx: NodeContext, local: Parts) -> tuple[Parts, dict[str, object]]:
-    """The node's own part (``local``) merged with every other live node's answer to the same request.
-
-    Returns the parts by shard, and what the merge found: which node answered for each shard,
-    the nodes that did not answer, and the shards no node answered for.
-    """
-    node = ctx.node
-    if FORWARDED_HEADER in request.headers:  # a part of another node's fan-out: this node's shards only
-        return local, {"node_id": node.node_id}
-    peers = {node_id: url for node_id, url in node.urls.items() if node_id != node.node_id}
-    headers = {FORWARDED_HEADER: node.node_id, "authorization": request.headers.get("authorization", "")}
-    answers = await asyncio.gather(*(_ask(ctx, request, url, headers) for url in peers.values()))
-    shards: Parts = dict(local)
-    owners = dict.fromkeys(local, node.node_id)
-    unreachable = []
-    for node_id, theirs in zip(peers, answers, strict=True):
-        if theirs is None:
-            unreachable.append(node_id)
-            continue
-        for number, part in theirs.items():
-            if number.isdecimal() and number not in shards:
-                shards[number], owners[number] = part, node_id
-    about: dict[str, object] = {
-        "owners": owners,
-        "unreachable_nodes": sorted(unreachable),
-        "unserved_shards": [n for n in range(node.info.shards) if str(n) not in shards],
-    }
-    return dict(sorted(shards.items(), key=lambda item: int(item[0]))), about
-
-
-async def _ask(ctx: NodeContext, request: Request, url: str, headers: dict[str, str]) -> Parts | None:
-    """Another node's part of the operation (its ``shards``), or None when it did not answer it."""
-    try:
-        answer = await ctx.forwarder.send(
-            request.method,
-            url.rstrip("/") + request.url.path,
-            content=b"",
-            headers=headers,
-            timeout_s=FAN_OUT_TIMEOUT_S,
-        )
-        body = json.loads(answer.content) if answer.status == 200 else None
-    except (ForwardFailed, ValueError):
-        return None
-    shards = body.get("shards") if isinstance(body, dict) else None
-    if not isinstance(shards, dict):
-        return None
-    return {str(number): part for number, part in shards.items() if isinstance(part, dict)}
 
 
 ROUTES: Final = (

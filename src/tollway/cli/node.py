@@ -8,6 +8,9 @@ With ``--redis-url`` (the settings' ``redis_url``), the node's shards have their
 projection and, with ``--settlement-url``, their finalize workers
 (:mod:`tollway.cluster.shard_redis`); a URL naming a node of a Redis Cluster (``cluster_enabled``
 in its ``INFO``) gets redis-py's cluster client. Settlement needs Redis (the finalize queue).
+Each shard's conservation guard (:mod:`tollway.cluster.shard_guard`) runs on its owner;
+``TOLLWAY_GUARD_BYPASS=true`` (read by ``tollway serve``, in ``options.guard_bypass``) bypasses
+the guard of every shard this node starts, each bypass audited in that shard's log.
 
 On SIGTERM or SIGINT the server stops accepting and lets in-flight requests finish, then the
 node hands every shard off (no new commands, the batch finished, a snapshot row written, the
@@ -104,6 +107,7 @@ async def serve_node(
             advertise_url=node_options.advertise_url or url_of(sockets[-1]),
             timing=lease_timing(node_options.lease_ttl_ms),
             redis_side=side,
+            guard_bypass=options.guard_bypass,
         )
         await _run(node, sockets, options, lambda: on_ready(url))
     finally:

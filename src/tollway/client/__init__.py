@@ -374,14 +374,22 @@ class AsyncClient:
         """Close the breaker (admin); returns its new state."""
         return str((await self._call("POST", "/v1/settlement/breaker/reset"))["state"])
 
-    async def guard(self) -> dict[str, Any]:
-        """The conservation guard's status (admin)."""
-        result: dict[str, Any] = await self._call("GET", "/v1/guard")
+    async def guard(self, *, shard: int | None = None) -> dict[str, Any]:
+        """The conservation guard's status (admin).
+
+        On a cluster node: every shard's guard under ``shards`` (``shard``: only that one's).
+        """
+        params = None if shard is None else {"shard": shard}
+        result: dict[str, Any] = await self._call("GET", "/v1/guard", params=params)
         return result
 
-    async def reset_guard(self) -> dict[str, Any]:
-        """Reset the guard and run its checks again (admin); returns its new status."""
-        result: dict[str, Any] = await self._call("POST", "/v1/guard/reset")
+    async def reset_guard(self, *, shard: int | None = None) -> dict[str, Any]:
+        """Reset the guard and run its checks again (admin); returns its new status.
+
+        On a cluster node: every shard's guard, by its owner (``shard``: only that one's).
+        """
+        params = None if shard is None else {"shard": shard}
+        result: dict[str, Any] = await self._call("POST", "/v1/guard/reset", params=params)
         return result
 
     async def prices(self) -> dict[str, Price]:

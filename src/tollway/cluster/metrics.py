@@ -8,9 +8,13 @@ cluster's total (minus a shard caught mid-move). The names are the single-node s
 dashboard serves both; figures only a cluster has start with ``cluster_``.
 
 Everything is read from the running engines at scrape time (a Prometheus collector), so nothing
-is kept for a shard the node no longer serves. Not here: the per-event counters and latency
-histograms of the single-node service (its engine observer), and the projection, queue, breaker
-and guard figures, which need the Redis side of cluster mode.
+is kept for a shard the node no longer serves. Each served shard's conservation guard shows as
+``billing_guard_state{shard,state}`` (one-hot), ``billing_guard_recovery_stopped{shard}`` and
+``billing_invariant_violations_total{shard,check}`` (check runs that found a violation since
+this node started serving the shard: a counter that starts again when the shard moves, which
+Prometheus' ``rate``/``increase`` take as a reset). Not here: the per-event counters and latency
+histograms of the single-node service (its engine observer), and the projection, queue and
+breaker figures.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from tollway.cluster.node import Node
+from tollway.cluster.shard_guard import ShardGuard
+from tollway.core.guard import CHECK_NAMES, GuardState
 from tollway.metrics import BALANCE_NAMES, balance_totals_micro
 
 SHARD_LABEL: Final = "shard"
@@ -61,6 +67,29 @@ class ShardCollector(Collector):
             for name in BALANCE_NAMES:
                 balance.add_metric([*label, name], totals[name])
         yield from (served, total, epoch, durable, kept, archived, pending, balance)
+        yield from _guard_families(self.node.local_guards())
+
+
+def _guard_families(guards: dict[int, ShardGuard]) -> Iterator[Metric]:
+    """The conservation guard of each served shard, named as the single-node service names it."""
+    state = GaugeMetricFamily(
+        "billing_guard_state", "Conservation guard state of the shard (one-hot).", labels=[SHARD_LABEL, "state"]
+    )
+    stopped = _family("billing_guard_recovery_stopped", "1 after an invariant violation, until an admin reset.")
+    violations = CounterMetricFamily(
+        "billing_invariant_violations",
+        "Guard check runs of the shard that found a violation, since this node serves it.",
+        labels=[SHARD_LABEL, "check"],
+    )
+    for number, guard in guards.items():
+        label = str(number)
+        record = guard.runner.guard
+        for each in GuardState:
+            state.add_metric([label, each.value], 1 if each is record.state else 0)
+        stopped.add_metric([label], 1 if record.recovery_stopped else 0)
+        for check in CHECK_NAMES:
+            violations.add_metric([label, check], guard.violations[check])
+    yield from (state, stopped, violations)
 
 
 def _family(name: str, documentation: str) -> GaugeMetricFamily:

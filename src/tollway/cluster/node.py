@@ -5,12 +5,14 @@
 - ``start(lease)`` recovers the shard from PostgreSQL (:func:`~tollway.cluster.shard_log.start_shard_engine`)
   and starts its expiry sweeper and archiver and, with Redis configured, its projector and (in
   settlement mode) its finalize worker (:mod:`tollway.cluster.shard_redis`), all under the
-  lease's epoch; the node serves the shard once it returns;
+  lease's epoch, then its conservation guard (:mod:`tollway.cluster.shard_guard`), whose startup
+  checks run before it returns: the node serves the shard once it returns, with the gate on new
+  holds already set by the guard;
 - ``hand_off(shard)`` (SIGTERM, rebalancing) stops taking commands for the shard (requests get
-  ``shard_moved``), lets the engine finish its batch and write a final snapshot row, and only
+  ``shard_moved``), closes its guard, lets the engine finish its batch and write a final snapshot row, and only
   then lets membership release the lease, so the next owner starts at once;
-- ``lost(shard)`` (the lease may be gone) stops the shard at once: its engine is aborted and
-  its waiting callers get a retryable error. A shard whose engine stopped (a batch refused by
+- ``lost(shard)`` (the lease may be gone) stops the shard at once: its engine is aborted (its
+  guard closed) and its waiting callers get a retryable error. A shard whose engine stopped (a batch refused by
   the fence, or a batch whose outcome PostgreSQL never confirmed: ``LogOutcomeUnknown``) is
   dropped the same way and its lease released (or left to expire if PostgreSQL does not
   answer): a node (this one too) acquires it with a new epoch and recovers the shard from what
@@ -23,8 +25,6 @@ node that owns it (forward one hop), or nobody right now (503 ``shard_moved``). 
 the lease rows (live, by PostgreSQL's clock) and the registry's advertised URLs, refreshed every
 tick. A node answers for a shard only while :meth:`Membership.serving` says so by its own
 monotonic clock, so two nodes never answer for one shard at once.
-
-Not here (yet): the conservation guard of a shard.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from typing import Final
 import asyncpg
 
 from tollway.cluster.membership import Membership
+from tollway.cluster.shard_guard import ShardGuard, start_shard_guard
 from tollway.cluster.shard_log import start_shard_engine
 from tollway.cluster.shard_redis import RedisSide, ShardRedis, start_shard_redis
 from tollway.config import Settings
@@ -63,16 +64,20 @@ class _Running:
     engine: Engine
     epoch: int
     tasks: list[asyncio.Task[None]]
+    guard: ShardGuard
     redis: ShardRedis | None = None
 
 
 class ShardEngines:
     """The engines of the shards a node holds (a :class:`~tollway.cluster.membership.ShardHandler`)."""
 
-    def __init__(self, pool: asyncpg.Pool, settings: Settings, redis_side: RedisSide | None = None) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, settings: Settings, redis_side: RedisSide | None = None, *, guard_bypass: bool = False
+    ) -> None:
         self.pool = pool
         self.settings = settings
         self.redis_side = redis_side
+        self.guard_bypass = guard_bypass  # TOLLWAY_GUARD_BYPASS, read by the composition root
         self.running: dict[int, _Running] = {}
         self.moving: set[int] = set()  # in hand-off: no new commands
         self.on_failed: Callable[[int], None] = lambda _shard: None  # the node drops the shard
@@ -87,20 +92,43 @@ class ShardEngines:
         return running.engine
 
     async def start(self, lease: Lease) -> None:
-        """Recover the shard and start its housekeeping; it is served once this returns."""
-        number = lease.shard
-        engine = await start_shard_engine(PgLog(self.pool, number), lease.epoch, self.settings)
+        """Recover the shard, start its housekeeping, Redis side and guard; it is served once this returns."""
+        number, epoch = lease.shard, lease.epoch
+        engine = await start_shard_engine(PgLog(self.pool, number), epoch, self.settings)
         engine.on_fatal = lambda _exc: self.on_failed(number)  # fenced, or PostgreSQL failed a batch
-        tasks = [asyncio.create_task(run_sweeper(engine)), asyncio.create_task(run_archiver(engine))]
         side = self.redis_side
-        epoch = lease.epoch
         redis = (
             None
             if side is None
             else start_shard_redis(side, engine, number, epoch, lambda: self.serving(number) == epoch)
         )
-        self.running[number] = _Running(engine, lease.epoch, tasks, redis)
-        log.info("shard %d recovered at sequence %d, epoch %d", number, engine.state.last_sequence, lease.epoch)
+        try:
+            guard = await start_shard_guard(
+                engine,
+                number,
+                None if redis is None else redis.projector,
+                bypass=self.guard_bypass,
+                parity_interval_s=self.settings.parity_check_interval_s,
+            )
+        except BaseException:  # not served: stop what started (the caller releases the lease)
+            if redis is not None:
+                redis.stop()
+            await engine.abort()
+            raise
+        tasks = [asyncio.create_task(run_sweeper(engine)), asyncio.create_task(run_archiver(engine))]
+        self.running[number] = _Running(engine, epoch, tasks, guard, redis)
+        log.info(
+            "shard %d recovered at sequence %d, epoch %d; guard %s",
+            number,
+            engine.state.last_sequence,
+            epoch,
+            guard.runner.guard.state.value,
+        )
+
+    def guard(self, number: int) -> ShardGuard | None:
+        """The guard of shard ``number`` while its engine runs here."""
+        running = self.running.get(number)
+        return None if running is None else running.guard
 
     async def hand_off(self, number: int) -> None:
         """Stop taking commands, finish the batch, write a snapshot row; the lease is released after."""
@@ -109,6 +137,7 @@ class ShardEngines:
             return
         self.moving.add(number)
         try:
+            await running.guard.close()
             if running.redis is not None:  # the next owner catches the projection up from the log
                 await running.redis.stopped()
             await _stop_tasks(running.tasks)
@@ -130,7 +159,7 @@ class ShardEngines:
             task.cancel()
         if running.redis is not None:
             running.redis.stop()
-        abort = asyncio.get_running_loop().create_task(running.engine.abort())
+        abort = asyncio.get_running_loop().create_task(_abort(running))
         self._aborts.add(abort)
         abort.add_done_callback(self._aborts.discard)
 
@@ -140,6 +169,11 @@ class ShardEngines:
             self.lost(number)
         if self._aborts:
             await asyncio.gather(*self._aborts, return_exceptions=True)
+
+
+async def _abort(running: _Running) -> None:
+    """Abort the engine at once, closing its guard alongside."""
+    await asyncio.gather(running.engine.abort(), running.guard.close())
 
 
 async def _stop_tasks(tasks: list[asyncio.Task[None]]) -> None:
@@ -173,12 +207,13 @@ class Node:
         advertise_url: str,
         timing: LeaseTiming,
         redis_side: RedisSide | None = None,
+        guard_bypass: bool = False,
     ) -> None:
         self.pool = pool
         self.info = info
         self.node_id = node_id
         self.advertise_url = advertise_url
-        self.engines = ShardEngines(pool, settings, redis_side)
+        self.engines = ShardEngines(pool, settings, redis_side, guard_bypass=guard_bypass)
         self.membership = Membership(
             pool,
             node_id=node_id,
@@ -218,6 +253,10 @@ class Node:
             for number, running in self.engines.running.items()
             if number in served and running.redis is not None
         }
+
+    def local_guards(self) -> dict[int, ShardGuard]:
+        """The conservation guard of each shard this node serves now."""
+        return {number: guard for number in self.local_engines() if (guard := self.engines.guard(number)) is not None}
 
     def local_engines(self) -> dict[int, Engine]:
         """The engines this node serves now, by shard."""

@@ -17,7 +17,9 @@ the projector catches up in the background, as in single-node mode. The tasks ar
 hand-off and on loss; the next owner claims the projection with its higher epoch and catches
 up from the shard's log in PostgreSQL (or rebuilds it from the recovered state if Redis lost it).
 
-Not here: the conservation guard per shard (its checks fold a file WAL) and the projection pump.
+The shard's conservation guard (:mod:`tollway.cluster.shard_guard`) checks projection parity
+against this projector and is told of a divergence it finds; it is started by the node after
+this. Not here: the projection pump.
 """
 
 from __future__ import annotations
