@@ -203,6 +203,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--http-accounts", type=int, default=None, help="funded accounts for HTTP (default 64; quick 16)"
     )
+    parser.add_argument(
+        "--generator-nice",
+        type=int,
+        default=0,
+        help="niceness of the open loop's generator (default 0; root: e.g. -10)",
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     add_scratch_arguments(parser)
     args = parser.parse_args(argv)

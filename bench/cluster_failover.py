@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from bench.cluster_nodes import SHARDS, Nodes, Tokens, create_cluster, get, post, request, start_nodes
-from bench.load import FUNDING_MICRO, BenchError
+from bench.cluster_nodes import SHARDS, Nodes, Tokens, create_cluster, fund, get, request, start_nodes
+from bench.load import BenchError
 from tollway.core.shard import shard
 from tollway.pg.replicated import replicated
 
@@ -110,11 +110,7 @@ async def pg_failover(root: Path, ttl_ms: int, tokens: Tokens) -> dict[str, Any]
         nodes = await start_nodes(["ha-a", "ha-b"], pair.url, root, ttl_ms, tokens.admin)
         try:
             accounts = shard_accounts()
-            for number, account in accounts.items():
-                credit = {"credit_id": "seed", "kind": "mint", "amount_micro": FUNDING_MICRO}
-                status = await post(nodes.urls[number % 2], f"/v1/accounts/{account}/credits", tokens.admin, credit)
-                if status != 201:
-                    raise BenchError(f"funding answered {status}")
+            await fund(nodes.urls, tokens.admin, list(accounts.values()))
             pair.primary.kill()
             probes = Probes(nodes.urls, tokens.gateway, accounts, started=time.monotonic())
             running = asyncio.gather(*(probes.shard(number) for number in accounts))

@@ -27,7 +27,7 @@ from typing import Any, Final
 
 import asyncpg
 
-from bench.load import BenchError, Connection, Target, child_pids
+from bench.load import FUNDING_MICRO, BenchError, Connection, Target, child_pids
 from tollway.api.auth import Scope, development_key, issue_token
 from tollway.config import Settings
 from tollway.core.assignment import assign
@@ -36,7 +36,8 @@ from tollway.pg.schema import init_cluster
 START_TIMEOUT_S: Final = 60.0
 POLL_S: Final = 0.02
 SHARDS: Final = 8
-STOP_TIMEOUT_S: Final = 10.0
+FUND_ATTEMPTS_MAX: Final = 200
+FUND_RETRY_S: Final = 0.05
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,21 @@ async def settled(urls: list[str], names: list[str], token: str, shards: int = S
             return
         await asyncio.sleep(0.1)
     raise BenchError("the cluster did not settle")
+
+
+async def fund(urls: list[str], token: str, accounts: list[str]) -> None:
+    """Mint :data:`FUNDING_MICRO` to each account through the nodes in turn; a 503 (a shard starting) is retried."""
+    for index, account in enumerate(accounts):
+        credit = {"credit_id": "seed", "kind": "mint", "amount_micro": FUNDING_MICRO}
+        for _ in range(FUND_ATTEMPTS_MAX):
+            status, body = await request(
+                urls[index % len(urls)], "POST", f"/v1/accounts/{account}/credits", token, credit
+            )
+            if status != 503:
+                break
+            await asyncio.sleep(FUND_RETRY_S)
+        if status != 201:
+            raise BenchError(f"funding {account} answered {status}: {body}")
 
 
 @dataclass
