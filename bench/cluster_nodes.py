@@ -36,8 +36,8 @@ from tollway.pg.schema import init_cluster
 START_TIMEOUT_S: Final = 60.0
 POLL_S: Final = 0.02
 SHARDS: Final = 8
-FUND_ATTEMPTS_MAX: Final = 200
-FUND_RETRY_S: Final = 0.05
+FUND_RETRY_503_S: Final = 60.0
+FUND_RETRY_S: Final = 0.2
 
 
 @dataclass(frozen=True)
@@ -153,14 +153,19 @@ async def settled(urls: list[str], names: list[str], token: str, shards: int = S
 
 
 async def fund(urls: list[str], token: str, accounts: list[str]) -> None:
-    """Mint :data:`FUNDING_MICRO` to each account through the nodes in turn; a 503 (a shard starting) is retried."""
+    """Mint :data:`FUNDING_MICRO` to each account through the nodes in turn; a 503 is retried for a while.
+
+    A 503 is a shard still starting or moving, which on a loaded machine can last a while after
+    the shard map settled; up to :data:`FUND_RETRY_503_S` per account.
+    """
     for index, account in enumerate(accounts):
         credit = {"credit_id": "seed", "kind": "mint", "amount_micro": FUNDING_MICRO}
-        for _ in range(FUND_ATTEMPTS_MAX):
+        deadline = time.monotonic() + FUND_RETRY_503_S
+        while True:
             status, body = await request(
                 urls[index % len(urls)], "POST", f"/v1/accounts/{account}/credits", token, credit
             )
-            if status != 503:
+            if status != 503 or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(FUND_RETRY_S)
         if status != 201:
