@@ -19,7 +19,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -29,8 +28,7 @@ import pytest
 from tests.cluster_support import Cluster, run_cli
 from tests.cutting_proxy import APPEND_REPLY, CuttingProxy
 from tests.test_cluster_nodes import Load, Traffic, mint_all
-from tests.test_pg_replication import wait_for_sync_standby
-from tollway.pg.server import EmbeddedPostgres
+from tollway.pg.replicated import Replicated, replicated
 
 SHARDS: Final = 8
 LEASE_TTL_MS: Final = 2_000
@@ -53,32 +51,11 @@ def scratch() -> Iterator[Path]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-@dataclass
-class Replicated:
-    """A primary, its synchronous standby, and the multi-host URL naming both."""
-
-    primary: EmbeddedPostgres
-    standby: EmbeddedPostgres
-
-    @property
-    def url(self) -> str:
-        hosts = f"127.0.0.1:{self.primary.port},127.0.0.1:{self.standby.port}"
-        return f"postgresql://tollway@{hosts}/postgres?target_session_attrs=read-write"
-
-
 @pytest.fixture
-async def replicated(scratch: Path) -> AsyncIterator[Replicated]:
+async def pair(scratch: Path) -> AsyncIterator[Replicated]:
     """A primary with a synchronous standby made by pg_basebackup; both stopped afterwards."""
-    primary = await EmbeddedPostgres.start(scratch / "primary")
-    standby: EmbeddedPostgres | None = None
-    try:
-        standby = await EmbeddedPostgres.start(scratch / "standby", primary=primary)
-        await wait_for_sync_standby(primary.url)
-        yield Replicated(primary, standby)
-    finally:
-        if standby is not None:
-            await standby.stop()
-        await primary.stop()
+    async with replicated(scratch) as servers:
+        yield servers
 
 
 def acknowledged(traffic: Traffic) -> int:
@@ -104,20 +81,18 @@ async def grows_by(traffic: Traffic, count: int, deadline_s: float) -> float:
     return time.monotonic() - started
 
 
-async def test_primary_killed_and_standby_promoted_under_load_loses_nothing(
-    replicated: Replicated, tmp_path: Path
-) -> None:
+async def test_primary_killed_and_standby_promoted_under_load_loses_nothing(pair: Replicated, tmp_path: Path) -> None:
     """kill -9 of the primary under load on two nodes, standby promoted: the same nodes go on, exactly once."""
-    cluster = Cluster(replicated.url, tmp_path, shards=SHARDS, lease_ttl_ms=LEASE_TTL_MS)
+    cluster = Cluster(pair.url, tmp_path, shards=SHARDS, lease_ttl_ms=LEASE_TTL_MS)
     try:
         await cluster.start(2)
         async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=100)) as client:
             await cluster.settled(client, cluster.nodes)
             load, traffic, workers = await run_load(cluster, client)
             await grows_by(traffic, 50, 60.0)
-            replicated.primary.kill()
+            pair.primary.kill()
             killed = time.monotonic()
-            await replicated.standby.promote()
+            await pair.standby.promote()
             resumed_s = await grows_by(traffic, PAIRS_AFTER_FAILOVER, FAILOVER_DEADLINE_S)
             traffic.stop.set()
             await asyncio.gather(*workers)
@@ -126,7 +101,7 @@ async def test_primary_killed_and_standby_promoted_under_load_loses_nothing(
         exits = [node.process.popen.poll() for node in cluster.nodes]
     finally:
         cluster.close()
-    audit = run_cli("cluster", "audit", "--postgres-url", replicated.url)
+    audit = run_cli("cluster", "audit", "--postgres-url", pair.url)
     assert 0 == audit.returncode, audit.stdout + audit.stderr
     assert ([None, None], [], []) == (exits, load.other_failures, load.overlaps())
     assert time.monotonic() - killed > resumed_s > 0

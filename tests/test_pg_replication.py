@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import tempfile
 import time
@@ -15,6 +14,7 @@ import pytest
 from tests.test_pg_log import make_events, records
 from tollway.pg import leases
 from tollway.pg.log import PgLog
+from tollway.pg.replicated import Replicated, make_synchronous
 from tollway.pg.schema import init_cluster
 from tollway.pg.server import EmbeddedPostgres
 
@@ -30,28 +30,14 @@ def scratch() -> Iterator[Path]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-async def wait_for_sync_standby(url: str) -> None:
-    connection = await asyncpg.connect(url)
-    try:
-        await connection.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
-        await connection.execute("SELECT pg_reload_conf()")
-        deadline = time.monotonic() + 30
-        while await connection.fetchval("SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'") != 1:
-            assert time.monotonic() < deadline, "the standby never became synchronous"
-            await asyncio.sleep(0.05)
-    finally:
-        await connection.close()
-
-
 async def test_promoted_standby_holds_every_acknowledged_batch(scratch: Path) -> None:
     """Batches acknowledged with a synchronous standby survive a SIGKILL of the primary; the URL finds the new one."""
     primary = await EmbeddedPostgres.start(scratch / "primary")
     standby: EmbeddedPostgres | None = None
     try:
         standby = await EmbeddedPostgres.start(scratch / "standby", primary=primary)
-        await wait_for_sync_standby(primary.url)
-        hosts = f"127.0.0.1:{primary.port},127.0.0.1:{standby.port}"
-        url = f"postgresql://tollway@{hosts}/postgres?target_session_attrs=read-write"
+        await make_synchronous(primary.url)
+        url = Replicated(primary, standby).url
         pool = await asyncpg.create_pool(url, min_size=1, max_size=1)
         async with pool.acquire() as connection:
             await init_cluster(connection, shards=2)
