@@ -21,7 +21,7 @@ from tollway.config import Durability, Settings
 from tollway.core import commands as cmd
 from tollway.core import settled as settled_module
 from tollway.core.commands import CreditKind, EntryResult
-from tollway.core.ids import encode_ulid
+from tollway.core.ids import encode_ulid, is_ulid
 from tollway.core.lifecycle import EntryState
 from tollway.core.settled import ROW_BYTES, Settled, SettledTable
 from tollway.core.state import LegacySettled, Snapshot, State, pack_seqs, request_key
@@ -237,3 +237,20 @@ def test_row_numbers_wrap_around_past_two_to_the_32() -> None:
     assert [[ids[2]]] == [[record.billing_entry_id for record in table.by_request("a", "r2")]]
     table.remove(ids[0])
     assert ids[1:] == list(table)
+
+
+_ulid_like = st.one_of(
+    st.integers(0, (1 << 130) - 1).map(lambda v: encode_ulid(v & ((1 << 128) - 1)) if v < 1 << 128 else f"{v:026X}"),
+    st.text(alphabet="0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcxyz_+- \n\u00e9\u0660", min_size=24, max_size=28),
+    st.text(max_size=30),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_ulid_like)
+def test_an_id_is_kept_as_a_ulid_exactly_when_ids_calls_it_one(entry_id: str) -> None:
+    """The table's fast ULID parse accepts what ``is_ulid`` accepts, with the value ``encode_ulid`` inverts."""
+    value = settled_module._ulid_value(entry_id)
+    assert is_ulid(entry_id) == (value is not None)
+    if value is not None:
+        assert entry_id == encode_ulid(value)

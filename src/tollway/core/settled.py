@@ -30,7 +30,6 @@ byte, one loaded from a snapshot and brought forward.
 from __future__ import annotations
 
 import hashlib
-import re
 import struct
 import zlib
 from array import array
@@ -57,7 +56,6 @@ _WIDE: Final = 0xFFFFFFFF  # first distance: the sequences are in the wide dict
 _ODD: Final = 0x80  # state bit: the id is in the odd-id dict
 _BITS_MIN: Final = 10
 _BITS_MAX: Final = 40
-_ULID_RE: Final = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}")  # as ids.py checks an entry id
 _CUT_MIN_ROWS: Final = 1024
 _HEADER: Final = struct.Struct("<4sQQQQBB")  # magic, base, head, tail, live, id bits, request bits
 _MAGIC: Final = b"STB1"
@@ -65,12 +63,24 @@ _CODES: Final = tuple(EntryState)
 _CODE: Final = {state: code for code, state in enumerate(_CODES)}
 _SEQS_MAX: Final = 5
 _DEAD: Final = 0x7F  # state code of a removed row
+_WIDE_DISTANCES: Final = (_WIDE, 0, 0, 0)
 _DEAD_ROW: Final = ROW.pack(bytes(16), 0, 0, 0, 0, _DEAD, 0, 0, 0, 0, 0)
 
 _Row = tuple[bytes, int, int, int, int, int, int, int, int, int, int]
 """The fields of one :data:`ROW`, unpacked."""
 
-_FROM_CROCKFORD: Final = str.maketrans("0123456789ABCDEFGHJKMNPQRSTVWXYZ", "0123456789abcdefghijklmnopqrstuv")
+_ULID_CHARS: Final = 26
+
+
+def _digit_table() -> bytes:
+    """A ``bytes.translate`` table: Crockford's upper-case digits to ``int(…, 32)``'s, any other byte to ``!``."""
+    table = bytearray(b"!" * 256)
+    for crockford, digit in zip(b"0123456789ABCDEFGHJKMNPQRSTVWXYZ", b"0123456789abcdefghijklmnopqrstuv", strict=True):
+        table[crockford] = digit
+    return bytes(table)
+
+
+_CROCKFORD_DIGITS: Final = _digit_table()
 
 
 class Settled(msgspec.Struct, frozen=True, gc=False):
@@ -89,10 +99,14 @@ class _Extras(msgspec.Struct, array_like=True):
     wide: dict[int, tuple[int, ...]] = {}  # absolute row → its sequences (too many or too far apart)
 
 
+_BLAKE2B_8: Final = hashlib.blake2b(digest_size=8)  # copied per hash: cheaper than a new one with its keyword
+
+
 def request_hash(account_id: str, request_id: str) -> int:
     """The 64-bit hash of a request key (stable across processes: stored in snapshots)."""
-    digest = hashlib.blake2b(f"{account_id} {request_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
+    hasher = _BLAKE2B_8.copy()
+    hasher.update(f"{account_id} {request_id}".encode())
+    return int.from_bytes(hasher.digest(), "little")
 
 
 def account_hash(account_id: str) -> int:
@@ -101,10 +115,18 @@ def account_hash(account_id: str) -> int:
 
 
 def _ulid_value(entry_id: str) -> int | None:
-    """The 128-bit value of a canonical ULID, None for any other id."""
-    if _ULID_RE.fullmatch(entry_id) is None:
+    """The 128-bit value of a canonical ULID, None for any other id.
+
+    What :func:`tollway.core.ids.is_ulid` accepts, checked in C: every byte outside the Crockford alphabet becomes one
+    ``int()`` refuses, and 26 base-32 digits are below 2¹²⁸ exactly when the first is 0-7.
+    """
+    if len(entry_id) != _ULID_CHARS or not entry_id.isascii():
         return None
-    return int(entry_id.translate(_FROM_CROCKFORD), 32)
+    try:
+        value = int(entry_id.encode().translate(_CROCKFORD_DIGITS), 32)
+    except ValueError:
+        return None
+    return None if value >> 128 else value
 
 
 def _id_home(value: int) -> int:
@@ -202,8 +224,8 @@ class SettledTable:
         seqs: tuple[int, ...],
     ) -> None:
         """A record for ``entry_id``, at the end. The caller knows it has none (the fold settles an entry once)."""
-        hashes = (request_hash(account_id, request_id), account_hash(account_id))
-        self._append(entry_id, hashes, state=state, charged_micro=charged_micro, updated_at_ms=updated_at_ms, seqs=seqs)
+        req_hash, acct_hash = request_hash(account_id, request_id), account_hash(account_id)
+        self._append(entry_id, req_hash, acct_hash, _CODE[state], charged_micro, updated_at_ms, seqs)
 
     def replace(self, entry_id: str, state: EntryState, charged_micro: int, updated_at_ms: int, seq: int) -> None:
         """Move ``entry_id``'s record to the end with a new state, refund and time, and event ``seq`` added."""
@@ -213,14 +235,7 @@ class SettledTable:
         fields = self._fields(row)
         seqs = (*self._seqs(row, fields), seq)
         self._remove(row)
-        self._append(
-            entry_id,
-            (fields[1], fields[2]),
-            state=state,
-            charged_micro=charged_micro,
-            updated_at_ms=updated_at_ms,
-            seqs=seqs,
-        )
+        self._append(entry_id, fields[1], fields[2], _CODE[state], charged_micro, updated_at_ms, seqs)
 
     def remove(self, entry_id: str) -> Settled:
         """Forget ``entry_id``'s record (archived past the retention); returns it."""
@@ -338,42 +353,45 @@ class SettledTable:
             slot = (slot + 1) & mask
         return None
 
-    def _append(
+    def _append(  # noqa: PLR0917 - positional on purpose: once per settled entry, keywords cost more
         self,
         entry_id: str,
-        hashes: tuple[int, int],
-        *,
-        state: EntryState,
+        req_hash: int,
+        acct_hash: int,
+        code: int,
         charged_micro: int,
         updated_at_ms: int,
         seqs: tuple[int, ...],
     ) -> None:
-        req_hash, acct_hash = hashes
+        """A row at the end for ``entry_id``, in both indexes; ``code`` is its state's."""
         if self._tail & _MASK32 == _EMPTY:  # that number marks an empty index slot: a removed row takes it
             self._rows += _DEAD_ROW
             self._tail += 1
         absolute = self._tail & _MASK32
         self._grow_if_full()
         value = _ulid_value(entry_id)
-        code = _CODE[state]
         if value is None:
             self._extras.odd[entry_id] = absolute
             self._odd_rows[absolute] = entry_id
             code |= _ODD
-        first = seqs[0] if seqs else 0
-        distances = (*(seq - first for seq in seqs[1:]), 0, 0, 0, 0)
-        if len(seqs) > _SEQS_MAX or (len(seqs) > 1 and seqs[-1] - first >= _WIDE):  # ascending: the last is the widest
+        count = len(seqs)
+        first = seqs[0] if count else 0
+        if count > _SEQS_MAX or (count > 1 and seqs[-1] - first >= _WIDE):  # ascending: the last is the widest
             self._extras.wide[absolute] = seqs
-            distances = (_WIDE, 0, 0, 0)
+            distances: tuple[int, ...] = _WIDE_DISTANCES
+        elif count == 2:  # a reserve and its commit or release: the usual entry
+            distances = (seqs[1] - first, 0, 0, 0)
+        else:
+            distances = (*[seq - first for seq in seqs[1:]], 0, 0, 0, 0)[:4]
         self._rows += ROW.pack(
-            (value or 0).to_bytes(16, "big"),
+            b"" if value is None else value.to_bytes(16, "big"),
             req_hash,
             acct_hash,
             updated_at_ms,
             charged_micro,
             code,
             first,
-            *distances[:4],
+            *distances,
         )
         self._tail += 1
         self._live += 1
