@@ -254,3 +254,21 @@ def test_an_id_is_kept_as_a_ulid_exactly_when_ids_calls_it_one(entry_id: str) ->
     assert is_ulid(entry_id) == (value is not None)
     if value is not None:
         assert entry_id == encode_ulid(value)
+
+
+def test_indexes_caught_up_late_equal_indexes_kept_up_at_every_row() -> None:
+    """Indexes filled once after thousands of rows (doubling on the way) hold the bytes of ones read after each row."""
+    eager, late = SettledTable(), SettledTable()
+    ids = [encode_ulid((1 << 100) + i * 7919) for i in range(3_000)] + ["odd-1", "odd-2"]
+    for rounds, table in enumerate((eager, late)):
+        for i, entry_id in enumerate(ids):
+            table.add(
+                entry_id, f"a{i % 5}", f"r{i}", state=S.COMMITTED, charged_micro=i, updated_at_ms=i, seqs=(i + 1,)
+            )
+            if rounds == 0:
+                table.catch_up()
+            if i == 1_500:  # removals in between: the rows after them still go in, in order
+                table.remove(ids[10])
+                table.replace(ids[20], S.VOIDED, 0, i, 10_000)
+    assert eager.to_bytes() == late.to_bytes()
+    assert [[ids[2_999]]] == [[record.billing_entry_id for record in late.by_request("a4", "r2999")]]

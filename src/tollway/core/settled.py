@@ -18,8 +18,9 @@ are at the front: expiry scans from there and stops at the first row too young, 
 rows are cut off the front in one ``del`` once they are as many as the live ones. Two index
 arrays (``array('I')``, linear probing, at most two thirds full, deletion by backward shift, so no
 tombstones) map an entry id and a request-key hash to a row by its *absolute* number (mod 2³²),
-so cutting the front never touches them. That is 69 bytes of row plus 12–24 bytes of
-indexes per entry (about 83 in all at 10M entries).
+so cutting the front never touches them. They catch up with the rows when next read, not at
+each append: a replay appends hundreds of thousands of rows and fills the indexes once. That
+is 69 bytes of row plus 12–24 bytes of indexes per entry (about 83 in all at 10M entries).
 
 :meth:`SettledTable.to_bytes` / :meth:`SettledTable.from_bytes` copy the buffers as they are: a
 snapshot holds no request keys and recovery creates no object per entry. Every change is a
@@ -144,7 +145,19 @@ def _id_home(value: int) -> int:
 class SettledTable:
     """Settled entries' records: fixed-size rows in settle order, indexed by entry id and request-key hash."""
 
-    __slots__ = ("_base", "_extras", "_head", "_id_index", "_live", "_odd_rows", "_req_index", "_rows", "_tail")
+    __slots__ = (
+        "_base",
+        "_extras",
+        "_head",
+        "_id_index",
+        "_index_size",
+        "_live",
+        "_odd_rows",
+        "_req_index",
+        "_rows",
+        "_tail",
+        "_unindexed",
+    )
 
     def __init__(self) -> None:
         self._rows = bytearray()  # rows base..tail-1
@@ -156,6 +169,10 @@ class SettledTable:
         self._req_index = array("I", [_EMPTY]) * (1 << _BITS_MIN)
         self._extras = _Extras({}, {})
         self._odd_rows: dict[int, str] = {}  # derived from _extras.odd
+        # The indexes lag behind the rows: the last ``_unindexed`` rows are not in them yet, and they are
+        # to have ``_index_size`` slots. Whatever reads them brings them up to date first (``catch_up``).
+        self._unindexed = 0
+        self._index_size = 1 << _BITS_MIN
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -173,6 +190,7 @@ class SettledTable:
     def by_request(self, account_id: str, request_id: str) -> list[Settled]:
         """Records whose request-key hash matches: candidates, to be confirmed against the log."""
         key = request_hash(account_id, request_id)
+        self.catch_up()
         index, mask = self._req_index, len(self._req_index) - 1
         slot, found = key & mask, []
         while (value := index[slot]) != _EMPTY:
@@ -257,6 +275,7 @@ class SettledTable:
 
     def to_bytes(self) -> bytes:
         """The table as bytes: its buffers as they are (live span of the rows, both indexes)."""
+        self.catch_up()
         start = (self._head - self._base) * ROW_BYTES
         header = _HEADER.pack(
             _MAGIC,
@@ -295,6 +314,7 @@ class SettledTable:
         table._req_index = array("I")
         table._req_index.frombytes(view[id_end:req_end])
         table._base, table._head, table._tail, table._live = base, head, tail, live
+        table._index_size = len(table._req_index)
         table._extras = msgspec.msgpack.decode(view[req_end:], type=_Extras)
         table._odd_rows = {row: entry_id for entry_id, row in table._extras.odd.items()}
         return table
@@ -338,6 +358,7 @@ class SettledTable:
 
     def _find(self, entry_id: str) -> int | None:
         """The row (relative to the buffer) of ``entry_id``'s record."""
+        self.catch_up()  # a removal unlinks the row it finds from both indexes
         value = _ulid_value(entry_id)
         if value is None:
             absolute = self._extras.odd.get(entry_id)
@@ -363,12 +384,14 @@ class SettledTable:
         updated_at_ms: int,
         seqs: tuple[int, ...],
     ) -> None:
-        """A row at the end for ``entry_id``, in both indexes; ``code`` is its state's."""
+        """A row at the end for ``entry_id`` (the indexes catch up when next read); ``code`` is its state's."""
         if self._tail & _MASK32 == _EMPTY:  # that number marks an empty index slot: a removed row takes it
             self._rows += _DEAD_ROW
             self._tail += 1
+            self._unindexed += 1
         absolute = self._tail & _MASK32
-        self._grow_if_full()
+        if 3 * (self._live + 1) > 2 * self._index_size:  # the indexes stay at most two thirds full
+            self._index_size *= 2
         value = _ulid_value(entry_id)
         if value is None:
             self._extras.odd[entry_id] = absolute
@@ -395,17 +418,7 @@ class SettledTable:
         )
         self._tail += 1
         self._live += 1
-        if value is not None:
-            self._insert(self._id_index, _id_home(value), absolute)
-        self._insert(self._req_index, req_hash, absolute)
-
-    @staticmethod
-    def _insert(index: array[int], home: int, absolute: int) -> None:
-        mask = len(index) - 1
-        slot = home & mask
-        while index[slot] != _EMPTY:
-            slot = (slot + 1) & mask
-        index[slot] = absolute
+        self._unindexed += 1
 
     def _remove(self, row: int) -> None:
         at = row * ROW_BYTES
@@ -462,28 +475,36 @@ class SettledTable:
             del rows[: head * ROW_BYTES]
             self._base = self._head
 
-    def _grow_if_full(self) -> None:
-        """Double both indexes (re-inserting every live row) before they are more than two thirds full."""
-        if 3 * (self._live + 1) <= 2 * len(self._req_index):
+    def catch_up(self) -> None:
+        """Put the rows appended since the indexes were last read into them, doubled first if they must grow.
+
+        They end exactly as inserting each row when it was appended (and re-inserting every live
+        row in row order at each doubling) would have left them, so the bytes do not depend on
+        when anyone read them: rows are appended in row order, and none is removed while some are
+        unindexed (a removal finds its row through the index first). A replay appends hundreds of
+        thousands of rows and reads the indexes once, so it doubles them once, not at every size.
+        """
+        if not self._unindexed:
             return
-        size = 2 * len(self._req_index)
-        self._id_index = array("I", [_EMPTY]) * size
-        self._req_index = array("I", [_EMPTY]) * size
-        ids, requests, mask = self._id_index, self._req_index, size - 1
-        first = (self._head - self._base) & _MASK32
-        live = memoryview(self._rows)[first * ROW_BYTES :]
-        for offset, fields in enumerate(ROW.iter_unpack(live), first):  # the insert loops inlined: ~2 per row
-            code = fields[5]
-            if code & 0x7F == _DEAD:
-                continue
-            absolute = (self._base + offset) & _MASK32
-            if not code & _ODD:
-                slot = _id_home(int.from_bytes(fields[0], "big")) & mask
-                while ids[slot] != _EMPTY:
+        first = (self._tail - self._unindexed - self._base) & _MASK32
+        if self._index_size != len(self._req_index):  # doubled since: rebuild from every live row
+            self._id_index = array("I", [_EMPTY]) * self._index_size
+            self._req_index = array("I", [_EMPTY]) * self._index_size
+            first = (self._head - self._base) & _MASK32
+        self._unindexed = 0
+        ids, requests, mask = self._id_index, self._req_index, self._index_size - 1
+        with memoryview(self._rows) as rows:
+            for offset, fields in enumerate(ROW.iter_unpack(rows[first * ROW_BYTES :]), first):  # inserts inlined
+                code = fields[5]
+                if code & 0x7F == _DEAD:
+                    continue
+                absolute = (self._base + offset) & _MASK32
+                if not code & _ODD:
+                    slot = _id_home(int.from_bytes(fields[0], "big")) & mask
+                    while ids[slot] != _EMPTY:
+                        slot = (slot + 1) & mask
+                    ids[slot] = absolute
+                slot = fields[1] & mask
+                while requests[slot] != _EMPTY:
                     slot = (slot + 1) & mask
-                ids[slot] = absolute
-            slot = fields[1] & mask
-            while requests[slot] != _EMPTY:
-                slot = (slot + 1) & mask
-            requests[slot] = absolute
-        live.release()
+                requests[slot] = absolute
