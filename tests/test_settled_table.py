@@ -21,7 +21,7 @@ from tollway.config import Durability, Settings
 from tollway.core import commands as cmd
 from tollway.core import settled as settled_module
 from tollway.core.commands import CreditKind, EntryResult
-from tollway.core.ids import encode_ulid
+from tollway.core.ids import encode_ulid, is_ulid
 from tollway.core.lifecycle import EntryState
 from tollway.core.settled import ROW_BYTES, Settled, SettledTable
 from tollway.core.state import LegacySettled, Snapshot, State, pack_seqs, request_key
@@ -237,3 +237,38 @@ def test_row_numbers_wrap_around_past_two_to_the_32() -> None:
     assert [[ids[2]]] == [[record.billing_entry_id for record in table.by_request("a", "r2")]]
     table.remove(ids[0])
     assert ids[1:] == list(table)
+
+
+_ulid_like = st.one_of(
+    st.integers(0, (1 << 130) - 1).map(lambda v: encode_ulid(v & ((1 << 128) - 1)) if v < 1 << 128 else f"{v:026X}"),
+    st.text(alphabet="0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcxyz_+- \n\u00e9\u0660", min_size=24, max_size=28),
+    st.text(max_size=30),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_ulid_like)
+def test_an_id_is_kept_as_a_ulid_exactly_when_ids_calls_it_one(entry_id: str) -> None:
+    """The table's fast ULID parse accepts what ``is_ulid`` accepts, with the value ``encode_ulid`` inverts."""
+    value = settled_module._ulid_value(entry_id)
+    assert is_ulid(entry_id) == (value is not None)
+    if value is not None:
+        assert entry_id == encode_ulid(value)
+
+
+def test_indexes_caught_up_late_equal_indexes_kept_up_at_every_row() -> None:
+    """Indexes filled once after thousands of rows (doubling on the way) hold the bytes of ones read after each row."""
+    eager, late = SettledTable(), SettledTable()
+    ids = [encode_ulid((1 << 100) + i * 7919) for i in range(3_000)] + ["odd-1", "odd-2"]
+    for rounds, table in enumerate((eager, late)):
+        for i, entry_id in enumerate(ids):
+            table.add(
+                entry_id, f"a{i % 5}", f"r{i}", state=S.COMMITTED, charged_micro=i, updated_at_ms=i, seqs=(i + 1,)
+            )
+            if rounds == 0:
+                table.catch_up()
+            if i == 1_500:  # removals in between: the rows after them still go in, in order
+                table.remove(ids[10])
+                table.replace(ids[20], S.VOIDED, 0, i, 10_000)
+    assert eager.to_bytes() == late.to_bytes()
+    assert [[ids[2_999]]] == [[record.billing_entry_id for record in late.by_request("a4", "r2999")]]

@@ -403,6 +403,7 @@ def _recover(settings: Settings, observer: Observer) -> tuple[State, WalWriter]:
         loaded = load_newest(settings.snapshot_dir)
         state = loaded.state
         recovery = recover(settings.wal_dir, loaded.sequence, state.apply)
+        state.settled.catch_up()  # index what replay settled now, not in the first command
     gc.freeze()
     for reason in loaded.skipped:
         log.warning("skipped snapshot %s", reason)

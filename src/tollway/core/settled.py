@@ -18,8 +18,9 @@ are at the front: expiry scans from there and stops at the first row too young, 
 rows are cut off the front in one ``del`` once they are as many as the live ones. Two index
 arrays (``array('I')``, linear probing, at most two thirds full, deletion by backward shift, so no
 tombstones) map an entry id and a request-key hash to a row by its *absolute* number (mod 2³²),
-so cutting the front never touches them. That is 69 bytes of row plus 12–24 bytes of
-indexes per entry (about 83 in all at 10M entries).
+so cutting the front never touches them. They catch up with the rows when next read, not at
+each append: a replay appends hundreds of thousands of rows and fills the indexes once. That
+is 69 bytes of row plus 12–24 bytes of indexes per entry (about 83 in all at 10M entries).
 
 :meth:`SettledTable.to_bytes` / :meth:`SettledTable.from_bytes` copy the buffers as they are: a
 snapshot holds no request keys and recovery creates no object per entry. Every change is a
@@ -30,7 +31,6 @@ byte, one loaded from a snapshot and brought forward.
 from __future__ import annotations
 
 import hashlib
-import re
 import struct
 import zlib
 from array import array
@@ -57,7 +57,6 @@ _WIDE: Final = 0xFFFFFFFF  # first distance: the sequences are in the wide dict
 _ODD: Final = 0x80  # state bit: the id is in the odd-id dict
 _BITS_MIN: Final = 10
 _BITS_MAX: Final = 40
-_ULID_RE: Final = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}")  # as ids.py checks an entry id
 _CUT_MIN_ROWS: Final = 1024
 _HEADER: Final = struct.Struct("<4sQQQQBB")  # magic, base, head, tail, live, id bits, request bits
 _MAGIC: Final = b"STB1"
@@ -65,12 +64,24 @@ _CODES: Final = tuple(EntryState)
 _CODE: Final = {state: code for code, state in enumerate(_CODES)}
 _SEQS_MAX: Final = 5
 _DEAD: Final = 0x7F  # state code of a removed row
+_WIDE_DISTANCES: Final = (_WIDE, 0, 0, 0)
 _DEAD_ROW: Final = ROW.pack(bytes(16), 0, 0, 0, 0, _DEAD, 0, 0, 0, 0, 0)
 
 _Row = tuple[bytes, int, int, int, int, int, int, int, int, int, int]
 """The fields of one :data:`ROW`, unpacked."""
 
-_FROM_CROCKFORD: Final = str.maketrans("0123456789ABCDEFGHJKMNPQRSTVWXYZ", "0123456789abcdefghijklmnopqrstuv")
+_ULID_CHARS: Final = 26
+
+
+def _digit_table() -> bytes:
+    """A ``bytes.translate`` table: Crockford's upper-case digits to ``int(…, 32)``'s, any other byte to ``!``."""
+    table = bytearray(b"!" * 256)
+    for crockford, digit in zip(b"0123456789ABCDEFGHJKMNPQRSTVWXYZ", b"0123456789abcdefghijklmnopqrstuv", strict=True):
+        table[crockford] = digit
+    return bytes(table)
+
+
+_CROCKFORD_DIGITS: Final = _digit_table()
 
 
 class Settled(msgspec.Struct, frozen=True, gc=False):
@@ -89,10 +100,14 @@ class _Extras(msgspec.Struct, array_like=True):
     wide: dict[int, tuple[int, ...]] = {}  # absolute row → its sequences (too many or too far apart)
 
 
+_BLAKE2B_8: Final = hashlib.blake2b(digest_size=8)  # copied per hash: cheaper than a new one with its keyword
+
+
 def request_hash(account_id: str, request_id: str) -> int:
     """The 64-bit hash of a request key (stable across processes: stored in snapshots)."""
-    digest = hashlib.blake2b(f"{account_id} {request_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
+    hasher = _BLAKE2B_8.copy()
+    hasher.update(f"{account_id} {request_id}".encode())
+    return int.from_bytes(hasher.digest(), "little")
 
 
 def account_hash(account_id: str) -> int:
@@ -101,10 +116,18 @@ def account_hash(account_id: str) -> int:
 
 
 def _ulid_value(entry_id: str) -> int | None:
-    """The 128-bit value of a canonical ULID, None for any other id."""
-    if _ULID_RE.fullmatch(entry_id) is None:
+    """The 128-bit value of a canonical ULID, None for any other id.
+
+    What :func:`tollway.core.ids.is_ulid` accepts, checked in C: every byte outside the Crockford alphabet becomes one
+    ``int()`` refuses, and 26 base-32 digits are below 2¹²⁸ exactly when the first is 0-7.
+    """
+    if len(entry_id) != _ULID_CHARS or not entry_id.isascii():
         return None
-    return int(entry_id.translate(_FROM_CROCKFORD), 32)
+    try:
+        value = int(entry_id.encode().translate(_CROCKFORD_DIGITS), 32)
+    except ValueError:
+        return None
+    return None if value >> 128 else value
 
 
 def _id_home(value: int) -> int:
@@ -122,7 +145,19 @@ def _id_home(value: int) -> int:
 class SettledTable:
     """Settled entries' records: fixed-size rows in settle order, indexed by entry id and request-key hash."""
 
-    __slots__ = ("_base", "_extras", "_head", "_id_index", "_live", "_odd_rows", "_req_index", "_rows", "_tail")
+    __slots__ = (
+        "_base",
+        "_extras",
+        "_head",
+        "_id_index",
+        "_index_size",
+        "_live",
+        "_odd_rows",
+        "_req_index",
+        "_rows",
+        "_tail",
+        "_unindexed",
+    )
 
     def __init__(self) -> None:
         self._rows = bytearray()  # rows base..tail-1
@@ -134,6 +169,10 @@ class SettledTable:
         self._req_index = array("I", [_EMPTY]) * (1 << _BITS_MIN)
         self._extras = _Extras({}, {})
         self._odd_rows: dict[int, str] = {}  # derived from _extras.odd
+        # The indexes lag behind the rows: the last ``_unindexed`` rows are not in them yet, and they are
+        # to have ``_index_size`` slots. Whatever reads them brings them up to date first (``catch_up``).
+        self._unindexed = 0
+        self._index_size = 1 << _BITS_MIN
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -151,6 +190,7 @@ class SettledTable:
     def by_request(self, account_id: str, request_id: str) -> list[Settled]:
         """Records whose request-key hash matches: candidates, to be confirmed against the log."""
         key = request_hash(account_id, request_id)
+        self.catch_up()
         index, mask = self._req_index, len(self._req_index) - 1
         slot, found = key & mask, []
         while (value := index[slot]) != _EMPTY:
@@ -202,8 +242,8 @@ class SettledTable:
         seqs: tuple[int, ...],
     ) -> None:
         """A record for ``entry_id``, at the end. The caller knows it has none (the fold settles an entry once)."""
-        hashes = (request_hash(account_id, request_id), account_hash(account_id))
-        self._append(entry_id, hashes, state=state, charged_micro=charged_micro, updated_at_ms=updated_at_ms, seqs=seqs)
+        req_hash, acct_hash = request_hash(account_id, request_id), account_hash(account_id)
+        self._append(entry_id, req_hash, acct_hash, _CODE[state], charged_micro, updated_at_ms, seqs)
 
     def replace(self, entry_id: str, state: EntryState, charged_micro: int, updated_at_ms: int, seq: int) -> None:
         """Move ``entry_id``'s record to the end with a new state, refund and time, and event ``seq`` added."""
@@ -213,14 +253,7 @@ class SettledTable:
         fields = self._fields(row)
         seqs = (*self._seqs(row, fields), seq)
         self._remove(row)
-        self._append(
-            entry_id,
-            (fields[1], fields[2]),
-            state=state,
-            charged_micro=charged_micro,
-            updated_at_ms=updated_at_ms,
-            seqs=seqs,
-        )
+        self._append(entry_id, fields[1], fields[2], _CODE[state], charged_micro, updated_at_ms, seqs)
 
     def remove(self, entry_id: str) -> Settled:
         """Forget ``entry_id``'s record (archived past the retention); returns it."""
@@ -242,6 +275,7 @@ class SettledTable:
 
     def to_bytes(self) -> bytes:
         """The table as bytes: its buffers as they are (live span of the rows, both indexes)."""
+        self.catch_up()
         start = (self._head - self._base) * ROW_BYTES
         header = _HEADER.pack(
             _MAGIC,
@@ -280,6 +314,7 @@ class SettledTable:
         table._req_index = array("I")
         table._req_index.frombytes(view[id_end:req_end])
         table._base, table._head, table._tail, table._live = base, head, tail, live
+        table._index_size = len(table._req_index)
         table._extras = msgspec.msgpack.decode(view[req_end:], type=_Extras)
         table._odd_rows = {row: entry_id for entry_id, row in table._extras.odd.items()}
         return table
@@ -323,6 +358,7 @@ class SettledTable:
 
     def _find(self, entry_id: str) -> int | None:
         """The row (relative to the buffer) of ``entry_id``'s record."""
+        self.catch_up()  # a removal unlinks the row it finds from both indexes
         value = _ulid_value(entry_id)
         if value is None:
             absolute = self._extras.odd.get(entry_id)
@@ -338,56 +374,51 @@ class SettledTable:
             slot = (slot + 1) & mask
         return None
 
-    def _append(
+    def _append(  # noqa: PLR0917 - positional on purpose: once per settled entry, keywords cost more
         self,
         entry_id: str,
-        hashes: tuple[int, int],
-        *,
-        state: EntryState,
+        req_hash: int,
+        acct_hash: int,
+        code: int,
         charged_micro: int,
         updated_at_ms: int,
         seqs: tuple[int, ...],
     ) -> None:
-        req_hash, acct_hash = hashes
+        """A row at the end for ``entry_id`` (the indexes catch up when next read); ``code`` is its state's."""
         if self._tail & _MASK32 == _EMPTY:  # that number marks an empty index slot: a removed row takes it
             self._rows += _DEAD_ROW
             self._tail += 1
+            self._unindexed += 1
         absolute = self._tail & _MASK32
-        self._grow_if_full()
+        if 3 * (self._live + 1) > 2 * self._index_size:  # the indexes stay at most two thirds full
+            self._index_size *= 2
         value = _ulid_value(entry_id)
-        code = _CODE[state]
         if value is None:
             self._extras.odd[entry_id] = absolute
             self._odd_rows[absolute] = entry_id
             code |= _ODD
-        first = seqs[0] if seqs else 0
-        distances = (*(seq - first for seq in seqs[1:]), 0, 0, 0, 0)
-        if len(seqs) > _SEQS_MAX or (len(seqs) > 1 and seqs[-1] - first >= _WIDE):  # ascending: the last is the widest
+        count = len(seqs)
+        first = seqs[0] if count else 0
+        if count > _SEQS_MAX or (count > 1 and seqs[-1] - first >= _WIDE):  # ascending: the last is the widest
             self._extras.wide[absolute] = seqs
-            distances = (_WIDE, 0, 0, 0)
+            distances: tuple[int, ...] = _WIDE_DISTANCES
+        elif count == 2:  # a reserve and its commit or release: the usual entry
+            distances = (seqs[1] - first, 0, 0, 0)
+        else:
+            distances = (*[seq - first for seq in seqs[1:]], 0, 0, 0, 0)[:4]
         self._rows += ROW.pack(
-            (value or 0).to_bytes(16, "big"),
+            b"" if value is None else value.to_bytes(16, "big"),
             req_hash,
             acct_hash,
             updated_at_ms,
             charged_micro,
             code,
             first,
-            *distances[:4],
+            *distances,
         )
         self._tail += 1
         self._live += 1
-        if value is not None:
-            self._insert(self._id_index, _id_home(value), absolute)
-        self._insert(self._req_index, req_hash, absolute)
-
-    @staticmethod
-    def _insert(index: array[int], home: int, absolute: int) -> None:
-        mask = len(index) - 1
-        slot = home & mask
-        while index[slot] != _EMPTY:
-            slot = (slot + 1) & mask
-        index[slot] = absolute
+        self._unindexed += 1
 
     def _remove(self, row: int) -> None:
         at = row * ROW_BYTES
@@ -444,28 +475,36 @@ class SettledTable:
             del rows[: head * ROW_BYTES]
             self._base = self._head
 
-    def _grow_if_full(self) -> None:
-        """Double both indexes (re-inserting every live row) before they are more than two thirds full."""
-        if 3 * (self._live + 1) <= 2 * len(self._req_index):
+    def catch_up(self) -> None:
+        """Put the rows appended since the indexes were last read into them, doubled first if they must grow.
+
+        They end exactly as inserting each row when it was appended (and re-inserting every live
+        row in row order at each doubling) would have left them, so the bytes do not depend on
+        when anyone read them: rows are appended in row order, and none is removed while some are
+        unindexed (a removal finds its row through the index first). A replay appends hundreds of
+        thousands of rows and reads the indexes once, so it doubles them once, not at every size.
+        """
+        if not self._unindexed:
             return
-        size = 2 * len(self._req_index)
-        self._id_index = array("I", [_EMPTY]) * size
-        self._req_index = array("I", [_EMPTY]) * size
-        ids, requests, mask = self._id_index, self._req_index, size - 1
-        first = (self._head - self._base) & _MASK32
-        live = memoryview(self._rows)[first * ROW_BYTES :]
-        for offset, fields in enumerate(ROW.iter_unpack(live), first):  # the insert loops inlined: ~2 per row
-            code = fields[5]
-            if code & 0x7F == _DEAD:
-                continue
-            absolute = (self._base + offset) & _MASK32
-            if not code & _ODD:
-                slot = _id_home(int.from_bytes(fields[0], "big")) & mask
-                while ids[slot] != _EMPTY:
+        first = (self._tail - self._unindexed - self._base) & _MASK32
+        if self._index_size != len(self._req_index):  # doubled since: rebuild from every live row
+            self._id_index = array("I", [_EMPTY]) * self._index_size
+            self._req_index = array("I", [_EMPTY]) * self._index_size
+            first = (self._head - self._base) & _MASK32
+        self._unindexed = 0
+        ids, requests, mask = self._id_index, self._req_index, self._index_size - 1
+        with memoryview(self._rows) as rows:
+            for offset, fields in enumerate(ROW.iter_unpack(rows[first * ROW_BYTES :]), first):  # inserts inlined
+                code = fields[5]
+                if code & 0x7F == _DEAD:
+                    continue
+                absolute = (self._base + offset) & _MASK32
+                if not code & _ODD:
+                    slot = _id_home(int.from_bytes(fields[0], "big")) & mask
+                    while ids[slot] != _EMPTY:
+                        slot = (slot + 1) & mask
+                    ids[slot] = absolute
+                slot = fields[1] & mask
+                while requests[slot] != _EMPTY:
                     slot = (slot + 1) & mask
-                ids[slot] = absolute
-            slot = fields[1] & mask
-            while requests[slot] != _EMPTY:
-                slot = (slot + 1) & mask
-            requests[slot] = absolute
-        live.release()
+                requests[slot] = absolute
