@@ -16,11 +16,10 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.in_process_forwarder import HttpxForwarder
+from tests.in_process_node import node_client
 from tests.test_cluster_node_ops import SHARDS, TIMING, account_of, samples, settle
 from tollway import Settings
 from tollway.api.auth import Authenticator, Scope, development_key, issue_token
-from tollway.api.node_app import create_node_app
 from tollway.cluster.node import Node
 from tollway.core import events as ev
 from tollway.guard import AUDIT_GUARD_BYPASS, AUDIT_GUARD_RESET, BYPASS_ACTOR
@@ -55,8 +54,7 @@ async def _pair(pool: asyncpg.Pool, tmp_path: Path, *, bypass: bool = False) -> 
     await settle(a, b)
 
     def app(node: Node, forwarder: httpx.AsyncClient) -> httpx.AsyncClient:
-        made = create_node_app(node, authenticator=auth, pricing=default_prices(), forwarder=HttpxForwarder(forwarder))
-        return httpx.AsyncClient(transport=httpx.ASGITransport(app=made), base_url=f"http://{node.node_id}")
+        return node_client(node, authenticator=auth, pricing=default_prices(), forwarder=forwarder)
 
     async with httpx.AsyncClient() as nowhere:
         to_a = app(a, nowhere)

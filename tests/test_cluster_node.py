@@ -18,11 +18,10 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from tests.in_process_forwarder import HttpxForwarder
+from tests.in_process_node import node_client
 from tests.test_service import eventually
 from tollway import Settings
 from tollway.api.auth import Authenticator, Scope, development_key, issue_token
-from tollway.api.node_app import create_node_app
 from tollway.cluster.node import Node
 from tollway.cluster.shard_redis import RedisSide
 from tollway.core import commands as cmd
@@ -57,11 +56,9 @@ async def test_a_zombies_batch_is_fenced_and_the_retry_lands_once(pg_pool: async
     a.membership.clock_ms = lambda: frozen_ms  # a is "paused": its own clock says its leases are fresh
     async with httpx.AsyncClient() as forwarder:
         auth = Authenticator.from_settings(settings)
-        app_a = create_node_app(a, authenticator=auth, pricing=default_prices(), forwarder=HttpxForwarder(forwarder))
-        app_b = create_node_app(b, authenticator=auth, pricing=default_prices(), forwarder=HttpxForwarder(forwarder))
         async with (
-            httpx.AsyncClient(transport=httpx.ASGITransport(app=app_a), base_url="http://a") as to_a,
-            httpx.AsyncClient(transport=httpx.ASGITransport(app=app_b), base_url="http://b") as to_b,
+            node_client(a, authenticator=auth, pricing=default_prices(), forwarder=forwarder) as to_a,
+            node_client(b, authenticator=auth, pricing=default_prices(), forwarder=forwarder) as to_b,
         ):
             credit = {"credit_id": "c1", "kind": "mint", "amount_micro": 100}
             assert 201 == (await to_a.post("/v1/accounts/alice/credits", json=credit, headers=headers)).status_code
@@ -106,13 +103,8 @@ async def test_a_shard_whose_batch_postgresql_failed_is_recovered_under_a_new_ep
         raise LogUnavailable("the connection was lost")
 
     async with httpx.AsyncClient() as forwarder:
-        app = create_node_app(
-            a,
-            authenticator=Authenticator.from_settings(settings),
-            pricing=default_prices(),
-            forwarder=HttpxForwarder(forwarder),
-        )
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://a") as to_a:
+        auth = Authenticator.from_settings(settings)
+        async with node_client(a, authenticator=auth, pricing=default_prices(), forwarder=forwarder) as to_a:
             credit = {"credit_id": "c1", "kind": "mint", "amount_micro": 100}
             monkeypatch.setattr(PgLog, "append", failing)
             failed = await to_a.post("/v1/accounts/alice/credits", json=credit, headers=headers)
@@ -147,13 +139,8 @@ async def test_a_void_is_refused_while_the_shards_worker_calls_settlement_for_th
     try:
         await a.tick()
         async with httpx.AsyncClient() as forwarder:
-            app = create_node_app(
-                a,
-                authenticator=Authenticator.from_settings(settings),
-                pricing=default_prices(),
-                forwarder=HttpxForwarder(forwarder),
-            )
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://a") as to_a:
+            auth = Authenticator.from_settings(settings)
+            async with node_client(a, authenticator=auth, pricing=default_prices(), forwarder=forwarder) as to_a:
                 credit = {"credit_id": "c1", "kind": "mint", "amount_micro": 10_000}
                 assert 201 == (await to_a.post("/v1/accounts/alice/credits", json=credit, headers=headers)).status_code
                 hold = {"account_id": "alice", "request_id": "r1", "estimated_cost_micro": 1_000}

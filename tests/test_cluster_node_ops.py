@@ -15,10 +15,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.in_process_forwarder import HttpxForwarder
+from tests.in_process_node import node_client
 from tollway import Settings
 from tollway.api.auth import Authenticator, Scope, development_key, issue_token
-from tollway.api.node_app import create_node_app
 from tollway.cluster.node import Node
 from tollway.core.assignment import assign
 from tollway.core.lease import LeaseTiming
@@ -73,8 +72,7 @@ async def pair(pg_pool: asyncpg.Pool, tmp_path: Path) -> AsyncIterator[Pair]:
     await settle(a, b)
 
     def app(node: Node, pricing: PriceTable, forwarder: httpx.AsyncClient) -> httpx.AsyncClient:
-        made = create_node_app(node, authenticator=auth, pricing=pricing, forwarder=HttpxForwarder(forwarder))
-        return httpx.AsyncClient(transport=httpx.ASGITransport(app=made), base_url=f"http://{node.node_id}")
+        return node_client(node, authenticator=auth, pricing=pricing, forwarder=forwarder)
 
     async with httpx.AsyncClient() as nowhere:
         to_a = app(a, load_prices(tmp_path / "prices.toml"), nowhere)

@@ -18,11 +18,10 @@ import httpx
 import pytest
 
 from tests.cutting_proxy import APPEND_REPLY, CuttingProxy
-from tests.in_process_forwarder import HttpxForwarder
+from tests.in_process_node import node_client
 from tests.test_pg_log import make_events, records, take
 from tollway import Settings
 from tollway.api.auth import Authenticator, Scope, development_key, issue_token
-from tollway.api.node_app import create_node_app
 from tollway.cluster.node import Node
 from tollway.core.errors import LogOutcomeUnknown, LogUnavailable
 from tollway.core.lease import LeaseTiming
@@ -147,13 +146,8 @@ async def test_a_shard_whose_batch_outcome_stayed_unknown_is_released_and_recove
         raise LogOutcomeUnknown("the connection was lost and never came back")
 
     async with httpx.AsyncClient() as forwarder:
-        app = create_node_app(
-            node,
-            authenticator=Authenticator.from_settings(settings),
-            pricing=default_prices(),
-            forwarder=HttpxForwarder(forwarder),
-        )
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://a") as to_node:
+        auth = Authenticator.from_settings(settings)
+        async with node_client(node, authenticator=auth, pricing=default_prices(), forwarder=forwarder) as to_node:
             credit = {"credit_id": "c1", "kind": "mint", "amount_micro": 100}
             monkeypatch.setattr(PgLog, "append", unknown)
             failed = await to_node.post("/v1/accounts/alice/credits", json=credit, headers=headers)

@@ -188,6 +188,11 @@ class Authenticator:
             unknown_kid_hint=hint,
         )
 
+    def authenticate_header(self, authorization: str) -> Principal:
+        """The caller of an ``Authorization: Bearer <token>`` header's value; 401 as :meth:`authenticate`."""
+        scheme, _, credentials = authorization.partition(" ")
+        return self.authenticate(credentials.strip() if scheme.lower() == "bearer" else None)
+
     def authenticate(self, token: str | None) -> Principal:
         """The caller of ``token``; 401 ``unauthorized`` when absent or not valid."""
         if not token:

@@ -108,10 +108,7 @@ def _ctx(request: Request) -> NodeContext:
 
 
 def _principal(request: Request, scope: Scope, account_id: str | None = None) -> Principal:
-    ctx = _ctx(request)
-    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-    token = credentials.strip() if scheme.lower() == "bearer" and credentials.strip() else None
-    principal = ctx.authenticator.authenticate(token)
+    principal = _ctx(request).authenticator.authenticate_header(request.headers.get("authorization", ""))
     principal.require(scope, account_id)
     return principal
 

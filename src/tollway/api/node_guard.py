@@ -50,9 +50,7 @@ ShardQuery = Annotated[int | None, Query(ge=0, description="Only this shard (def
 def _admin(request: Request) -> tuple[NodeContext, Principal]:
     """The node's context and the caller, once authenticated as an admin."""
     ctx: NodeContext = request.app.state.node
-    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-    token = credentials.strip() if scheme.lower() == "bearer" and credentials.strip() else None
-    principal = ctx.authenticator.authenticate(token)
+    principal = ctx.authenticator.authenticate_header(request.headers.get("authorization", ""))
     principal.require(Scope.ADMIN, None)
     return ctx, principal
 

@@ -47,9 +47,7 @@ _STATE_RANK: Final = {"CLOSED": 0, "HALF_OPEN": 1, "OPEN": 2}
 def _ctx(request: Request, scope: Scope) -> NodeContext:
     """The node's context, once the caller is authenticated with ``scope``."""
     ctx: NodeContext = request.app.state.node
-    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-    token = credentials.strip() if scheme.lower() == "bearer" and credentials.strip() else None
-    ctx.authenticator.authenticate(token).require(scope, None)
+    ctx.authenticator.authenticate_header(request.headers.get("authorization", "")).require(scope, None)
     return ctx
 
 

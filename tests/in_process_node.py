@@ -1,8 +1,8 @@
-"""A :class:`~tollway.api.forwarding.Forwarder` over an httpx client, for node apps run in process.
+"""A cluster node's API mounted in process, and a forwarder for it over an httpx client.
 
 ``tollway serve`` forwards with aiohttp over real sockets; tests that mount node apps on
-``httpx.ASGITransport`` forward through one of these instead (the owner's app as the transport),
-so the same handlers run without a listening port.
+``httpx.ASGITransport`` (:func:`node_client`) forward through an :class:`HttpxForwarder`
+instead (the owner's app as the transport), so the same handlers run without a listening port.
 """
 
 from __future__ import annotations
@@ -11,7 +11,11 @@ from collections.abc import Mapping
 
 import httpx
 
+from tollway.api.auth import Authenticator
 from tollway.api.forwarding import Answer, ForwardFailed
+from tollway.api.node_app import create_node_app
+from tollway.cluster.node import Node
+from tollway.core.pricing import PriceTable
 
 
 class HttpxForwarder:
@@ -29,3 +33,11 @@ class HttpxForwarder:
         except httpx.HTTPError as exc:
             raise ForwardFailed(f"{type(exc).__name__}: {exc}") from exc
         return Answer(answer.status_code, answer.headers, answer.content)
+
+
+def node_client(
+    node: Node, *, authenticator: Authenticator, pricing: PriceTable, forwarder: httpx.AsyncClient
+) -> httpx.AsyncClient:
+    """A client of ``node``'s API run in process; what it forwards goes through ``forwarder``."""
+    app = create_node_app(node, authenticator=authenticator, pricing=pricing, forwarder=HttpxForwarder(forwarder))
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=f"http://{node.node_id}")
