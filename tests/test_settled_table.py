@@ -8,6 +8,7 @@ collide and check that a repeat still replays its own entry and a new request is
 from __future__ import annotations
 
 import itertools
+import struct
 from pathlib import Path
 
 import msgspec
@@ -96,7 +97,8 @@ def test_growing_and_cutting_the_front_keep_every_lookup() -> None:
     assert found is not None
     assert ((45_001, 45_002), [found]) == (found.seqs, table.by_request("a0", "r4500"))
     assert {S.FINALIZE_ACKED: 1_000} == table.state_counts()
-    assert len(table.to_bytes()) < 1_000 * ROW_BYTES + 2 * 4 * 16_384 + 100  # the cut rows are not written
+    index_bytes = sum(1 + 4 * len(segment) for segment in (*table._ids, *table._reqs))  # each: its size, its slots
+    assert len(table.to_bytes()) < 1_000 * ROW_BYTES + index_bytes + 100  # the cut rows are not written
 
 
 def test_sequences_too_many_or_too_far_apart_come_back_exact() -> None:
@@ -239,6 +241,20 @@ def test_row_numbers_wrap_around_past_two_to_the_32() -> None:
     assert ids[1:] == list(table)
 
 
+def test_segments_grown_across_the_wrap_keep_row_order() -> None:
+    """Segments doubling while row numbers wrap past 2³² take their rows in row order: same bytes, every row found."""
+    eager, late = SettledTable(), SettledTable()
+    ids = [encode_ulid(99 + i * 7_919) for i in range(12_000)]
+    for table in (eager, late):
+        table._base = table._head = table._tail = (1 << 32) - 6_000
+        for i, entry_id in enumerate(ids):
+            table.add(entry_id, "a", f"r{i}", state=S.COMMITTED, charged_micro=i, updated_at_ms=i, seqs=(i + 1,))
+            if table is eager:
+                table.catch_up()
+    assert eager.to_bytes() == late.to_bytes()
+    assert all(late.get(entry_id).charged_micro == i for i, entry_id in enumerate(ids))  # type: ignore[union-attr]
+
+
 _ulid_like = st.one_of(
     st.integers(0, (1 << 130) - 1).map(lambda v: encode_ulid(v & ((1 << 128) - 1)) if v < 1 << 128 else f"{v:026X}"),
     st.text(alphabet="0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcxyz_+- \n\u00e9\u0660", min_size=24, max_size=28),
@@ -257,18 +273,60 @@ def test_an_id_is_kept_as_a_ulid_exactly_when_ids_calls_it_one(entry_id: str) ->
 
 
 def test_indexes_caught_up_late_equal_indexes_kept_up_at_every_row() -> None:
-    """Indexes filled once after thousands of rows (doubling on the way) hold the bytes of ones read after each row."""
-    eager, late = SettledTable(), SettledTable()
-    ids = [encode_ulid((1 << 100) + i * 7919) for i in range(3_000)] + ["odd-1", "odd-2"]
-    for rounds, table in enumerate((eager, late)):
+    """Indexes filled once, at every row, or now and then (segments doubling on the way) hold the same bytes."""
+    tables = SettledTable(), SettledTable(), SettledTable()
+    ids = [encode_ulid((1 << 100) + i * 7919) for i in range(30_000)] + ["odd-1", "odd-2"]
+    for kind, table in enumerate(tables):
         for i, entry_id in enumerate(ids):
             table.add(
                 entry_id, f"a{i % 5}", f"r{i}", state=S.COMMITTED, charged_micro=i, updated_at_ms=i, seqs=(i + 1,)
             )
-            if rounds == 0:
-                table.catch_up()
-            if i == 1_500:  # removals in between: the rows after them still go in, in order
-                table.remove(ids[10])
-                table.replace(ids[20], S.VOIDED, 0, i, 10_000)
-    assert eager.to_bytes() == late.to_bytes()
-    assert [[ids[2_999]]] == [[record.billing_entry_id for record in late.by_request("a4", "r2999")]]
+            if kind == 0 or (kind == 2 and (i % 7 == 0 or i % 997 == 0)):
+                table.catch_up()  # every row (one at a time); now and then (a few rows, or a thousand at once)
+            if i in {1_500, 20_000}:  # removals in between: the rows after them still go in, in order
+                table.remove(ids[i - 1_490])
+                table.replace(ids[i - 1_480], S.VOIDED, 0, i, 100_000 + i)
+    eager, late, irregular = (table.to_bytes() for table in tables)
+    assert eager == late == irregular
+    assert max(len(segment) for segment in tables[1]._ids) >= 64  # segments did double, some more than once
+    assert [[ids[29_999]]] == [[record.billing_entry_id for record in tables[1].by_request("a4", "r29999")]]
+
+
+def test_growing_rebuilds_one_segment_not_the_whole_index() -> None:
+    """Growth costs one segment's rows: a row that makes its segment double leaves every other segment's array alone."""
+    table = SettledTable()
+    for i in range(20_000):
+        table.add(
+            encode_ulid(i * 104_729 + 1), "a", f"r{i}", state=S.COMMITTED, charged_micro=0, updated_at_ms=i, seqs=(i,)
+        )
+        before = list(table._reqs)
+        table.catch_up()
+        replaced = [number for number, segment in enumerate(table._reqs) if segment is not before[number]]
+        assert len(replaced) <= 1
+    assert all(table.get(encode_ulid(i * 104_729 + 1)) is not None for i in range(0, 20_000, 37))
+
+
+def _first_format(table: SettledTable) -> bytes:
+    """``table`` as the first format wrote it (STB1: one array per index, ``2^bits`` slots each)."""
+    table.catch_up()
+    header = struct.pack("<4sQQQQBB", b"STB1", table._head, table._head, table._tail, len(table), 12, 12)
+    start = (table._head - table._base) * ROW_BYTES
+    stale_indexes = b"\xff" * (2 * 4 << 12)  # what they held does not matter: the rows are indexed anew
+    return header + bytes(table._rows[start:]) + stale_indexes + msgspec.msgpack.encode(table._extras)
+
+
+def test_a_table_of_the_first_format_loads_and_is_indexed_anew() -> None:
+    """Snapshots written before the segmented indexes (STB1) load: every live row found, removed ones not."""
+    table = SettledTable()
+    ids = [encode_ulid(7_000 + i) for i in range(2_000)] + ["odd-id"]
+    for i, entry_id in enumerate(ids):
+        seqs = tuple(range(i + 1, i + 8)) if i == 3 else (i + 1, i + 2)
+        table.add(entry_id, f"a{i % 3}", f"r{i}", state=S.COMMITTED, charged_micro=i, updated_at_ms=i, seqs=seqs)
+    for entry_id in ids[:50]:
+        table.remove(entry_id)
+    loaded = SettledTable.from_bytes(_first_format(table))
+    assert list(table) == list(loaded)
+    assert all(loaded.get(entry_id) == table.get(entry_id) for entry_id in ids)
+    assert [ids[1_999]] == [record.billing_entry_id for record in loaded.by_request("a1", "r1999")]
+    assert loaded.get(ids[10]) is None
+    assert loaded == SettledTable.from_bytes(loaded.to_bytes())

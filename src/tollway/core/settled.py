@@ -15,12 +15,15 @@ idempotency, reads and expiry need, as one :data:`ROW` of :data:`ROW_BYTES` byte
 
 Rows are appended in the order entries settle (a void moves its row to the end), so the oldest
 are at the front: expiry scans from there and stops at the first row too young, and removed
-rows are cut off the front in one ``del`` once they are as many as the live ones. Two index
-arrays (``array('I')``, linear probing, at most two thirds full, deletion by backward shift, so no
-tombstones) map an entry id and a request-key hash to a row by its *absolute* number (mod 2³²),
-so cutting the front never touches them. They catch up with the rows when next read, not at
-each append: a replay appends hundreds of thousands of rows and fills the indexes once. That
-is 69 bytes of row plus 12–24 bytes of indexes per entry (about 83 in all at 10M entries).
+rows are cut off the front in one ``del`` once they are as many as the live ones. Two indexes
+map an entry id and a request-key hash to a row by its *absolute* number (mod 2³²), so cutting
+the front never touches them. Each is :data:`SEGMENTS` open-addressing arrays (``array('I')``,
+linear probing, at most two thirds full, deletion by backward shift, so no tombstones), chosen by
+the low bits of the hash: a segment doubles on its own, so growing costs a pause of one
+segment's rows (about 10,000 at 10M entries, a few milliseconds), never one of the whole table.
+They catch up with the rows when next read, not at each append: a replay appends hundreds of
+thousands of rows and fills the indexes once. That is 69 bytes of row plus 12–24 bytes of
+indexes per entry (about 83 in all at 10M entries).
 
 :meth:`SettledTable.to_bytes` / :meth:`SettledTable.from_bytes` copy the buffers as they are: a
 snapshot holds no request keys and recovery creates no object per entry. Every change is a
@@ -30,11 +33,12 @@ byte, one loaded from a snapshot and brought forward.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import struct
 import zlib
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Final
 
 import msgspec
@@ -55,11 +59,18 @@ _MASK32: Final = 0xFFFFFFFF
 _MASK64: Final = (1 << 64) - 1
 _WIDE: Final = 0xFFFFFFFF  # first distance: the sequences are in the wide dict
 _ODD: Final = 0x80  # state bit: the id is in the odd-id dict
-_BITS_MIN: Final = 10
-_BITS_MAX: Final = 40
+SEGMENTS: Final = 1024
+"""Open-addressing arrays per index, each growing on its own (by the hash's low bits)."""
+_SEG_BITS: Final = 10
+_SEG_MASK: Final = SEGMENTS - 1
+_BITS_MIN: Final = 0  # a segment's least size: one slot (an empty table: 1,024 slots per index, as before)
+_BITS_MAX: Final = 32
+_SMALL_CATCH_UP: Final = 16  # rows caught up one at a time below this, in two passes above
 _CUT_MIN_ROWS: Final = 1024
-_HEADER: Final = struct.Struct("<4sQQQQBB")  # magic, base, head, tail, live, id bits, request bits
-_MAGIC: Final = b"STB1"
+_HEADER: Final = struct.Struct("<4sQQQQ")  # magic, base, head, tail, live; then each segment's bits
+_MAGIC: Final = b"STB2"
+_HEADER_V1: Final = struct.Struct("<4sQQQQBB")  # magic, base, head, tail, live, id bits, request bits
+_MAGIC_V1: Final = b"STB1"  # one array per index: its rows are loaded and indexed anew
 _CODES: Final = tuple(EntryState)
 _CODE: Final = {state: code for code, state in enumerate(_CODES)}
 _SEQS_MAX: Final = 5
@@ -149,11 +160,12 @@ class SettledTable:
         "_base",
         "_extras",
         "_head",
-        "_id_index",
-        "_index_size",
+        "_id_counts",
+        "_ids",
         "_live",
         "_odd_rows",
-        "_req_index",
+        "_req_counts",
+        "_reqs",
         "_rows",
         "_tail",
         "_unindexed",
@@ -165,14 +177,16 @@ class SettledTable:
         self._head = 0  # absolute number of the first row that may be live
         self._tail = 0  # absolute number of the next row
         self._live = 0
-        self._id_index = array("I", [_EMPTY]) * (1 << _BITS_MIN)
-        self._req_index = array("I", [_EMPTY]) * (1 << _BITS_MIN)
+        # Each index: SEGMENTS arrays, and how many rows each holds (derived: its slots less its empty ones).
+        self._ids = [_empty_segment(1 << _BITS_MIN) for _ in range(SEGMENTS)]
+        self._reqs = [_empty_segment(1 << _BITS_MIN) for _ in range(SEGMENTS)]
+        self._id_counts = [0] * SEGMENTS
+        self._req_counts = [0] * SEGMENTS
         self._extras = _Extras({}, {})
         self._odd_rows: dict[int, str] = {}  # derived from _extras.odd
-        # The indexes lag behind the rows: the last ``_unindexed`` rows are not in them yet, and they are
-        # to have ``_index_size`` slots. Whatever reads them brings them up to date first (``catch_up``).
+        # The indexes lag behind the rows: the last ``_unindexed`` rows are not in them yet. Whatever
+        # reads them brings them up to date first (``catch_up``).
         self._unindexed = 0
-        self._index_size = 1 << _BITS_MIN
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -191,8 +205,9 @@ class SettledTable:
         """Records whose request-key hash matches: candidates, to be confirmed against the log."""
         key = request_hash(account_id, request_id)
         self.catch_up()
-        index, mask = self._req_index, len(self._req_index) - 1
-        slot, found = key & mask, []
+        index = self._reqs[key & _SEG_MASK]
+        mask = len(index) - 1
+        slot, found = (key >> _SEG_BITS) & mask, []
         while (value := index[slot]) != _EMPTY:
             row = (value - self._base) & _MASK32
             if _REQ.unpack_from(self._rows, row * ROW_BYTES + _REQ_AT)[0] == key:
@@ -277,18 +292,18 @@ class SettledTable:
         """The table as bytes: its buffers as they are (live span of the rows, both indexes)."""
         self.catch_up()
         start = (self._head - self._base) * ROW_BYTES
-        header = _HEADER.pack(
-            _MAGIC,
-            self._head,
-            self._head,
-            self._tail,
-            self._live,
-            len(self._id_index).bit_length() - 1,
-            len(self._req_index).bit_length() - 1,
-        )
+        header = _HEADER.pack(_MAGIC, self._head, self._head, self._tail, self._live)
+        bits = bytes(len(segment).bit_length() - 1 for segment in (*self._ids, *self._reqs))
         extras = msgspec.msgpack.encode(self._extras)
         return b"".join(
-            [header, memoryview(self._rows)[start:], self._id_index.tobytes(), self._req_index.tobytes(), extras]
+            [
+                header,
+                bits,
+                memoryview(self._rows)[start:],
+                *(segment.tobytes() for segment in self._ids),
+                *(segment.tobytes() for segment in self._reqs),
+                extras,
+            ]
         )
 
     @classmethod
@@ -298,23 +313,48 @@ class SettledTable:
         if not data:
             return table
         view = memoryview(data)
-        magic, base, head, tail, live, id_bits, req_bits = _HEADER.unpack_from(view)
-        bits_ok = _BITS_MIN <= min(id_bits, req_bits) <= max(id_bits, req_bits) < _BITS_MAX
-        if magic != _MAGIC or not head <= tail or not bits_ok:
+        if bytes(view[:4]) == _MAGIC_V1:
+            return cls._from_v1(view)
+        if len(view) < _HEADER.size + 2 * SEGMENTS:
+            raise ValueError("settled-entry table cut short")
+        magic, base, head, tail, live = _HEADER.unpack_from(view)
+        at = _HEADER.size + 2 * SEGMENTS
+        bits = view[_HEADER.size : at]
+        if magic != _MAGIC or not head <= tail or not _BITS_MIN <= min(bits) <= max(bits) <= _BITS_MAX:
             raise ValueError("not a settled-entry table")
-        at = _HEADER.size
         rows_end = at + (tail - base) * ROW_BYTES
-        id_end = rows_end + (4 << id_bits)
-        req_end = id_end + (4 << req_bits)
+        if len(view) < rows_end + sum(4 << b for b in bits):
+            raise ValueError("settled-entry table cut short")
+        table._rows = bytearray(view[at:rows_end])
+        at, segments = rows_end, []
+        for b in bits:
+            segment = array("I")
+            segment.frombytes(view[at : at + (4 << b)])
+            segments.append(segment)
+            at += 4 << b
+        table._ids, table._reqs = segments[:SEGMENTS], segments[SEGMENTS:]
+        table._id_counts = [len(segment) - segment.count(_EMPTY) for segment in table._ids]
+        table._req_counts = [len(segment) - segment.count(_EMPTY) for segment in table._reqs]
+        table._base, table._head, table._tail, table._live = base, head, tail, live
+        table._extras = msgspec.msgpack.decode(view[at:], type=_Extras)
+        table._odd_rows = {row: entry_id for entry_id, row in table._extras.odd.items()}
+        return table
+
+    @classmethod
+    def _from_v1(cls, view: memoryview) -> SettledTable:
+        """A table of the first format (one array per index): its rows as they were, indexed anew when first read."""
+        table = cls()
+        magic, base, head, tail, live, id_bits, req_bits = _HEADER_V1.unpack_from(view)
+        if magic != _MAGIC_V1 or not head <= tail or not 0 < min(id_bits, req_bits) <= max(id_bits, req_bits) < 40:
+            raise ValueError("not a settled-entry table")
+        at = _HEADER_V1.size
+        rows_end = at + (tail - base) * ROW_BYTES
+        req_end = rows_end + (4 << id_bits) + (4 << req_bits)
         if len(view) < req_end:
             raise ValueError("settled-entry table cut short")
         table._rows = bytearray(view[at:rows_end])
-        table._id_index = array("I")
-        table._id_index.frombytes(view[rows_end:id_end])
-        table._req_index = array("I")
-        table._req_index.frombytes(view[id_end:req_end])
         table._base, table._head, table._tail, table._live = base, head, tail, live
-        table._index_size = len(table._req_index)
+        table._unindexed = tail - head  # removed rows among them are skipped
         table._extras = msgspec.msgpack.decode(view[req_end:], type=_Extras)
         table._odd_rows = {row: entry_id for entry_id, row in table._extras.odd.items()}
         return table
@@ -363,9 +403,10 @@ class SettledTable:
         if value is None:
             absolute = self._extras.odd.get(entry_id)
             return None if absolute is None else (absolute - self._base) & _MASK32
-        wanted = value.to_bytes(16, "big")
-        index, mask, rows = self._id_index, len(self._id_index) - 1, self._rows
-        slot = _id_home(value) & mask
+        wanted, home, rows = value.to_bytes(16, "big"), _id_home(value), self._rows
+        index = self._ids[home & _SEG_MASK]
+        mask = len(index) - 1
+        slot = (home >> _SEG_BITS) & mask
         while (stored := index[slot]) != _EMPTY:
             row = (stored - self._base) & _MASK32
             at = row * ROW_BYTES
@@ -390,8 +431,6 @@ class SettledTable:
             self._tail += 1
             self._unindexed += 1
         absolute = self._tail & _MASK32
-        if 3 * (self._live + 1) > 2 * self._index_size:  # the indexes stay at most two thirds full
-            self._index_size *= 2
         value = _ulid_value(entry_id)
         if value is None:
             self._extras.odd[entry_id] = absolute
@@ -427,8 +466,11 @@ class SettledTable:
         if fields[5] & _ODD:
             del self._extras.odd[self._odd_rows.pop(absolute)]
         else:
-            self._unlink(self._id_index, _id_home(int.from_bytes(fields[0], "big")), absolute, self._id_home_of)
-        self._unlink(self._req_index, fields[1], absolute, self._req_home_of)
+            home = _id_home(int.from_bytes(fields[0], "big"))
+            self._id_counts[home & _SEG_MASK] -= 1
+            self._unlink(self._ids[home & _SEG_MASK], home, absolute, self._id_home_of)
+        self._req_counts[fields[1] & _SEG_MASK] -= 1
+        self._unlink(self._reqs[fields[1] & _SEG_MASK], fields[1], absolute, self._req_home_of)
         self._extras.wide.pop(absolute, None)
         self._rows[at + _STATE_AT] = _DEAD
         self._live -= 1
@@ -443,10 +485,10 @@ class SettledTable:
 
     @staticmethod
     def _unlink(index: array[int], home: int, absolute: int, home_of: object) -> None:
-        """Remove ``absolute`` from a linear-probing index, shifting later items of its run back (no tombstones)."""
+        """Remove ``absolute`` from a linear-probing segment, shifting later items of its run back (no tombstones)."""
         assert callable(home_of)
         mask = len(index) - 1
-        hole = home & mask
+        hole = (home >> _SEG_BITS) & mask
         while index[hole] != absolute:
             ensure(index[hole] != _EMPTY, "settled row %d missing from its index", absolute)
             hole = (hole + 1) & mask
@@ -456,7 +498,7 @@ class SettledTable:
             stored = index[slot]
             if stored == _EMPTY:
                 break
-            want = home_of(stored) & mask
+            want = (home_of(stored) >> _SEG_BITS) & mask
             # ``stored`` may move back to ``hole`` unless its home lies cyclically in (hole, slot].
             if (hole < slot and hole < want <= slot) or (hole > slot and (want > hole or want <= slot)):
                 continue
@@ -476,35 +518,99 @@ class SettledTable:
             self._base = self._head
 
     def catch_up(self) -> None:
-        """Put the rows appended since the indexes were last read into them, doubled first if they must grow.
+        """Put the rows appended since the indexes were last read into them, doubling segments that must grow.
 
-        They end exactly as inserting each row when it was appended (and re-inserting every live
-        row in row order at each doubling) would have left them, so the bytes do not depend on
-        when anyone read them: rows are appended in row order, and none is removed while some are
+        They end exactly as inserting each row when it was appended would have left them (a
+        segment that doubles takes its rows again in row order), so the bytes do not depend on when
+        anyone read them: rows are appended in row order, and none is removed while some are
         unindexed (a removal finds its row through the index first). A replay appends hundreds of
-        thousands of rows and reads the indexes once, so it doubles them once, not at every size.
+        thousands of rows and reads the indexes once: each segment then doubles once, not at every size.
         """
-        if not self._unindexed:
+        count = self._unindexed
+        if not count:
             return
-        first = (self._tail - self._unindexed - self._base) & _MASK32
-        if self._index_size != len(self._req_index):  # doubled since: rebuild from every live row
-            self._id_index = array("I", [_EMPTY]) * self._index_size
-            self._req_index = array("I", [_EMPTY]) * self._index_size
-            first = (self._head - self._base) & _MASK32
         self._unindexed = 0
-        ids, requests, mask = self._id_index, self._req_index, self._index_size - 1
+        first = (self._tail - count - self._base) & _MASK32
+        if count < _SMALL_CATCH_UP:  # the live path: the few rows settled since the last command
+            for row in range(first, first + count):
+                fields = ROW.unpack_from(self._rows, row * ROW_BYTES)
+                if fields[5] & 0x7F == _DEAD:
+                    continue
+                absolute = (self._base + row) & _MASK32
+                if not fields[5] & _ODD:
+                    home = _id_home(int.from_bytes(fields[0], "big"))
+                    self._insert(self._ids, self._id_counts, home, absolute, self._id_home_of)
+                self._insert(self._reqs, self._req_counts, fields[1], absolute, self._req_home_of)
+            return
+        id_homes, id_rows, req_homes, req_rows = array("Q"), array("I"), array("Q"), array("I")
         with memoryview(self._rows) as rows:
-            for offset, fields in enumerate(ROW.iter_unpack(rows[first * ROW_BYTES :]), first):  # inserts inlined
+            for offset, fields in enumerate(ROW.iter_unpack(rows[first * ROW_BYTES :]), first):
                 code = fields[5]
                 if code & 0x7F == _DEAD:
                     continue
                 absolute = (self._base + offset) & _MASK32
                 if not code & _ODD:
-                    slot = _id_home(int.from_bytes(fields[0], "big")) & mask
-                    while ids[slot] != _EMPTY:
-                        slot = (slot + 1) & mask
-                    ids[slot] = absolute
-                slot = fields[1] & mask
-                while requests[slot] != _EMPTY:
-                    slot = (slot + 1) & mask
-                requests[slot] = absolute
+                    id_homes.append(_id_home(int.from_bytes(fields[0], "big")))
+                    id_rows.append(absolute)
+                req_homes.append(fields[1])
+                req_rows.append(absolute)
+        self._insert_all(self._ids, self._id_counts, id_homes, id_rows, self._id_home_of)
+        self._insert_all(self._reqs, self._req_counts, req_homes, req_rows, self._req_home_of)
+
+    def _insert(
+        self, segments: list[array[int]], counts: list[int], home: int, absolute: int, home_of: Callable[[int], int]
+    ) -> None:
+        """Put one row in its segment, doubled first if it would be over two thirds full."""
+        number = home & _SEG_MASK
+        counts[number] += 1
+        segment = segments[number]
+        if 3 * counts[number] > 2 * len(segment):
+            segment = segments[number] = self._regrown(segment, 2 * len(segment), home_of)
+        mask = len(segment) - 1
+        slot = (home >> _SEG_BITS) & mask
+        while segment[slot] != _EMPTY:
+            slot = (slot + 1) & mask
+        segment[slot] = absolute
+
+    def _insert_all(
+        self,
+        segments: list[array[int]],
+        counts: list[int],
+        homes: array[int],
+        rows: array[int],
+        home_of: Callable[[int], int],
+    ) -> None:
+        """Put many rows (in row order) in their segments: each grows once, to the size its last row needs."""
+        for home in homes:
+            counts[home & _SEG_MASK] += 1
+        for number in {home & _SEG_MASK for home in homes}:
+            size = len(segments[number])
+            if 3 * counts[number] > 2 * size:
+                while 3 * counts[number] > 2 * size:
+                    size *= 2
+                segments[number] = self._regrown(segments[number], size, home_of)
+        for home, absolute in zip(homes, rows, strict=True):  # inserts inlined: a replay's rows, all at once
+            segment = segments[home & _SEG_MASK]
+            mask = len(segment) - 1
+            slot = (home >> _SEG_BITS) & mask
+            while segment[slot] != _EMPTY:
+                slot = (slot + 1) & mask
+            segment[slot] = absolute
+
+    def _regrown(self, segment: array[int], size: int, home_of: Callable[[int], int]) -> array[int]:
+        """``segment``'s rows in a new array of ``size`` slots, put in again in row order (bytes free of history)."""
+        ensure(size.bit_length() - 1 <= _BITS_MAX, "a settled-entry index segment past %d slots", size)
+        mask, grown, values = size - 1, _empty_segment(size), sorted(segment)  # in C: empty slots sort last
+        del values[bisect.bisect_left(values, _EMPTY) :]
+        wrap = bisect.bisect_left(values, self._base & _MASK32)  # row order: numbers wrapped past 2³² come last
+        for absolute in values[wrap:] + values[:wrap]:
+            slot = (home_of(absolute) >> _SEG_BITS) & mask
+            while grown[slot] != _EMPTY:
+                slot = (slot + 1) & mask
+            grown[slot] = absolute
+        return grown
+
+
+def _empty_segment(size: int) -> array[int]:
+    """An index segment of ``size`` empty slots."""
+    return array("I", [_EMPTY]) * size
