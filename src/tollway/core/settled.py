@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import operator
 import struct
 import zlib
 from array import array
@@ -53,6 +54,7 @@ state code (bit 7: the id is not a ULID), first sequence, four distances (0: non
 ROW_BYTES: Final = ROW.size
 _REQ: Final = struct.Struct("<Q")  # the request-key hash, at offset 16
 _REQ_AT: Final = 16
+_HALVES: Final = struct.Struct(">QQ")  # the id's two halves, at offset 0
 _STATE_AT: Final = 44
 _EMPTY: Final = 0xFFFFFFFF
 _MASK32: Final = 0xFFFFFFFF
@@ -80,6 +82,8 @@ _DEAD_ROW: Final = ROW.pack(bytes(16), 0, 0, 0, 0, _DEAD, 0, 0, 0, 0, 0)
 
 _Row = tuple[bytes, int, int, int, int, int, int, int, int, int, int]
 """The fields of one :data:`ROW`, unpacked."""
+_HomesOf = Callable[[list[int]], list[int]]
+"""The index homes of rows given by absolute number."""
 
 _ULID_CHARS: Final = 26
 
@@ -142,15 +146,18 @@ def _ulid_value(entry_id: str) -> int | None:
 
 
 def _id_home(value: int) -> int:
-    """A well-mixed 64-bit hash of an id's 128 bits (splitmix64's finalizer): every bit counts in the low ones.
+    """The index home of an id's 128 bits: its halves folded, then :func:`_mix`."""
+    return _mix((value ^ (value >> 64)) & _MASK64)
+
+
+def _mix(folded: int) -> int:
+    """A 64-bit hash of an id's folded halves, every bit counting in the low ones (a multiply, its high half folded in).
 
     Ids made in one millisecond differ in few low bits, and test ids in even fewer: the index
     takes the low bits of this, so they must depend on all of the id.
     """
-    z = (value ^ (value >> 64)) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
+    product = (folded * 0x9E3779B97F4A7C15) & _MASK64
+    return product ^ (product >> 32)
 
 
 class SettledTable:
@@ -164,6 +171,7 @@ class SettledTable:
         "_ids",
         "_live",
         "_odd_rows",
+        "_read",
         "_req_counts",
         "_reqs",
         "_rows",
@@ -185,8 +193,10 @@ class SettledTable:
         self._extras = _Extras({}, {})
         self._odd_rows: dict[int, str] = {}  # derived from _extras.odd
         # The indexes lag behind the rows: the last ``_unindexed`` rows are not in them yet. Whatever
-        # reads them brings them up to date first (``catch_up``).
+        # reads them brings them up to date first (``catch_up``). A row appended right after a read (live
+        # work: a command reads, its settlement appends) goes in at once, from the hashes at hand.
         self._unindexed = 0
+        self._read = False
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -425,7 +435,7 @@ class SettledTable:
         updated_at_ms: int,
         seqs: tuple[int, ...],
     ) -> None:
-        """A row at the end for ``entry_id`` (the indexes catch up when next read); ``code`` is its state's."""
+        """A row at the end for ``entry_id``, indexed now or when next read; ``code`` is its state's."""
         if self._tail & _MASK32 == _EMPTY:  # that number marks an empty index slot: a removed row takes it
             self._rows += _DEAD_ROW
             self._tail += 1
@@ -457,7 +467,13 @@ class SettledTable:
         )
         self._tail += 1
         self._live += 1
-        self._unindexed += 1
+        if self._unindexed or not self._read:  # appends with no read between (a replay): indexed at the next read
+            self._unindexed += 1
+        else:  # as catch_up would put it
+            if value is not None:
+                self._insert(self._ids, self._id_counts, _id_home(value), absolute, self._id_homes)
+            self._insert(self._reqs, self._req_counts, req_hash, absolute, self._req_homes)
+            self._read = False
 
     def _remove(self, row: int) -> None:
         at = row * ROW_BYTES
@@ -466,7 +482,7 @@ class SettledTable:
         if fields[5] & _ODD:
             del self._extras.odd[self._odd_rows.pop(absolute)]
         else:
-            home = _id_home(int.from_bytes(fields[0], "big"))
+            home = _mix(operator.xor(*_HALVES.unpack(fields[0])))
             self._id_counts[home & _SEG_MASK] -= 1
             self._unlink(self._ids[home & _SEG_MASK], home, absolute, self._id_home_of)
         self._req_counts[fields[1] & _SEG_MASK] -= 1
@@ -478,10 +494,20 @@ class SettledTable:
 
     def _id_home_of(self, absolute: int) -> int:
         at = ((absolute - self._base) & _MASK32) * ROW_BYTES
-        return _id_home(int.from_bytes(self._rows[at : at + 16], "big"))
+        return _mix(operator.xor(*_HALVES.unpack_from(self._rows, at)))
 
     def _req_home_of(self, absolute: int) -> int:
         return int(_REQ.unpack_from(self._rows, ((absolute - self._base) & _MASK32) * ROW_BYTES + _REQ_AT)[0])
+
+    def _id_homes(self, absolutes: list[int]) -> list[int]:
+        """:meth:`_id_home_of` of many rows (a segment growing), in one comprehension."""
+        rows, base, unpack = self._rows, self._base, _HALVES.unpack_from
+        return [_mix(operator.xor(*unpack(rows, ((absolute - base) & _MASK32) * ROW_BYTES))) for absolute in absolutes]
+
+    def _req_homes(self, absolutes: list[int]) -> list[int]:
+        """:meth:`_req_home_of` of many rows (a segment growing), in one comprehension."""
+        rows, base, unpack = self._rows, self._base, _REQ.unpack_from
+        return [unpack(rows, ((absolute - base) & _MASK32) * ROW_BYTES + _REQ_AT)[0] for absolute in absolutes]
 
     @staticmethod
     def _unlink(index: array[int], home: int, absolute: int, home_of: object) -> None:
@@ -526,6 +552,7 @@ class SettledTable:
         unindexed (a removal finds its row through the index first). A replay appends hundreds of
         thousands of rows and reads the indexes once: each segment then doubles once, not at every size.
         """
+        self._read = True
         count = self._unindexed
         if not count:
             return
@@ -538,34 +565,40 @@ class SettledTable:
                     continue
                 absolute = (self._base + row) & _MASK32
                 if not fields[5] & _ODD:
-                    home = _id_home(int.from_bytes(fields[0], "big"))
-                    self._insert(self._ids, self._id_counts, home, absolute, self._id_home_of)
-                self._insert(self._reqs, self._req_counts, fields[1], absolute, self._req_home_of)
+                    home = _mix(operator.xor(*_HALVES.unpack(fields[0])))
+                    self._insert(self._ids, self._id_counts, home, absolute, self._id_homes)
+                self._insert(self._reqs, self._req_counts, fields[1], absolute, self._req_homes)
             return
+        # First every row's homes (and how many rows each segment gets), then each segment grown once, then the inserts.
         id_homes, id_rows, req_homes, req_rows = array("Q"), array("I"), array("Q"), array("I")
+        id_counts, req_counts, base = self._id_counts, self._req_counts, self._base
+        id_home, id_row, req_home, req_row = id_homes.append, id_rows.append, req_homes.append, req_rows.append
         with memoryview(self._rows) as rows:
             for offset, fields in enumerate(ROW.iter_unpack(rows[first * ROW_BYTES :]), first):
                 code = fields[5]
                 if code & 0x7F == _DEAD:
                     continue
-                absolute = (self._base + offset) & _MASK32
+                absolute = (base + offset) & _MASK32
                 if not code & _ODD:
-                    id_homes.append(_id_home(int.from_bytes(fields[0], "big")))
-                    id_rows.append(absolute)
-                req_homes.append(fields[1])
-                req_rows.append(absolute)
-        self._insert_all(self._ids, self._id_counts, id_homes, id_rows, self._id_home_of)
-        self._insert_all(self._reqs, self._req_counts, req_homes, req_rows, self._req_home_of)
+                    home = _mix(operator.xor(*_HALVES.unpack(fields[0])))
+                    id_counts[home & _SEG_MASK] += 1
+                    id_home(home)
+                    id_row(absolute)
+                req_counts[fields[1] & _SEG_MASK] += 1
+                req_home(fields[1])
+                req_row(absolute)
+        self._insert_all(self._ids, id_counts, id_homes, id_rows, self._id_homes)
+        self._insert_all(self._reqs, req_counts, req_homes, req_rows, self._req_homes)
 
     def _insert(
-        self, segments: list[array[int]], counts: list[int], home: int, absolute: int, home_of: Callable[[int], int]
+        self, segments: list[array[int]], counts: list[int], home: int, absolute: int, homes_of: _HomesOf
     ) -> None:
         """Put one row in its segment, doubled first if it would be over two thirds full."""
         number = home & _SEG_MASK
         counts[number] += 1
         segment = segments[number]
         if 3 * counts[number] > 2 * len(segment):
-            segment = segments[number] = self._regrown(segment, 2 * len(segment), home_of)
+            segment = segments[number] = self._regrown(segment, 2 * len(segment), homes_of)
         mask = len(segment) - 1
         slot = (home >> _SEG_BITS) & mask
         while segment[slot] != _EMPTY:
@@ -578,33 +611,33 @@ class SettledTable:
         counts: list[int],
         homes: array[int],
         rows: array[int],
-        home_of: Callable[[int], int],
+        homes_of: _HomesOf,
     ) -> None:
-        """Put many rows (in row order) in their segments: each grows once, to the size its last row needs."""
-        for home in homes:
-            counts[home & _SEG_MASK] += 1
-        for number in {home & _SEG_MASK for home in homes}:
+        """Put many rows (in row order, counted in ``counts`` already) in their segments, each grown once as needed."""
+        for number, count in enumerate(counts):
             size = len(segments[number])
-            if 3 * counts[number] > 2 * size:
-                while 3 * counts[number] > 2 * size:
+            if 3 * count > 2 * size:
+                while 3 * count > 2 * size:
                     size *= 2
-                segments[number] = self._regrown(segments[number], size, home_of)
+                segments[number] = self._regrown(segments[number], size, homes_of)
+        masks = [len(segment) - 1 for segment in segments]
         for home, absolute in zip(homes, rows, strict=True):  # inserts inlined: a replay's rows, all at once
-            segment = segments[home & _SEG_MASK]
-            mask = len(segment) - 1
+            number = home & _SEG_MASK
+            segment, mask = segments[number], masks[number]
             slot = (home >> _SEG_BITS) & mask
             while segment[slot] != _EMPTY:
                 slot = (slot + 1) & mask
             segment[slot] = absolute
 
-    def _regrown(self, segment: array[int], size: int, home_of: Callable[[int], int]) -> array[int]:
+    def _regrown(self, segment: array[int], size: int, homes_of: _HomesOf) -> array[int]:
         """``segment``'s rows in a new array of ``size`` slots, put in again in row order (bytes free of history)."""
         ensure(size.bit_length() - 1 <= _BITS_MAX, "a settled-entry index segment past %d slots", size)
         mask, grown, values = size - 1, _empty_segment(size), sorted(segment)  # in C: empty slots sort last
         del values[bisect.bisect_left(values, _EMPTY) :]
         wrap = bisect.bisect_left(values, self._base & _MASK32)  # row order: numbers wrapped past 2³² come last
-        for absolute in values[wrap:] + values[:wrap]:
-            slot = (home_of(absolute) >> _SEG_BITS) & mask
+        ordered = values[wrap:] + values[:wrap]
+        for absolute, home in zip(ordered, homes_of(ordered), strict=True):
+            slot = (home >> _SEG_BITS) & mask
             while grown[slot] != _EMPTY:
                 slot = (slot + 1) & mask
             grown[slot] = absolute
