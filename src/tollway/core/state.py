@@ -404,7 +404,9 @@ class State(_Stored):
             self.held_count -= 1
         elif old_state is not _IDLE:
             self._count(old_state, -1)
-        if not settles:  # no counter counts a settled state
+        if new_state is _HELD:  # a new hold (the counter inlined)
+            self.held_count += 1
+        elif not settles:  # no counter counts a settled state
             self._count(new_state, +1)
         return Transition(new, old_state, new_state)
 
@@ -513,7 +515,7 @@ def _seqs(entry: Entry, event: ev.Event) -> tuple[int, ...]:
 def _reserve(state: State, event: ev.Event, p: ev.BillingReserve) -> Transition:
     if event.billing_entry_id in state.entries:  # ensure(), inlined on the hot path
         raise InvariantViolation(f"duplicate entry {event.billing_entry_id}")
-    account = state._acct(p.account_id)
+    account = state.accounts.get(p.account_id) or state._acct(p.account_id)  # _acct's call only for a new account
     if account.available_micro < p.estimated_cost_micro:
         raise InvariantViolation(f"reserve overdraws {p.account_id}")
     account.available_micro -= p.estimated_cost_micro
@@ -527,7 +529,7 @@ def _reserve(state: State, event: ev.Event, p: ev.BillingReserve) -> Transition:
 def _commit(state: State, event: ev.Event, p: ev.BillingCommit) -> Transition:
     target = _PENDING if p.finalize else _COMMITTED
     entry = state._existing(event, target)
-    account = state._acct(p.account_id)
+    account = state.accounts.get(p.account_id) or state._acct(p.account_id)
     refund = p.estimated_cost_micro - p.charged_micro  # negative when an overrun is debited
     if account.held_micro < p.estimated_cost_micro or account.available_micro + refund < 0:  # ensure(), inlined
         raise InvariantViolation(f"commit of {event.billing_entry_id} overdraws {p.account_id}")
@@ -545,7 +547,7 @@ def _commit(state: State, event: ev.Event, p: ev.BillingCommit) -> Transition:
         uncollected_micro=p.uncollected_micro,
         updated_at_ms=event.timestamp_ms,
         wal_sequence=event.wal_sequence,
-        event_seqs=_seqs(entry, event),
+        event_seqs=(*entry.event_seqs, event.wal_sequence) if entry.event_seqs else (),  # _seqs(), inlined
     )
     return state._move(new, entry.state)
 
