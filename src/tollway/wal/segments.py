@@ -115,7 +115,7 @@ def scan_segment(
     records: list[tuple[int, Event]] = []
     last_seq = segment.first_seq - 1
     offset = min(len(codec.SEGMENT_MAGIC), len(data))
-    while True:  # a few thousand records at a time: decoding and folding run in tight loops
+    while True:  # a run of records at a time (codec.MAX_RUN_RECORDS): decoding and folding run in tight loops
         events: list[Event] = []
         if sink is None:
             offsets: list[int] = []
