@@ -147,6 +147,27 @@ def test_a_valid_record_after_a_bad_one_is_not_reached() -> None:
     assert codec.ScanEnd(len(first), codec.Stop.BAD_CHECKSUM) == end
 
 
+@pytest.mark.parametrize("damaged", [False, True], ids=["clean", "damaged-last"])
+@pytest.mark.parametrize("limit", [1, 2, 256])
+def test_decoding_a_run_in_pieces_reads_what_the_scan_reads(limit: int, damaged: bool) -> None:
+    """decode_run called again and again, a few records each time, finds the scan's events, offsets and end."""
+    records = [codec.encode(event) for event in SAMPLE_EVENTS]
+    last = bytearray(records[-1])
+    last[-1] ^= 0x01 if damaged else 0x00
+    buf = b"".join(records[:-1]) + bytes(last)
+    expected, expected_end = _scan_all(buf, expected_seq=1)
+    events: list[ev.Event] = []
+    offsets: list[int] = []
+    offset, seq = 0, 1
+    while True:
+        end = codec.decode_run(buf, offset, seq, events, limit=limit, offsets=offsets)
+        if end.stop is not None or end.offset >= len(buf):
+            break
+        offset, seq = end.offset, events[-1].wal_sequence + 1
+    assert expected == list(zip(offsets, events, strict=True))
+    assert expected_end == end
+
+
 @pytest.mark.parametrize(
     ("tail", "stop"),
     [

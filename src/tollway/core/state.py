@@ -39,6 +39,14 @@ S = EntryState
 _RESERVE: Final = EntryKind.RESERVE  # module constants: an Enum's attribute costs ~0.2 µs on Python 3.11
 _SETTLES: Final = frozenset(map(id, ARCHIVABLE))  # by identity: hashing an Enum member runs Python code (~1 µs)
 _CHARGE: Final = EntryKind.CHARGE
+_IDLE: Final = S.IDLE
+_HELD: Final = S.RESERVE_HELD
+_COMMITTED: Final = S.COMMITTED
+_PENDING: Final = S.FINALIZE_PENDING
+_FAILED: Final = S.FINALIZE_FAILED
+_VOIDED: Final = S.VOIDED
+_LEGAL: Final = frozenset((id(source), id(target)) for source, targets in TRANSITIONS.items() for target in targets)
+"""TRANSITIONS as pairs of identities, so checking a move hashes two ints instead of two Enum members."""
 
 
 class Account(msgspec.Struct, gc=False):
@@ -377,23 +385,30 @@ class State(_Stored):
         return None if handler is None else handler(self, event, payload)
 
     def _count(self, state: EntryState, delta: int) -> None:
-        if state is S.RESERVE_HELD:
+        if state is _HELD:
             self.held_count += delta
-        elif state is S.FINALIZE_PENDING:
+        elif state is _PENDING:
             self.finalize_pending_count += delta
-        elif state is S.FINALIZE_FAILED:
+        elif state is _FAILED:
             self.finalize_failed_count += delta
 
     def _move(self, new: Entry, old_state: EntryState) -> Transition:
         """Store ``new`` (or, once it settled, its idempotency record) and keep the counters."""
-        if id(new.state) in _SETTLES and new.event_seqs:
+        new_state = new.state
+        settles = id(new_state) in _SETTLES
+        if settles and new.event_seqs:
             self._settle(new)
         else:
             self.entries[new.billing_entry_id] = new
-        if old_state is not S.IDLE:
+        if old_state is _HELD:  # the usual move: a hold committed or released (the counter inlined)
+            self.held_count -= 1
+        elif old_state is not _IDLE:
             self._count(old_state, -1)
-        self._count(new.state, +1)
-        return Transition(new, old_state, new.state)
+        if new_state is _HELD:  # a new hold (the counter inlined)
+            self.held_count += 1
+        elif not settles:  # no counter counts a settled state
+            self._count(new_state, +1)
+        return Transition(new, old_state, new_state)
 
     def _settle(self, entry: Entry) -> None:
         """Keep only the packed record of an entry that just settled; its sums go to the archived totals.
@@ -406,7 +421,7 @@ class State(_Stored):
         key = request_key(entry.account_id, entry.request_id)
         if self.requests.get(key) == entry_id:
             del self.requests[key]
-        charged = entry.charged_micro if entry.state is S.COMMITTED else 0
+        charged = entry.charged_micro if entry.state is _COMMITTED else 0
         self.settled.add(
             entry_id,
             entry.account_id,
@@ -416,7 +431,7 @@ class State(_Stored):
             updated_at_ms=entry.updated_at_ms,
             seqs=entry.event_seqs,
         )
-        if entry.state is not S.VOIDED:
+        if entry.state is not _VOIDED:
             self.archived_charged[entry.account_id] = (
                 self.archived_charged.get(entry.account_id, 0) + entry.charged_micro
             )
@@ -433,7 +448,7 @@ class State(_Stored):
         entry = self.entries.get(event.billing_entry_id)
         if entry is None:
             raise InvariantViolation(f"{event.event_type} for unknown entry {event.billing_entry_id}")
-        if target is not None and target not in TRANSITIONS[entry.state]:
+        if target is not None and (id(entry.state), id(target)) not in _LEGAL:
             raise InvariantViolation(f"illegal transition {entry.state.value} -> {target.value}")
         return entry
 
@@ -451,7 +466,7 @@ def new_entry(event: ev.Event) -> Entry:
             p.account_id,
             p.request_id,
             _RESERVE,  # kind
-            S.RESERVE_HELD,  # state
+            _HELD,  # state
             p.estimated_cost_micro,
             None,  # actual_cost_micro
             0,  # charged_micro
@@ -473,7 +488,7 @@ def new_entry(event: ev.Event) -> Entry:
             p.account_id,
             p.request_id,
             _CHARGE,  # kind
-            S.FINALIZE_PENDING if p.finalize else S.COMMITTED,  # state
+            _PENDING if p.finalize else _COMMITTED,  # state
             0,  # estimated_cost_micro
             p.requested_micro,  # actual_cost_micro
             p.charged_micro,
@@ -500,7 +515,7 @@ def _seqs(entry: Entry, event: ev.Event) -> tuple[int, ...]:
 def _reserve(state: State, event: ev.Event, p: ev.BillingReserve) -> Transition:
     if event.billing_entry_id in state.entries:  # ensure(), inlined on the hot path
         raise InvariantViolation(f"duplicate entry {event.billing_entry_id}")
-    account = state._acct(p.account_id)
+    account = state.accounts.get(p.account_id) or state._acct(p.account_id)  # _acct's call only for a new account
     if account.available_micro < p.estimated_cost_micro:
         raise InvariantViolation(f"reserve overdraws {p.account_id}")
     account.available_micro -= p.estimated_cost_micro
@@ -508,13 +523,13 @@ def _reserve(state: State, event: ev.Event, p: ev.BillingReserve) -> Transition:
     state.requests[request_key(p.account_id, p.request_id)] = event.billing_entry_id
     heapq.heappush(state._expiry_heap, (p.expires_at_ms, event.billing_entry_id))
     entry = new_entry(event)
-    return state._move(entry, S.IDLE)
+    return state._move(entry, _IDLE)
 
 
 def _commit(state: State, event: ev.Event, p: ev.BillingCommit) -> Transition:
-    target = S.FINALIZE_PENDING if p.finalize else S.COMMITTED
+    target = _PENDING if p.finalize else _COMMITTED
     entry = state._existing(event, target)
-    account = state._acct(p.account_id)
+    account = state.accounts.get(p.account_id) or state._acct(p.account_id)
     refund = p.estimated_cost_micro - p.charged_micro  # negative when an overrun is debited
     if account.held_micro < p.estimated_cost_micro or account.available_micro + refund < 0:  # ensure(), inlined
         raise InvariantViolation(f"commit of {event.billing_entry_id} overdraws {p.account_id}")
@@ -532,7 +547,7 @@ def _commit(state: State, event: ev.Event, p: ev.BillingCommit) -> Transition:
         uncollected_micro=p.uncollected_micro,
         updated_at_ms=event.timestamp_ms,
         wal_sequence=event.wal_sequence,
-        event_seqs=_seqs(entry, event),
+        event_seqs=(*entry.event_seqs, event.wal_sequence) if entry.event_seqs else (),  # _seqs(), inlined
     )
     return state._move(new, entry.state)
 
@@ -590,7 +605,7 @@ def _charge(state: State, event: ev.Event, p: ev.BillingCharge) -> Transition:
         account.unsettled_micro += p.charged_micro
     state.requests[request_key(p.account_id, p.request_id)] = event.billing_entry_id
     entry = new_entry(event)
-    return state._move(entry, S.IDLE)
+    return state._move(entry, _IDLE)
 
 
 def _void(state: State, event: ev.Event, p: ev.BillingVoid) -> Transition | None:

@@ -215,10 +215,10 @@ def _read_exactly(channel: socket.socket, size: int) -> bytes | None:
 
 def events_of(records: bytes) -> list[Any]:
     """The events of consecutive framed records; ValueError if any does not scan."""
-    ends: list[codec.ScanEnd] = []
-    events = [event for _, event in codec.scan(records, 0, None, ends)]
-    if ends[0].stop is not None:
-        raise ValueError(f"record at byte {ends[0].offset}: {ends[0].stop.value} {ends[0].detail}")
+    events: list[Any] = []
+    end = codec.decode_run(records, 0, None, events, limit=len(records))  # a record has 9 bytes at least: no limit
+    if end.stop is not None:
+        raise ValueError(f"record at byte {end.offset}: {end.stop.value} {end.detail}")
     return events
 
 

@@ -101,7 +101,8 @@ def recover(wal_dir: Path, after_seq: int, apply: Callable[[Event], object], *, 
     for index in range(start, len(segments)):
         segment = segments[index]
         check_start(segment, last_seq + 1)
-        _, tail = scan_segment(segment, is_last=index == len(segments) - 1, sink=sink)
+        whole = segment.first_seq > after_seq  # every record of it is after the snapshot: no filter per event
+        _, tail = scan_segment(segment, is_last=index == len(segments) - 1, sink=apply if whole else sink)
         last_seq = tail.last_seq
         if not truncate:
             continue

@@ -132,17 +132,14 @@ def _decode_from(segment: SegmentFile, offset: int, start_seq: int, first: int, 
             file.seek(offset)
             data = file.read(window)
         skip, seq = _skip_to(data, start_seq, first)
-        box: list[codec.ScanEnd] = []
+        end: codec.ScanEnd | None = None
         found: list[Event] = []
         if seq == first:
-            for _, event in codec.scan(data, skip, first, box):
-                found.append(event)
-                if event.wal_sequence >= last:
-                    break
+            end = codec.decode_run(data, skip, first, found, limit=max(1, last - first + 1))
         complete = len(data) < window  # read to the end of the file: what is there is all there is
         if (found and found[-1].wal_sequence == last) or complete:
-            if not found and box and box[0].stop is codec.Stop.BAD_CHECKSUM:
-                raise WalCorrupt("a record read back is damaged", segment=segment.name, offset=offset + box[0].offset)
+            if not found and end is not None and end.stop is codec.Stop.BAD_CHECKSUM:
+                raise WalCorrupt("a record read back is damaged", segment=segment.name, offset=offset + end.offset)
             return found
         window *= 2
 

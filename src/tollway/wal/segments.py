@@ -112,16 +112,24 @@ def scan_segment(
     """
     data = segment.path.read_bytes()
     _check_magic(segment, data, is_last)
-    box: list[codec.ScanEnd] = []
     records: list[tuple[int, Event]] = []
     last_seq = segment.first_seq - 1
-    for offset, event in codec.scan(data, min(len(codec.SEGMENT_MAGIC), len(data)), segment.first_seq, box):
+    offset = min(len(codec.SEGMENT_MAGIC), len(data))
+    while True:  # a run of records at a time (codec.MAX_RUN_RECORDS): decoding and folding run in tight loops
+        events: list[Event] = []
         if sink is None:
-            records.append((offset, event))
+            offsets: list[int] = []
+            end = codec.decode_run(data, offset, last_seq + 1, events, offsets=offsets)
+            records.extend(zip(offsets, events, strict=True))
         else:
-            sink(event)
-        last_seq = event.wal_sequence
-    end = box[0]
+            end = codec.decode_run(data, offset, last_seq + 1, events)
+            for event in events:
+                sink(event)
+        if events:
+            last_seq = events[-1].wal_sequence
+        if end.stop is not None or end.offset >= len(data):
+            break
+        offset = end.offset
     tail = Tail(end.offset, last_seq, len(data), end)
     if end.stop is codec.Stop.UNSUPPORTED:
         raise WalUnsupported(end.detail, segment=segment.name, offset=end.offset)
