@@ -15,6 +15,11 @@ service, no fsync: the log is the same bytes the engine writes), then, each in a
 takes P reserve → commit pairs (a stored response of 0 and of ``--response-bytes`` bytes); the
 projection's ``used_memory`` after it caught up, less before, over P.
 
+``--growth`` N fills the settled-entry table alone (no engine) with N entries, as live work
+does (each a request-key lookup, then the settlement of a new entry), and reports the slowest
+of those N steps (``worst_step_ms``: the longest pause growing the indexes cost) and the CPU
+per entry.
+
 ``--throughput`` adds reserve → commit pairs per second through ``Engine.execute`` (durability
 ``none``: the CPU of the command path only, 100 callers at a time). With ``--baseline-src DIR``
 (a ``src`` directory of another commit, e.g. ``git archive <commit> src | tar -x -C DIR``) every
@@ -189,6 +194,34 @@ async def redis_per_entry(data_dir: Path, pairs: int, response_bytes: int) -> di
     }
 
 
+def growth(entries: int) -> dict[str, Any]:
+    """The table alone filled with ``entries`` entries, one lookup and one settlement each: the slowest step."""
+    import random  # noqa: PLC0415
+
+    from tollway.core.ids import encode_ulid  # noqa: PLC0415
+    from tollway.core.lifecycle import EntryState  # noqa: PLC0415
+    from tollway.core.settled import SettledTable  # noqa: PLC0415
+
+    table, rng, worst, worst_at = SettledTable(), random.Random(7), 0.0, 0
+    started_ms = 1_700_000_000_000
+    cpu_started = time.process_time()
+    for i in range(entries):
+        entry_id = encode_ulid((started_ms + i // 10) << 80 | rng.getrandbits(80))  # ten per millisecond
+        step = time.perf_counter()
+        table.by_request("acct", f"r{i}")
+        table.add(entry_id, "acct", f"r{i}", state=EntryState.COMMITTED, charged_micro=7, updated_at_ms=i, seqs=(i,))
+        took = time.perf_counter() - step
+        if took > worst:
+            worst, worst_at = took, i
+    cpu_s = time.process_time() - cpu_started
+    return {
+        "entries": entries,
+        "worst_step_ms": round(worst * 1e3, 2),
+        "worst_step_at_entry": worst_at,
+        "cpu_us_per_entry": round(cpu_s / entries * 1e6, 2),
+    }
+
+
 def child(args: argparse.Namespace) -> int:
     """One measurement in this (fresh) process; prints its JSON."""
     data_dir = Path(args.data_dir_child)
@@ -196,6 +229,8 @@ def child(args: argparse.Namespace) -> int:
         result = asyncio.run(measure(data_dir))
     elif args.phase == "recover":
         result = asyncio.run(recover(data_dir))
+    elif args.phase == "growth":
+        result = growth(args.pairs)
     elif args.phase.startswith("redis-"):
         result = asyncio.run(redis_per_entry(data_dir, args.pairs, int(args.phase.removeprefix("redis-"))))
     else:
@@ -246,6 +281,7 @@ def run(scratch: Path, args: argparse.Namespace) -> dict[str, Any]:
             result = run_child(src, f"redis-{response_bytes}", data_dir, args.redis_pairs)
             redis[name][f"response_{response_bytes}_bytes"] = result
             subprocess.run(["rm", "-rf", str(data_dir)], check=True)
+    grown = {name: run_child(src, "growth", scratch, args.growth) for name, src in versions.items() if args.growth}
     rates: dict[str, list[int]] = {name: [] for name in versions}
     cpu: dict[str, list[float]] = {name: [] for name in versions}
     for round_ in range(args.throughput_rounds if args.throughput else 0):
@@ -260,6 +296,7 @@ def run(scratch: Path, args: argparse.Namespace) -> dict[str, Any]:
         "response_bytes": args.response_bytes,
         "memory": memory,
         "redis": redis,
+        "growth": grown,
         "throughput_pairs_per_s": rates,
         "cpu_us_per_pair": cpu,
         "machine": machine_facts(scratch) | {"loadavg": loadavg()},
@@ -268,6 +305,8 @@ def run(scratch: Path, args: argparse.Namespace) -> dict[str, Any]:
             "each entry: a reserve and a commit (COMMITTED, settled), with no stored response or one of response_bytes",
             "rss_per_entry_bytes: resident memory of a recovery from the snapshot over entries (allocator slack in)",
             "recover_from_log_s: a whole-log replay; recover_from_snapshot_s: the snapshot just written, no replay",
+            "growth: the table alone filled with that many entries; worst_step_ms is the slowest lookup +"
+            " settlement (a pause growing the indexes), cpu_us_per_entry includes making the ids",
             "throughput: reserve+commit pairs per second (wall) and CPU microseconds per pair (process time, less"
             " sensitive to a busy machine), durability none, runs alternating between versions",
         ],
@@ -280,9 +319,10 @@ def main() -> int:
     parser.add_argument("--response-bytes", type=int, default=2_000, help="the stored response's size (default 2000)")
     parser.add_argument("--redis-pairs", type=int, default=0, help="pairs for Redis memory per entry (0: none)")
     parser.add_argument("--throughput", type=int, default=0, help="reserve+commit pairs per throughput run (0: none)")
+    parser.add_argument("--growth", type=int, default=0, help="entries to fill the table alone with (0: none)")
     parser.add_argument("--throughput-rounds", type=int, default=3, help="alternating throughput runs per version")
     parser.add_argument("--baseline-src", default=None, help="a src directory of the code to compare with")
-    parser.add_argument("--quick", action="store_true", help="2,000 entries, 500 pairs once: a smoke test")
+    parser.add_argument("--quick", action="store_true", help="2,000 entries, 500 pairs, growth 5,000: a smoke test")
     parser.add_argument("--json", action="store_true", help="print one JSON object (the default: indented)")
     parser.add_argument("--child", dest="phase", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir-child", default=None, help=argparse.SUPPRESS)
@@ -293,6 +333,7 @@ def main() -> int:
         return child(args)
     if args.quick:
         args.entries, args.throughput, args.throughput_rounds, args.redis_pairs = 2_000, 500, 1, 200
+        args.growth = 5_000
     with scratch_dir(args.data_dir, "tollway-capacity-", args.keep) as scratch:
         result = run(scratch, args)
     emit(result, args.json, lambda out: print(json.dumps(out, indent=2)))

@@ -16,4 +16,8 @@ def test_quick_run_reports_memory_snapshot_recovery_and_throughput(tmp_path: Pat
         assert run["snapshot_per_entry_bytes"] < 200  # records only, never the 2 KB responses
         assert run["recover_from_snapshot_s"] > 0
     assert [1, 1] == [len(report["throughput_pairs_per_s"]["this"]), len(report["cpu_us_per_pair"]["this"])]
+    grown = report["growth"]["this"]
+    assert 5_000 == grown["entries"]
+    assert 0 < grown["worst_step_ms"]
+    assert 0 <= grown["worst_step_at_entry"] < 5_000
     assert [] == list(tmp_path.iterdir())  # the scratch directory is removed

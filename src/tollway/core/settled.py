@@ -20,10 +20,11 @@ map an entry id and a request-key hash to a row by its *absolute* number (mod 2�
 the front never touches them. Each is :data:`SEGMENTS` open-addressing arrays (``array('I')``,
 linear probing, at most two thirds full, deletion by backward shift, so no tombstones), chosen by
 the low bits of the hash: a segment doubles on its own, so growing costs a pause of one
-segment's rows (about 10,000 at 10M entries, a few milliseconds), never one of the whole table.
-They catch up with the rows when next read, not at each append: a replay appends hundreds of
-thousands of rows and fills the indexes once. That is 69 bytes of row plus 12–24 bytes of
-indexes per entry (about 83 in all at 10M entries).
+segment's rows (about 10,000 at 10M entries), never one of the whole table. A row appended
+right after a read (live work: a command reads, its settlement appends) goes in at once; rows
+appended with no read between (a replay: hundreds of thousands) go in when the table is next
+read, each segment growing once. Both end in the same bytes. That is 69 bytes of row plus 12–24
+bytes of indexes per entry (about 83 in all at 10M entries).
 
 :meth:`SettledTable.to_bytes` / :meth:`SettledTable.from_bytes` copy the buffers as they are: a
 snapshot holds no request keys and recovery creates no object per entry. Every change is a
