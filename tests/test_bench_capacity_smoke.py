@@ -13,7 +13,7 @@ def test_quick_run_reports_memory_snapshot_recovery_and_throughput(tmp_path: Pat
     for name in ("response_0_bytes", "response_2000_bytes"):
         run = report["memory"]["this"][name]
         assert 0 == run["entries_kept_whole"]  # every settled entry left memory but for its record
-        assert run["snapshot_per_entry_bytes"] < 200  # records only, never the 2 KB responses
+        assert run["snapshot_per_entry_bytes"] < 500  # records (and 256 KiB of empty index): never 2 KB responses
         assert run["recover_from_snapshot_s"] > 0
     assert [1, 1] == [len(report["throughput_pairs_per_s"]["this"]), len(report["cpu_us_per_pair"]["this"])]
     grown = report["growth"]["this"]

@@ -330,3 +330,51 @@ def test_a_table_of_the_first_format_loads_and_is_indexed_anew() -> None:
     assert [ids[1_999]] == [record.billing_entry_id for record in loaded.by_request("a1", "r1999")]
     assert loaded.get(ids[10]) is None
     assert loaded == SettledTable.from_bytes(loaded.to_bytes())
+
+
+def _add_rows(table: SettledTable, first: int, count: int) -> None:
+    for i in range(first, first + count):
+        table.add(
+            encode_ulid(i * 15_485_863 + 11),
+            "a",
+            f"r{i}",
+            state=S.COMMITTED,
+            charged_micro=1,
+            updated_at_ms=i,
+            seqs=(i,),
+        )
+
+
+def test_a_burst_of_settlements_after_a_read_goes_into_the_indexes_at_once() -> None:
+    """Live work reads, then settles a group of commits with no read between: none of those rows waits for a catch-up.
+
+    A replay reads nothing: rows appended long after the last read wait, and the bytes are the same either way.
+    """
+    live, kept_up = SettledTable(), SettledTable()
+    _add_rows(live, 0, 1)
+    live.by_request("a", "r0")  # a read: a reserve looking its request key up
+    _add_rows(live, 1, 500)  # the commits of 500 callers, one after another
+    assert live._unindexed == 0
+    _add_rows(live, 501, 5_000)  # no read for thousands of rows: a replay
+    assert live._unindexed > 0
+    for i in range(5_501):
+        _add_rows(kept_up, i, 1)
+        kept_up.catch_up()
+    assert live.to_bytes() == kept_up.to_bytes()
+
+
+def test_segments_smaller_than_a_new_table_s_load_and_grow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A snapshot written when new segments had one slot loads, answers every lookup and keeps growing."""
+    with monkeypatch.context() as patched:
+        patched.setattr(settled_module, "_BITS_MIN", 0)
+        old = SettledTable()
+        _add_rows(old, 0, 3_000)
+        data = old.to_bytes()
+    assert min(len(segment) for segment in old._ids) < 1 << settled_module._BITS_MIN
+    loaded = SettledTable.from_bytes(data)
+    _add_rows(loaded, 3_000, 3_000)
+    assert all(loaded.get(encode_ulid(i * 15_485_863 + 11)) is not None for i in range(6_000))
+    assert [record.billing_entry_id for record in loaded.by_request("a", "r5999")] == [
+        encode_ulid(5_999 * 15_485_863 + 11)
+    ]
+    assert loaded == SettledTable.from_bytes(loaded.to_bytes())

@@ -20,10 +20,10 @@ map an entry id and a request-key hash to a row by its *absolute* number (mod 2�
 the front never touches them. Each is :data:`SEGMENTS` open-addressing arrays (``array('I')``,
 linear probing, at most two thirds full, deletion by backward shift, so no tombstones), chosen by
 the low bits of the hash: a segment doubles on its own, so growing costs a pause of one
-segment's rows (about 10,000 at 10M entries), never one of the whole table. A row appended
-right after a read (live work: a command reads, its settlement appends) goes in at once; rows
-appended with no read between (a replay: hundreds of thousands) go in when the table is next
-read, each segment growing once. Both end in the same bytes. That is 69 bytes of row plus 12–24
+segment's rows (about 10,000 at 10M entries), never one of the whole table. Rows appended
+soon after a read (live work: commands read, their settlements append, a group of commits at a
+time) go in at once; rows appended long after any read (a replay: hundreds of thousands) go in
+when the table is next read, each segment growing once. Both end in the same bytes. That is 69 bytes of row plus 12–24
 bytes of indexes per entry (about 83 in all at 10M entries).
 
 :meth:`SettledTable.to_bytes` / :meth:`SettledTable.from_bytes` copy the buffers as they are: a
@@ -69,10 +69,16 @@ SEGMENTS: Final = 1024
 """Open-addressing arrays per index, each growing on its own (by the hash's low bits)."""
 _SEG_BITS: Final = 10
 _SEG_MASK: Final = SEGMENTS - 1
-_BITS_MIN: Final = 0  # a segment's least size: one slot (an empty table: 1,024 slots per index, as before)
+_BITS_MIN: Final = 5
+"""A new segment's size: 32 slots (an empty table holds 128 KiB per index), so a table growing from
+empty skips the five doublings that cost most per row moved. A snapshot's smaller segments still load."""
 _BITS_MAX: Final = 32
 _SMALL_CATCH_UP: Final = 16  # rows caught up one at a time below this, in two passes above
+_EAGER_AFTER_READ: Final = 1024
+"""Rows appended after a read that go into the indexes at once: live work settles bursts (a group of
+commits with no reserve between them) a read is followed by; a replay, which reads nothing, defers."""
 _CUT_MIN_ROWS: Final = 1024
+_ASKED_MAX: Final = 4096  # request-key hashes kept between a reserve's lookup and its settlement, at most
 _HEADER: Final = struct.Struct("<4sQQQQ")  # magic, base, head, tail, live; then each segment's bits
 _MAGIC: Final = b"STB2"
 _HEADER_V1: Final = struct.Struct("<4sQQQQBB")  # magic, base, head, tail, live, id bits, request bits
@@ -168,6 +174,7 @@ class SettledTable:
     """Settled entries' records: fixed-size rows in settle order, indexed by entry id and request-key hash."""
 
     __slots__ = (
+        "_asked",
         "_base",
         "_extras",
         "_head",
@@ -197,10 +204,12 @@ class SettledTable:
         self._extras = _Extras({}, {})
         self._odd_rows: dict[int, str] = {}  # derived from _extras.odd
         # The indexes lag behind the rows: the last ``_unindexed`` rows are not in them yet. Whatever
-        # reads them brings them up to date first (``catch_up``). A row appended right after a read (live
-        # work: a command reads, its settlement appends) goes in at once, from the hashes at hand.
+        # reads them brings them up to date first (``catch_up``). Up to ``_read`` rows appended after a
+        # read (live work: commands read, their settlements append) go in at once, from the hashes at hand.
         self._unindexed = 0
-        self._read = False
+        self._read = 0
+        # Request-key hashes looked up and not found (a reserve's new request), for its settlement to reuse.
+        self._asked: dict[tuple[str, str], int] = {}
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -227,6 +236,11 @@ class SettledTable:
             if _REQ.unpack_from(self._rows, row * ROW_BYTES + _REQ_AT)[0] == key:
                 found.append(self._record(row))
             slot = (slot + 1) & mask
+        if not found:  # a new request: its settlement will want the hash again
+            asked = self._asked
+            if len(asked) >= _ASKED_MAX:  # requests refused or never settled: forget them all
+                asked.clear()
+            asked[account_id, request_id] = key
         return found
 
     def __iter__(self) -> Iterator[str]:
@@ -271,8 +285,10 @@ class SettledTable:
         seqs: tuple[int, ...],
     ) -> None:
         """A record for ``entry_id``, at the end. The caller knows it has none (the fold settles an entry once)."""
-        req_hash, acct_hash = request_hash(account_id, request_id), account_hash(account_id)
-        self._append(entry_id, req_hash, acct_hash, _CODE[state], charged_micro, updated_at_ms, seqs)
+        req_hash = self._asked.pop((account_id, request_id), None)
+        if req_hash is None:
+            req_hash = request_hash(account_id, request_id)
+        self._append(entry_id, req_hash, account_hash(account_id), _CODE[state], charged_micro, updated_at_ms, seqs)
 
     def replace(self, entry_id: str, state: EntryState, charged_micro: int, updated_at_ms: int, seq: int) -> None:
         """Move ``entry_id``'s record to the end with a new state, refund and time, and event ``seq`` added."""
@@ -334,7 +350,7 @@ class SettledTable:
         magic, base, head, tail, live = _HEADER.unpack_from(view)
         at = _HEADER.size + 2 * SEGMENTS
         bits = view[_HEADER.size : at]
-        if magic != _MAGIC or not head <= tail or not _BITS_MIN <= min(bits) <= max(bits) <= _BITS_MAX:
+        if magic != _MAGIC or not head <= tail or not max(bits) <= _BITS_MAX:
             raise ValueError("not a settled-entry table")
         rows_end = at + (tail - base) * ROW_BYTES
         if len(view) < rows_end + sum(4 << b for b in bits):
@@ -471,13 +487,13 @@ class SettledTable:
         )
         self._tail += 1
         self._live += 1
-        if self._unindexed or not self._read:  # appends with no read between (a replay): indexed at the next read
+        if self._unindexed or not self._read:  # appends long after a read (a replay): indexed at the next read
             self._unindexed += 1
         else:  # as catch_up would put it
             if value is not None:
                 self._insert(self._ids, self._id_counts, _id_home(value), absolute, self._id_homes)
             self._insert(self._reqs, self._req_counts, req_hash, absolute, self._req_homes)
-            self._read = False
+            self._read -= 1
 
     def _remove(self, row: int) -> None:
         at = row * ROW_BYTES
@@ -556,7 +572,7 @@ class SettledTable:
         unindexed (a removal finds its row through the index first). A replay appends hundreds of
         thousands of rows and reads the indexes once: each segment then doubles once, not at every size.
         """
-        self._read = True
+        self._read = _EAGER_AFTER_READ
         count = self._unindexed
         if not count:
             return
