@@ -13,12 +13,19 @@ for that arm's runs, after the common arguments given after ``--``. ``bench/http
 is saved as ``<out>/<arm>-<n>.json`` (its stderr beside it as ``.err``); the summary (``--json``
 for one JSON object) gives, per arm and figure, every run's value and their median. A failed run
 is reported and the others go on; the exit status is 1 if any failed.
+
+``--src NAME=DIR`` runs arm ``NAME`` on another version of the code: ``DIR`` is a ``src``
+directory (``git archive <commit> src | tar -x -C <dir>``, then ``<dir>/src``), put first on
+``PYTHONPATH`` for that arm's runs (the benchmark, its server and its token command alike)::
+
+    python bench/ab.py --runs 3 --arm before= --arm now= --src before=/tmp/before/src
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -150,6 +157,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="NAME=ARGS",
         help='an arm: its name and its own bench/http.py arguments, e.g. nice0="--setting redis_nice=0" (repeat)',
     )
+    parser.add_argument(
+        "--src",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="run arm NAME on the code in DIR, a src directory (git archive <commit> src | tar -x -C <dir>) (repeat)",
+    )
     parser.add_argument("--runs", type=int, default=3, help="runs per arm, alternating (default 3)")
     parser.add_argument(
         "--out", type=Path, default=None, help="where the reports go (default: ./tollway-ab-<UTC time>)"
@@ -160,6 +174,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--runs must be at least 1")
     if len({arm.name for arm in args.arm}) != len(args.arm):
         parser.error("arm names must differ")
+    args.srcs = {}
+    names = {arm.name for arm in args.arm}
+    for text in args.src:
+        name, sep, directory = text.partition("=")
+        if not sep or name not in names:
+            parser.error(f"--src is NAME=DIR for one of the arms ({', '.join(sorted(names))}), not {text!r}")
+        if not (Path(directory) / "tollway" / "__init__.py").is_file():
+            parser.error(f"--src {name}: {directory} holds no tollway package (give the src directory)")
+        args.srcs[name] = str(Path(directory).resolve())
     if "--json" in common:
         common.remove("--json")
     args.common = common
@@ -168,12 +191,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_once(arm: Arm, common: list[str], out: Path, number: int) -> dict[str, Any] | None:
-    """One ``bench/http.py --json`` run of ``arm``; its report (saved in ``out``), None if it failed."""
+def run_once(arm: Arm, common: list[str], out: Path, number: int, src: str | None = None) -> dict[str, Any] | None:
+    """One ``bench/http.py --json`` run of ``arm`` (on the code in ``src``, if given); its report, None if it failed."""
     command = [sys.executable, str(HTTP_BENCH), "--json", *common, *arm.args]
+    env = os.environ | ({"PYTHONPATH": src} if src is not None else {})
     stem = out / f"{arm.name}-{number}"
     with stem.with_suffix(".err").open("w") as stderr:
-        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=stderr, text=True, check=False)
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=stderr, text=True, check=False, env=env)
     if done.returncode != 0:
         return None
     try:
@@ -196,14 +220,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for number in range(1, args.runs + 1):
             for arm in args.arm:
                 progress.update(task, description=f"run {number} of {arm.name}")
-                report = run_once(arm, args.common, args.out, number)
+                report = run_once(arm, args.common, args.out, number, args.srcs.get(arm.name))
                 reports[arm.name].append(report)
                 if report is None:
                     failed.append(f"{arm.name}-{number}")
                     console.print(f"[red]{arm.name} run {number} failed[/red]: see {args.out / arm.name}-{number}.err")
                 progress.advance(task)
     return {
-        "arms": {arm.name: {"args": list(arm.args)} for arm in args.arm},
+        "arms": {arm.name: {"args": list(arm.args), "src": args.srcs.get(arm.name)} for arm in args.arm},
         "common_args": args.common,
         "runs_per_arm": args.runs,
         "order": "alternating: " + ", ".join(arm.name for arm in args.arm) + ", then again",

@@ -9,7 +9,10 @@ service, no fsync: the log is the same bytes the engine writes), then, each in a
 - ``recover_from_snapshot``: in another fresh process, ``Engine.start`` loads that snapshot
   (nothing to replay); the process's resident memory before and after it gives
   ``rss_per_entry_bytes`` (what the state keeps per settled entry, garbage collected, measured
-  as RSS: allocator slack included).
+  as RSS: allocator slack included). That process then takes a snapshot of what it recovered, as
+  a running service takes its next one: ``peak_rss_during_snapshot_mb`` is its peak resident
+  size while it does (the frozen copy of the table included), ``peak_rss_during_recovery_mb``
+  the peak while it recovered.
 
 ``--redis-pairs`` P adds Redis memory per settled entry: a service with its embedded Redis
 takes P reserve → commit pairs (a stored response of 0 and of ``--response-bytes`` bytes); the
@@ -53,6 +56,19 @@ PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 def rss_bytes() -> int:
     """The resident set size of this process."""
     return int(Path("/proc/self/statm").read_text(encoding="ascii").split()[1]) * PAGE_BYTES
+
+
+def peak_rss_bytes() -> int | None:
+    """The peak resident set size of this process (``VmHWM``) since it started or :func:`reset_peak_rss`."""
+    for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def reset_peak_rss() -> None:
+    """Start ``VmHWM`` again from the current resident size (Linux: ``5`` to ``clear_refs``)."""
+    Path("/proc/self/clear_refs").write_text("5", encoding="ascii")
 
 
 def write_log(wal_dir: Path, entries: int, response_bytes: int) -> int:
@@ -127,13 +143,22 @@ async def recover(data_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
     engine = await Engine.start(settings)
     from_snapshot_s = time.perf_counter() - started
+    recovery_peak = peak_rss_bytes()
     gc.collect()
     after = rss_bytes()  # held by the state recovered from the snapshot (no stale expiry index of a replay)
+    reset_peak_rss()
+    started = time.perf_counter()
+    await engine.snapshot_now()  # from the recovered state, as a running service takes its next one
+    again_s = time.perf_counter() - started
+    snapshot_peak = peak_rss_bytes()
     await engine.close()
     return {
         "rss_delta_bytes": after - before,
         "rss_after_recovery_mb": round(after / 1e6, 1),
         "recover_from_snapshot_s": round(from_snapshot_s, 3),
+        "peak_rss_during_recovery_mb": None if recovery_peak is None else round(recovery_peak / 1e6, 1),
+        "snapshot_after_recovery_s": round(again_s, 3),
+        "peak_rss_during_snapshot_mb": None if snapshot_peak is None else round(snapshot_peak / 1e6, 1),
     }
 
 

@@ -52,9 +52,21 @@ def cli(*args: str) -> list[str]:
 
 
 def issue_token(data_dir: Path, scope: str) -> str:
-    """A token from ``tollway token issue``; ``--new-key`` creates the development key before the first start."""
+    """A token from ``tollway token issue``; ``--new-key`` creates the development key before the first start.
+
+    Code from before that option (an A/B run against an older ``src``) made the key without it: asked again so.
+    """
     args = ("--scope", scope, "--ttl-s", "86400", "--subject", "bench", "--new-key")
-    done = subprocess.run(
+    done = _token_issue(data_dir, args)
+    if done.returncode != 0 and "No such option: --new-key" in done.stderr:
+        done = _token_issue(data_dir, args[:-1])
+    if done.returncode != 0:
+        raise BenchError(f"tollway token issue failed: {done.stderr.strip()}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+def _token_issue(data_dir: Path, args: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         cli("token", "issue", "--data-dir", str(data_dir), *args),
         capture_output=True,
         text=True,
@@ -62,9 +74,6 @@ def issue_token(data_dir: Path, scope: str) -> str:
         timeout=START_TIMEOUT_S,
         check=False,
     )
-    if done.returncode != 0:
-        raise BenchError(f"tollway token issue failed: {done.stderr.strip()}")
-    return done.stdout.strip().splitlines()[-1]
 
 
 def read_url(process: subprocess.Popen[str]) -> str:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from bench.ab import Arm, parse_args, parse_arm, summarize
 
+import tollway
 from tests.bench_run import bench_report
 
 RUN_TIMEOUT_S = 90
@@ -41,6 +42,16 @@ def test_arguments_after_the_separator_go_to_every_run() -> None:
     assert (["--curve", "0.5"], 2, ["a", "b"]) == (args.common, args.runs, [arm.name for arm in args.arm])
 
 
+def test_an_arm_runs_on_another_src_only_when_that_src_holds_tollway(tmp_path: Path) -> None:
+    """``--src NAME=DIR`` names an arm and a directory with a tollway package; anything else is refused."""
+    src = Path(tollway.__file__).resolve().parent.parent
+    args = parse_args(["--arm", "before=", "--arm", "now=", "--src", f"before={src}"])
+    assert {"before": str(src)} == args.srcs
+    for wrong in (f"other={src}", f"before={tmp_path}", str(src)):
+        with pytest.raises(SystemExit):
+            parse_args(["--arm", "before=", "--arm", "now=", "--src", wrong])
+
+
 def _report(pairs: float, p99: float, curve_p99: float) -> dict[str, Any]:
     return {
         "pairs_per_s": pairs,
@@ -66,10 +77,16 @@ def test_the_summary_gives_every_run_and_the_median() -> None:
 def test_two_arms_run_alternately_and_every_report_is_kept(tmp_path: Path) -> None:
     """One quick run per arm, end to end: both reports saved, both summarised, nothing failed."""
     out = tmp_path / "ab"
-    arms = ("--arm", "base=", "--arm", "gap0=--setting wal_sync_gap_ms=0", "--runs", "1", "--out", str(out))
+    src = str(Path(tollway.__file__).resolve().parent.parent)  # this code, given as another version's would be
+    arms = ["--arm", "base=", "--arm", "gap0=--setting wal_sync_gap_ms=0", "--src", f"gap0={src}"]
+    arms += ["--runs", "1", "--out", str(out)]
     common = ("--quick", "--generator", "python", "--open-connections", "12", "--data-dir", str(tmp_path))
     result = bench_report("ab.py", *arms, "--json", "--", *common, timeout_s=RUN_TIMEOUT_S, cwd=tmp_path)
-    assert ([], {"base": {"args": []}, "gap0": {"args": ["--setting", "wal_sync_gap_ms=0"]}}) == (
+    expected_arms = {
+        "base": {"args": [], "src": None},
+        "gap0": {"args": ["--setting", "wal_sync_gap_ms=0"], "src": src},
+    }
+    assert ([], expected_arms) == (
         result["failed"],
         result["arms"],
     )
