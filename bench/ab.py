@@ -172,10 +172,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
-    if len({arm.name for arm in args.arm}) != len(args.arm):
+    names = {arm.name for arm in args.arm}
+    if len(names) != len(args.arm):
         parser.error("arm names must differ")
     args.srcs = {}
-    names = {arm.name for arm in args.arm}
     for text in args.src:
         name, sep, directory = text.partition("=")
         if not sep or name not in names:

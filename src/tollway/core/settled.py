@@ -23,8 +23,8 @@ the low bits of the hash: a segment doubles on its own, so growing costs a pause
 segment's rows (about 10,000 at 10M entries), never one of the whole table. Rows appended
 soon after a read (live work: commands read, their settlements append, a group of commits at a
 time) go in at once; rows appended long after any read (a replay: hundreds of thousands) go in
-when the table is next read, each segment growing once. Both end in the same bytes. That is 69 bytes of row plus 12–24
-bytes of indexes per entry (about 83 in all at 10M entries).
+when the table is next read, each segment growing once. Both end in the same bytes. That is 69
+bytes of row plus 12–24 bytes of indexes per entry (about 83 in all at 10M entries).
 
 :meth:`SettledTable.to_bytes` / :meth:`SettledTable.from_bytes` copy the buffers as they are: a
 snapshot holds no request keys and recovery creates no object per entry. Every change is a
@@ -176,13 +176,13 @@ class SettledTable:
     __slots__ = (
         "_asked",
         "_base",
+        "_eager",
         "_extras",
         "_head",
         "_id_counts",
         "_ids",
         "_live",
         "_odd_rows",
-        "_read",
         "_req_counts",
         "_reqs",
         "_rows",
@@ -204,10 +204,10 @@ class SettledTable:
         self._extras = _Extras({}, {})
         self._odd_rows: dict[int, str] = {}  # derived from _extras.odd
         # The indexes lag behind the rows: the last ``_unindexed`` rows are not in them yet. Whatever
-        # reads them brings them up to date first (``catch_up``). Up to ``_read`` rows appended after a
+        # reads them brings them up to date first (``catch_up``). The next ``_eager`` rows appended after a
         # read (live work: commands read, their settlements append) go in at once, from the hashes at hand.
         self._unindexed = 0
-        self._read = 0
+        self._eager = 0
         # Request-key hashes looked up and not found (a reserve's new request), for its settlement to reuse.
         self._asked: dict[tuple[str, str], int] = {}
 
@@ -285,7 +285,8 @@ class SettledTable:
         seqs: tuple[int, ...],
     ) -> None:
         """A record for ``entry_id``, at the end. The caller knows it has none (the fold settles an entry once)."""
-        req_hash = self._asked.pop((account_id, request_id), None)
+        asked = self._asked  # empty in a replay: no tuple made there
+        req_hash = asked.pop((account_id, request_id), None) if asked else None
         if req_hash is None:
             req_hash = request_hash(account_id, request_id)
         self._append(entry_id, req_hash, account_hash(account_id), _CODE[state], charged_micro, updated_at_ms, seqs)
@@ -487,13 +488,13 @@ class SettledTable:
         )
         self._tail += 1
         self._live += 1
-        if self._unindexed or not self._read:  # appends long after a read (a replay): indexed at the next read
+        if self._unindexed or not self._eager:  # appends long after a read (a replay): indexed at the next read
             self._unindexed += 1
         else:  # as catch_up would put it
             if value is not None:
                 self._insert(self._ids, self._id_counts, _id_home(value), absolute, self._id_homes)
             self._insert(self._reqs, self._req_counts, req_hash, absolute, self._req_homes)
-            self._read -= 1
+            self._eager -= 1
 
     def _remove(self, row: int) -> None:
         at = row * ROW_BYTES
@@ -572,7 +573,7 @@ class SettledTable:
         unindexed (a removal finds its row through the index first). A replay appends hundreds of
         thousands of rows and reads the indexes once: each segment then doubles once, not at every size.
         """
-        self._read = _EAGER_AFTER_READ
+        self._eager = _EAGER_AFTER_READ
         count = self._unindexed
         if not count:
             return
